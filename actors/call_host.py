@@ -1,0 +1,103 @@
+"""``CallHost``: a long-lived Ray actor hosting many calls as virtual actors.
+
+A thin shell around :class:`callray.host.Host`: it owns the stores and the agents, starts a
+sweeper that deactivates idle calls, and exposes the host's entries as actor methods. Hosts are
+named, detached and restarted by Ray when they die; a restarted host re-activates its calls
+from the state store on their next message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any, AsyncIterator
+
+import ray
+
+from callray.agents.registry import AgentRegistry
+from callray.host import Host
+from callray.protocol import InboundEvent
+from callray.settings import CallraySettings
+from callray.stores.factory import Stores, build_stores
+
+log = logging.getLogger("callray.actors.call_host")
+
+SWEEP_INTERVAL_S = 30.0
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
+class CallHost:
+    def __init__(self, settings: dict[str, Any], name: str):
+        self.name = name
+        self._settings_raw = settings
+        self._host: Host | None = None
+        self._stores: Stores | None = None
+        self._starting: asyncio.Lock | None = None
+        self._sweeper: asyncio.Task | None = None
+
+    async def _ensure_host(self) -> Host:
+        """Build stores and agents on first use (connecting to Redis needs the event loop)."""
+        if self._host is not None:
+            return self._host
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._host is None:
+                settings = CallraySettings.parse(self._settings_raw, source=f"CallHost {self.name}")
+                self._stores = await build_stores(settings)
+                self._host = Host(settings, AgentRegistry.from_settings(settings.agents), store=self._stores.state,
+                                  cache=self._stores.cache, events=self._stores.events, name=self.name)
+                self._sweeper = asyncio.create_task(self._sweep_forever())
+        return self._host
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            try:
+                await self._host.sweep()
+            except Exception:  # the sweeper must outlive one bad call
+                log.exception("%s: sweep failed", self.name)
+
+    async def ready(self) -> str:
+        await self._ensure_host()
+        return self.name
+
+    async def configure(self, settings: dict[str, Any]) -> bool:
+        """Adopt new settings for calls activated from now on (a redeploy); live calls keep
+        the agent and stores they started with. Returns True if anything changed."""
+        if settings == self._settings_raw:
+            return False
+        previous = self._host
+        self._settings_raw = settings
+        self._host = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        host = await self._ensure_host()
+        if previous is not None:
+            host.calls.update(previous.calls)
+        return True
+
+    async def stream(self, call_id: str, connection_id: str, agent: str | None = None,
+                     resume: bool = False) -> AsyncIterator[list[str] | str]:
+        host = await self._ensure_host()
+        async for item in host.stream(call_id, connection_id, agent, resume):
+            yield item
+
+    async def deliver(self, call_id: str, connection_id: str, event: InboundEvent) -> str:
+        return await (await self._ensure_host()).deliver(call_id, connection_id, event)
+
+    async def detach(self, call_id: str, connection_id: str) -> None:
+        await (await self._ensure_host()).detach(call_id, connection_id)
+
+    async def command(self, call_id: str, command: dict[str, Any]) -> bool:
+        return await (await self._ensure_host()).command(call_id, command)
+
+    async def deactivate(self, call_id: str) -> bool:
+        return await (await self._ensure_host()).deactivate(call_id)
+
+    async def stats(self) -> dict[str, Any]:
+        return (await self._ensure_host()).stats()
+
+    async def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,1 @@
+"""Agents: the flow agent (YAML, no network) and the OpenAI-compatible LLM agent."""

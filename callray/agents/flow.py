@@ -1,0 +1,744 @@
+"""The flow agent: callray's embedded default agent, a receptionist defined in YAML.
+
+It needs no API key and no network, so it is what a newcomer hears first. It matches the
+caller's normalised words against intents, fills slots (a day, the caller's name) over several
+turns, hands off to a person and hangs up politely. Everything it remembers about a call lives
+in ``Turn.state`` (``slots`` and ``pending``), so a call resumed on another host continues
+where it was.
+
+Templates (greeting, answers, prompts, lines) use ``{slot}`` or ``{slot|default}`` for slot
+values and call variables, and ``[...]`` for an optional segment that is dropped when a value
+inside it is missing: ``"I've pencilled you in for {day}[, {name}]."``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, AsyncIterator, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from callray.agents.base import AgentOutput, EndCall, Speech, Transfer, Turn, normalise
+
+__all__ = [
+    "AgentConfigError",
+    "EscalationConfig",
+    "FlowAgent",
+    "FlowAgentConfig",
+    "GoodbyeConfig",
+    "IntentConfig",
+    "SlotConfig",
+    "SlotValue",
+    "load_flow_agent",
+    "split_phrases",
+]
+
+
+class AgentConfigError(ValueError):
+    """An agent definition is invalid; each line names the file and the field path."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {problem}" for problem in problems))
+
+
+# --------------------------------------------------------------------------- text helpers
+
+_APOSTROPHES = re.compile("[\u2018\u2019\u02bc\u2032`]")
+_UNINTELLIGIBLE = re.compile(r"\(\s*unintelligible audio\s*\)", re.IGNORECASE)
+
+
+def _norm(text: str) -> str:
+    """``normalise`` after folding typographic apostrophes, so "I’d" and "I'd" compare equal."""
+    return normalise(_APOSTROPHES.sub("'", text))
+
+
+def _contains(haystack: str, needle: str) -> int:
+    """Word-aligned position of normalised ``needle`` in normalised ``haystack``, or -1."""
+    return f" {haystack} ".find(f" {needle} ")
+
+
+_ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "st", "ave", "jr", "sr", "vs", "etc", "e.g", "i.e", "a.m", "p.m"})
+_SENTENCE_END = re.compile(r"[.!?…][\"')\]]*$")
+_CLAUSE_END = re.compile(r"[,;:—–][\"')\]]*$")
+MAX_SENTENCE_CHARS = 60
+MIN_PHRASE_CHARS = 20
+
+
+def _ends_sentence(word: str) -> bool:
+    return bool(_SENTENCE_END.search(word)) and word.lower().rstrip(".") not in _ABBREVIATIONS
+
+
+def split_phrases(text: str) -> list[str]:
+    """Split ``text`` into phrase-sized chunks for streaming, only ever between words.
+
+    Sentences end at ``.``/``!``/``?``; a sentence longer than ``MAX_SENTENCE_CHARS`` is cut
+    further after commas, semicolons and colons, keeping each piece at least
+    ``MIN_PHRASE_CHARS`` long. ``" ".join(split_phrases(t)) == " ".join(t.split())``.
+    """
+    sentences: list[list[str]] = [[]]
+    for word in text.split():
+        sentences[-1].append(word)
+        if _ends_sentence(word):
+            sentences.append([])
+    chunks: list[str] = []
+    for words in sentences:
+        if not words:
+            continue
+        sentence = " ".join(words)
+        if len(sentence) <= MAX_SENTENCE_CHARS:
+            chunks.append(sentence)
+            continue
+        pieces: list[str] = []
+        current: list[str] = []
+        for word in words:
+            current.append(word)
+            if _CLAUSE_END.search(word) and len(" ".join(current)) >= MIN_PHRASE_CHARS:
+                pieces.append(" ".join(current))
+                current = []
+        if current:
+            tail = " ".join(current)
+            if pieces and len(tail) < MIN_PHRASE_CHARS:
+                pieces[-1] = f"{pieces[-1]} {tail}"
+            else:
+                pieces.append(tail)
+        chunks.extend(pieces)
+    return chunks
+
+
+# --------------------------------------------------------------------------- templates
+
+_FIELD = re.compile(r"\{(\w+)(?:\|([^{}\[\]]*))?\}")
+_OPTIONAL = re.compile(r"\[([^\[\]]*)\]")
+_TOKEN = re.compile(rf"{_OPTIONAL.pattern}|{_FIELD.pattern}")
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.!?;:])")
+_SPACES = re.compile(r"\s+")
+
+
+def _check_template(text: str) -> str:
+    bare = _OPTIONAL.sub("", _FIELD.sub("", text))
+    if "{" in bare or "}" in bare:
+        raise ValueError("malformed placeholder: write {slot} or {slot|default}")
+    if "[" in bare or "]" in bare:
+        raise ValueError("unbalanced '[' ']': optional segments are [ ... ] and cannot nest")
+    return text
+
+
+def _template_fields(text: str) -> set[str]:
+    return {m.group(1) for m in _FIELD.finditer(text)}
+
+
+class _Renderer:
+    """Fills templates from slots and call variables, recording which values it used."""
+
+    def __init__(self, slots: dict[str, str], variables: dict[str, str], personal_slots: set[str]):
+        self.slots, self.variables, self.personal_slots = slots, variables, personal_slots
+        self.used: dict[str, str] = {}
+        self.personal = False
+
+    def _lookup(self, name: str) -> str | None:
+        if name in self.slots:
+            return self.slots[name]
+        return self.variables.get(name)
+
+    def _fill(self, name: str, default: str | None) -> str:
+        value = self._lookup(name)
+        if value is None:
+            return default or ""
+        self.used[name] = value
+        # Call variables are per-call data (a caller's name, an account): treat them as personal.
+        if name in self.personal_slots or name not in self.slots:
+            self.personal = True
+        return value
+
+    def _token(self, m: re.Match[str]) -> str:
+        segment, name, default = m.groups()
+        if segment is None:
+            return self._fill(name, default)
+        fields = list(_FIELD.finditer(segment))
+        if any(self._lookup(f.group(1)) is None and f.group(2) is None for f in fields):
+            return ""  # an optional segment with a missing value is left out
+        return _FIELD.sub(lambda f: self._fill(f.group(1), f.group(2)), segment)
+
+    def render(self, template: str) -> str:
+        """One pass over the template, so values are never read as placeholders themselves."""
+        text = _TOKEN.sub(self._token, template)
+        return _SPACE_BEFORE_PUNCT.sub(r"\1", _SPACES.sub(" ", text)).strip()
+
+
+# --------------------------------------------------------------------------- matching
+
+_Keyword = tuple[tuple[tuple[str, bool], ...], ...]  # terms -> alternatives -> (word, prefix)
+
+
+def _parse_keywords(entry: str) -> _Keyword:
+    terms = []
+    for term in entry.split():
+        alternatives = []
+        for alt in term.split("|"):
+            word = _norm(alt.rstrip("*"))
+            if not word or " " in word:
+                raise ValueError(f"{alt!r} is not one word after normalisation ({word!r}); list its words separately")
+            alternatives.append((word, alt.endswith("*")))
+        terms.append(tuple(alternatives))
+    if not terms:
+        raise ValueError("empty keyword set")
+    return tuple(terms)
+
+
+def _check_phrase(text: str) -> str:
+    if not _norm(text):
+        raise ValueError(f"{text!r} is empty after normalisation")
+    return text
+
+
+def _check_keywords(text: str) -> str:
+    _parse_keywords(text)
+    return text
+
+
+def _check_regex(text: str) -> str:
+    try:
+        groups = re.compile(text).groups
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression: {exc}") from exc
+    if groups != 1:
+        raise ValueError(f"needs exactly one capturing group (has {groups}); use (?:...) for the others")
+    return text
+
+
+Template = Annotated[str, AfterValidator(_check_template)]
+Phrase = Annotated[str, AfterValidator(_check_phrase)]
+KeywordSet = Annotated[str, AfterValidator(_check_keywords)]
+Regex = Annotated[str, AfterValidator(_check_regex)]
+
+EXACT, PHRASE, KEYWORDS = 3, 2, 1  # score tiers: a phrase beats any keyword set
+
+
+def _word_matches(word: str, alternatives: tuple[tuple[str, bool], ...]) -> bool:
+    return any(word == alt or (prefix and word.startswith(alt)) for alt, prefix in alternatives)
+
+
+@dataclass(frozen=True)
+class _Matcher:
+    phrases: tuple[str, ...]
+    exact: tuple[str, ...]
+    keywords: tuple[_Keyword, ...]
+
+    def score(self, utterance: str, words: frozenset[str]) -> tuple[int, int] | None:
+        """(tier, size) of the best match: exact phrase > contained phrase > keyword set; a
+        longer phrase or a bigger keyword set wins within a tier."""
+        best: tuple[int, int] | None = None
+        for phrase in self.exact + self.phrases:
+            if utterance == phrase:
+                best = max(best or (0, 0), (EXACT, phrase.count(" ") + 1))
+        for phrase in self.phrases:
+            if _contains(utterance, phrase) >= 0:
+                best = max(best or (0, 0), (PHRASE, phrase.count(" ") + 1))
+        if best is None:
+            for terms in self.keywords:
+                if all(any(_word_matches(w, alts) for w in words) for alts in terms):
+                    best = max(best or (0, 0), (KEYWORDS, len(terms)))
+        return best
+
+
+# --------------------------------------------------------------------------- config
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _MatchConfig(_Strict):
+    phrases: list[Phrase] = Field(
+        default_factory=list,
+        description="Phrases that match when the caller's normalised words contain them "
+        "(a phrase equal to the whole utterance scores higher).",
+    )
+    exact: list[Phrase] = Field(
+        default_factory=list,
+        description="Phrases that match only as the caller's whole utterance (e.g. 'thanks').",
+    )
+    keywords: list[KeywordSet] = Field(
+        default_factory=list,
+        description="Word sets: every word of an entry must occur, in any order. 'a|b' gives "
+        "alternatives, 'word*' matches words starting with 'word'.",
+    )
+
+    @model_validator(mode="after")
+    def _has_matchers(self) -> _MatchConfig:
+        if not (self.phrases or self.exact or self.keywords):
+            raise ValueError("needs at least one of phrases, exact or keywords")
+        return self
+
+    def compile(self) -> _Matcher:
+        return _Matcher(
+            phrases=tuple(_norm(p) for p in self.phrases),
+            exact=tuple(_norm(p) for p in self.exact),
+            keywords=tuple(_parse_keywords(k) for k in self.keywords),
+        )
+
+
+class IntentConfig(_MatchConfig):
+    """Something the caller may ask, and the answer."""
+
+    name: str = Field(pattern=r"^\w+$", description="Unique intent name (letters, digits, _).")
+    answer: Template = Field(description="What to say; may use {slot}, {slot|default} and [optional {slot}] segments.")
+    requires: list[str] = Field(
+        default_factory=list,
+        description="Slots that must be known before answering; missing ones are asked for in order.",
+    )
+    ask: dict[str, Template] = Field(
+        default_factory=dict, description="Prompt per required slot, spoken when that slot is missing."
+    )
+    cacheable: bool | None = Field(
+        default=None,
+        description="Override response caching: false never caches; true caches even answers "
+        "using personal slots (keyed by their values); unset decides automatically.",
+    )
+
+    @model_validator(mode="after")
+    def _prompts_match_requires(self) -> IntentConfig:
+        for slot in self.requires:
+            if slot not in self.ask:
+                raise ValueError(f"ask: no prompt for required slot {slot!r}")
+        for slot in self.ask:
+            if slot not in self.requires:
+                raise ValueError(f"ask.{slot}: {slot!r} is not in requires")
+        return self
+
+
+class SlotValue(_Strict):
+    """One allowed value of a slot and the words callers use for it."""
+
+    value: str = Field(min_length=1, description="The canonical value stored and spoken (e.g. 'Tuesday').")
+    synonyms: list[Phrase] = Field(
+        default_factory=list, description="Other ways to say it (e.g. 'tuesdays'); the value itself always matches."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        return {"value": data} if isinstance(data, str) else data
+
+
+class SlotConfig(_Strict):
+    """How to extract one piece of information from what the caller says."""
+
+    patterns: list[Regex] = Field(
+        default_factory=list,
+        description="Regular expressions with one capturing group, searched in the raw utterance "
+        "(use (?i:...) for case-insensitive parts).",
+    )
+    values: list[SlotValue] = Field(
+        default_factory=list, description="Allowed values with synonyms, matched on normalised words."
+    )
+    reject: list[str] = Field(
+        default_factory=list,
+        description="Pattern captures whose first word is one of these are ignored (\"I'm Calling\" is not a name).",
+    )
+    capitalize: bool = Field(default=False, description="Upper-case the first letter of each captured word (names).")
+    listen: Literal["always", "when_needed"] = Field(
+        default="when_needed",
+        description="always: taken from any utterance (e.g. a name said in passing); when_needed: only "
+        "while an intent that uses the slot is being answered or is waiting for it.",
+    )
+    personal: bool = Field(
+        default=False, description="Answers using this slot are about one caller and are not cached."
+    )
+
+    @model_validator(mode="after")
+    def _has_source(self) -> SlotConfig:
+        if not (self.patterns or self.values):
+            raise ValueError("needs patterns or values")
+        return self
+
+
+class EscalationConfig(_MatchConfig):
+    """When the caller asks for a person: say a handoff line, then transfer."""
+
+    handoff_line: Template = Field(description="Spoken before the transfer.")
+    transfer_number: str = Field(pattern=r"^\S+$", description="Where to transfer (E.164, e.g. +15550100200).")
+
+
+class GoodbyeConfig(_MatchConfig):
+    """When the caller is done: say a closing line that cannot be interrupted, then hang up."""
+
+    closing_line: Template = Field(description="Spoken before hanging up.")
+
+
+class FlowAgentConfig(_Strict):
+    """A flow agent definition (the YAML file)."""
+
+    kind: Literal["flow"] = Field(default="flow", description="Agent type.")
+    name: str = Field(min_length=1, description="Agent name (part of the response cache key).")
+    version: str = Field(min_length=1, description="Bump when answers change: it namespaces the response cache.")
+    greeting: Template = Field(
+        description="Begin message; may use call variables ({customer_name}); \"\" lets the caller speak first."
+    )
+    intents: list[IntentConfig] = Field(
+        default_factory=list, description="What callers ask; ties go to the intent declared first."
+    )
+    slots: dict[str, SlotConfig] = Field(default_factory=dict, description="Slot name -> how to extract it.")
+    escalation: EscalationConfig | None = Field(default=None, description="Hand-off to a person (checked first).")
+    goodbye: GoodbyeConfig | None = Field(default=None, description="Ending the call (checked second).")
+    fallback_line: Template = Field(description="Spoken when nothing matched, or when the agent fails.")
+    reminder_line: Template = Field(description="Spoken when the caller has gone quiet.")
+    unclear_line: Template | None = Field(
+        default=None, description="Spoken when the audio was unintelligible or empty (default: fallback_line)."
+    )
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> FlowAgentConfig:
+        seen: set[str] = set()
+        for i, intent in enumerate(self.intents):
+            if intent.name in seen:
+                raise ValueError(f"intents.{i}.name: duplicate intent name {intent.name!r}")
+            seen.add(intent.name)
+            for j, slot in enumerate(intent.requires):
+                if slot not in self.slots:
+                    known = ", ".join(sorted(self.slots)) or "none"
+                    raise ValueError(f"intents.{i}.requires.{j}: unknown slot {slot!r} (slots: {known})")
+        for name in self.slots:
+            if not re.fullmatch(r"\w+", name):
+                raise ValueError(f"slots.{name}: slot names are letters, digits and _")
+        return self
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+@dataclass
+class _Slot:
+    name: str
+    patterns: list[re.Pattern[str]]
+    values: list[tuple[str, list[str]]]  # canonical value, normalised forms
+    reject: frozenset[str]
+    capitalize: bool
+    always: bool
+
+    @classmethod
+    def build(cls, name: str, cfg: SlotConfig) -> _Slot:
+        return cls(
+            name=name,
+            patterns=[re.compile(p) for p in cfg.patterns],
+            values=[(v.value, [_norm(v.value), *(_norm(s) for s in v.synonyms)]) for v in cfg.values],
+            reject=frozenset(_norm(r) for r in cfg.reject),
+            capitalize=cfg.capitalize,
+            always=cfg.listen == "always",
+        )
+
+    def extract(self, text: str, utterance: str) -> tuple[str, tuple[int, int] | None] | None:
+        """The slot's value in this utterance and, for a pattern capture, the span of ``text``
+        it matched: the first accepted capture, else the allowed value mentioned earliest
+        (the longest form on a tie)."""
+        for pattern in self.patterns:
+            for m in pattern.finditer(text):
+                value = (m.group(1) or "").strip(" \t.,;:!?\"")
+                words = _norm(value).split()
+                if not words or words[0] in self.reject:
+                    continue
+                if self.capitalize:
+                    value = " ".join(w[:1].upper() + w[1:] for w in value.split())
+                return value, m.span()
+        best: tuple[int, int, str] | None = None
+        for canonical, forms in self.values:
+            for form in forms:
+                pos = _contains(utterance, form)
+                if pos >= 0 and (best is None or (pos, -len(form)) < (best[0], -best[1])):
+                    best = (pos, len(form), canonical)
+        return (best[2], None) if best else None
+
+
+@dataclass
+class _Intent:
+    cfg: IntentConfig
+    matcher: _Matcher
+    slots: frozenset[str]  # slots it requires or mentions
+
+
+@dataclass
+class _Plan:
+    """What one turn will say and do, computed without touching the turn (so ``cache_key``
+    and ``respond`` agree)."""
+
+    utterance: str
+    slots_before: dict[str, str]
+    pending_before: dict[str, str] | None
+    slots: dict[str, str]
+    pending: dict[str, str] | None
+    renderer: _Renderer
+    lines: list[tuple[str, bool]] = field(default_factory=list)  # (text, no_interruption_allowed)
+    action: Transfer | EndCall | None = None
+    cacheable: bool | None = None  # an intent's override
+
+    def say(self, template: str, protected: bool = False) -> None:
+        self.lines.append((self.renderer.render(template), protected))
+
+    @property
+    def changes_state(self) -> bool:
+        return self.slots != self.slots_before or self.pending != self.pending_before
+
+    @property
+    def shareable(self) -> bool:
+        """Whether the answer may be served to another caller from the cache."""
+        if self.cacheable is not None:
+            return self.cacheable
+        return not self.renderer.personal
+
+    def outputs(self) -> list[AgentOutput]:
+        out: list[AgentOutput] = []
+        for text, protected in self.lines:
+            for chunk in split_phrases(text):
+                # Chunks after the first carry their leading space: concatenated they read right.
+                out.append(Speech(f" {chunk}" if out else chunk, no_interruption_allowed=protected))
+        if self.action is not None:
+            out.append(self.action)
+        return out
+
+    def apply(self, state: dict[str, Any]) -> None:
+        changes = (("slots", self.slots_before, self.slots), ("pending", self.pending_before, self.pending))
+        for key, before, after in changes:
+            if after != before:
+                if after:
+                    state[key] = after
+                else:
+                    state.pop(key, None)
+
+
+def _last_user_text(transcript: Any) -> str:
+    """The caller's latest utterance, skipping entries of other roles or odd shapes."""
+    if not isinstance(transcript, list):
+        return ""
+    for entry in reversed(transcript):
+        if isinstance(entry, dict) and entry.get("role") == "user":
+            content = entry.get("content")
+            return content if isinstance(content, str) else ""
+    return ""
+
+
+def _variables(call: Any) -> dict[str, str]:
+    if not isinstance(call, dict):
+        return {}
+    return Turn(call_id="", kind="response", transcript=[], state={}, call=call).variables
+
+
+class FlowAgent:
+    """An Agent answering from a ``FlowAgentConfig``; stateless, safe to share between calls."""
+
+    def __init__(self, config: FlowAgentConfig):
+        self.config = config
+        self.name = config.name
+        self.version = config.version
+        self._slots = {name: _Slot.build(name, cfg) for name, cfg in config.slots.items()}
+        self._personal = {name for name, cfg in config.slots.items() if cfg.personal}
+        self._intents: dict[str, _Intent] = {}
+        for intent in config.intents:
+            mentioned = _template_fields(intent.answer).union(*(_template_fields(a) for a in intent.ask.values()))
+            self._intents[intent.name] = _Intent(
+                cfg=intent,
+                matcher=intent.compile(),
+                slots=frozenset(intent.requires) | (mentioned & self._slots.keys()),
+            )
+        self._escalation = config.escalation.compile() if config.escalation else None
+        self._goodbye = config.goodbye.compile() if config.goodbye else None
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>") -> FlowAgent:
+        """Validate a parsed definition; problems raise ``AgentConfigError`` naming ``source``."""
+        if not isinstance(data, dict):
+            raise AgentConfigError(source, [f"expected a mapping of fields, got {type(data).__name__}"])
+        try:
+            return cls(FlowAgentConfig.model_validate(data))
+        except ValidationError as exc:
+            raise AgentConfigError(source, _describe(exc)) from None
+
+    # ----------------------------------------------------------------- Agent interface
+
+    @property
+    def fallback_line(self) -> str:
+        return _Renderer({}, {}, set()).render(self.config.fallback_line)
+
+    @property
+    def reminder_line(self) -> str:
+        return _Renderer({}, {}, set()).render(self.config.reminder_line)
+
+    def begin_message(self, state: dict[str, Any], call: dict[str, Any]) -> str:
+        return _Renderer(self._stored_slots(state), _variables(call), self._personal).render(self.config.greeting)
+
+    def cache_key(self, turn: Turn) -> str | None:
+        """The normalised utterance plus the state the answer depends on (pending intent,
+        filled slots, values used), or None when the answer is not shareable: reminders,
+        empty or unintelligible input, personal answers, and turns that change the state
+        or take an action (the conversation would not cache those anyway)."""
+        if turn.kind != "response":
+            return None
+        plan = self._plan(turn)
+        if not plan.utterance or plan.action is not None or plan.changes_state or not plan.shareable:
+            return None
+        key = {
+            "u": plan.utterance,
+            "pending": plan.pending_before,
+            "filled": sorted(plan.slots_before),
+            "used": plan.renderer.used,
+        }
+        return "flow:" + json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    async def respond(self, turn: Turn) -> AsyncIterator[AgentOutput]:
+        plan = self._plan(turn)
+        if not plan.shareable:
+            turn.cacheable = False
+        outputs = plan.outputs()
+        if not outputs:  # every template rendered empty: nothing to say, still remember
+            plan.apply(turn.state)
+        for i, output in enumerate(outputs):
+            if i == len(outputs) - 1:
+                # State changes land with the last output: a generation cancelled because the
+                # caller kept talking leaves the call's memory untouched.
+                plan.apply(turn.state)
+            yield output
+
+    # ----------------------------------------------------------------- the flow
+
+    def _stored_slots(self, state: Any) -> dict[str, str]:
+        slots = state.get("slots") if isinstance(state, dict) else None
+        if not isinstance(slots, dict):
+            return {}
+        return {k: v for k, v in slots.items() if k in self._slots and isinstance(v, str)}
+
+    def _stored_pending(self, state: Any) -> dict[str, str] | None:
+        pending = state.get("pending") if isinstance(state, dict) else None
+        if not isinstance(pending, dict):
+            return None
+        name = pending.get("intent")
+        intent = self._intents.get(name) if isinstance(name, str) else None
+        if intent is None or pending.get("slot") not in intent.cfg.requires:
+            return None  # e.g. saved by an older version of the flow
+        return {"intent": intent.cfg.name, "slot": pending["slot"]}
+
+    def _best_intent(self, utterance: str) -> _Intent | None:
+        words = frozenset(utterance.split())
+        best: tuple[tuple[int, int], _Intent] | None = None
+        for intent in self._intents.values():
+            score = intent.matcher.score(utterance, words)
+            if score is not None and (best is None or score > best[0]):  # strict: first declared wins ties
+                best = (score, intent)
+        return best[1] if best else None
+
+    def _handle(self, plan: _Plan, intent: _Intent) -> bool:
+        """Ask for the intent's first missing slot, or answer it. True when answered."""
+        cfg = intent.cfg
+        missing = [slot for slot in cfg.requires if slot not in plan.slots]
+        if missing:
+            plan.say(cfg.ask[missing[0]])
+            plan.pending = {"intent": cfg.name, "slot": missing[0]}
+            return False
+        plan.say(cfg.answer)
+        if cfg.cacheable is False or (cfg.cacheable and plan.cacheable is None):
+            plan.cacheable = cfg.cacheable
+        for slot in cfg.requires:  # the request is done: the next one asks afresh
+            plan.slots.pop(slot, None)
+        if plan.pending and plan.pending["intent"] == cfg.name:
+            plan.pending = None
+        return True
+
+    def _plan(self, turn: Turn) -> _Plan:
+        slots = self._stored_slots(turn.state)
+        pending = self._stored_pending(turn.state)
+        try:
+            variables = turn.variables
+        except AttributeError:
+            variables = {}
+        text = _UNINTELLIGIBLE.sub(" ", _last_user_text(turn.transcript)) if turn.kind == "response" else ""
+        utterance = _norm(text)
+        plan = _Plan(
+            utterance=utterance,
+            slots_before=dict(slots),
+            pending_before=pending,
+            slots=dict(slots),
+            pending=pending,
+            renderer=_Renderer({}, variables, self._personal),
+        )
+        plan.renderer.slots = plan.slots  # answers see slots as this turn leaves them
+        waiting = self._intents[pending["intent"]] if pending else None
+        waiting_slot = pending["slot"] if pending else ""
+        cfg = self.config
+
+        if turn.kind == "reminder" or not utterance:
+            plan.say(cfg.reminder_line if turn.kind == "reminder" else cfg.unclear_line or cfg.fallback_line)
+            if waiting:
+                plan.say(waiting.cfg.ask[waiting_slot])
+            return plan
+        words = frozenset(utterance.split())
+        if cfg.escalation and self._escalation and self._escalation.score(utterance, words):
+            plan.say(cfg.escalation.handoff_line)
+            plan.action = Transfer(cfg.escalation.transfer_number)
+            return plan
+        if cfg.goodbye and self._goodbye and self._goodbye.score(utterance, words):
+            plan.say(cfg.goodbye.closing_line, protected=True)
+            plan.action = EndCall()
+            return plan
+
+        # Slots listened for always come first, and the words that gave them ("this is Maria")
+        # are no evidence of an intent: match the rest, or the whole if the rest says nothing.
+        rest = text
+        for name, slot in self._slots.items():
+            found = slot.extract(text, utterance) if slot.always else None
+            if found is not None:
+                plan.slots[name], span = found
+                if span is not None:
+                    rest = rest[: span[0]] + " " * (span[1] - span[0]) + rest[span[1] :]
+        best = self._best_intent(_norm(rest))
+        if best is None and rest != text:
+            best = self._best_intent(utterance)
+        wanted: set[str] = set().union(*(intent.slots for intent in (waiting, best) if intent))
+        for name in sorted(wanted):
+            slot = self._slots[name]
+            found = None if slot.always else slot.extract(text, utterance)
+            if found is not None:
+                plan.slots[name] = found[0]
+
+        if waiting is None:
+            if best is None:
+                plan.say(cfg.fallback_line)
+            else:
+                self._handle(plan, best)
+        elif best is None or best is waiting:
+            if best is None and waiting_slot not in plan.slots:
+                plan.say(cfg.unclear_line or cfg.fallback_line)
+            self._handle(plan, waiting)
+        elif self._handle(plan, best):
+            self._handle(plan, waiting)  # answered the aside; back to what we were waiting for
+        return plan
+
+
+def _describe(exc: ValidationError) -> list[str]:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling)"
+        problems.append(f"{where}: {message}" if where else message)
+    return problems
+
+
+def load_flow_agent(path: str | Path) -> FlowAgent:
+    """Load a flow agent from a YAML file; any problem raises ``AgentConfigError``."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise AgentConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise AgentConfigError(source, [f"invalid YAML{where}: {getattr(exc, 'problem', None) or exc}"]) from None
+    return FlowAgent.from_dict(data, source=source)

@@ -1,0 +1,521 @@
+"""The OpenAI-compatible streaming LLM agent, with HTTP tools, hang-up and transfer.
+
+It streams a chat completion with the official ``openai`` SDK and yields phrase-sized
+``Speech`` as soon as each phrase is complete. Before anything of an answer was said, a failed
+or slow provider (429, 5xx, timeout, connection error) is retried once and then replaced by
+the next provider; once speech has started a failure raises, and the conversation speaks the
+fallback line. Closing the ``respond()`` generator, or cancelling the task iterating it,
+closes the upstream HTTP stream at once (so a superseded answer stops costing tokens).
+
+One ``AsyncOpenAI`` client per provider lives as long as the agent: connections are pooled
+and reused across calls. An agent instance belongs to one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal
+
+import httpx
+import openai
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from callray.agents.base import (
+    AgentOutput,
+    EndCall,
+    Speech,
+    ToolCall,
+    ToolResult,
+    Transfer,
+    Turn,
+    normalise,
+)
+from callray.agents.phrases import PhraseChunker, chunk_phrases
+from callray.agents.tools import (
+    END_CALL,
+    TRANSFER_CALL,
+    EndCallToolConfig,
+    HttpToolConfig,
+    PendingToolCall,
+    ToolCallAccumulator,
+    ToolError,
+    TransferCallToolConfig,
+    call_http_tool,
+    function_spec,
+    idempotency_key,
+    parse_arguments,
+)
+
+_RETRY_STATUSES = frozenset({408, 409, 429})
+
+
+class AgentConfigError(ValueError):
+    """An agent definition is invalid; the message names the file and the field."""
+
+
+class LLMUnavailableError(RuntimeError):
+    """No provider produced an answer (or the stream broke after speech had started)."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+class ProviderConfig(BaseModel):
+    """One OpenAI-compatible endpoint; providers are tried in order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field(description="API base URL including /v1, e.g. https://api.openai.com/v1.")
+    model: str = Field(description="Model name sent in each request, e.g. gpt-4o-mini.")
+    api_key_env: str = Field(
+        default="OPENAI_API_KEY", description="Name of the environment variable holding the API key."
+    )
+    api_key_fallback: str | None = Field(
+        default=None,
+        description="Literal key used when the variable is unset; only for local servers that "
+        "ignore keys (e.g. the fake LLM). Leave unset for real providers so a missing key fails.",
+    )
+    organization: str | None = Field(default=None, description="OpenAI organization id, if any.")
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} at {self.base_url}"
+
+
+class LLMAgentConfig(BaseModel):
+    """An LLM agent definition (``config/agents/*.yaml`` with ``kind: llm``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["llm"] = Field(default="llm", description="Agent type discriminator.")
+    name: str = Field(min_length=1, description="Agent name (part of response-cache keys and metrics).")
+    version: str = Field(default="1", description="Bump when behaviour changes: invalidates cached answers.")
+    providers: list[ProviderConfig] = Field(
+        min_length=1, description="OpenAI-compatible endpoints in failover order."
+    )
+    system_prompt: str = Field(
+        description="Instructions for the model; write for voice (short sentences, no markdown). "
+        "{variable} placeholders are filled from the call's dynamic variables and metadata."
+    )
+    temperature: float = Field(default=0.4, ge=0, le=2, description="Sampling temperature.")
+    max_tokens: int = Field(default=250, gt=0, description="Cap on tokens per completion.")
+    history_chars: int = Field(
+        default=8000, gt=0, description="Budget of transcript characters sent; the newest turns are kept."
+    )
+    begin_message: str = Field(
+        default="",
+        description="Greeting said first ({variable} placeholders allowed); empty lets the caller speak first.",
+    )
+    reminder_prompt: str = Field(
+        default="The caller has been silent for a while. Do not answer anything new: in one short "
+        "sentence, check whether they are still there or need anything else.",
+        description="Instruction added when Retell asks for a reminder (the caller went quiet).",
+    )
+    connect_timeout_s: float = Field(default=2.0, gt=0, description="TCP/TLS connect timeout per request.")
+    first_token_timeout_s: float = Field(
+        default=3.0, gt=0, description="A provider is abandoned if no token arrives within this time."
+    )
+    total_timeout_s: float = Field(
+        default=20.0, gt=0, description="Longest one completion may stream, request to last token."
+    )
+    retries: int = Field(
+        default=1, ge=0, le=3, description="Extra attempts on the same provider before the next one."
+    )
+    max_tool_steps: int = Field(
+        default=3, ge=0, description="Tool rounds per turn; after that the model must answer in words."
+    )
+    phrase_flush_s: float = Field(
+        default=0.25, gt=0, description="Buffered words are sent after this long without a phrase end."
+    )
+    tools: list[HttpToolConfig] = Field(default_factory=list, description="HTTP tools offered to the model.")
+    end_call: EndCallToolConfig = Field(
+        default_factory=EndCallToolConfig, description="The built-in hang-up tool."
+    )
+    transfer_call: TransferCallToolConfig = Field(
+        default_factory=TransferCallToolConfig, description="The built-in call-transfer tool."
+    )
+    fallback_line: str = Field(
+        default="Sorry, I'm having trouble right now. Could you say that again?",
+        description="Said by the conversation when the model fails or is too slow.",
+    )
+    reminder_line: str = Field(
+        default="Are you still there?", description="Said on a reminder when the model has nothing better."
+    )
+    cache: bool = Field(
+        default=False,
+        description="Share answers between calls by normalised utterance; only for agents whose "
+        "answers depend on the last utterance alone (no personal variables, no history).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LLMAgentConfig":
+        names = [tool.name for tool in self.tools]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"tools: duplicate names {duplicates}")
+        if self.transfer_call.enabled and not self.transfer_call.transfer_number:
+            raise ValueError("transfer_call.transfer_number is required when transfer_call.enabled is true")
+        return self
+
+
+# --------------------------------------------------------------------------- templates
+
+_PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}|\{(\w+)\}")
+_SPACE_BEFORE_PUNCT = re.compile(r"[ \t]+([,.!?;:])")
+_DOUBLE_SPACE = re.compile(r"[ \t]{2,}")
+
+
+def render_template(template: str, variables: dict[str, str]) -> str:
+    """Fill ``{name}`` (or Retell-style ``{{name}}``) placeholders; a missing one becomes ""
+    and the spacing around it is tidied, so a greeting never says a placeholder aloud."""
+    missing = False
+
+    def fill(match: re.Match[str]) -> str:
+        nonlocal missing
+        name = match.group(1) or match.group(2)
+        if name in variables:
+            return variables[name]
+        missing = True
+        return ""
+
+    text = _PLACEHOLDER.sub(fill, template)
+    if missing:
+        text = _DOUBLE_SPACE.sub(" ", _SPACE_BEFORE_PUNCT.sub(r"\1", text))
+    return text
+
+
+def call_variables(call: dict[str, Any]) -> dict[str, str]:
+    """Variables of a call: a few call fields, then metadata, then Retell dynamic variables."""
+    out = {k: str(call[k]) for k in ("call_id", "from_number", "to_number") if isinstance(call.get(k), str)}
+    out.update(Turn(call_id="", kind="response", transcript=[], state={}, call=call).variables)
+    return out
+
+
+# --------------------------------------------------------------------------- the agent
+
+
+class _EmptyCompletion(Exception):
+    """The model returned neither text nor tool calls."""
+
+
+def _retry_same_provider(exc: BaseException) -> bool:
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in _RETRY_STATUSES or exc.status_code >= 500
+    return True  # timeouts, connection errors, broken or empty streams
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, openai.APIStatusError):
+        return f"HTTP {exc.status_code}"
+    if isinstance(exc, TimeoutError):
+        return str(exc) or "timed out"
+    return f"{type(exc).__name__}: {exc}"
+
+
+_FAILOVER_ERRORS = (openai.APIError, TimeoutError, _EmptyCompletion)
+
+
+class LLMAgent:
+    """An OpenAI-compatible streaming agent implementing the ``Agent`` protocol."""
+
+    def __init__(self, config: LLMAgentConfig, *, source: str = "<config>") -> None:
+        self.config = config
+        self.name = config.name
+        self.version = config.version
+        self.source = source
+        timeout = openai.Timeout(config.total_timeout_s, connect=config.connect_timeout_s)
+        self._clients: list[tuple[ProviderConfig, openai.AsyncOpenAI]] = []
+        for index, provider in enumerate(config.providers):
+            key = os.environ.get(provider.api_key_env) or provider.api_key_fallback
+            if not key:
+                raise AgentConfigError(
+                    f"{source}: providers[{index}].api_key_env: environment variable "
+                    f"{provider.api_key_env!r} is not set (set it, or set providers[{index}].api_key_fallback "
+                    "for a local server that ignores keys)"
+                )
+            client = openai.AsyncOpenAI(
+                base_url=provider.base_url,
+                api_key=key,
+                organization=provider.organization,
+                timeout=timeout,
+                max_retries=0,
+            )
+            self._clients.append((provider, client))
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=config.connect_timeout_s))
+        self._http_tools = {tool.name: tool for tool in config.tools}
+        specs = [function_spec(t.name, t.description, t.parameters) for t in config.tools]
+        if config.end_call.enabled:
+            specs.append(function_spec(END_CALL, config.end_call.description, {"type": "object", "properties": {}}))
+        if config.transfer_call.enabled:
+            specs.append(
+                function_spec(TRANSFER_CALL, config.transfer_call.description, {"type": "object", "properties": {}})
+            )
+        self._tool_specs = specs
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<config>") -> "LLMAgent":
+        """Validate a parsed definition; errors name ``source`` and the field path."""
+        if not isinstance(data, dict):
+            raise AgentConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        try:
+            config = LLMAgentConfig.model_validate(data)
+        except ValidationError as exc:
+            raise AgentConfigError(_format_validation(exc, source)) from None
+        return cls(config, source=source)
+
+    async def aclose(self) -> None:
+        """Close the pooled connections (providers and tool endpoints)."""
+        for _, client in self._clients:
+            await client.close()
+        await self._http.aclose()
+
+    # ------------------------------------------------------------------ Agent protocol
+
+    @property
+    def fallback_line(self) -> str:
+        return self.config.fallback_line
+
+    @property
+    def reminder_line(self) -> str:
+        return self.config.reminder_line
+
+    def begin_message(self, state: dict[str, Any], call: dict[str, Any]) -> str:
+        return render_template(self.config.begin_message, call_variables(call)).strip()
+
+    def cache_key(self, turn: Turn) -> str | None:
+        if not self.config.cache or turn.kind != "response":
+            return None
+        return normalise(turn.last_user_text) or None
+
+    async def respond(self, turn: Turn) -> AsyncIterator[AgentOutput]:
+        messages = self.build_messages(turn)
+        for step in range(self.config.max_tool_steps + 1):
+            offer_tools = bool(self._tool_specs) and step < self.config.max_tool_steps
+            acc = ToolCallAccumulator()
+            async with aclosing(self._complete(messages, offer_tools, acc)) as phrases:
+                async for phrase in phrases:
+                    yield Speech(phrase)
+            calls = acc.calls() if offer_tools else []
+            if not calls:
+                return
+            turn.cacheable = False
+            names = {call.name for call in calls}
+            if END_CALL in names and self.config.end_call.enabled:
+                if self.config.end_call.closing_line:
+                    yield Speech(self.config.end_call.closing_line, no_interruption_allowed=True)
+                yield EndCall()
+                return
+            if TRANSFER_CALL in names and self.config.transfer_call.enabled:
+                if self.config.transfer_call.handoff_line:
+                    yield Speech(self.config.transfer_call.handoff_line)
+                yield Transfer(str(self.config.transfer_call.transfer_number))
+                return
+            messages.append(_assistant_tool_message(acc.text, calls))
+            async for output in self._run_tools(turn, calls, messages):
+                yield output
+
+    # ------------------------------------------------------------------ prompt
+
+    def build_messages(self, turn: Turn) -> list[dict[str, Any]]:
+        """System prompt, then the newest transcript turns within ``history_chars``."""
+        variables = call_variables(turn.call)
+        history: list[dict[str, Any]] = []
+        budget = self.config.history_chars
+        for entry in reversed(turn.transcript):
+            role = {"agent": "assistant", "user": "user"}.get(str(entry.get("role")))
+            content = str(entry.get("content") or "").strip()
+            if role is None or not content:
+                continue
+            if len(content) > budget:
+                if not history:  # the newest utterance is always sent, cut to the budget
+                    history.append({"role": role, "content": content[-budget:]})
+                break
+            budget -= len(content)
+            history.append({"role": role, "content": content})
+        history.reverse()
+        messages: list[dict[str, Any]] = [
+            {"role": "system", "content": render_template(self.config.system_prompt, variables)}
+        ]
+        messages.extend(history)
+        if turn.kind == "reminder":
+            messages.append({"role": "system", "content": self.config.reminder_prompt})
+        return messages
+
+    # ------------------------------------------------------------------ streaming
+
+    async def _complete(
+        self, messages: list[dict[str, Any]], offer_tools: bool, acc: ToolCallAccumulator
+    ) -> AsyncIterator[str]:
+        """Phrases of one completion, with retry and failover while nothing was said."""
+        failures: list[str] = []
+        for provider, client in self._clients:
+            for attempt in range(1 + self.config.retries):
+                spoke = False
+                acc.reset()  # a failed attempt leaves nothing behind
+                chunker = PhraseChunker(flush_interval_s=self.config.phrase_flush_s)
+                tokens = self._tokens(provider, client, messages, offer_tools, acc)
+                try:
+                    async with aclosing(chunk_phrases(tokens, chunker)) as phrases:
+                        async for phrase in phrases:
+                            spoke = True
+                            yield phrase
+                    if acc.empty:
+                        raise _EmptyCompletion(f"{provider.label} returned an empty completion")
+                    return
+                except _FAILOVER_ERRORS as exc:
+                    if spoke:
+                        raise LLMUnavailableError(
+                            f"{provider.label} failed after speech had started: {_describe(exc)}"
+                        ) from exc
+                    failures.append(f"{provider.label} attempt {attempt + 1}: {_describe(exc)}")
+                    if not _retry_same_provider(exc):
+                        break
+        raise LLMUnavailableError("all LLM providers failed: " + "; ".join(failures))
+
+    async def _tokens(
+        self,
+        provider: ProviderConfig,
+        client: openai.AsyncOpenAI,
+        messages: list[dict[str, Any]],
+        offer_tools: bool,
+        acc: ToolCallAccumulator,
+    ) -> AsyncIterator[str]:
+        """Content tokens of one streamed completion; tool-call deltas go to ``acc``.
+
+        Iterated by ``chunk_phrases`` in its own task, so the deadlines below may span yields.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        extra: dict[str, Any] = {}
+        if self._tool_specs and self.config.max_tool_steps > 0:
+            extra = {"tools": self._tool_specs, "tool_choice": "auto" if offer_tools else "none"}
+        first = True
+        try:
+            async with asyncio.timeout(self.config.first_token_timeout_s) as deadline:
+                stream = await client.chat.completions.create(
+                    model=provider.model,
+                    messages=messages,
+                    temperature=self.config.temperature,
+                    max_tokens=self.config.max_tokens,
+                    stream=True,
+                    **extra,
+                )
+                async with stream:
+                    async for chunk in stream:
+                        delta = chunk.choices[0].delta if chunk.choices else None
+                        if delta is None:
+                            continue
+                        if delta.tool_calls:
+                            acc.add_tool_deltas(delta.tool_calls)
+                        if first and (delta.content or delta.tool_calls):
+                            first = False
+                            deadline.reschedule(started + self.config.total_timeout_s)
+                        if delta.content:
+                            acc.add_text(delta.content)
+                            yield delta.content
+        except TimeoutError:
+            if first:
+                what, limit = "first token", self.config.first_token_timeout_s
+            else:
+                what, limit = "end of stream", self.config.total_timeout_s
+            raise TimeoutError(f"no {what} from {provider.label} within {limit} s") from None
+
+    # ------------------------------------------------------------------ tools
+
+    async def _run_tools(
+        self, turn: Turn, calls: list[PendingToolCall], messages: list[dict[str, Any]]
+    ) -> AsyncIterator[AgentOutput]:
+        """Run the step's HTTP tools concurrently; tell the model their results."""
+        prepared: list[tuple[PendingToolCall, HttpToolConfig | None, dict[str, Any] | None, str | None, str]] = []
+        holding: str | None = None
+        for call in calls:
+            tool = self._http_tools.get(call.name)
+            arguments: dict[str, Any] | None = None
+            key: str | None = None
+            error = ""
+            if tool is None:
+                error = f"unknown tool {call.name!r}"
+            else:
+                try:
+                    arguments = parse_arguments(call.arguments)
+                    key = idempotency_key(turn.call_id, tool.name, arguments)
+                except ToolError as exc:
+                    error = str(exc)
+            if key is not None and key not in turn.tool_results and tool is not None and tool.holding_line:
+                holding = holding or tool.holding_line
+            prepared.append((call, tool, arguments, key, error))
+        for call, *_ in prepared:
+            yield ToolCall(tool_call_id=call.id, name=call.name, arguments=call.arguments or "{}")
+        if holding:
+            yield Speech(holding)
+        results = await asyncio.gather(*(self._run_one(turn, *entry[1:]) for entry in prepared))
+        for (call, *_), (content, ok) in zip(prepared, results):
+            yield ToolResult(tool_call_id=call.id, content=content, successful=ok)
+            told = content if ok else (
+                f"The tool failed: {content}. Tell the caller briefly and offer another way to help."
+            )
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": told})
+
+    async def _run_one(
+        self,
+        turn: Turn,
+        tool: HttpToolConfig | None,
+        arguments: dict[str, Any] | None,
+        key: str | None,
+        error: str,
+    ) -> tuple[str, bool]:
+        if error or tool is None or arguments is None or key is None:
+            return error or "tool unavailable", False
+        if key in turn.tool_results:
+            return str(turn.tool_results[key]), True
+        try:
+            content = await call_http_tool(self._http, tool, arguments, key, turn.call_id)
+        except ToolError as exc:
+            return str(exc), False
+        turn.tool_results[key] = content
+        return content, True
+
+
+def _assistant_tool_message(text: str, calls: list[PendingToolCall]) -> dict[str, Any]:
+    return {
+        "role": "assistant",
+        "content": text or None,
+        "tool_calls": [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments or "{}"}}
+            for c in calls
+        ],
+    }
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation(exc: ValidationError, source: str) -> str:
+    lines = []
+    for error in exc.errors():
+        path = ""
+        for part in error["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        value = error.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{source}: {path or '<top>'}: {error['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_llm_agent(path: str | Path) -> LLMAgent:
+    """Load and validate an LLM agent definition from a YAML file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise AgentConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise AgentConfigError(f"{path}: invalid YAML: {exc}") from None
+    return LLMAgent.from_dict(data, source=str(path))

@@ -1,0 +1,65 @@
+"""The agents of one deployment, loaded from their YAML files, and routing between them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from callray.agents.base import Agent
+from callray.settings import AgentsSettings
+
+
+def load_agent(path: str | Path) -> Agent:
+    """Build the agent a YAML file defines; its ``kind`` picks the implementation."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read agent file: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: an agent file must hold a mapping, got {type(data).__name__}")
+    kind = data.get("kind", "flow")
+    if kind == "flow":
+        from callray.agents.flow import FlowAgent
+
+        return FlowAgent.from_dict(data, source=str(path))
+    if kind == "llm":
+        from callray.agents.llm import LLMAgent
+
+        return LLMAgent.from_dict(data, source=str(path))
+    raise ValueError(f"{path}: kind: unknown agent kind {kind!r}; expected 'flow' or 'llm'")
+
+
+class AgentRegistry:
+    """Agents by name, the default one, and the Retell ``agent_id`` routing table."""
+
+    def __init__(self, agents: dict[str, Agent], default: str, by_retell_agent_id: dict[str, str] | None = None):
+        if default not in agents:
+            raise ValueError(f"default agent {default!r} is not defined (have {sorted(agents)})")
+        self.agents, self.default_name = agents, default
+        self.by_retell_agent_id = dict(by_retell_agent_id or {})
+
+    @classmethod
+    def from_settings(cls, settings: AgentsSettings) -> "AgentRegistry":
+        agents = {name: load_agent(settings.resolve(name)) for name in settings.files}
+        for name, agent in agents.items():
+            agent.name = name  # the route and the cache know an agent by its configured name
+        return cls(agents, settings.default, settings.by_retell_agent_id)
+
+    def get(self, name: str | None) -> Agent:
+        """The agent called ``name`` (the default for None). Unknown names raise KeyError."""
+        if name is None:
+            return self.agents[self.default_name]
+        try:
+            return self.agents[name]
+        except KeyError:
+            raise KeyError(f"unknown agent {name!r}; configured agents: {sorted(self.agents)}") from None
+
+    def route(self, call: dict[str, Any]) -> Agent | None:
+        """The agent mapped to the call's Retell ``agent_id``, if any."""
+        name = self.by_retell_agent_id.get(str(call.get("agent_id", "")))
+        return self.agents[name] if name else None

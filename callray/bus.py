@@ -1,0 +1,503 @@
+"""The event bus: calls emit events, background consumers read them in groups.
+
+Two backends behind one interface. ``RedisStreamBus`` (event-driven architecture) is
+at-least-once: one Redis Stream, one consumer group per consumer kind, unacked entries are
+re-read after a restart or taken over from dead consumers, and entries that keep failing (or
+cannot be decoded) move to a dead-letter stream instead of blocking the group.
+``MemoryBus`` (single and distributed architectures) has the same API in process memory.
+
+``emit`` is the producer's path from a live turn: it only appends to a bounded local buffer
+(never blocks, never raises, counts drops) and a background task publishes the buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Protocol, runtime_checkable
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+from redis.exceptions import RedisError, ResponseError
+
+from callray.events import Event, parse_event
+from callray.stores.base import StoreUnavailableError
+from callray.stores.redis_client import check_redis, redis_client
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One entry handed to a consumer: ack ``id`` once ``event`` is handled."""
+
+    id: str
+    event: Event
+    deliveries: int
+
+
+@runtime_checkable
+class EventBus(Protocol):
+    def emit(self, event: Event) -> None:
+        """Buffer an event for publishing. Never blocks, never raises; drops (counted) when full.
+        Call it from the event loop's thread; outside a running loop it only buffers."""
+
+    async def publish(self, event: Event) -> str:
+        """Publish now (bypassing the buffer); returns the entry id."""
+
+    async def flush(self) -> None:
+        """Publish everything buffered so far (raises StoreUnavailableError if that fails)."""
+
+    async def close(self) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    async def read(self, group: str, consumer: str, count: int = 100, block_ms: int = 1000) -> list[Delivery]:
+        """Entries for ``consumer`` in ``group``: its own unacked ones first after a (re)start,
+        then ones taken over from dead consumers, then new ones (waiting up to ``block_ms``)."""
+
+    async def ack(self, group: str, ids: list[str]) -> int: ...
+
+
+class _BufferedEmitter:
+    """The shared producer side: bounded buffer + lazily started background flusher."""
+
+    def __init__(self, buffer_size: int, flush_batch: int):
+        if buffer_size < 1 or flush_batch < 1:
+            raise ValueError(f"buffer_size ({buffer_size}) and flush_batch ({flush_batch}) must be >= 1")
+        self.buffer_size, self.flush_batch = buffer_size, flush_batch
+        self._buffer: deque[Event] = deque()
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._closed = False
+        self._counts = {"emitted": 0, "dropped": 0, "published": 0, "publish_errors": 0, "dead_lettered": 0}
+        self._last_error = ""
+
+    async def _publish_many(self, events: list[Event]) -> None:
+        raise NotImplementedError
+
+    def emit(self, event: Event) -> None:
+        try:
+            if self._closed or len(self._buffer) >= self.buffer_size:
+                self._counts["dropped"] += 1
+                return
+            self._buffer.append(event)
+            self._counts["emitted"] += 1
+            self._start_flusher()
+        except Exception as exc:  # emit must never raise into a live turn
+            self._counts["dropped"] += 1
+            self._last_error = repr(exc)
+
+    def _start_flusher(self) -> None:
+        """Start (or restart, e.g. in a new loop) the flusher; without a running loop, just buffer."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self._wake = asyncio.Event()
+            self._lock = asyncio.Lock()
+            self._task = loop.create_task(self._run_flusher(), name=f"{type(self).__name__}-flusher")
+        assert self._wake is not None
+        self._wake.set()
+
+    async def _run_flusher(self) -> None:
+        backoff = 0.05
+        wake = self._wake
+        assert wake is not None
+        while True:
+            if not self._buffer:
+                wake.clear()
+                await wake.wait()
+                continue
+            try:
+                await self._drain_once()
+                backoff = 0.05
+            except Exception:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _drain_once(self) -> bool:
+        """Publish one batch under the lock; on failure put it back (oldest first) and raise."""
+        async with self._lock:
+            if not self._buffer:
+                return False
+            batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), self.flush_batch))]
+            try:
+                await self._publish_many(batch)
+            except Exception as exc:
+                self._buffer.extendleft(reversed(batch))
+                self._counts["publish_errors"] += 1
+                self._last_error = repr(exc)
+                raise
+            self._counts["published"] += len(batch)
+            return True
+
+    async def flush(self) -> None:
+        while await self._drain_once():
+            pass
+
+    async def _close_emitter(self) -> None:
+        self._closed = True
+        try:
+            await self.flush()
+        except Exception as exc:
+            log.warning("event bus closed with %d events unpublished: %r", len(self._buffer), exc)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, RuntimeError):
+                pass
+        self._task = None
+
+    def stats(self) -> dict[str, Any]:
+        return {**self._counts, "buffered": len(self._buffer), "last_error": self._last_error}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisStreamBus(_BufferedEmitter):
+    """At-least-once events on one Redis Stream with a consumer group per consumer kind."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        stream: str = "callray:events",
+        maxlen: int = 100_000,
+        dead_letter_stream: str = "callray:events:dead",
+        max_deliveries: int = 5,
+        claim_idle_ms: int = 30_000,
+        *,
+        buffer_size: int = 10_000,
+        flush_batch: int = 500,
+        group_start_id: str = "0",
+        owns_client: bool = False,
+    ):
+        super().__init__(buffer_size, flush_batch)
+        if max_deliveries < 1 or claim_idle_ms < 1 or maxlen < 1:
+            raise ValueError(
+                f"max_deliveries ({max_deliveries}), claim_idle_ms ({claim_idle_ms}) and maxlen ({maxlen}) must be >= 1"
+            )
+        self.client, self.stream, self.maxlen = client, stream, maxlen
+        self.dead_letter_stream, self.max_deliveries, self.claim_idle_ms = dead_letter_stream, max_deliveries, claim_idle_ms
+        self.group_start_id, self._owns_client = group_start_id, owns_client
+        self._groups: set[str] = set()
+        self._pending_cursor: dict[tuple[str, str], str] = {}  # consumers still re-reading their own PEL
+        self._claim_cursor: dict[str, str] = {}
+        self._last_claim: dict[str, float] = {}
+        timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        self._max_block_ms = max(0, int(timeout * 1000) - 200) if timeout else None
+
+    @classmethod
+    async def connect(cls, url: str, *, setting: str = "REDIS_URL", **kwargs: Any) -> "RedisStreamBus":
+        """Open a pooled client for ``url`` and fail at start (naming ``setting``) if Redis is down."""
+        client = redis_client(url)
+        await check_redis(client, url, setting)
+        return cls(client, owns_client=True, **kwargs)
+
+    # -- producing -------------------------------------------------------------------------
+    def _fields(self, event: Event) -> dict[str, str]:
+        return {"type": event.type, "event": event.model_dump_json()}
+
+    async def _publish_many(self, events: list[Event]) -> None:
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for event in events:
+                    pipe.xadd(self.stream, self._fields(event), maxlen=self.maxlen, approximate=True)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"event stream {self.stream!r}: {exc}") from exc
+
+    async def publish(self, event: Event) -> str:
+        try:
+            entry_id = await self.client.xadd(self.stream, self._fields(event), maxlen=self.maxlen, approximate=True)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"event stream {self.stream!r}: {exc}") from exc
+        self._counts["published"] += 1
+        return _text(entry_id)
+
+    # -- consuming -------------------------------------------------------------------------
+    async def _ensure_group(self, group: str) -> None:
+        if group in self._groups:
+            return
+        try:
+            await self.client.xgroup_create(self.stream, group, id=self.group_start_id, mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add(group)
+
+    async def read(self, group: str, consumer: str, count: int = 100, block_ms: int = 1000) -> list[Delivery]:
+        try:
+            return await self._read(group, consumer, count, block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise StoreUnavailableError(f"event stream {self.stream!r}: {exc}") from exc
+            self._groups.discard(group)  # the stream or group vanished (e.g. Redis lost its data)
+            return []
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"event stream {self.stream!r}: {exc}") from exc
+
+    async def _read(self, group: str, consumer: str, count: int, block_ms: int) -> list[Delivery]:
+        await self._ensure_group(group)
+        key = (group, consumer)
+        cursor = self._pending_cursor.setdefault(key, "0")
+        if cursor != "":
+            reply = await self.client.xreadgroup(group, consumer, {self.stream: cursor}, count=count)
+            entries = reply[0][1] if reply else []
+            if entries:
+                self._pending_cursor[key] = _text(entries[-1][0])
+                return await self._deliver(group, consumer, entries, counted=False)
+            self._pending_cursor[key] = ""  # own pending list exhausted: normal operation from now on
+        claimed = await self._autoclaim(group, consumer, count)
+        if claimed:
+            return claimed
+        block = block_ms if self._max_block_ms is None else min(block_ms, self._max_block_ms)
+        reply = await self.client.xreadgroup(
+            group, consumer, {self.stream: ">"}, count=count, block=block if block > 0 else None
+        )
+        entries = reply[0][1] if reply else []
+        return await self._deliver(group, consumer, entries, counted=True)
+
+    async def _autoclaim(self, group: str, consumer: str, count: int) -> list[Delivery]:
+        """Take over entries idle longer than ``claim_idle_ms`` (dead consumers, failed handlers)."""
+        now = time.monotonic()
+        if now - self._last_claim.get(group, 0.0) < min(self.claim_idle_ms / 2000, 1.0):
+            return []
+        start = self._claim_cursor.get(group, "0-0")
+        reply = await self.client.xautoclaim(
+            self.stream, group, consumer, min_idle_time=self.claim_idle_ms, start_id=start, count=count
+        )
+        next_cursor, entries = _text(reply[0]), reply[1]
+        self._claim_cursor[group] = next_cursor
+        if next_cursor == "0-0":  # a full pass over the pending list: rest until the next interval
+            self._last_claim[group] = now
+        return await self._deliver(group, consumer, entries, counted=False)
+
+    async def _delivery_counts(self, group: str, consumer: str, ids: list[str]) -> list[int]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.xpending_range(self.stream, group, entry_id, entry_id, 1, consumername=consumer)
+            replies = await pipe.execute()
+        return [reply[0]["times_delivered"] if reply else 1 for reply in replies]
+
+    async def _deliver(self, group: str, consumer: str, entries: list, *, counted: bool) -> list[Delivery]:
+        """Decode entries; dead-letter poison and over-delivered ones; the rest become Deliveries."""
+        if not entries:
+            return []
+        ids = [_text(entry_id) for entry_id, _ in entries]
+        counts = [1] * len(ids) if counted else await self._delivery_counts(group, consumer, ids)
+        out: list[Delivery] = []
+        for entry_id, (_, fields), n in zip(ids, entries, counts):
+            raw = (fields or {}).get(b"event")
+            if n > self.max_deliveries:
+                await self._dead_letter(group, entry_id, raw, f"delivered {n} times (max_deliveries={self.max_deliveries})")
+                continue
+            if raw is None:
+                await self._dead_letter(group, entry_id, raw, "no 'event' field (entry trimmed or foreign)")
+                continue
+            try:
+                event = parse_event(raw)
+            except (ValidationError, ValueError) as exc:
+                await self._dead_letter(group, entry_id, raw, f"undecodable: {str(exc)[:300]}")
+                continue
+            out.append(Delivery(entry_id, event, n))
+        return out
+
+    async def _dead_letter(self, group: str, entry_id: str, raw: bytes | None, reason: str) -> None:
+        """Move one entry to the dead-letter stream and ack it, atomically."""
+        fields = {"event": raw or b"", "reason": reason, "original_id": entry_id, "group": group, "stream": self.stream}
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.dead_letter_stream, fields, maxlen=self.maxlen, approximate=True)
+            pipe.xack(self.stream, group, entry_id)
+            await pipe.execute()
+        self._counts["dead_lettered"] += 1
+        log.warning("event %s (group %s) dead-lettered to %s: %s", entry_id, group, self.dead_letter_stream, reason)
+
+    async def ack(self, group: str, ids: list[str]) -> int:
+        if not ids:
+            return 0
+        try:
+            return int(await self.client.xack(self.stream, group, *ids))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"event stream {self.stream!r}: {exc}") from exc
+
+    async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
+        """The oldest dead-lettered entries (for operators and tests)."""
+        rows = await self.client.xrange(self.dead_letter_stream, count=count)
+        return [{"id": _text(i), **{_text(k): _text(v) for k, v in f.items()}} for i, f in rows]
+
+    async def close(self) -> None:
+        await self._close_emitter()
+        if self._owns_client:
+            await self.client.aclose()
+
+
+@dataclass
+class _Pending:
+    consumer: str
+    deliveries: int
+    delivered_at: float
+
+
+@dataclass
+class _Group:
+    next_seq: int
+    pending: dict[int, _Pending]
+
+
+class MemoryBus(_BufferedEmitter):
+    """The same bus in process memory: a bounded log, groups with cursors and pending lists.
+
+    Unacked entries are redelivered after ``claim_idle_ms`` and dead-lettered after
+    ``max_deliveries``, like the Redis backend; everything is lost with the process.
+    """
+
+    def __init__(
+        self,
+        maxlen: int = 100_000,
+        max_deliveries: int = 5,
+        claim_idle_ms: int = 30_000,
+        *,
+        buffer_size: int = 10_000,
+        flush_batch: int = 500,
+    ):
+        super().__init__(buffer_size, flush_batch)
+        self.maxlen, self.max_deliveries, self.claim_idle_ms = maxlen, max_deliveries, claim_idle_ms
+        self._log: deque[Event] = deque()
+        self._first_seq = 0  # sequence number of _log[0]
+        self._groups: dict[str, _Group] = {}
+        self._reading: set[tuple[str, str]] = set()
+        self._new_entries: asyncio.Condition | None = None
+        self.dead: list[dict[str, Any]] = []
+
+    def _condition(self) -> asyncio.Condition:
+        if self._new_entries is None:
+            self._new_entries = asyncio.Condition()
+        return self._new_entries
+
+    async def _append(self, events: list[Event]) -> str:
+        for event in events:
+            self._log.append(event)
+        while len(self._log) > self.maxlen:
+            self._log.popleft()
+            self._first_seq += 1
+        cond = self._condition()
+        async with cond:
+            cond.notify_all()
+        return f"{self._first_seq + len(self._log) - 1}-0"
+
+    async def _publish_many(self, events: list[Event]) -> None:
+        await self._append(events)
+
+    async def publish(self, event: Event) -> str:
+        entry_id = await self._append([event])
+        self._counts["published"] += 1
+        return entry_id
+
+    def _entry(self, seq: int) -> Event | None:
+        index = seq - self._first_seq
+        return self._log[index] if 0 <= index < len(self._log) else None
+
+    async def read(self, group: str, consumer: str, count: int = 100, block_ms: int = 1000) -> list[Delivery]:
+        state = self._groups.setdefault(group, _Group(next_seq=self._first_seq, pending={}))
+        now = time.monotonic()
+        first_read = (group, consumer) not in self._reading
+        self._reading.add((group, consumer))
+        idle_s = self.claim_idle_ms / 1000
+        again = [
+            seq for seq, p in sorted(state.pending.items())
+            if (first_read and p.consumer == consumer) or now - p.delivered_at >= idle_s
+        ][:count]
+        out = self._redeliver(group, state, consumer, again, now)
+        if out or again:
+            return out
+        if state.next_seq >= self._first_seq + len(self._log) and block_ms > 0:
+            cond = self._condition()
+            async with cond:
+                try:
+                    await asyncio.wait_for(cond.wait(), block_ms / 1000)
+                except asyncio.TimeoutError:
+                    pass
+        state.next_seq = max(state.next_seq, self._first_seq)  # entries trimmed before being read are lost
+        while state.next_seq < self._first_seq + len(self._log) and len(out) < count:
+            seq = state.next_seq
+            state.next_seq += 1
+            state.pending[seq] = _Pending(consumer, 1, time.monotonic())
+            out.append(Delivery(f"{seq}-0", self._log[seq - self._first_seq], 1))
+        return out
+
+    def _redeliver(self, group: str, state: _Group, consumer: str, seqs: list[int], now: float) -> list[Delivery]:
+        out = []
+        for seq in seqs:
+            pending = state.pending[seq]
+            event = self._entry(seq)
+            pending.consumer, pending.deliveries, pending.delivered_at = consumer, pending.deliveries + 1, now
+            if event is None or pending.deliveries > self.max_deliveries:
+                del state.pending[seq]
+                reason = "entry trimmed" if event is None else f"delivered {pending.deliveries} times"
+                self.dead.append({"original_id": f"{seq}-0", "group": group, "reason": reason, "event": event})
+                self._counts["dead_lettered"] += 1
+                continue
+            out.append(Delivery(f"{seq}-0", event, pending.deliveries))
+        return out
+
+    async def ack(self, group: str, ids: list[str]) -> int:
+        state = self._groups.get(group)
+        if state is None:
+            return 0
+        return sum(state.pending.pop(int(i.split("-")[0]), None) is not None for i in ids)
+
+    async def close(self) -> None:
+        await self._close_emitter()
+
+
+Handler = Callable[[Event], Awaitable[Any]]
+
+
+async def consume(
+    bus: EventBus,
+    group: str,
+    consumer: str,
+    handler: Handler,
+    *,
+    stop: asyncio.Event,
+    batch: int = 100,
+    block_ms: int = 1000,
+    error_backoff_s: float = 0.5,
+) -> None:
+    """Read, handle and ack until ``stop`` is set. A handler that raises leaves its entry
+    unacked: it is redelivered after ``claim_idle_ms`` and dead-lettered after
+    ``max_deliveries``. Handlers must be idempotent on (call_id, seq)."""
+    while not stop.is_set():
+        try:
+            deliveries = await bus.read(group, consumer, batch, block_ms)
+        except Exception as exc:
+            log.warning("consumer %s/%s: read failed (%r); retrying", group, consumer, exc)
+            try:
+                await asyncio.wait_for(stop.wait(), error_backoff_s)
+            except asyncio.TimeoutError:
+                pass
+            continue
+        done: list[str] = []
+        for delivery in deliveries:
+            try:
+                await handler(delivery.event)
+                done.append(delivery.id)
+            except Exception:
+                log.exception(
+                    "consumer %s/%s: handler failed on %s (%s, delivery %d)",
+                    group, consumer, delivery.id, delivery.event.type, delivery.deliveries,
+                )
+        if done:
+            try:
+                await bus.ack(group, done)
+            except Exception as exc:  # unacked entries come back; handlers are idempotent
+                log.warning("consumer %s/%s: ack of %d entries failed: %r", group, consumer, len(done), exc)

@@ -1,0 +1,238 @@
+"""The ``callray`` command line.
+
+    callray call URL [--say FILE] [--say-line TEXT ...] [--call-id ID]   talk to a server
+    callray sim URL --calls N --turns T [...]                            load + conformance test
+    callray fake-llm ...                                                 OpenAI-compatible fake LLM
+
+URL is the LLM WebSocket base, e.g. ``ws://127.0.0.1:8000/llm-websocket``; the call id is
+appended as Retell does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from callray.sim.interactive import CallEvent, place_call
+from callray.sim.report import METRICS, SimResult
+from callray.sim.simulator import VIOLATION_KINDS, WARNING_KINDS, SimConfig, run_simulation
+
+# ---------------------------------------------------------------------------------- call
+
+
+def _add_call(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("call", help="place one call and show both sides",
+                       description="Place one call as Retell would and print the conversation as it streams. "
+                                   "Caller lines come from --say/--say-line, else from a prompt.")
+    p.add_argument("url", help="LLM WebSocket base URL, e.g. ws://127.0.0.1:8000/llm-websocket")
+    p.add_argument("--say", type=Path, metavar="FILE", help="caller lines, one per line")
+    p.add_argument("--say-line", action="append", default=[], metavar="TEXT", help="a caller line (repeatable)")
+    p.add_argument("--call-id", help="call id to use (default: random)")
+    p.add_argument("--turn-timeout-s", type=float, default=30.0, help="seconds to wait for each answer")
+    p.set_defaults(handler=_cmd_call)
+
+
+def _cmd_call(args: argparse.Namespace) -> int:
+    console = Console()
+    scripted: list[str] = []
+    if args.say:
+        try:
+            scripted += [line.strip() for line in args.say.read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            console.print(f"[red]cannot read --say file {args.say}: {exc}[/]")
+            return 2
+    scripted += args.say_line
+    interactive = not scripted
+    lines = iter(scripted)
+
+    async def next_line() -> str | None:
+        if not interactive:
+            return next(lines, None)
+        try:
+            return await asyncio.to_thread(console.input, "[bold green]you>[/] ")
+        except (EOFError, KeyboardInterrupt):
+            return None
+
+    def show(event: CallEvent) -> None:
+        if event.kind == "caller" and not interactive:
+            console.print(f"[bold green]caller>[/] {event.text}", highlight=False)
+        elif event.kind == "agent_start":
+            console.print("[bold cyan]agent>[/] ", end="")
+        elif event.kind == "agent_chunk":
+            console.print(event.text, end="", markup=False, highlight=False)
+        elif event.kind == "agent_end":
+            if event.text:
+                console.print()
+            console.print(f"[dim]  (#{event.response_id}: first sentence {event.first_sentence_ms} ms, "
+                          f"complete {event.complete_ms} ms)[/]")
+        elif event.kind == "action":
+            console.print(f"[magenta]  {event.text}[/]", markup=True, highlight=False)
+        elif event.kind == "issue":
+            console.print(f"[bold red]! {event.text}[/]", highlight=False)
+        elif event.kind == "info":
+            console.print(f"[dim]{event.text}[/]", highlight=False)
+
+    outcome = asyncio.run(place_call(args.url, next_line, show, call_id=args.call_id,
+                                     turn_timeout_s=args.turn_timeout_s))
+    return 0 if outcome.ok else 1
+
+
+# ---------------------------------------------------------------------------------- sim
+
+
+def _option_type(annotation: Any) -> type:
+    """int for ``int``, ``int | None`` and friends."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def _add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], skip: set[str]) -> None:
+    """One --flag per config field, help text from the field's description, so they never drift."""
+    for name, f in model.model_fields.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        typ = _option_type(f.annotation)
+        help_text = f.description or ""
+        if "default" not in help_text:
+            help_text += f" (default: {f.get_default(call_default_factory=True)})"
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=typ, default=None, help=help_text, metavar=typ.__name__.upper())
+
+
+def _add_sim(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sim", help="simulate many Retell calls: latency percentiles and protocol violations",
+                       description="Play Retell's side for many concurrent calls and judge the server by the wire "
+                                   "protocol. Exits 1 on any protocol violation or dropped call.")
+    p.add_argument("url", help="LLM WebSocket base URL, e.g. ws://127.0.0.1:8000/llm-websocket")
+    _add_model_options(p, SimConfig, skip={"url", "caller_lines"})
+    p.add_argument("--lines", type=Path, metavar="FILE", help="caller lines, one per line; '{name}' is replaced "
+                                                               "by the call's unique caller name")
+    p.add_argument("--json", type=Path, metavar="OUT", help="write the summary and every sample as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_sim)
+
+
+def _sim_config(args: argparse.Namespace) -> SimConfig:
+    values = {k: v for k, v in vars(args).items() if k in SimConfig.model_fields and v is not None}
+    if args.lines:
+        values["caller_lines"] = [line for line in args.lines.read_text().splitlines() if line.strip()]
+    return SimConfig(**values)
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    console = Console()
+    try:
+        config = _sim_config(args)
+    except (ValidationError, OSError) as exc:
+        console.print(f"[red]bad simulation settings:[/] {exc}")
+        return 2
+    if args.quiet:
+        result = asyncio.run(run_simulation(config))
+    else:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            calls = bar.add_task("calls", total=config.calls)
+            turns = bar.add_task("turns", total=config.calls * config.turns)
+
+            def progress(calls_done: int, turns_done: int) -> None:
+                bar.update(calls, completed=calls_done)
+                bar.update(turns, completed=turns_done)
+
+            result = asyncio.run(run_simulation(config, progress))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(result.to_json())
+    print_result(result, console)
+    if args.json:
+        console.print(f"[dim]samples written to {args.json}[/]")
+    return 0 if result.ok else 1
+
+
+def print_result(result: SimResult, console: Console) -> None:
+    """Latency percentiles, counts, violations, drops and notes as rich tables."""
+    s = result.summary()
+    latency = Table(title=f"callray sim: {s['counts']['calls']} calls, {s['duration_s']} s, "
+                          f"{s['turns_per_s']} turns/s", title_justify="left")
+    for col in ("metric (ms)", "n", "p50", "p90", "p99", "max"):
+        latency.add_column(col, justify="left" if col.startswith("metric") else "right")
+    for metric in METRICS:
+        st = s["latency_ms"][metric]
+        latency.add_row(metric, str(st["n"]), *("-" if st[k] is None else f"{st[k]:.1f}"
+                                                for k in ("p50", "p90", "p99", "max")))
+    console.print(latency)
+    console.print("  ".join(f"{k}={v}" for k, v in s["counts"].items()), style="dim", highlight=False)
+    issues = Table(title="protocol", title_justify="left")
+    for col in ("kind", "count", "meaning", "example"):
+        issues.add_column(col)
+    for kind, n in s["violations"].items():
+        issues.add_row(f"[red]{kind}[/]", str(n), VIOLATION_KINDS.get(kind, ""), (s["examples"].get(kind) or [""])[0])
+    for kind, n in s["warnings"].items():
+        issues.add_row(f"[yellow]{kind}[/]", str(n), WARNING_KINDS.get(kind, ""), (s["examples"].get(kind) or [""])[0])
+    for reason, n in s["dropped"].items():
+        issues.add_row(f"[red]dropped: {reason}[/]", str(n), "call ended by the socket, not by the caller", "")
+    if issues.row_count:
+        console.print(issues)
+    lag = s["loop_lag_ms"]
+    console.print(f"simulator loop lag p50 {lag['p50']} ms, p99 {lag['p99']} ms", style="dim")
+    for note in s["notes"]:
+        console.print(f"[yellow]note: {note}[/]")
+    console.print("[bold green]OK: no violations, no dropped calls[/]" if s["ok"]
+                  else "[bold red]FAILED: protocol violations or dropped calls[/]")
+
+
+# ---------------------------------------------------------------------------------- fake-llm
+
+
+def _add_fake_llm(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser("fake-llm", add_help=False, help="run the OpenAI-compatible fake LLM (see callray fake-llm --help)")
+
+
+def _cmd_fake_llm(argv: list[str]) -> int:
+    from callray.sim.fake_llm import main as fake_llm_main  # lazy: its own dependencies
+
+    return fake_llm_main(argv) or 0
+
+
+# ---------------------------------------------------------------------------------- entry
+
+#: Subcommand registrars, in help order. `callray bench` and `callray check CONFIG` are
+#: registered here by the lead (each: add a parser with set_defaults(handler=...)).
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_call, _add_sim, _add_fake_llm]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="callray", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in COMMANDS:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "fake-llm":  # its options belong to fake_llm.main, not to this parser
+        return _cmd_fake_llm(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Escalation: watch each call's turns and hand the caller to a human when a rule fires.
+
+On a hit the consumer (1) claims the call's one escalation (``SET NX`` in Redis when a
+client is given, so duplicates, restarts and several consumers cannot escalate twice),
+(2) sends a transfer command to the live call through an injected callable, and (3) POSTs a
+signed JSON notification. If the command fails the claim is released and the error raised,
+so the bus redelivers the turn and the escalation is retried; a failed notification is only
+logged (the caller has already been transferred).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import httpx
+import redis.asyncio as aioredis
+from pydantic import BaseModel, Field
+
+from callray.agents.base import normalise
+from callray.consumers import SeenEvents
+from callray.events import CallEnded, CallTurn, EscalationPerformed, EscalationRequested, Event
+from callray.webhook import sign
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Callray-Signature"
+# Fixed seqs for the (at most one) escalation of a call, clear of the call's own counter and
+# of the webhook range, so re-emitted escalation events dedupe downstream.
+ESCALATION_SEQ_BASE = 2_000_000_000_000
+_IGNORED_CALLER_TEXT = {"", "unintelligible audio"}
+
+Command = Callable[[str, dict[str, Any]], Awaitable[Any]]
+Emit = Callable[[Event], None]
+
+
+class EscalationConfigError(ValueError):
+    """The escalation rules cannot work as configured (names the field)."""
+
+
+class EscalationRules(BaseModel):
+    """When to hand a caller to a human, and how."""
+
+    human_phrases: list[str] = Field(
+        default_factory=lambda: [
+            "speak to a human", "talk to a human", "speak to a person", "talk to a person", "real person",
+            "human being", "speak to someone", "talk to someone", "speak to an agent", "representative", "operator",
+        ],
+        description="Caller phrases asking for a human (matched on normalised text at word boundaries).",
+    )
+    max_fallback_turns: int = Field(
+        default=2, ge=0,
+        description="Escalate after this many fallback turns in a row (the agent failed to answer); 0 disables.",
+    )
+    negative_phrases: list[str] = Field(
+        default_factory=lambda: ["this is useless", "not helping", "you're useless", "ridiculous", "so frustrated",
+                                 "waste of time"],
+        description="Caller phrases showing frustration (normalised, word boundaries).",
+    )
+    repeated_question: int = Field(
+        default=3, ge=0,
+        description="Escalate when the caller says the same (normalised) thing this many times; 0 disables.",
+    )
+    keywords: list[str] = Field(
+        default_factory=list,
+        description="Words or phrases that always escalate, e.g. 'lawyer', 'emergency' (normalised, word boundaries).",
+    )
+    transfer_number: str | None = Field(
+        default=None,
+        description="E.164 number to transfer the call to; without it only the notification is sent.",
+    )
+    handoff_line: str = Field(
+        default="Let me connect you with a colleague who can help.",
+        description="What the agent says before the transfer.",
+    )
+    notify_url: str | None = Field(default=None, description="Optional URL that receives a signed JSON POST per escalation.")
+    notify_secret_env: str | None = Field(
+        default="CALLRAY_ESCALATION_SECRET",
+        description="Environment variable holding the HMAC secret for X-Callray-Signature; None sends unsigned.",
+    )
+    notify_timeout_s: float = Field(default=5.0, gt=0, description="Timeout of the notification POST.")
+    caller_lines: int = Field(default=5, ge=0, description="How many recent caller lines the notification carries.")
+    claim_ttl_s: int = Field(default=7 * 86_400, gt=0, description="Lifetime of the Redis once-per-call marker.")
+
+
+def _phrase_hit(text: str, phrases: list[str]) -> str | None:
+    padded = f" {text} "
+    for phrase in phrases:
+        norm = normalise(phrase)
+        if norm and f" {norm} " in padded:
+            return phrase
+    return None
+
+
+@dataclass
+class _CallWatch:
+    caller_lines: deque[str]
+    fallback_streak: int = 0
+    repeats: Counter[str] = field(default_factory=Counter)
+
+
+class Escalation:
+    """Consumer of ``call.turn`` events; at most one escalation per call."""
+
+    def __init__(
+        self,
+        rules: EscalationRules,
+        command: Command | None = None,
+        *,
+        emit: Emit | None = None,
+        redis: aioredis.Redis | None = None,
+        http: httpx.AsyncClient | None = None,
+        max_calls: int = 10_000,
+    ):
+        self.rules, self.command, self.emit, self.redis = rules, command, emit, redis
+        self._secret: str | None = None
+        if rules.notify_url and rules.notify_secret_env:
+            self._secret = os.environ.get(rules.notify_secret_env)
+            if not self._secret:
+                raise EscalationConfigError(
+                    f"escalation.notify_secret_env: environment variable {rules.notify_secret_env!r} is not set "
+                    f"(needed to sign notifications to {rules.notify_url!r}; set notify_secret_env: null to send unsigned)"
+                )
+        self._http, self._owns_http = http, http is None
+        self.max_calls = max_calls
+        self._seen = SeenEvents(max_calls=max_calls)
+        self._calls: OrderedDict[str, _CallWatch] = OrderedDict()
+        self._escalated: OrderedDict[str, None] = OrderedDict()
+        self.counts: Counter[str] = Counter()
+
+    def _watch(self, call_id: str) -> _CallWatch:
+        watch = self._calls.get(call_id)
+        if watch is None:
+            watch = self._calls[call_id] = _CallWatch(deque(maxlen=max(1, self.rules.caller_lines)))
+            while len(self._calls) > self.max_calls:
+                self._calls.popitem(last=False)
+        self._calls.move_to_end(call_id)
+        return watch
+
+    async def handle(self, event: Event) -> None:
+        if self._seen.seen(event):
+            return
+        if isinstance(event, CallEnded):
+            self._calls.pop(event.call_id, None)
+            self._seen.finalise(event.call_id)
+            return
+        if isinstance(event, CallTurn) and event.call_id not in self._escalated:
+            watch = self._watch(event.call_id)
+            hit = self._evaluate(watch, event)
+            if hit is not None:
+                await self._escalate(event, watch, *hit)
+        self._seen.mark(event)
+
+    def _evaluate(self, watch: _CallWatch, turn: CallTurn) -> tuple[str, str] | None:
+        """Update the call's counters with this turn; (rule, reason) of the first rule that fires."""
+        rules = self.rules
+        text = normalise(turn.caller_text)
+        if turn.caller_text:
+            watch.caller_lines.append(turn.caller_text)
+        watch.fallback_streak = watch.fallback_streak + 1 if turn.fallback else 0
+        if turn.kind == "response" and text not in _IGNORED_CALLER_TEXT:
+            watch.repeats[text] += 1
+        if (phrase := _phrase_hit(text, rules.human_phrases)) is not None:
+            return "human_phrases", f"caller asked for a human ({phrase!r})"
+        if (phrase := _phrase_hit(text, rules.keywords)) is not None:
+            return "keywords", f"keyword {phrase!r}"
+        if (phrase := _phrase_hit(text, rules.negative_phrases)) is not None:
+            return "negative_phrases", f"caller frustrated ({phrase!r})"
+        if rules.max_fallback_turns and watch.fallback_streak >= rules.max_fallback_turns:
+            return "max_fallback_turns", f"{watch.fallback_streak} fallback turns in a row"
+        if rules.repeated_question and text in watch.repeats and watch.repeats[text] >= rules.repeated_question:
+            return "repeated_question", f"caller said {turn.caller_text!r} {watch.repeats[text]} times"
+        return None
+
+    async def _claim(self, call_id: str) -> bool:
+        if self.redis is not None:
+            key = f"callray:escalated:{call_id}"
+            if not await self.redis.set(key, b"1", nx=True, ex=self.rules.claim_ttl_s):
+                return False
+        self._escalated[call_id] = None
+        while len(self._escalated) > self.max_calls:
+            self._escalated.popitem(last=False)
+        return True
+
+    async def _release(self, call_id: str) -> None:
+        self._escalated.pop(call_id, None)
+        if self.redis is not None:
+            await self.redis.delete(f"callray:escalated:{call_id}")
+
+    async def _escalate(self, turn: CallTurn, watch: _CallWatch, rule: str, reason: str) -> None:
+        if not await self._claim(turn.call_id):
+            self._escalated[turn.call_id] = None  # another consumer (or a previous life) did it
+            return
+        self._emit(EscalationRequested(call_id=turn.call_id, seq=ESCALATION_SEQ_BASE, agent=turn.agent, rule=rule,
+                                       reason=reason))
+        number = self.rules.transfer_number
+        if number and self.command is not None:
+            try:
+                await self.command(turn.call_id, {"type": "transfer", "number": number,
+                                                  "line": self.rules.handoff_line, "rule": rule})
+            except Exception:
+                await self._release(turn.call_id)
+                self.counts["command_failed"] += 1
+                raise
+        self.counts["escalated"] += 1
+        self.counts[f"rule:{rule}"] += 1
+        await self._notify(turn, watch, rule, reason)
+        self._emit(EscalationPerformed(call_id=turn.call_id, seq=ESCALATION_SEQ_BASE + 1, agent=turn.agent, rule=rule,
+                                       transfer_number=number or ""))
+
+    def _emit(self, event: Event) -> None:
+        if self.emit is not None:
+            self.emit(event)
+
+    async def _notify(self, turn: CallTurn, watch: _CallWatch, rule: str, reason: str) -> None:
+        if not self.rules.notify_url:
+            return
+        summary = {
+            "call_id": turn.call_id,
+            "agent": turn.agent,
+            "rule": rule,
+            "reason": reason,
+            "response_id": turn.response_id,
+            "transfer_number": self.rules.transfer_number,
+            "caller_lines": list(watch.caller_lines)[-self.rules.caller_lines:] if self.rules.caller_lines else [],
+            "ts": time.time(),
+        }
+        body = json.dumps(summary, ensure_ascii=False).encode()
+        headers = {"Content-Type": "application/json"}
+        if self._secret:
+            headers[SIGNATURE_HEADER] = sign(body, self._secret)
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=self.rules.notify_timeout_s)
+        try:
+            response = await self._http.post(self.rules.notify_url, content=body, headers=headers)
+            response.raise_for_status()
+            self.counts["notified"] += 1
+        except httpx.HTTPError as exc:
+            self.counts["notify_failed"] += 1
+            log.warning("escalation of call %s: notification to %s failed: %r", turn.call_id, self.rules.notify_url, exc)
+
+    async def close(self) -> None:
+        if self._http is not None and self._owns_http:
+            await self._http.aclose()
+        self._http = None

@@ -1,0 +1,490 @@
+"""One call's conversation: the state machine between Retell's requests and an agent.
+
+A ``Conversation`` owns a call's ``CallState`` and at most one running generation. Its
+contract with Retell (protocol §1):
+
+* response 0 (the greeting) is spoken once per call; a reconnect gets an empty, complete
+  response 0 instead;
+* a newer ``response_required``/``reminder_required`` cancels the running generation, and
+  only the latest id is answered;
+* every request that is not superseded ends with exactly one ``content_complete: true``, on
+  every exit path: success, agent error, agent timeout (then the fallback line is spoken);
+* if no speech is ready within the latency budget, a holding phrase goes out under the same id;
+* actions (end call > transfer > digit) ride on the completing frame, at most one per id.
+
+It knows nothing about Ray or sockets: frames go to the attached :class:`Outbox`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from callray import events as ev
+from callray.agents.base import Agent, EndCall, PressDigit, Speech, ToolCall, ToolResult, Transfer, Turn
+from callray.protocol import (
+    AgentInterruptFrame,
+    CallDetails,
+    InboundEvent,
+    ReminderRequired,
+    ResponseFrame,
+    ResponseRequired,
+    ToolCallInvocationFrame,
+    ToolCallResultFrame,
+    UpdateOnly,
+)
+from callray.settings import TurnSettings
+from callray.stores.base import CallState, EventSink, ResponseCache, StaleStateError, StateStore, TurnRecord
+
+log = logging.getLogger("callray.conversation")
+
+_SENTENCE_END = (".", "!", "?")
+
+
+class Outbox:
+    """The outbound frames of one socket, in order, as batches for the gateway's writer.
+
+    Closed when its socket detaches or a newer socket of the same call attaches (the newest
+    socket wins), which ends the gateway's stream for it.
+    """
+
+    def __init__(self, connection_id: str):
+        self.connection_id = connection_id
+        self.close_reason: str | None = None
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    @property
+    def closed(self) -> bool:
+        return self.close_reason is not None
+
+    def put(self, frame: str) -> None:
+        if not self.closed:
+            self._queue.put_nowait(frame)
+
+    def close(self, reason: str) -> None:
+        if not self.closed:
+            self.close_reason = reason
+            self._queue.put_nowait(None)
+
+    async def batches(self) -> AsyncIterator[list[str]]:
+        """Everything queued so far per iteration: fewer hops to the gateway under load."""
+        while True:
+            first = await self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while not self._queue.empty():
+                frame = self._queue.get_nowait()
+                if frame is None:
+                    yield batch
+                    return
+                batch.append(frame)
+            yield batch
+
+
+@dataclass
+class _Request:
+    """One request being answered, with the measurements that become a ``call.turn`` event."""
+
+    response_id: int
+    kind: str
+    turn: Turn
+    connection_id: str | None
+    started: float = field(default_factory=time.perf_counter)
+    text: list[str] = field(default_factory=list)
+    first_chunk_ms: float | None = None
+    first_sentence_ms: float | None = None
+    tools: list[str] = field(default_factory=list)
+    action: EndCall | Transfer | PressDigit | None = None
+    cache_key: str | None = None
+    cache_hit: bool = False
+    budget_miss: bool = False
+    fallback: bool = False
+    last_no_interrupt: bool = False
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class _AgentFailed:
+    error: BaseException
+
+
+_ACTION_RANK = {EndCall: 3, Transfer: 2, PressDigit: 1}
+
+
+class Conversation:
+    """The state machine of one call (see the module docstring for the contract)."""
+
+    def __init__(
+        self,
+        state: CallState,
+        agent: Agent,
+        *,
+        store: StateStore,
+        settings: TurnSettings,
+        cache: ResponseCache | None = None,
+        events: EventSink | None = None,
+        route_agent: Callable[[dict[str, Any]], Agent | None] | None = None,
+    ):
+        self.state = state
+        self.agent = agent
+        self.state.agent = agent.name
+        self.store, self.settings, self.cache, self.events = store, settings, cache, events
+        self._route_agent = route_agent
+        self.outbox: Outbox | None = None
+        self.last_activity = time.monotonic()
+        self._generation: asyncio.Task | None = None
+        self._request: _Request | None = None
+        self._completed: tuple[str | None, int] | None = None  # (connection, id) last completed
+        self._save_lock = asyncio.Lock()
+        self._background: set[asyncio.Task] = set()
+        self.latest_transcript: list[dict[str, Any]] = []
+        self.turntaking: str | None = None
+
+    @property
+    def call_id(self) -> str:
+        return self.state.call_id
+
+    # ------------------------------------------------------------------ connections
+
+    async def attach(self, connection_id: str, *, resume: bool = False) -> Outbox:
+        """Bind a socket's outbound stream; the newest socket wins.
+
+        ``resume`` re-binds the *same* socket after its host restarted: nothing is re-sent.
+        Otherwise this is a new socket: the greeting once per call, else an empty response 0.
+        """
+        self.last_activity = time.monotonic()
+        if self.outbox is not None:
+            self.outbox.close(f"superseded by connection {connection_id}")
+            self._cancel_generation()
+        self.outbox = Outbox(connection_id)
+        if resume:  # the socket heard response 0 before its host restarted
+            self.state.greeted = True
+            return self.outbox
+        reconnect = self.state.greeted
+        if reconnect:
+            self._send(ResponseFrame(response_id=0, content="", content_complete=True))
+        else:
+            greeting = self.agent.begin_message(self.state.agent_state, self.state.call)
+            self._send(ResponseFrame(response_id=0, content=greeting, content_complete=True))
+            self.state.greeted = True
+        self._emit(ev.CallStarted, reconnect=reconnect)
+        self._spawn(self.checkpoint())
+        return self.outbox
+
+    def detach(self, connection_id: str) -> bool:
+        """The socket went away. The call lives on (Retell may reconnect). True if it was current."""
+        if self.outbox is None or self.outbox.connection_id != connection_id:
+            return False
+        self.outbox.close("socket closed")
+        self.outbox = None
+        self._cancel_generation()
+        self.last_activity = time.monotonic()
+        return True
+
+    @property
+    def connected(self) -> bool:
+        return self.outbox is not None
+
+    # ------------------------------------------------------------------ inbound events
+
+    def handle(self, event: InboundEvent) -> None:
+        """Apply one event from Retell. Never blocks: generations run as a tracked task."""
+        self.last_activity = time.monotonic()
+        if isinstance(event, (ResponseRequired, ReminderRequired)):
+            self._on_request(event)
+        elif isinstance(event, UpdateOnly):
+            self.latest_transcript = [u.model_dump() for u in event.transcript]
+            self.turntaking = event.turntaking or self.turntaking
+        elif isinstance(event, CallDetails):
+            self._on_call_details(event.call)
+        # ping_pong is answered by the gateway; unknown interaction types are ignored.
+
+    def _on_call_details(self, call: dict[str, Any]) -> None:
+        self.state.call = {**self.state.call, **call}
+        if self._route_agent is not None and not self.state.turns and self._generation is None:
+            routed = self._route_agent(self.state.call)
+            if routed is not None and routed.name != self.agent.name:
+                log.info("call %s routed to agent %s by agent_id", self.call_id, routed.name, extra={"call_id": self.call_id})
+                self.agent, self.state.agent = routed, routed.name
+        self._spawn(self.checkpoint())
+
+    def _on_request(self, req: ResponseRequired | ReminderRequired) -> None:
+        rid = req.response_id
+        connection = self.outbox.connection_id if self.outbox else None
+        running = self._request.response_id if self._request else None
+        if rid < self.state.latest_response_id or rid == running or self._completed == (connection, rid):
+            log.debug("call %s: ignoring stale or repeated request %d", self.call_id, rid, extra={"call_id": self.call_id})
+            return
+        if self._request is not None:
+            self._emit(ev.CallSuperseded, response_id=self._request.response_id, by_response_id=rid)
+        self._cancel_generation()
+        self.state.latest_response_id = rid
+        kind = "reminder" if isinstance(req, ReminderRequired) else "response"
+        turn = Turn(
+            call_id=self.call_id,
+            kind=kind,
+            transcript=[u.model_dump() for u in req.transcript],
+            state=copy.deepcopy(self.state.agent_state),
+            call=self.state.call,
+            tool_results=self.state.tool_results,
+        )
+        self._request = request = _Request(rid, kind, turn, connection)
+        self._generation = asyncio.create_task(self._answer(request), name=f"answer-{self.call_id}-{rid}")
+
+    def _cancel_generation(self) -> None:
+        if self._generation is not None and not self._generation.done():
+            self._generation.cancel()
+        self._generation, self._request = None, None
+
+    # ------------------------------------------------------------------ answering
+
+    async def _answer(self, request: _Request) -> None:
+        """Stream one answer; complete it exactly once whatever happens (unless cancelled)."""
+        held: Speech | None = None
+        try:
+            held = await self._stream(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the agent failed or timed out: speak the fallback, complete
+            log.warning("call %s response %d: agent %s failed: %r", self.call_id, request.response_id,
+                        self.agent.name, exc, extra={"call_id": self.call_id})
+            request.fallback, request.action, held = True, None, Speech(self.agent.fallback_line)
+        self._complete(request, held)
+        await self._finish_turn(request)
+
+    async def _stream(self, request: _Request) -> Speech | None:
+        """Send the answer's frames; return the last phrase, held back to carry completion."""
+        cached = await self._cached_answer(request)
+        if cached is not None:
+            request.cache_hit = True
+            for phrase in cached[:-1]:
+                self._speak(request, Speech(phrase))
+            return Speech(cached[-1])
+        queue: asyncio.Queue = asyncio.Queue()
+        pump = asyncio.create_task(self._pump(request.turn, queue))
+        held: Speech | None = None
+        try:
+            while True:
+                item = queue.get_nowait() if not queue.empty() else await self._next_output(request, queue)
+                if item is _END:
+                    return held
+                if isinstance(item, _AgentFailed):
+                    if held is not None:
+                        self._speak(request, held)
+                    raise item.error
+                if isinstance(item, Speech):
+                    if held is not None:
+                        self._speak(request, held)
+                        held = None
+                    if queue.empty():  # nothing known after it: say it now, never delay
+                        self._speak(request, item)
+                    else:
+                        held = item
+                    continue
+                if held is not None:
+                    self._speak(request, held)
+                    held = None
+                self._apply_output(request, item)
+        finally:
+            pump.cancel()
+
+    async def _next_output(self, request: _Request, queue: asyncio.Queue) -> Any:
+        """Wait for the agent; on a missed budget say a holding phrase; on timeout raise."""
+        while True:
+            elapsed = request.elapsed_ms() / 1000
+            total_left = self.settings.agent_timeout_s - elapsed
+            if total_left <= 0:
+                raise TimeoutError(f"agent gave no complete answer within {self.settings.agent_timeout_s} s")
+            budget_left = self.settings.latency_budget_ms / 1000 - elapsed
+            waiting_for_first = request.first_chunk_ms is None and not request.budget_miss
+            timeout = min(total_left, budget_left) if waiting_for_first else total_left
+            try:
+                return await asyncio.wait_for(queue.get(), max(timeout, 0))
+            except TimeoutError:
+                if waiting_for_first and budget_left <= total_left:
+                    request.budget_miss = True
+                    phrases = self.settings.holding_phrases
+                    self._speak(request, Speech(phrases[len(self.state.turns) % len(phrases)]))
+
+    async def _pump(self, turn: Turn, queue: asyncio.Queue) -> None:
+        """Run the agent into a queue so budget and timeout can be watched while it works."""
+        try:
+            async for item in self.agent.respond(turn):
+                queue.put_nowait(item)
+            queue.put_nowait(_END)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            queue.put_nowait(_AgentFailed(exc))
+
+    def _apply_output(self, request: _Request, item: Any) -> None:
+        if isinstance(item, ToolCall):
+            request.tools.append(item.name)
+            self._send(ToolCallInvocationFrame(tool_call_id=item.tool_call_id, name=item.name, arguments=item.arguments))
+        elif isinstance(item, ToolResult):
+            self._send(ToolCallResultFrame(tool_call_id=item.tool_call_id, content=item.content, successful=item.successful))
+        elif isinstance(item, (EndCall, Transfer, PressDigit)):
+            current = _ACTION_RANK[type(request.action)] if request.action else 0
+            if _ACTION_RANK[type(item)] > current:
+                request.action = item
+        else:
+            log.warning("call %s: agent %s yielded unknown output %r", self.call_id, self.agent.name, item,
+                        extra={"call_id": self.call_id})
+
+    def _speak(self, request: _Request, speech: Speech, *, complete: bool = False) -> None:
+        text = speech.text
+        if request.text and text and not text[0].isspace() and not request.text[-1][-1:].isspace():
+            text = " " + text
+        if text:
+            request.text.append(text)
+            if request.first_chunk_ms is None:
+                request.first_chunk_ms = request.elapsed_ms()
+            if request.first_sentence_ms is None and text.rstrip().endswith(_SENTENCE_END):
+                request.first_sentence_ms = request.elapsed_ms()
+        request.last_no_interrupt = speech.no_interruption_allowed
+        frame = ResponseFrame(
+            response_id=request.response_id,
+            content=text,
+            content_complete=complete,
+            no_interruption_allowed=True if speech.no_interruption_allowed else None,
+        )
+        if complete:
+            self._decorate_with_action(frame, request.action)
+        self._send(frame)
+
+    @staticmethod
+    def _decorate_with_action(frame: ResponseFrame | AgentInterruptFrame, action: Any) -> None:
+        if isinstance(action, EndCall):
+            frame.end_call = True
+        elif isinstance(action, Transfer):
+            frame.transfer_number = action.number
+        elif isinstance(action, PressDigit):
+            frame.digit_to_press = action.digit
+
+    def _complete(self, request: _Request, held: Speech | None) -> None:
+        if held is None:
+            held = Speech("", no_interruption_allowed=request.last_no_interrupt)
+        self._speak(request, held, complete=True)
+        if request.first_sentence_ms is None:
+            request.first_sentence_ms = request.elapsed_ms()
+        self._completed = (request.connection_id, request.response_id)
+        self._generation, self._request = None, None
+
+    async def _cached_answer(self, request: _Request) -> list[str] | None:
+        if self.cache is None or request.kind != "response":
+            return None
+        key = self.agent.cache_key(request.turn)
+        if key is None:
+            return None
+        request.cache_key = key
+        phrases = await self.cache.get(self.agent.name, self.agent.version, key)
+        return phrases or None
+
+    async def _finish_turn(self, request: _Request) -> None:
+        """After completion: history, agent state, action, checkpoint, event, cache fill."""
+        turn = request.turn
+        state_changed = turn.state != self.state.agent_state
+        self.state.agent_state = turn.state
+        agent_text = "".join(request.text).strip()
+        self.state.turns.append(TurnRecord(response_id=request.response_id, kind=request.kind,
+                                           user=turn.last_user_text, agent=agent_text))
+        action = request.action
+        self.state.pending_action = {"type": type(action).__name__, **vars(action)} if action else None
+        complete_ms = request.elapsed_ms()
+        key = request.cache_key
+        if (key and not request.cache_hit and turn.cacheable and not state_changed and not request.tools
+                and action is None and not request.fallback and not request.budget_miss and self.cache):
+            await self.cache.put(self.agent.name, self.agent.version, key, [t.strip() for t in request.text])
+        self._emit(
+            ev.CallTurn, response_id=request.response_id, kind=request.kind, caller_text=turn.last_user_text,
+            agent_text=agent_text, first_chunk_ms=request.first_chunk_ms, first_sentence_ms=request.first_sentence_ms,
+            complete_ms=complete_ms, cache_hit=request.cache_hit, budget_miss=request.budget_miss,
+            fallback=request.fallback, tools=request.tools,
+            action=type(action).__name__ if action else None,
+        )
+        await self.checkpoint()
+
+    # ------------------------------------------------------------------ commands
+
+    def interrupt(self, line: str, *, transfer_number: str | None = None, end_call: bool = False) -> bool:
+        """Speak now (``agent_interrupt``), cancelling any in-flight response. False if no socket."""
+        if self.outbox is None:
+            return False
+        self._cancel_generation()
+        self.state.interrupt_id += 1
+        frame = AgentInterruptFrame(interrupt_id=self.state.interrupt_id, content=line, content_complete=True,
+                                    no_interruption_allowed=True, transfer_number=transfer_number,
+                                    end_call=True if end_call else None)
+        self._send(frame)
+        if transfer_number:
+            self.state.pending_action = {"type": "Transfer", "number": transfer_number}
+        self._spawn(self.checkpoint())
+        return True
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def ended(self) -> bool:
+        """The agent hung up or the platform reported the call over."""
+        return self.state.ended or bool(self.state.pending_action and self.state.pending_action["type"] == "EndCall")
+
+    def end(self, reason: str = "", call: dict[str, Any] | None = None) -> None:
+        """Retell reported the call over (webhook): remember it and emit ``call.ended``."""
+        if call:
+            self.state.call = {**self.state.call, **call}
+        if not self.state.ended:
+            self.state.ended = True
+            self._emit(ev.CallEnded, reason=reason, call=self.state.call)
+
+    async def deactivate(self) -> None:
+        """Passivation: stop work, close the stream, write the state for the next activation."""
+        self._cancel_generation()
+        if self.outbox is not None:
+            self.outbox.close("call deactivated")
+            self.outbox = None
+        for task in list(self._background):
+            task.cancel()
+        await self.checkpoint()
+
+    async def checkpoint(self) -> None:
+        """Write the state; saves of one call are serialised (versions are compare-and-set)."""
+        async with self._save_lock:
+            try:
+                await self.store.save(self.state)
+            except StaleStateError as exc:
+                log.warning("call %s: %s; reloading the newer state", self.call_id, exc, extra={"call_id": self.call_id})
+                newer = await self.store.load(self.call_id)
+                if newer is not None:
+                    self.state = newer
+            except Exception as exc:  # a store outage must never break a call
+                log.error("call %s: checkpoint failed: %r", self.call_id, exc, extra={"call_id": self.call_id})
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _send(self, frame: Any) -> None:
+        if self.outbox is not None:
+            self.outbox.put(frame.to_json())
+
+    def _emit(self, cls: type, **fields: Any) -> None:
+        if self.events is None:
+            return
+        self.state.event_seq += 1
+        try:
+            self.events.emit(cls(call_id=self.call_id, seq=self.state.event_seq, agent=self.agent.name, **fields))
+        except Exception as exc:  # an event must never fail the turn
+            log.error("call %s: emitting %s failed: %r", self.call_id, cls.__name__, exc, extra={"call_id": self.call_id})
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

@@ -1,0 +1,85 @@
+"""The events a call emits for background consumers (analytics, archive, escalation).
+
+Each carries ``call_id`` and a per-call sequence number ``seq`` so consumers can be
+idempotent under at-least-once delivery: (call_id, seq) identifies an event.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    call_id: str
+    seq: int = Field(ge=0, description="Per-call sequence number; (call_id, seq) is unique.")
+    ts: float = Field(default_factory=time.time, description="Unix time in seconds.")
+    agent: str = ""
+
+
+class CallStarted(_Event):
+    type: Literal["call.started"] = "call.started"
+    reconnect: bool = False
+
+
+class CallTurn(_Event):
+    type: Literal["call.turn"] = "call.turn"
+    response_id: int
+    kind: Literal["response", "reminder"] = "response"
+    caller_text: str = ""
+    agent_text: str = ""
+    first_chunk_ms: float | None = None
+    first_sentence_ms: float | None = None
+    complete_ms: float | None = None
+    cache_hit: bool = False
+    budget_miss: bool = False
+    fallback: bool = False
+    tools: list[str] = Field(default_factory=list)
+    action: str | None = None
+
+
+class CallSuperseded(_Event):
+    type: Literal["call.superseded"] = "call.superseded"
+    response_id: int
+    by_response_id: int
+
+
+class CallEnded(_Event):
+    type: Literal["call.ended"] = "call.ended"
+    reason: str = ""
+    call: dict[str, Any] = Field(default_factory=dict)
+
+
+class CallAnalyzed(_Event):
+    type: Literal["call.analyzed"] = "call.analyzed"
+    call: dict[str, Any] = Field(default_factory=dict)
+
+
+class EscalationRequested(_Event):
+    type: Literal["escalation.requested"] = "escalation.requested"
+    rule: str
+    reason: str = ""
+
+
+class EscalationPerformed(_Event):
+    type: Literal["escalation.performed"] = "escalation.performed"
+    rule: str
+    transfer_number: str = ""
+
+
+Event = Annotated[
+    Union[CallStarted, CallTurn, CallSuperseded, CallEnded, CallAnalyzed, EscalationRequested, EscalationPerformed],
+    Field(discriminator="type"),
+]
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def parse_event(data: dict[str, Any] | str | bytes) -> Event:
+    """Decode an event from a dict or its JSON form (raises pydantic.ValidationError)."""
+    if isinstance(data, (str, bytes)):
+        return EVENT_ADAPTER.validate_json(data)
+    return EVENT_ADAPTER.validate_python(data)

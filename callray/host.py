@@ -1,0 +1,170 @@
+"""A host of calls as virtual actors (Orleans-style), with no Ray in it.
+
+A call is *activated* on its first message (its state loaded from the store, or created),
+lives in memory while it talks, and is *deactivated* (saved and dropped) when it ends or idles.
+The mailbox is the event loop itself: ``Conversation.handle`` never awaits, so one call's
+events apply one at a time in arrival order while other calls proceed independently; the only
+long work, a generation, runs as the call's single tracked task.
+
+``actors/call_host.py`` puts one ``Host`` in each ``CallHost`` Ray actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from callray.agents.registry import AgentRegistry
+from callray.conversation import Conversation, Outbox
+from callray.protocol import InboundEvent
+from callray.settings import CallraySettings
+from callray.stores.base import CallState, EventSink, ResponseCache, StateStore
+
+log = logging.getLogger("callray.host")
+
+STREAM_CLOSED = "closed:"  # prefix of the last item of an outbound stream: "closed:<reason>"
+
+
+class Host:
+    """Activation, delivery, commands and deactivation for the calls placed on one host."""
+
+    def __init__(self, settings: CallraySettings, agents: AgentRegistry, *, store: StateStore,
+                 cache: ResponseCache | None = None, events: EventSink | None = None, name: str = "host"):
+        self.settings, self.agents, self.name = settings, agents, name
+        self.store, self.cache, self.events = store, cache, events
+        self.calls: dict[str, Conversation] = {}
+        self._activating: dict[str, asyncio.Future[Conversation]] = {}
+        self.counters = {"activations": 0, "deactivations": 0, "dropped_events": 0}
+
+    # ------------------------------------------------------------------ activation
+
+    async def activate(self, call_id: str, agent_name: str | None = None) -> Conversation:
+        """The live conversation of ``call_id``, loading or creating it on first use."""
+        live = self.calls.get(call_id)
+        if live is not None:
+            return live
+        pending = self._activating.get(call_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Conversation] = asyncio.get_running_loop().create_future()
+        self._activating[call_id] = future
+        try:
+            state = await self.store.load(call_id)
+            if state is None:
+                state = CallState(call_id=call_id, agent=agent_name or self.agents.default_name)
+            agent = self.agents.get(state.agent or agent_name or self.agents.default_name)
+            conversation = Conversation(state, agent, store=self.store, settings=self.settings.turns,
+                                        cache=self.cache if self.settings.cache.enabled else None,
+                                        events=self.events, route_agent=self.agents.route)
+            self.calls[call_id] = conversation
+            self.counters["activations"] += 1
+            future.set_result(conversation)
+            return conversation
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._activating[call_id]
+
+    async def deactivate(self, call_id: str) -> bool:
+        """Save and drop a call from memory (its next message re-activates it)."""
+        conversation = self.calls.pop(call_id, None)
+        if conversation is None:
+            return False
+        await conversation.deactivate()
+        self.counters["deactivations"] += 1
+        return True
+
+    # ------------------------------------------------------------------ the gateway's entries
+
+    async def attach(self, call_id: str, connection_id: str, agent_name: str | None = None,
+                     resume: bool = False) -> Outbox:
+        conversation = await self.activate(call_id, agent_name)
+        return await conversation.attach(connection_id, resume=resume)
+
+    async def stream(self, call_id: str, connection_id: str, agent_name: str | None = None,
+                     resume: bool = False) -> AsyncIterator[list[str] | str]:
+        """Attach, then yield the socket's outbound frames in batches.
+
+        The first item acknowledges the attachment (``[]`` when resuming); the last is
+        ``"closed:<reason>"`` when the call closed the stream (a newer socket, deactivation).
+        """
+        outbox = await self.attach(call_id, connection_id, agent_name, resume)
+        if resume:
+            yield []
+        async for batch in outbox.batches():
+            yield batch
+        yield STREAM_CLOSED + (outbox.close_reason or "")
+
+    async def deliver(self, call_id: str, connection_id: str, event: InboundEvent) -> str:
+        """Apply one event. Returns "ok", or "superseded" when a newer socket owns the call
+        (the event is dropped: the newest socket wins)."""
+        conversation = await self.activate(call_id)
+        outbox = conversation.outbox
+        if outbox is None or outbox.connection_id != connection_id:
+            self.counters["dropped_events"] += 1
+            return "superseded" if outbox is not None else "detached"
+        conversation.handle(event)
+        return "ok"
+
+    async def detach(self, call_id: str, connection_id: str) -> None:
+        conversation = self.calls.get(call_id)
+        if conversation is None or not conversation.detach(connection_id):
+            return
+        if conversation.ended:
+            await self.deactivate(call_id)
+
+    # ------------------------------------------------------------------ background actors' entries
+
+    async def command(self, call_id: str, command: dict[str, Any]) -> bool:
+        """Act on a live call for a background actor. Supported: ``{"type": "transfer",
+        "number", "line"}``, ``{"type": "say", "line"}``, ``{"type": "end_call", "line"}``,
+        ``{"type": "ended", "reason", "call"}`` (the platform reported the call over)."""
+        kind = command.get("type")
+        if kind == "ended":
+            conversation = await self.activate(call_id)
+            conversation.end(str(command.get("reason") or ""), command.get("call") or {})
+            if not conversation.connected:
+                await self.deactivate(call_id)
+            return True
+        conversation = self.calls.get(call_id)
+        if conversation is None:
+            return False
+        line = str(command.get("line") or "")
+        if kind == "transfer":
+            return conversation.interrupt(line, transfer_number=str(command["number"]))
+        if kind == "end_call":
+            return conversation.interrupt(line, end_call=True)
+        if kind == "say":
+            return conversation.interrupt(line)
+        raise ValueError(f"unknown command type {kind!r}; expected transfer, end_call, say or ended")
+
+    # ------------------------------------------------------------------ housekeeping
+
+    async def sweep(self, now: float | None = None) -> int:
+        """Deactivate calls idle past ``idle_timeout_s`` (or detached past ``detached_timeout_s``)."""
+        now = time.monotonic() if now is None else now
+        hosts = self.settings.hosts
+        idle = [
+            call_id for call_id, c in self.calls.items()
+            if now - c.last_activity > (hosts.idle_timeout_s if c.connected else hosts.detached_timeout_s)
+        ]
+        for call_id in idle:
+            await self.deactivate(call_id)
+        return len(idle)
+
+    async def close(self) -> None:
+        for call_id in list(self.calls):
+            await self.deactivate(call_id)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "active_calls": len(self.calls),
+            "connected_calls": sum(1 for c in self.calls.values() if c.connected),
+            **self.counters,
+            "cache": self.cache.stats() if self.cache else {},
+        }

@@ -1,0 +1,171 @@
+"""The one configuration model: the ``args`` of the Serve application.
+
+``config/serve.yaml`` (and its architecture variants) hold an instance of ``CallraySettings``
+under ``applications[0].args``. Strings may use ``${VAR}`` or ``${VAR:-default}`` to read the
+environment (e.g. ``redis_url: ${REDIS_URL}``). Invalid settings fail at start with
+:class:`SettingsError`, which names the field (and the file when loaded from one).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class SettingsError(ValueError):
+    """Invalid callray settings; the message names the source and the field."""
+
+
+def expand_env(value: Any, *, where: str = "") -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a nested structure."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, where=f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, where=f"{where}.{i}") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise SettingsError(f"{where}: environment variable {name} is not set (referenced as {match.group(0)!r})")
+
+    return _ENV_REF.sub(substitute, value)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AgentsSettings(_Section):
+    default: str = Field(default="clinic", description="Agent used by the plain route /llm-websocket/{call_id}.")
+    files: dict[str, str] = Field(
+        default_factory=lambda: {"clinic": "config/agents/clinic.yaml"},
+        description="Agent name -> YAML definition. Relative paths resolve against the current "
+        "directory, then the callray project directory.",
+    )
+    by_retell_agent_id: dict[str, str] = Field(
+        default_factory=dict,
+        description="Retell agent_id -> agent name, applied when call_details arrives before the first turn.",
+    )
+
+    @model_validator(mode="after")
+    def _default_is_defined(self) -> "AgentsSettings":
+        if self.default not in self.files:
+            raise ValueError(f"default agent {self.default!r} is not one of files: {sorted(self.files)}")
+        unknown = {a for a in self.by_retell_agent_id.values() if a not in self.files}
+        if unknown:
+            raise ValueError(f"by_retell_agent_id maps to undefined agents {sorted(unknown)}")
+        return self
+
+    def resolve(self, name: str) -> Path:
+        """The file of agent ``name`` (first relative to the cwd, then to the project)."""
+        raw = Path(self.files[name])
+        if raw.is_absolute() or raw.exists():
+            return raw
+        return PROJECT_DIR / raw
+
+
+class GatewaySettings(_Section):
+    path_prefix: str = Field(default="/llm-websocket", description="WebSocket route prefix; Retell's llm_websocket_url points here.")
+    max_frame_bytes: int = Field(default=1 << 20, ge=1024, description="Largest inbound frame; larger closes the socket with 1009 (the call's state is kept).")
+    auto_reconnect: bool = Field(default=True, description="Ask Retell for ping_pong keepalives and reconnects (sent in the config frame).")
+    call_details: bool = Field(default=True, description="Ask Retell to send the call object (call_details) after connecting.")
+    host_retry_s: float = Field(default=30.0, gt=0, description="How long the gateway keeps retrying a call host that is restarting before closing the socket with 1011.")
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _slash(cls, v: str) -> str:
+        if not v.startswith("/") or v.endswith("/"):
+            raise ValueError(f"must start with '/' and not end with one, got {v!r}")
+        return v
+
+
+class HostsSettings(_Section):
+    count: int = Field(default=2, ge=1, le=1024, description="Number of CallHost actors; calls are spread over them by rendezvous hashing.")
+    placement: Literal["shared", "dedicated"] = Field(default="shared", description="shared: many calls per host (virtual actors). dedicated: one actor per call from a warm pool.")
+    warm_pool: int = Field(default=4, ge=0, description="dedicated placement: actors kept started and idle.")
+    namespace: str = Field(default="callray", description="Ray namespace of the named host actors.")
+    idle_timeout_s: float = Field(default=3600.0, gt=0, description="A call with no event for this long is passivated (saved and dropped from memory).")
+    detached_timeout_s: float = Field(default=300.0, gt=0, description="A call with no socket for this long is passivated.")
+    max_concurrency: int = Field(default=10_000, ge=16, description="Concurrent actor calls per host (each connected call holds one).")
+
+
+class TurnSettings(_Section):
+    latency_budget_ms: float = Field(default=800.0, gt=0, description="If no speech is ready this long after a request, a holding phrase goes out (800/500/300 for the three architectures).")
+    holding_phrases: list[str] = Field(
+        default_factory=lambda: ["One moment.", "Let me check that.", "Just a second.", "Sure, one moment."],
+        min_length=1,
+        description="Short phrases said when the budget is missed; rotated per call.",
+    )
+    agent_timeout_s: float = Field(default=20.0, gt=0, description="A turn still unfinished after this long is completed with the agent's fallback line.")
+
+
+class StateSettings(_Section):
+    backend: Literal["memory", "redis"] = Field(default="memory", description="memory: lost with the host (single architecture). redis: survives any process.")
+    redis_url: str = Field(default="${REDIS_URL:-redis://127.0.0.1:6379/0}", description="Redis for state, cache and events (when they use Redis).")
+    ttl_s: float = Field(default=3600.0, gt=0, description="Call state expires this long after the last activity.")
+
+
+class CacheSettings(_Section):
+    enabled: bool = Field(default=True, description="Serve repeated cacheable answers from the response cache.")
+    backend: Literal["memory", "redis"] = Field(default="memory", description="memory: per host LRU. redis: shared by all hosts.")
+    ttl_s: float = Field(default=3600.0, gt=0, description="How long a cached answer lives.")
+    max_entries: int = Field(default=10_000, ge=1, description="memory backend: LRU size per host.")
+
+
+class EventsSettings(_Section):
+    backend: Literal["memory", "redis_streams"] = Field(default="memory", description="memory: in-process, best effort. redis_streams: durable, at-least-once, with consumer actors.")
+    buffer: int = Field(default=10_000, ge=1, description="Events buffered per process before new ones are dropped (and counted).")
+
+
+class CallraySettings(_Section):
+    """callray's application settings (the ``args`` of the Serve app)."""
+
+    architecture: Literal["single", "distributed", "event_driven"] = Field(default="single", description="Which of the three architectures this config describes (documentation and metrics label).")
+    agents: AgentsSettings = Field(default_factory=AgentsSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    hosts: HostsSettings = Field(default_factory=HostsSettings)
+    turns: TurnSettings = Field(default_factory=TurnSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    events: EventsSettings = Field(default_factory=EventsSettings)
+
+    @classmethod
+    def parse(cls, args: dict[str, Any] | None, *, source: str = "application args") -> "CallraySettings":
+        """Validate raw args (env references expanded); errors name ``source`` and the field."""
+        try:
+            return cls.model_validate(expand_env(args or {}))
+        except SettingsError as exc:
+            raise SettingsError(f"{source}: {exc}") from None
+        except ValidationError as exc:
+            lines = []
+            for err in exc.errors():
+                field = ".".join(str(p) for p in err["loc"]) or "(root)"
+                lines.append(f"{source}: {field}: {err['msg']} (got {err.get('input')!r})")
+            raise SettingsError("invalid callray settings:\n  " + "\n  ".join(lines)) from None
+
+
+def load_serve_config(path: str | Path, app_index: int = 0) -> tuple[dict[str, Any], CallraySettings]:
+    """Read a Serve config file and validate its callray application's args."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SettingsError(f"{path}: cannot read YAML: {exc}") from None
+    try:
+        app = doc["applications"][app_index]
+    except (TypeError, KeyError, IndexError):
+        raise SettingsError(f"{path}: applications.{app_index}: no such Serve application") from None
+    return doc, CallraySettings.parse(app.get("args"), source=f"{path} (applications.{app_index}.args)")

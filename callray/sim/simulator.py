@@ -1,0 +1,793 @@
+"""Retell's side of the custom-LLM WebSocket, as a load and conformance tool.
+
+Written from the protocol reference (retell-protocol.md), not from callray's own code, so it
+judges any server by what goes over the wire: each simulated call opens
+``{url}/{call_id}``, waits for ``config`` and response 0, sends ``call_details``, pings every
+2 s when asked to, and plays caller turns (early requests superseded by later ones, reminders,
+``update_only`` frames, abrupt TCP drops followed by a reconnect with the same call_id). It
+measures time to first chunk, first sentence and completion, and counts every protocol
+violation by kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import multiprocessing
+import queue as queue_mod
+import random
+import re
+import secrets
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, WebSocketException
+
+from callray.sim.report import COUNT_KEYS, CallSample, SimResult, TurnSample
+
+#: progress(calls_done, turns_answered), cumulative, called from the event loop.
+ProgressFn = Callable[[int, int], None]
+
+#: Every kind the simulator counts, with what it means. Violations fail a run; warnings do not.
+VIOLATION_KINDS: dict[str, str] = {
+    "not_json": "a text frame that is not one JSON object",
+    "binary_frame": "a binary frame (Retell closes the socket with 1007)",
+    "missing_response_type": "a frame without response_type (read as a response)",
+    "missing_field": "a required field is missing (Retell drops the frame)",
+    "wrong_type": "a field has the wrong JSON type, e.g. \"true\" for true (Retell drops the frame)",
+    "no_complete": "a request got no content_complete: true within the turn timeout",
+    "duplicate_complete": "more than one content_complete: true for one response_id",
+    "content_after_complete": "content for a response_id after its content_complete: true",
+    "stale_content": "a frame for an older response_id after a frame for a newer one",
+    "unknown_response_id": "a response for an id this call never requested",
+    "ping_unanswered": "a ping_pong not echoed with the same timestamp in time",
+    "echo_missing": "expect_echo: the answer lacks the caller's own name token",
+    "cross_talk": "expect_echo: the answer holds another call's name token",
+}
+WARNING_KINDS: dict[str, str] = {
+    "first_frame_not_config": "the first frame on a socket is not config",
+    "config_not_nested": "config fields sent at the top level instead of under \"config\"",
+    "null_optional_field": "an optional field sent as null instead of omitted",
+    "unknown_response_type": "a response_type the protocol does not define",
+    "greeting_repeated": "a reconnect got a non-empty response 0 (the caller hears the greeting twice)",
+    "reconnect_silent": "no frame on a reconnected socket within the turn timeout",
+}
+
+_SENTENCE_END = re.compile(r"[.!?]")
+_SYLLABLES = ("ba", "de", "fi", "go", "ka", "le", "mi", "no", "pa", "re", "si", "to", "va", "ze", "lu", "ro")
+#: Caller name tokens are pronounceable surnames ending in "quist", unique per call index.
+_TOKEN_RE = re.compile(r"\b[A-Z][a-z]*quist\b")
+_FIRST_NAMES = ("Dana", "Luis", "Priya", "Tom", "Mei", "Sam", "Olga", "Ken", "Ana", "Joe", "Rita", "Omar")
+
+DEFAULT_CALLER_LINES = (
+    "Hi, this is {name}, I'd like to book a check-up for next week.",
+    "My name is {name} and I need to move my appointment on Thursday.",
+    "Hello, {name} here. Do you have anything open on Friday morning?",
+    "Yes, it's {name}, date of birth March third, nineteen eighty-two.",
+    "Could you tell me if Doctor Patel takes new patients? This is {name}.",
+    "I'm calling for my son, the account is under {name}.",
+    "It's {name} again, sorry, I got cut off. Is the clinic open on Saturday?",
+    "Um, I think I have a fever and a sore throat, this is {name}.",
+    "Can I get a refill on my blood pressure prescription? The name is {name}.",
+    "Okay great, thanks. And {name} is spelled the usual way.",
+    "What's the address of the clinic? I'm {name}, a new patient.",
+    "That works for me, please put it under {name}.",
+)
+
+# Required and optional fields with their JSON types, per response_type (protocol §1).
+_FRAME_FIELDS: dict[str, tuple[dict[str, type], dict[str, type]]] = {
+    "config": ({}, {"config": dict}),
+    "ping_pong": ({"timestamp": int}, {}),
+    "response": (
+        {"response_id": int, "content": str, "content_complete": bool},
+        {"no_interruption_allowed": bool, "end_call": bool, "transfer_number": str,
+         "show_transferee_as_caller": bool, "digit_to_press": str},
+    ),
+    "agent_interrupt": (
+        {"interrupt_id": int, "content": str, "content_complete": bool},
+        {"no_interruption_allowed": bool, "end_call": bool, "transfer_number": str, "digit_to_press": str},
+    ),
+    "tool_call_invocation": ({"tool_call_id": str, "name": str, "arguments": str}, {}),
+    "tool_call_result": ({"tool_call_id": str, "content": str}, {"successful": bool}),
+    "update_agent": ({"agent_config": dict}, {}),
+    "metadata": ({"metadata": dict}, {}),
+}
+_CONFIG_FIELDS = ("auto_reconnect", "call_details", "transcript_with_tool_calls")
+
+Issue = tuple[str, str]
+
+
+def caller_token(index: int) -> str:
+    """A pronounceable surname unique to call ``index`` (e.g. ``Babadequist``)."""
+    digits = []
+    while index or len(digits) < 3:
+        index, d = divmod(index, len(_SYLLABLES))
+        digits.append(_SYLLABLES[d])
+    return "".join(reversed(digits)).capitalize() + "quist"
+
+
+def call_url(base: str, call_id: str) -> str:
+    """``{base}/{call_id}``, keeping a query string (where a URL secret may live) at the end."""
+    parts = urlsplit(base)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + call_id))
+
+
+def _is_type(value: Any, expected: type) -> bool:
+    if expected is int:  # bool is an int in Python but not on the wire
+        return type(value) is int
+    if expected is bool:
+        return type(value) is bool
+    return isinstance(value, expected)
+
+
+def validate_frame(raw: str | bytes) -> tuple[dict[str, Any] | None, list[Issue]]:
+    """Judge one server frame as Retell would.
+
+    Returns the parsed object (None when Retell would drop it) and the issues found, each a
+    ``(kind, detail)`` from VIOLATION_KINDS or WARNING_KINDS. A frame without
+    ``response_type`` is returned with ``response_type`` set to ``response``, as Retell reads it.
+    """
+    if isinstance(raw, bytes):
+        return None, [("binary_frame", f"{len(raw)} bytes")]
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None, [("not_json", raw[:80])]
+    if not isinstance(data, dict):
+        return None, [("not_json", f"a JSON {type(data).__name__}, not an object")]
+    issues: list[Issue] = []
+    rtype = data.get("response_type")
+    if rtype is None:
+        issues.append(("missing_response_type", raw[:80]))
+        data = {**data, "response_type": "response"}
+        rtype = "response"
+    elif not isinstance(rtype, str):
+        return None, [("wrong_type", f"response_type={rtype!r}")]
+    if rtype not in _FRAME_FIELDS:
+        return data, issues + [("unknown_response_type", rtype)]
+    required, optional = _FRAME_FIELDS[rtype]
+    blocking = False
+    for name, expected in required.items():
+        if name not in data:
+            issues.append(("missing_field", f"{rtype}.{name} in {raw[:80]}"))
+            blocking = True
+        elif not _is_type(data[name], expected):
+            issues.append(("wrong_type", f"{rtype}.{name}={data[name]!r} (want {expected.__name__})"))
+            blocking = True
+    for name, expected in optional.items():
+        if name in data and data[name] is None:
+            issues.append(("null_optional_field", f"{rtype}.{name}"))
+        elif name in data and not _is_type(data[name], expected):
+            issues.append(("wrong_type", f"{rtype}.{name}={data[name]!r} (want {expected.__name__})"))
+            blocking = True
+    if rtype == "response" and _is_type(data.get("response_id"), int) and data["response_id"] < 0:
+        issues.append(("wrong_type", f"response.response_id={data['response_id']} is negative"))
+        blocking = True
+    if rtype == "tool_call_invocation" and isinstance(data.get("arguments"), str):
+        try:
+            json.loads(data["arguments"])
+        except ValueError:
+            issues.append(("wrong_type", f"tool_call_invocation.arguments is not a JSON string: {data['arguments'][:60]!r}"))
+    if rtype == "config":
+        body = data.get("config")
+        if body is None:
+            body = {k: data[k] for k in _CONFIG_FIELDS if k in data}
+            if body:
+                issues.append(("config_not_nested", ", ".join(body)))
+        for name in _CONFIG_FIELDS:
+            if isinstance(body, dict) and name in body and not _is_type(body[name], bool):
+                issues.append(("wrong_type", f"config.{name}={body[name]!r} (want bool)"))
+                blocking = True
+        data = {**data, "config": body or {}}
+    return (None if blocking else data), issues
+
+
+class SimConfig(BaseModel):
+    """One simulation run: how many calls, how they behave, what counts as too slow."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="Base LLM WebSocket URL, e.g. ws://127.0.0.1:8000/llm-websocket; "
+                                 "'/{call_id}' is appended (before any query string), as Retell does.")
+    calls: int = Field(10, ge=1, description="Number of calls to place.")
+    turns: int = Field(3, ge=0, description="Caller turns per call (after the greeting).")
+    concurrency: int | None = Field(None, ge=1, description="At most this many calls open at once (default: no limit).")
+    ramp_s: float = Field(0.0, ge=0, description="Call starts are spread evenly over this many seconds.")
+    think_s: float = Field(0.5, ge=0, description="Mean seconds the caller talks before each turn's request "
+                                                   "(each pause is uniform in 0.5x..1.5x).")
+    supersede_rate: float = Field(0.0, ge=0, le=1, description="Share of turns asked early (half the line), then "
+                                                               "superseded by a higher id with the whole line.")
+    supersede_gap_s: float = Field(0.1, ge=0, description="Mean seconds between the early request and the superseding one.")
+    reminder_rate: float = Field(0.0, ge=0, le=1, description="Share of turns where the caller stays silent and "
+                                                              "reminder_required is sent instead of a user line.")
+    update_only: bool = Field(True, description="Send an update_only frame (partial transcript) while the caller talks.")
+    ping_interval_s: float = Field(2.0, ge=0, description="Send ping_pong this often once config asks for "
+                                                          "auto_reconnect, as Retell does (0: never).")
+    ping_timeout_s: float = Field(5.0, gt=0, description="A ping not echoed within this many seconds is a violation.")
+    reconnect_rate: float = Field(0.0, ge=0, le=1, description="Share of calls that drop the TCP socket without a close "
+                                                               "frame right after one request and reconnect with "
+                                                               "the same call_id, then ask again.")
+    turn_timeout_s: float = Field(10.0, gt=0, description="A request without content_complete: true after this "
+                                                          "many seconds is a violation (no_complete).")
+    connect_timeout_s: float = Field(7.0, gt=0, description="Seconds to wait for the WebSocket handshake (Retell: 7).")
+    connect_attempts: int = Field(3, ge=1, description="Attempts to open a socket before the call counts as dropped (Retell: 3).")
+    connect_retry_s: float = Field(3.0, ge=0, description="Pause between connect attempts (Retell: 3 s).")
+    caller_lines: list[str] = Field(default_factory=lambda: list(DEFAULT_CALLER_LINES),
+                                    description="What callers say, picked at random; '{name}' becomes the call's "
+                                                "unique caller name.")
+    expect_echo: bool = Field(False, description="The agent repeats the caller's name: check each answer holds its "
+                                                 "own call's name token and no other call's (cross-talk).")
+    include_words: bool = Field(True, description="Add word timings to transcript entries, as Retell does.")
+    call_id_prefix: str = Field("sim", description="Call ids are '{prefix}-{run_id}-{index}'.")
+    run_id: str | None = Field(None, description="Tag making call ids unique per run (default: random).")
+    seed: int | None = Field(None, description="Seed for the callers' choices (default: random).")
+    processes: int = Field(1, ge=1, description="Split the calls across this many processes and merge the results.")
+    lag_threshold_ms: float = Field(20.0, gt=0, description="Event-loop lag p99 above this marks the simulator "
+                                                            "itself as the bottleneck.")
+
+    @field_validator("url")
+    @classmethod
+    def _ws_url(cls, v: str) -> str:
+        if urlsplit(v).scheme not in ("ws", "wss"):
+            raise ValueError(f"url must start with ws:// or wss://, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _lines(self) -> "SimConfig":
+        if not self.caller_lines or not all(line.strip() for line in self.caller_lines):
+            raise ValueError("caller_lines must be non-empty lines")
+        if self.expect_echo and any("{name}" not in line for line in self.caller_lines):
+            raise ValueError("expect_echo needs '{name}' in every caller line")
+        return self
+
+
+def _utterance(role: str, text: str, words: bool) -> dict[str, Any]:
+    """A transcript entry; with ``words``, fake per-word timings as Retell's ASR adds them."""
+    entry: dict[str, Any] = {"role": role, "content": text}
+    if words:
+        entry["words"] = [
+            {"word": w, "start": round(0.3 * i, 2), "end": round(0.3 * i + 0.25, 2)}
+            for i, w in enumerate(text.split())
+        ]
+    return entry
+
+
+@dataclass
+class _Request:
+    """One response_id as Retell tracks it."""
+
+    rid: int
+    kind: str
+    sent_at: float
+    status: str = "open"  # open | complete | superseded | abandoned | timed_out
+    parts: list[str] = field(default_factory=list)
+    first_chunk_at: float | None = None
+    first_sentence_at: float | None = None
+    complete_at: float | None = None
+    completes: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def content(self) -> str:
+        return "".join(self.parts)
+
+
+@dataclass
+class _Socket:
+    """One WebSocket of a call (a reconnect makes a new one)."""
+
+    ws: ClientConnection
+    opened_at: float
+    frames: int = 0
+    newest_rid: int = -1
+    by_us: bool = False  # we closed or aborted it: its end is not a drop
+    sent_details: bool = False
+    regreeted: bool = False
+    pending_pings: dict[int, float] = field(default_factory=dict)
+    first_frame: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    reader: asyncio.Task | None = None
+    pinger: asyncio.Task | None = None
+
+
+class _Recorder:
+    """Counters and samples of one process's run."""
+
+    def __init__(self, config: SimConfig, progress: ProgressFn | None) -> None:
+        self.config = config
+        self.progress = progress
+        self.t0 = time.monotonic()
+        self.started_at = time.time()
+        self.counts: Counter[str] = Counter()
+        self.violations: Counter[str] = Counter()
+        self.warnings: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+        self.dropped: Counter[str] = Counter()
+        self.calls: list[CallSample] = []
+        self.turns: list[TurnSample] = []
+        self.reconnect_ms: list[float] = []
+        self.loop_lag_ms: list[float] = []
+
+    def issue(self, kind: str, call_id: str, detail: str) -> None:
+        (self.warnings if kind in WARNING_KINDS else self.violations)[kind] += 1
+        ex = self.examples.setdefault(kind, [])
+        if len(ex) < 3:
+            ex.append(f"{call_id}: {detail}")
+
+    def tick(self) -> None:
+        if self.progress:
+            self.progress(len(self.calls), self.counts["turns_answered"])
+
+    def result(self) -> SimResult:
+        return SimResult(
+            config=self.config.model_dump(mode="json"),
+            started_at=self.started_at,
+            duration_s=time.monotonic() - self.t0,
+            calls=self.calls,
+            turns=self.turns,
+            reconnect_ms=self.reconnect_ms,
+            counts={**{k: 0 for k in COUNT_KEYS}, **self.counts},
+            violations=dict(self.violations),
+            warnings=dict(self.warnings),
+            examples=self.examples,
+            dropped=dict(self.dropped),
+            loop_lag_ms=self.loop_lag_ms,
+            lag_threshold_ms=self.config.lag_threshold_ms,
+        )
+
+
+class _Call:
+    """One simulated phone call: Retell's state for it across its sockets."""
+
+    def __init__(self, cfg: SimConfig, index: int, rec: _Recorder) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.rec = rec
+        self.call_id = f"{cfg.call_id_prefix}-{cfg.run_id}-{index}"
+        self.url = call_url(cfg.url, self.call_id)
+        self.rng = random.Random(f"{cfg.seed}:{index}") if cfg.seed is not None else random.Random()
+        self.token = caller_token(index)
+        self.name = f"{self.rng.choice(_FIRST_NAMES)} {self.token}"
+        self.transcript: list[dict[str, Any]] = []
+        self.requests: dict[int, _Request] = {}
+        self.next_id = 1
+        self.sock: _Socket | None = None
+        self.end_call = False
+        self.dropped: str | None = None
+        self.reconnects = 0
+        self.answered = 0
+        self._background: set[asyncio.Task] = set()
+        self.loop = asyncio.get_running_loop()
+
+    # ------------------------------------------------------------------ flow
+
+    async def run(self) -> None:
+        t_open = self.loop.time()
+        setup_ms = None
+        sock = await self._open()
+        if sock is None:
+            self._drop("connect_failed")
+        else:
+            begin = self.requests[0]
+            if await self._wait(begin, sock):
+                setup_ms = (begin.complete_at - t_open) * 1000
+                self._check_tokens(begin.content, expect_own=False)
+                if begin.content:
+                    self.transcript.append(_utterance("agent", begin.content, self.cfg.include_words))
+            elif not self.dropped:
+                self._issue("no_complete", "response 0 (the begin message)")
+                begin.status = "timed_out"
+            reconnect_turn = None
+            if self.cfg.turns and self.rng.random() < self.cfg.reconnect_rate:
+                reconnect_turn = self.rng.randrange(self.cfg.turns)
+            for turn in range(self.cfg.turns):
+                if self.dropped or self.end_call:
+                    break
+                await self._turn(turn, reconnect=turn == reconnect_turn)
+            await self._close()
+        ended = f"dropped:{self.dropped}" if self.dropped else ("end_call" if self.end_call else "completed")
+        if not self.dropped:
+            self.rec.counts["calls_completed"] += 1
+        self.rec.calls.append(CallSample(
+            call=self.index, call_id=self.call_id, t_s=round(t_open - self.rec.t0, 4), setup_ms=setup_ms,
+            turns_answered=self.answered, reconnects=self.reconnects, ended=ended))
+        self.rec.tick()
+
+    async def _turn(self, turn: int, reconnect: bool) -> None:
+        cfg, rng = self.cfg, self.rng
+        line = rng.choice(cfg.caller_lines).replace("{name}", self.name)
+        words = line.split()
+        partial = " ".join(words[: max(1, len(words) // 2)])
+        await self._speak(partial)
+        self.rec.counts["turns_sent"] += 1
+        if rng.random() < cfg.reminder_rate:
+            kind, transcript = "reminder_required", list(self.transcript)
+            self.rec.counts["reminders"] += 1
+        else:
+            kind = "response_required"
+            user = _utterance("user", line, cfg.include_words)
+            if rng.random() < cfg.supersede_rate:
+                await self._request(kind, self.transcript + [_utterance("user", partial, cfg.include_words)])
+                await asyncio.sleep(cfg.supersede_gap_s * rng.uniform(0.5, 1.5))
+                self.rec.counts["superseded"] += 1
+            self.transcript.append(user)
+            transcript = list(self.transcript)
+        if self.dropped:
+            return
+        req = await self._request(kind, transcript)
+        if reconnect:
+            if not await self._reconnect():
+                return
+            req = await self._request(kind, transcript)
+        sock = self.sock
+        assert sock is not None
+        if not await self._wait(req, sock):
+            if not self.dropped:
+                req.status = "timed_out"
+                self._issue("no_complete", f"response_id {req.rid} ({kind}) after {cfg.turn_timeout_s} s")
+            return
+        self.answered += 1
+        self.rec.counts["turns_answered"] += 1
+        self.rec.turns.append(TurnSample(
+            call=self.index, turn=turn, response_id=req.rid, kind=kind,
+            t_s=round(req.sent_at - self.rec.t0, 4),
+            first_chunk_ms=None if req.first_chunk_at is None else round((req.first_chunk_at - req.sent_at) * 1000, 3),
+            first_sentence_ms=round((req.first_sentence_at - req.sent_at) * 1000, 3),
+            complete_ms=round((req.complete_at - req.sent_at) * 1000, 3)))
+        self._check_tokens(req.content, expect_own=kind == "response_required")
+        if req.content:
+            self.transcript.append(_utterance("agent", req.content, cfg.include_words))
+        self.rec.tick()
+
+    async def _speak(self, partial: str) -> None:
+        """The caller talks for a while; Retell streams the partial transcript meanwhile."""
+        pause = self.cfg.think_s * self.rng.uniform(0.5, 1.5)
+        if not self.cfg.update_only:
+            await asyncio.sleep(pause)
+            return
+        await asyncio.sleep(pause / 2)
+        await self._send({
+            "interaction_type": "update_only",
+            "transcript": self.transcript + [_utterance("user", partial, self.cfg.include_words)],
+            "turntaking": "user_turn",
+        })
+        self.rec.counts["update_only_sent"] += 1
+        await asyncio.sleep(pause / 2)
+
+    async def _request(self, kind: str, transcript: list[dict[str, Any]]) -> _Request:
+        """Send the next response_id; older open ids are superseded (Retell drops their content)."""
+        rid = self.next_id
+        self.next_id += 1
+        for older in self.requests.values():
+            if older.status == "open":
+                older.status = "superseded"
+        req = _Request(rid, kind, sent_at=self.loop.time())
+        self.requests[rid] = req
+        await self._send({"interaction_type": kind, "response_id": rid, "transcript": transcript})
+        self.rec.counts["requests_sent"] += 1
+        return req
+
+    async def _reconnect(self) -> bool:
+        """Drop the TCP connection without a close frame, then open a new socket for the call."""
+        old = self.sock
+        assert old is not None
+        self._check_pings(old)
+        old.by_us = True
+        old.ws.transport.abort()
+        await old.closed.wait()
+        for req in self.requests.values():
+            if req.status == "open":
+                req.status = "abandoned"
+        self.reconnects += 1
+        self.rec.counts["reconnects"] += 1
+        sock = await self._open(reconnect=True)
+        if sock is None:
+            self._drop("reconnect_failed")
+            return False
+        if await self._wait(sock.first_frame, sock):
+            self.rec.reconnect_ms.append(round((self.loop.time() - sock.opened_at) * 1000, 3))
+        elif not self.dropped:
+            self._issue("reconnect_silent", f"nothing within {self.cfg.turn_timeout_s} s")
+        return not self.dropped
+
+    async def _close(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        if not sock.closed.is_set():
+            self._check_pings(sock)
+            sock.by_us = True
+            try:
+                await asyncio.wait_for(sock.ws.close(1000), 5)
+            except (asyncio.TimeoutError, WebSocketException, OSError):
+                sock.ws.transport.abort()
+        if sock.reader:
+            await sock.reader
+
+    # ------------------------------------------------------------------ sockets
+
+    async def _open(self, reconnect: bool = False) -> _Socket | None:
+        for attempt in range(self.cfg.connect_attempts):
+            if attempt:
+                await asyncio.sleep(self.cfg.connect_retry_s)
+            opened_at = self.loop.time()
+            try:
+                ws = await connect(
+                    self.url, open_timeout=self.cfg.connect_timeout_s, ping_interval=None, close_timeout=5,
+                    max_size=None, compression=None, proxy=None)
+            except (OSError, asyncio.TimeoutError, WebSocketException):
+                continue
+            sock = _Socket(ws, opened_at)
+            self.requests[0] = _Request(0, "reconnect" if reconnect else "begin", sent_at=opened_at)
+            self.sock = sock
+            sock.reader = asyncio.create_task(self._read(sock))
+            return sock
+        return None
+
+    async def _read(self, sock: _Socket) -> None:
+        try:
+            async for raw in sock.ws:
+                self._on_frame(sock, raw)
+        except ConnectionClosed:
+            pass
+        finally:
+            sock.closed.set()
+            if sock.pinger:
+                sock.pinger.cancel()
+            if not sock.by_us:
+                code = sock.ws.close_code
+                if not (self.end_call and code == 1000):
+                    self._drop("connection_lost" if code in (None, 1006) else f"server_close_{code}")
+
+    async def _send(self, payload: dict[str, Any]) -> None:
+        sock = self.sock
+        if sock is None or sock.closed.is_set():
+            return
+        try:
+            await sock.ws.send(json.dumps(payload))
+        except ConnectionClosed:
+            pass  # the reader records how the socket ended
+
+    async def _wait(self, what: _Request | asyncio.Event, sock: _Socket) -> bool:
+        """Until the request completes (or event is set), the socket closes or the turn timeout passes."""
+        event = what.done if isinstance(what, _Request) else what
+        if not event.is_set() and not sock.closed.is_set():
+            waiters = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(sock.closed.wait())]
+            try:
+                await asyncio.wait(waiters, timeout=self.cfg.turn_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+        return event.is_set()
+
+    async def _ping(self, sock: _Socket) -> None:
+        """ping_pong every interval, as Retell does once config asked for auto_reconnect."""
+        last = 0
+        while not sock.closed.is_set():
+            await asyncio.sleep(self.cfg.ping_interval_s)
+            if sock.closed.is_set():
+                return
+            self._check_pings(sock)
+            last = max(int(time.time() * 1000), last + 1)
+            sock.pending_pings[last] = self.loop.time()
+            try:
+                await sock.ws.send(json.dumps({"interaction_type": "ping_pong", "timestamp": last}))
+            except ConnectionClosed:
+                return
+            self.rec.counts["pings_sent"] += 1
+
+    def _check_pings(self, sock: _Socket) -> None:
+        now = self.loop.time()
+        for ts, sent in list(sock.pending_pings.items()):
+            if now - sent > self.cfg.ping_timeout_s:
+                del sock.pending_pings[ts]
+                self._issue("ping_unanswered", f"timestamp {ts} not echoed within {self.cfg.ping_timeout_s} s")
+
+    # ------------------------------------------------------------------ frames
+
+    def _on_frame(self, sock: _Socket, raw: str | bytes) -> None:
+        now = self.loop.time()
+        sock.frames += 1
+        sock.first_frame.set()
+        data, issues = validate_frame(raw)
+        for kind, detail in issues:
+            self._issue(kind, detail)
+        rtype = data.get("response_type") if data else None
+        if sock.frames == 1 and rtype != "config":
+            self._issue("first_frame_not_config", f"first frame: {str(raw)[:80]}")
+        if data is None:
+            return
+        if rtype == "config":
+            self._on_config(sock, data["config"])
+        elif rtype == "ping_pong":
+            if sock.pending_pings.pop(data["timestamp"], None) is not None:
+                self.rec.counts["pings_answered"] += 1
+        elif rtype == "response":
+            self._on_response(sock, data, now)
+        elif rtype == "agent_interrupt":
+            self.rec.counts["agent_interrupts"] += 1
+        elif rtype == "tool_call_invocation":
+            self.rec.counts["tool_calls"] += 1
+
+    def _on_config(self, sock: _Socket, body: dict[str, Any]) -> None:
+        if body.get("call_details") is True and not sock.sent_details:
+            sock.sent_details = True
+            task = asyncio.create_task(self._send({"interaction_type": "call_details", "call": self._call_object()}))
+            self._background.add(task)  # the loop keeps only a weak reference
+            task.add_done_callback(self._background.discard)
+        if body.get("auto_reconnect") is True and self.cfg.ping_interval_s > 0 and sock.pinger is None:
+            sock.pinger = asyncio.create_task(self._ping(sock))
+
+    def _on_response(self, sock: _Socket, data: dict[str, Any], now: float) -> None:
+        rid, content, complete = data["response_id"], data["content"], data["content_complete"]
+        req = self.requests.get(rid)
+        if req is None:
+            self._issue("unknown_response_id", f"response_id {rid}, latest requested {self.next_id - 1}")
+            return
+        if rid < sock.newest_rid:
+            self._issue("stale_content", f"response_id {rid} after a frame for {sock.newest_rid}")
+            return
+        sock.newest_rid = rid
+        if complete:
+            req.completes += 1
+            if req.completes > 1:
+                self._issue("duplicate_complete", f"response_id {rid}")
+                return
+        elif req.completes and content:
+            self._issue("content_after_complete", f"response_id {rid}: {content[:40]!r}")
+            return
+        if req.kind == "reconnect" and content and not sock.regreeted:
+            sock.regreeted = True
+            self._issue("greeting_repeated", f"{content[:60]!r}")
+        if req.status != "open":
+            return  # superseded, abandoned or timed out: Retell drops it
+        if content:
+            req.parts.append(content)
+            if req.first_chunk_at is None:
+                req.first_chunk_at = now
+            if req.first_sentence_at is None and _SENTENCE_END.search(content):
+                req.first_sentence_at = now
+        if complete:
+            req.status = "complete"
+            req.complete_at = now
+            if req.first_sentence_at is None:
+                req.first_sentence_at = now
+            if data.get("end_call") is True:
+                self.end_call = True
+                self.rec.counts["end_calls"] += 1
+            elif data.get("transfer_number"):
+                self.rec.counts["transfers"] += 1
+            req.done.set()
+
+    def _check_tokens(self, content: str, expect_own: bool) -> None:
+        if not self.cfg.expect_echo:
+            return
+        foreign = sorted({t for t in _TOKEN_RE.findall(content) if t != self.token})
+        if foreign:
+            self._issue("cross_talk", f"answer names {', '.join(foreign)}, caller is {self.token}")
+        if expect_own and self.token not in content:
+            self._issue("echo_missing", f"{self.token} not in {content[:60]!r}")
+
+    def _call_object(self) -> dict[str, Any]:
+        """A call object as in Retell's call_details (protocol §3)."""
+        return {
+            "call_id": self.call_id, "agent_id": "agent_sim", "agent_version": 1, "call_type": "phone_call",
+            "call_status": "ongoing", "direction": "inbound", "from_number": f"+1555{self.index:07d}"[:12],
+            "to_number": "+15550100000", "start_timestamp": int(time.time() * 1000), "metadata": {"sim": True},
+            "retell_llm_dynamic_variables": {"caller_name": self.name},
+        }
+
+    def _issue(self, kind: str, detail: str) -> None:
+        self.rec.issue(kind, self.call_id, detail)
+
+    def _drop(self, reason: str) -> None:
+        if self.dropped is None:
+            self.dropped = reason
+            self.rec.dropped[reason] += 1
+            self.rec.counts["dropped_calls"] += 1
+
+
+# ---------------------------------------------------------------------- running
+
+
+async def _lag_monitor(samples: list[float], interval: float = 0.05) -> None:
+    """How late the loop wakes from a sleep: large values mean the simulator is the bottleneck."""
+    loop = asyncio.get_running_loop()
+    while True:
+        start = loop.time()
+        await asyncio.sleep(interval)
+        samples.append(round((loop.time() - start - interval) * 1000, 3))
+
+
+async def _run_local(config: SimConfig, indices: list[int], progress: ProgressFn | None) -> SimResult:
+    rec = _Recorder(config, progress)
+    rec.counts["calls"] = len(indices)
+    limit = asyncio.Semaphore(config.concurrency or len(indices) or 1)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    async def one(index: int) -> None:
+        await asyncio.sleep(max(0.0, start + index * config.ramp_s / config.calls - loop.time()))
+        async with limit:
+            await _Call(config, index, rec).run()
+
+    monitor = asyncio.create_task(_lag_monitor(rec.loop_lag_ms))
+    try:
+        await asyncio.gather(*(one(i) for i in indices))
+    finally:
+        monitor.cancel()
+    return rec.result()
+
+
+def _child(config_json: str, indices: list[int], slot: int, out: Any) -> None:
+    """Entry point of one simulator process: run its share and send the result back."""
+    try:
+        config = SimConfig.model_validate_json(config_json)
+        result = asyncio.run(_run_local(config, indices, lambda c, t: out.put(("progress", slot, c, t))))
+        out.put(("result", slot, result.model_dump_json()))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+        out.put(("error", slot, traceback.format_exc()))
+
+
+async def _run_processes(config: SimConfig, progress: ProgressFn | None) -> SimResult:
+    n = min(config.processes, config.calls)
+    child_cfg = config.model_copy(update={
+        "processes": 1,
+        "concurrency": math.ceil(config.concurrency / n) if config.concurrency else None,
+    })
+    # fork: children start in milliseconds and need no __main__ guard in the caller's script;
+    # they only run this module's code on a fresh event loop.
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_child, args=(child_cfg.model_dump_json(), list(range(k, config.calls, n)), k, out),
+                    daemon=True, name=f"callray-sim-{k}")
+        for k in range(n)
+    ]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    results: dict[int, SimResult] = {}
+    done: dict[int, tuple[int, int]] = {}
+    try:
+        while len(results) < n:
+            try:
+                msg = await asyncio.to_thread(out.get, True, 1.0)
+            except queue_mod.Empty:
+                dead = [p.name for k, p in enumerate(procs) if k not in results and not p.is_alive()]
+                if dead and out.empty():
+                    raise RuntimeError(f"simulator process(es) {', '.join(dead)} died without a result")
+                continue
+            kind, slot = msg[0], msg[1]
+            if kind == "progress":
+                done[slot] = (msg[2], msg[3])
+                if progress:
+                    progress(sum(c for c, _ in done.values()), sum(t for _, t in done.values()))
+            elif kind == "result":
+                results[slot] = SimResult.model_validate_json(msg[2])
+            else:
+                raise RuntimeError(f"simulator process {slot} failed:\n{msg[2]}")
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+    merged = SimResult.merge([results[k] for k in sorted(results)], duration_s=time.monotonic() - t0)
+    merged.config = config.model_dump(mode="json")
+    return merged
+
+
+async def run_simulation(config: SimConfig, progress: ProgressFn | None = None) -> SimResult:
+    """Place ``config.calls`` simulated Retell calls against ``config.url`` and measure them."""
+    if config.run_id is None:
+        config = config.model_copy(update={"run_id": secrets.token_hex(4)})
+    if config.processes > 1 and config.calls > 1:
+        return await _run_processes(config, progress)
+    return await _run_local(config, list(range(config.calls)), progress)

@@ -1,0 +1,89 @@
+"""The three stores behind every architecture: call state, response cache, event sink.
+
+Each is a small interface with an in-memory backend (``memory.py``, the single-server
+architecture) and a Redis backend (``redis.py``, the distributed and event-driven ones).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field
+
+from callray.events import Event
+
+
+class StaleStateError(RuntimeError):
+    """A save lost the optimistic-concurrency race: a newer version of the call is stored."""
+
+    def __init__(self, call_id: str, expected: int, found: int | None):
+        super().__init__(f"call {call_id}: state version {expected} is stale (store has {found})")
+        self.call_id, self.expected, self.found = call_id, expected, found
+
+
+class StoreUnavailableError(RuntimeError):
+    """The backend cannot be reached (e.g. Redis is down). Callers retry later."""
+
+
+class TurnRecord(BaseModel):
+    """One answered request: what the caller said and what the agent said back."""
+
+    response_id: int
+    kind: str = "response"
+    user: str = ""
+    agent: str = ""
+    at: float = Field(default_factory=time.time)
+
+
+class CallState(BaseModel):
+    """Everything about one call that must survive a restart, keyed by ``call_id``."""
+
+    call_id: str
+    agent: str = ""
+    version: int = Field(default=0, description="Store-managed; 0 means never saved.")
+    greeted: bool = Field(default=False, description="Response 0 has been delivered once.")
+    latest_response_id: int = 0
+    turns: list[TurnRecord] = Field(default_factory=list)
+    agent_state: dict[str, Any] = Field(default_factory=dict)
+    tool_results: dict[str, Any] = Field(default_factory=dict, description="Idempotency key -> result.")
+    pending_action: dict[str, Any] | None = None
+    call: dict[str, Any] = Field(default_factory=dict, description="Retell's call object.")
+    ended: bool = False
+    event_seq: int = Field(default=0, description="Sequence number of the last event this call emitted.")
+    interrupt_id: int = Field(default=0, description="The server's agent_interrupt counter.")
+    updated_at: float = Field(default_factory=time.time)
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    async def load(self, call_id: str) -> CallState | None:
+        """The stored state, or None for a call never saved (or expired)."""
+
+    async def save(self, state: CallState) -> int:
+        """Compare-and-set on ``state.version``: store it as version + 1, set
+        ``state.version`` to the new version and return it. Raises StaleStateError when the
+        store holds another version, StoreUnavailableError when the backend is down."""
+
+    async def delete(self, call_id: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class ResponseCache(Protocol):
+    async def get(self, agent: str, version: str, key: str) -> list[str] | None:
+        """The cached phrases of an answer, or None. Counts a hit or a miss for ``agent``."""
+
+    async def put(self, agent: str, version: str, key: str, phrases: list[str]) -> None: ...
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """``{agent: {"hits": n, "misses": n}}`` as counted by this process."""
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class EventSink(Protocol):
+    def emit(self, event: Event) -> None:
+        """Hand an event to the bus. Never blocks and never raises: the turn must not wait."""

@@ -1,0 +1,282 @@
+"""Redis backends for call state and the response cache (distributed and event-driven).
+
+State is a hash per call (``v`` = version, ``s`` = the CallState JSON) written by one Lua
+compare-and-set, so two hosts that both think they own a call can never both win. The cache is
+a plain string per answer; it never raises, because a cache must never break a turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from callray.stores.base import CallState, StaleStateError, StoreUnavailableError
+from callray.stores.redis_client import check_redis, redis_client
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Failures that mean "Redis cannot serve this now" (refused, reset, timed out, loading...).
+_DOWN = (RedisError, OSError, asyncio.TimeoutError)
+
+# KEYS[1] call key; ARGV[1] expected version, ARGV[2] JSON, ARGV[3] TTL ms.
+# Returns {1, new_version} when written, {0, found_version} when stale (0 = no such call).
+# A replay of the exact write that already landed (a retry after a lost reply) succeeds again.
+_CAS_SAVE = """
+local cur = redis.call('HMGET', KEYS[1], 'v', 's')
+local found = tonumber(cur[1] or '0')
+local expected = tonumber(ARGV[1])
+if found == expected + 1 and cur[2] == ARGV[2] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return {1, found}
+end
+if found ~= expected then
+  return {0, found}
+end
+redis.call('HSET', KEYS[1], 'v', found + 1, 's', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {1, found + 1}
+"""
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+async def _once_more_on_reconnect(command: Callable[[], Awaitable[T]]) -> T:
+    """Run ``command``; on a dropped connection run it once more on a fresh one.
+
+    After a Redis restart every pooled connection is dead and the first command on each fails
+    with ConnectionError although Redis is up again. Timeouts are not retried: a slow Redis
+    would only double the turn's wait. Commands here are idempotent (the save script accepts
+    a replay of its own write).
+    """
+    try:
+        return await command()
+    except RedisConnectionError:
+        return await command()
+
+
+class RedisStateStore:
+    """Versioned call state in Redis with the same compare-and-set rule as MemoryStateStore.
+
+    Every save refreshes the key's TTL, so a call expires ``ttl_s`` after its last activity;
+    ``touch`` refreshes it without writing (e.g. on a turn that changed nothing).
+    """
+
+    def __init__(self, client: aioredis.Redis, *, ttl_s: float = 3600.0, prefix: str = "callray:call:"):
+        self.client, self.ttl_s, self.prefix = client, ttl_s, prefix
+        self._save_script = client.register_script(_CAS_SAVE)
+        self._owns_client = False
+
+    @classmethod
+    async def connect(
+        cls, url: str, ttl_s: float = 3600.0, *, prefix: str = "callray:call:", setting: str = "REDIS_URL"
+    ) -> RedisStateStore:
+        """Open a client for ``url`` and PING it: a wrong URL fails here, naming ``setting``."""
+        client = redis_client(url)
+        try:
+            await check_redis(client, url, setting)
+        except BaseException:
+            await client.aclose()
+            raise
+        store = cls(client, ttl_s=ttl_s, prefix=prefix)
+        store._owns_client = True
+        return store
+
+    def key(self, call_id: str) -> str:
+        return self.prefix + call_id
+
+    async def load(self, call_id: str) -> CallState | None:
+        key = self.key(call_id)
+        version, raw = await self._run("load", call_id, lambda: self.client.hmget(key, "v", "s"))
+        if version is None or raw is None:
+            return None
+        state = CallState.model_validate_json(raw)
+        state.version = int(version)
+        return state
+
+    async def save(self, state: CallState) -> int:
+        new_version, now = state.version + 1, time.time()
+        payload = state.model_copy(update={"version": new_version, "updated_at": now}).model_dump_json()
+        args = [state.version, payload, _ms(self.ttl_s)]
+        key = self.key(state.call_id)
+        written, version = await self._run("save", state.call_id, lambda: self._save_script(keys=[key], args=args))
+        if not written:
+            raise StaleStateError(state.call_id, state.version, int(version))
+        state.version, state.updated_at = new_version, now
+        return new_version
+
+    async def touch(self, call_id: str) -> bool:
+        """Refresh the TTL; False when the call is not stored (never saved, expired, deleted)."""
+        key, ttl_ms = self.key(call_id), _ms(self.ttl_s)
+        return bool(await self._run("touch", call_id, lambda: self.client.pexpire(key, ttl_ms)))
+
+    async def delete(self, call_id: str) -> None:
+        key = self.key(call_id)
+        await self._run("delete", call_id, lambda: self.client.delete(key))
+
+    async def _run(self, what: str, call_id: str, command: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await _once_more_on_reconnect(command)
+        except _DOWN as exc:
+            raise StoreUnavailableError(f"Redis state store: {what} of call {call_id} failed: {exc}") from exc
+
+    async def close(self) -> None:
+        """Close the client if ``connect`` opened it; a client passed in belongs to the caller."""
+        if self._owns_client:
+            await self.client.aclose()
+
+
+class RedisResponseCache:
+    """Answers shared by every replica, keyed by agent, agent version and a hash of the key.
+
+    The agent and version are both in the key name and in the hash, so one agent's answer is
+    never served for another and a new agent version starts cold. Hits and misses are counted
+    locally (``stats``) and, batched, in one Redis hash for the whole cluster
+    (``remote_stats``).
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        ttl_s: float = 3600.0,
+        prefix: str = "callray:cache:",
+        stats_flush_s: float = 1.0,
+    ):
+        self.client, self.ttl_s, self.prefix, self.stats_flush_s = client, ttl_s, prefix, stats_flush_s
+        self.stats_key = prefix + "stats"
+        self._stats: dict[str, dict[str, int]] = defaultdict(lambda: {"hits": 0, "misses": 0, "errors": 0})
+        self._unflushed: dict[str, int] = defaultdict(int)
+        self._flusher: asyncio.Task | None = None
+        self._owns_client = False
+
+    @classmethod
+    async def connect(
+        cls, url: str, ttl_s: float = 3600.0, *, prefix: str = "callray:cache:", setting: str = "REDIS_URL"
+    ) -> RedisResponseCache:
+        """Open a client for ``url`` and PING it: a wrong URL fails here, naming ``setting``."""
+        client = redis_client(url)
+        try:
+            await check_redis(client, url, setting)
+        except BaseException:
+            await client.aclose()
+            raise
+        cache = cls(client, ttl_s=ttl_s, prefix=prefix)
+        cache._owns_client = True
+        return cache
+
+    def key(self, agent: str, version: str, key: str) -> str:
+        digest = hashlib.sha256(json.dumps([agent, version, key]).encode()).hexdigest()
+        return f"{self.prefix}{agent}:{version}:{digest}"
+
+    async def get(self, agent: str, version: str, key: str) -> list[str] | None:
+        try:
+            full = self.key(agent, version, key)
+            raw = await _once_more_on_reconnect(lambda: self.client.get(full))
+            phrases = json.loads(raw) if raw is not None else None
+        except (*_DOWN, ValueError) as exc:
+            log.warning("response cache: get for agent %r failed, counted as a miss: %s", agent, exc)
+            self._count(agent, "errors")
+            phrases = None
+        self._count(agent, "hits" if phrases is not None else "misses")
+        return phrases
+
+    async def put(self, agent: str, version: str, key: str, phrases: list[str]) -> None:
+        try:
+            full, value, ttl_ms = self.key(agent, version, key), json.dumps(list(phrases)), _ms(self.ttl_s)
+            await _once_more_on_reconnect(lambda: self.client.set(full, value, px=ttl_ms))
+        except _DOWN as exc:
+            log.warning("response cache: put for agent %r failed, dropped: %s", agent, exc)
+            self._count(agent, "errors")
+
+    async def put_many(self, agent: str, version: str, items: dict[str, list[str]]) -> int:
+        """Pre-cache common answers in one round trip; returns how many were written."""
+        if not items:
+            return 0
+
+        async def write_all() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key, phrases in items.items():
+                    pipe.set(self.key(agent, version, key), json.dumps(list(phrases)), px=_ms(self.ttl_s))
+                await pipe.execute()
+
+        try:
+            await _once_more_on_reconnect(write_all)
+        except _DOWN as exc:
+            log.warning("response cache: pre-caching %d answers for %r failed: %s", len(items), agent, exc)
+            self._count(agent, "errors")
+            return 0
+        return len(items)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """``{agent: {"hits", "misses", "errors"}}`` counted by this process."""
+        return {agent: dict(counts) for agent, counts in self._stats.items()}
+
+    async def remote_stats(self) -> dict[str, dict[str, int]]:
+        """The cluster-wide counts (every process's flushed hits/misses/errors), per agent."""
+        await self.flush_stats()
+        try:
+            raw = await _once_more_on_reconnect(lambda: self.client.hgetall(self.stats_key))
+        except _DOWN as exc:
+            raise StoreUnavailableError(f"response cache: reading {self.stats_key} failed: {exc}") from exc
+        out: dict[str, dict[str, int]] = defaultdict(lambda: {"hits": 0, "misses": 0, "errors": 0})
+        for field, value in raw.items():
+            agent, _, kind = field.decode().rpartition(":")
+            out[agent][kind] = int(value)
+        return dict(out)
+
+    async def flush_stats(self) -> bool:
+        """Add the counts not yet sent to the shared hash; False (and kept) if Redis is down."""
+        batch, self._unflushed = self._unflushed, defaultdict(int)
+        if not batch:
+            return True
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for field, n in batch.items():
+                    pipe.hincrby(self.stats_key, field, n)
+                await pipe.execute()
+        except BaseException as exc:  # keep the counts for the next flush, also when cancelled
+            for field, n in batch.items():
+                self._unflushed[field] += n
+            if not isinstance(exc, _DOWN):
+                raise
+            return False
+        return True
+
+    def _count(self, agent: str, kind: str) -> None:
+        self._stats[agent][kind] += 1
+        self._unflushed[f"{agent}:{kind}"] += 1
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no running loop: a later count or close() sends it
+            return
+        if self._flusher is None or self._flusher.done() or self._flusher.get_loop() is not loop:
+            self._flusher = loop.create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.stats_flush_s)
+        await self.flush_stats()
+
+    async def close(self) -> None:
+        """Send the last counts, then close the client if ``connect`` opened it."""
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None and not flusher.done() and flusher.get_loop() is asyncio.get_running_loop():
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+        await self.flush_stats()
+        if self._owns_client:
+            await self.client.aclose()

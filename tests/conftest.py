@@ -1,0 +1,144 @@
+"""Shared fixtures: a private redis-server per test session, started and stopped by pid."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RedisServer:
+    """A redis-server this test session started; ``restart()`` keeps its port and data dir."""
+
+    port: int
+    dir: Path
+    appendonly: bool
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not on PATH; install Redis 7 (apt-get install redis-server)")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def restart(self, down_s: float = 0.0) -> None:
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One appendonly redis-server for the whole session (tests use distinct keys)."""
+    with tempfile.TemporaryDirectory(prefix="callray-redis-") as tmp:
+        server = RedisServer(port=free_port(), dir=Path(tmp), appendonly=True)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    return redis_server.url
+
+
+# --------------------------------------------------------------------------- Ray and Serve
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A private local Ray for the session (never a running cluster), shut down at the end."""
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="cr-", dir="/tmp")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=tmp,
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}}, logging_level="warning")
+    try:
+        yield ray
+    finally:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_cluster) -> int:
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+def deploy(name: str, args: dict, port: int, *, replicas: int = 1) -> str:
+    """Deploy callray as application ``name`` under ``/name``; returns its WebSocket base URL."""
+    from ray import serve
+
+    from serve_app import CallGateway, CallraySettings
+
+    settings = CallraySettings.parse(args)
+    app = CallGateway.options(num_replicas=replicas).bind(settings.model_dump(mode="json"))
+    serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
+    deadline = time.monotonic() + 120
+    import urllib.request
+
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/{name}/healthz", timeout=5) as r:
+                if r.status == 200:
+                    return f"ws://127.0.0.1:{port}/{name}{settings.gateway.path_prefix}"
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"application {name} did not become healthy")
+
+
+@pytest.fixture(scope="session")
+def single_app(serve_port) -> str:
+    """The default single-server architecture (in-memory state, clinic flow agent)."""
+    return deploy("single", {"hosts": {"count": 2, "namespace": "callray-test-single"}}, serve_port)

@@ -1,0 +1,247 @@
+"""The event bus against a real redis-server (and the in-memory twin): delivery to every
+group, takeover from dead consumers, dead-lettering, and a producer that never blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from callray.bus import Delivery, EventBus, MemoryBus, RedisStreamBus, consume
+from callray.consumers.analytics import Analytics
+from callray.consumers.archive import TranscriptArchive
+from callray.events import CallEnded, CallStarted, CallTurn, Event
+from callray.stores.redis_client import RedisConfigError, redis_client
+from tests.conftest import free_port
+
+
+def script(calls: int = 3, turns: int = 4) -> list[Event]:
+    events: list[Event] = []
+    for c in range(calls):
+        cid = f"call-{c}"
+        events.append(CallStarted(call_id=cid, seq=0, agent="demo"))
+        for t in range(1, turns + 1):
+            events.append(CallTurn(call_id=cid, seq=t, agent="demo", response_id=t, caller_text=f"q{t}",
+                                   agent_text=f"a{t}", first_chunk_ms=10.0 * t, cache_hit=t % 2 == 0))
+        events.append(CallEnded(call_id=cid, seq=turns + 1, agent="demo", reason="user_hangup"))
+    return events
+
+
+@pytest.fixture
+async def redis_bus(redis_url):
+    stream = f"test:{uuid.uuid4().hex}"
+    bus = RedisStreamBus(redis_client(redis_url), stream=stream, dead_letter_stream=f"{stream}:dead",
+                         max_deliveries=3, claim_idle_ms=100, owns_client=True)
+    yield bus
+    await bus.client.delete(stream, f"{stream}:dead")
+    await bus.close()
+
+
+async def until(predicate, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+async def run_consumers(bus: EventBus, handlers: dict[str, object], done) -> None:
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(consume(bus, group, f"{group}-1", h, stop=stop, block_ms=100))
+             for group, h in handlers.items()]
+    try:
+        await until(done)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
+@pytest.mark.parametrize("backend", ["redis", "memory"])
+async def test_events_reach_three_groups_exactly(backend, redis_bus, tmp_path: Path):
+    bus = redis_bus if backend == "redis" else MemoryBus(claim_idle_ms=100)
+    events = script()
+    for event in events:
+        bus.emit(event)
+    await bus.flush()
+    assert bus.stats()["published"] == len(events) and bus.stats()["dropped"] == 0
+
+    analytics, archive, seen = Analytics(), TranscriptArchive(tmp_path), Counter()
+
+    async def escalation_probe(event: Event) -> None:
+        seen[(event.call_id, event.seq)] += 1
+
+    await run_consumers(bus, {"analytics": analytics.handle, "archive": archive.handle, "escalation": escalation_probe},
+                        lambda: len(seen) == len(events) and len(list(tmp_path.glob("*.json"))) == 3
+                        and analytics.snapshot()["overall"]["calls"]["ended"] == 3)
+    snap = analytics.snapshot()["overall"]
+    assert snap["calls"] == {"active": 0, "started": 3, "ended": 3, "reconnects": 0}
+    assert snap["turns"] == 12 and snap["cache_hits"] == 6
+    assert set(seen.values()) == {1}
+    for c in range(3):
+        record = await archive.get(f"call-{c}")
+        assert [t["response_id"] for t in record["turns"]] == [1, 2, 3, 4] and record["ended"]
+    await bus.close()
+
+
+async def test_dead_consumer_entries_are_claimed_and_counts_stay_exact(redis_bus):
+    events = script(calls=2, turns=3)
+    for event in events:
+        await redis_bus.publish(event)
+    analytics = Analytics()
+    first = await redis_bus.read("analytics", "worker-a", count=6, block_ms=0)
+    assert [d.deliveries for d in first] == [1] * 6
+    for delivery in first[:4]:  # handled but never acked: the process "dies" here
+        await analytics.handle(delivery.event)
+
+    successor = RedisStreamBus(redis_bus.client, stream=redis_bus.stream, dead_letter_stream=redis_bus.dead_letter_stream,
+                               max_deliveries=3, claim_idle_ms=100)
+    await asyncio.sleep(0.15)  # worker-a's entries are now idle longer than claim_idle_ms
+    claimed = await successor.read("analytics", "worker-b", count=100, block_ms=0)
+    assert [d.id for d in claimed] == [d.id for d in first] and all(d.deliveries == 2 for d in claimed)
+    stop = asyncio.Event()
+    for delivery in claimed:
+        await analytics.handle(delivery.event)
+    await successor.ack("analytics", [d.id for d in claimed])
+    task = asyncio.create_task(consume(successor, "analytics", "worker-b", analytics.handle, stop=stop, block_ms=100))
+    await until(lambda: analytics.snapshot()["overall"]["calls"]["ended"] == 2)
+    stop.set()
+    await task
+    snap = analytics.snapshot()["overall"]
+    assert snap["calls"]["started"] == 2 and snap["turns"] == 6 and snap["calls"]["ended"] == 2
+    pending = await redis_bus.client.xpending(redis_bus.stream, "analytics")
+    assert pending["pending"] == 0
+
+
+async def test_restarted_consumer_rereads_its_own_pending_first(redis_bus):
+    for event in script(calls=1, turns=2):
+        await redis_bus.publish(event)
+    got = await redis_bus.read("archive", "archive-1", count=2, block_ms=0)
+    assert len(got) == 2
+    restarted = RedisStreamBus(redis_bus.client, stream=redis_bus.stream, claim_idle_ms=60_000)
+    again = await restarted.read("archive", "archive-1", count=10, block_ms=0)
+    assert [d.id for d in again] == [d.id for d in got] and all(d.deliveries == 2 for d in again)
+    rest = await restarted.read("archive", "archive-1", count=10, block_ms=0)
+    assert len(rest) == 2 and all(d.deliveries == 1 for d in rest)  # then new entries
+
+
+async def test_failing_handler_lands_in_dead_letter_after_max_deliveries(redis_bus):
+    poison = CallTurn(call_id="poison", seq=1, response_id=1, caller_text="boom")
+    good = CallTurn(call_id="fine", seq=1, response_id=1)
+    await redis_bus.publish(poison)
+    await redis_bus.publish(good)
+    attempts: Counter[str] = Counter()
+
+    async def handler(event: Event) -> None:
+        attempts[event.call_id] += 1
+        if event.call_id == "poison":
+            raise RuntimeError("handler bug")
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(consume(redis_bus, "g", "c1", handler, stop=stop, block_ms=50))
+    await until(lambda: redis_bus.stats()["dead_lettered"] == 1)
+    stop.set()
+    await task
+    assert attempts == {"poison": 3, "fine": 1}
+    dead = await redis_bus.dead_letters()
+    assert len(dead) == 1 and dead[0]["group"] == "g" and "delivered 4 times" in dead[0]["reason"]
+    assert '"call_id":"poison"' in dead[0]["event"]
+    assert (await redis_bus.client.xpending(redis_bus.stream, "g"))["pending"] == 0
+
+
+async def test_undecodable_entries_are_dead_lettered_at_once(redis_bus):
+    await redis_bus.client.xadd(redis_bus.stream, {"event": "{not json"})
+    await redis_bus.client.xadd(redis_bus.stream, {"something": "else"})
+    await redis_bus.client.xadd(redis_bus.stream, {"event": '{"type": "call.unknown", "call_id": "x", "seq": 1}'})
+    await redis_bus.publish(CallStarted(call_id="ok", seq=0))
+    got = await redis_bus.read("g", "c", count=10, block_ms=0)
+    assert [d.event.call_id for d in got] == ["ok"]
+    dead = await redis_bus.dead_letters()
+    assert len(dead) == 3
+    assert dead[0]["reason"].startswith("undecodable") and "no 'event' field" in dead[1]["reason"]
+    assert all(row["original_id"] for row in dead)
+
+
+async def test_emit_never_blocks_and_counts_drops(redis_bus):
+    small = RedisStreamBus(redis_bus.client, stream=redis_bus.stream, buffer_size=10)
+    for i in range(25):  # no await in between: the flusher cannot run, the buffer fills
+        small.emit(CallStarted(call_id=f"c{i}", seq=0))
+    assert small.stats()["dropped"] == 15 and small.stats()["buffered"] == 10
+    await small.flush()
+    assert await redis_bus.client.xlen(redis_bus.stream) == 10
+    small.emit(CallStarted(call_id="late", seq=0))  # the background flusher publishes this one
+    await until(lambda: small.stats()["published"] == 11)
+    await small.close()
+
+
+async def test_emit_with_redis_down_neither_blocks_nor_raises():
+    bus = RedisStreamBus(redis_client(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2), buffer_size=5,
+                         owns_client=True)
+    for i in range(8):
+        bus.emit(CallStarted(call_id=f"c{i}", seq=0))
+    await until(lambda: bus.stats()["publish_errors"] >= 1)
+    stats = bus.stats()
+    assert stats["buffered"] == 5 and stats["dropped"] == 3 and stats["published"] == 0
+    assert "Error" in stats["last_error"]
+    await bus.close()  # gives up on the unpublished buffer without raising
+
+
+async def test_connect_names_the_setting_when_redis_is_down():
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    with pytest.raises(RedisConfigError, match="EVENTS_URL"):
+        await RedisStreamBus.connect(url, setting="EVENTS_URL")
+
+
+async def test_consumers_survive_a_redis_restart(redis_server, redis_bus):
+    handled: Counter[str] = Counter()
+
+    async def handler(event: Event) -> None:
+        handled[event.call_id] += 1
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(consume(redis_bus, "g", "c", handler, stop=stop, block_ms=100, error_backoff_s=0.1))
+    await redis_bus.publish(CallStarted(call_id="before", seq=0))
+    await until(lambda: handled["before"] == 1)
+    redis_server.restart()
+    redis_bus.emit(CallStarted(call_id="after", seq=0))
+    await until(lambda: handled["after"] == 1, timeout=20)
+    stop.set()
+    await task
+    assert handled == {"before": 1, "after": 1}
+
+
+def test_memory_emit_outside_a_loop_only_buffers():
+    bus = MemoryBus(buffer_size=2)
+    for i in range(3):
+        bus.emit(CallStarted(call_id=f"c{i}", seq=0))
+    assert bus.stats()["buffered"] == 2 and bus.stats()["dropped"] == 1
+    assert isinstance(bus, EventBus)
+
+
+async def test_memory_bus_redelivers_then_dead_letters():
+    bus = MemoryBus(max_deliveries=2, claim_idle_ms=30)
+    await bus.publish(CallStarted(call_id="a", seq=0))
+    await bus.publish(CallStarted(call_id="b", seq=0))
+    first = await bus.read("g", "c", count=10, block_ms=0)
+    assert [d.deliveries for d in first] == [1, 1]
+    await bus.ack("g", [first[1].id])
+    await asyncio.sleep(0.05)
+    second = await bus.read("g", "other", count=10, block_ms=0)
+    assert [(d.event.call_id, d.deliveries) for d in second] == [("a", 2)]
+    await asyncio.sleep(0.05)
+    assert await bus.read("g", "other", count=10, block_ms=0) == []
+    assert bus.dead[0]["original_id"] == first[0].id and "delivered 3 times" in bus.dead[0]["reason"]
+    await bus.close()
+
+
+async def test_memory_bus_read_waits_for_new_entries():
+    bus = MemoryBus()
+    waiter = asyncio.create_task(bus.read("g", "c", count=10, block_ms=5000))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    bus.emit(CallStarted(call_id="a", seq=0))
+    delivery = (await waiter)[0]
+    assert isinstance(delivery, Delivery) and delivery.event.call_id == "a" and delivery.deliveries == 1
+    await bus.close()

@@ -1,0 +1,270 @@
+"""The call state machine, in plain asyncio (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from callray.conversation import Conversation
+from callray.protocol import parse_event
+from callray.settings import TurnSettings
+from callray.stores.base import CallState
+from callray.stores.memory import MemoryEventSink, MemoryResponseCache, MemoryStateStore
+from tests.scripted_agent import ScriptedAgent
+
+
+def request(rid: int, *user_lines: str, kind: str = "response_required") -> object:
+    transcript = []
+    for line in user_lines:
+        transcript += [{"role": "agent", "content": "..."}, {"role": "user", "content": line}]
+    return parse_event({"interaction_type": kind, "response_id": rid, "transcript": transcript})
+
+
+class Harness:
+    def __init__(self, budget_ms: float = 800, timeout_s: float = 5, cache: bool = False):
+        self.agent = ScriptedAgent()
+        self.store = MemoryStateStore()
+        self.events = MemoryEventSink()
+        self.cache = MemoryResponseCache() if cache else None
+        self.settings = TurnSettings(latency_budget_ms=budget_ms, agent_timeout_s=timeout_s, holding_phrases=["Hold on."])
+        self.conversation = self.make()
+        self.frames: list[dict] = []
+
+    def make(self, state: CallState | None = None) -> Conversation:
+        return Conversation(state or CallState(call_id="c1"), self.agent, store=self.store, settings=self.settings,
+                            cache=self.cache, events=self.events)
+
+    async def attach(self, connection: str = "s1", **kw):
+        self.outbox = await self.conversation.attach(connection, **kw)
+        self.opening = self.drain()  # response 0 (or nothing when resuming)
+        return self.outbox
+
+    def drain(self) -> list[dict]:
+        new = []
+        while not self.outbox._queue.empty():
+            item = self.outbox._queue.get_nowait()
+            if item is not None:
+                new.append(json.loads(item))
+        self.frames += new
+        return new
+
+    async def settle(self, seconds: float = 0.05) -> list[dict]:
+        await asyncio.sleep(seconds)
+        return self.drain()
+
+    def for_id(self, rid: int) -> list[dict]:
+        return [f for f in self.frames if f.get("response_id") == rid]
+
+
+def completes(frames: list[dict], rid: int) -> list[dict]:
+    return [f for f in frames if f.get("response_id") == rid and f.get("content_complete")]
+
+
+async def test_greeting_then_answer_completes_once():
+    h = Harness()
+    await h.attach()
+    assert h.opening == [{"response_type": "response", "response_id": 0, "content": "Hello, this is the test agent.",
+                      "content_complete": True}]
+    h.conversation.handle(request(1, "hello there"))
+    frames = await h.settle()
+    assert "".join(f["content"] for f in frames) == "You said: hello there. Anything else?"
+    assert len(completes(frames, 1)) == 1 and frames[-1]["content_complete"] is True
+    assert len(frames) == 2  # phrases carry completion: no empty trailing frame
+    state = await h.store.load("c1")
+    assert state.greeted and [t.user for t in state.turns] == ["hello there"]
+
+
+async def test_supersede_cancels_old_generation_and_only_latest_completes():
+    h = Harness()
+    await h.attach()
+    h.conversation.handle(request(1, "slow first"))
+    await asyncio.sleep(0.01)
+    h.conversation.handle(request(2, "slow first and more"))
+    await h.settle(0.5)
+    assert h.agent.cancelled == ["slow first"]
+    assert h.for_id(1) == [] and len(completes(h.frames, 2)) == 1
+    superseded = [e for e in h.events.events if e.type == "call.superseded"]
+    assert [(e.response_id, e.by_response_id) for e in superseded] == [(1, 2)]
+
+
+async def test_stale_and_repeated_requests_are_ignored():
+    h = Harness()
+    await h.attach()
+    h.conversation.handle(request(3, "three"))
+    await h.settle()
+    h.conversation.handle(request(2, "two"))
+    h.conversation.handle(request(3, "three"))
+    await h.settle()
+    assert h.for_id(2) == [] and len(completes(h.frames, 3)) == 1
+
+
+async def test_update_only_does_not_supersede():
+    h = Harness()
+    await h.attach()
+    h.conversation.handle(request(1, "slow please"))
+    await asyncio.sleep(0.01)
+    h.conversation.handle(parse_event({"interaction_type": "update_only", "turntaking": "user_turn",
+                                       "transcript": [{"role": "user", "content": "slow please and"}]}))
+    await h.settle(0.5)
+    assert len(completes(h.frames, 1)) == 1 and h.agent.cancelled == []
+    assert h.conversation.turntaking == "user_turn"
+    assert h.conversation.latest_transcript[-1]["content"] == "slow please and"
+
+
+async def test_agent_failure_mid_stream_speaks_fallback_and_completes():
+    h = Harness()
+    await h.attach()
+    h.conversation.handle(request(1, "please fail"))
+    frames = await h.settle()
+    assert frames[0]["content"] == "You said: please fail."
+    assert frames[-1] == {"response_type": "response", "response_id": 1, "content": " Sorry, something went wrong.",
+                          "content_complete": True}
+    turn = [e for e in h.events.events if e.type == "call.turn"][-1]
+    assert turn.fallback is True
+
+
+async def test_agent_timeout_speaks_holding_phrase_then_fallback():
+    h = Harness(budget_ms=50, timeout_s=0.3)
+    await h.attach()
+    h.conversation.handle(request(1, "hang"))
+    frames = await h.settle(0.5)
+    assert [f["content"].strip() for f in frames] == ["Hold on.", "Sorry, something went wrong."]
+    assert [f["content_complete"] for f in frames] == [False, True]
+
+
+async def test_latency_budget_sends_holding_phrase_then_answer():
+    h = Harness(budget_ms=100)
+    await h.attach()
+    h.conversation.handle(request(1, "slow one"))
+    frames = await h.settle(0.5)
+    assert frames[0]["content"] == "Hold on." and frames[0]["content_complete"] is False
+    assert "You said: slow one." in "".join(f["content"] for f in frames)
+    assert len(completes(frames, 1)) == 1
+    assert [e.budget_miss for e in h.events.events if e.type == "call.turn"] == [True]
+
+
+async def test_reconnect_gets_empty_response_zero_and_keeps_history():
+    h = Harness()
+    await h.attach("s1")
+    h.conversation.handle(request(1, "remember blue"))
+    await h.settle()
+    old = h.outbox
+    await h.attach("s2")
+    assert old.closed and "superseded" in old.close_reason
+    assert h.opening == [{"response_type": "response", "response_id": 0, "content": "", "content_complete": True}]
+    # a new activation from the stored state (another host) also does not greet again
+    await asyncio.sleep(0.01)
+    stored = await h.store.load("c1")
+    h.conversation = h.make(stored)
+    await h.attach("s3")
+    assert h.opening[0]["content"] == ""
+    assert h.conversation.state.agent_state == {"memory": "blue"}
+
+
+async def test_resume_sends_nothing():
+    h = Harness()
+    await h.attach("s1", resume=True)
+    assert h.opening == [] and h.conversation.state.greeted
+
+
+async def test_end_call_and_transfer_ride_on_the_completing_frame_once():
+    h = Harness()
+    await h.attach()
+    h.conversation.handle(request(1, "transfer me"))
+    frames = await h.settle()
+    assert [f.get("transfer_number") for f in frames] == [None, "+15550001111"]
+    assert frames[-1]["content_complete"] is True
+    h.conversation.handle(request(2, "bye then"))
+    frames = await h.settle()
+    ends = [f for f in frames if f.get("end_call")]
+    assert len(ends) == 1 and ends[0]["content_complete"] is True
+    assert any(f.get("no_interruption_allowed") for f in frames)
+    assert h.conversation.ended
+
+
+async def test_tool_frames_are_bookkeeping_between_phrases():
+    h = Harness()
+    await h.attach()
+    h.conversation.handle(request(1, "use a tool"))
+    frames = await h.settle()
+    assert [f["response_type"] for f in frames] == ["response", "tool_call_invocation", "tool_call_result", "response"]
+    assert frames[1]["arguments"] == '{"q": "x"}' and frames[2]["successful"] is True
+
+
+async def test_digit_action():
+    h = Harness()
+    await h.attach()
+    h.conversation.handle(request(1, "digit"))
+    frames = await h.settle()
+    assert frames[-1]["digit_to_press"] == "1" and frames[-1]["content_complete"] is True
+
+
+async def test_reminder_uses_reminder_turn():
+    h = Harness()
+    await h.attach()
+    h.conversation.handle(request(1, "x", kind="reminder_required"))
+    frames = await h.settle()
+    assert frames == [{"response_type": "response", "response_id": 1, "content": "Are you still there?",
+                       "content_complete": True}]
+
+
+async def test_agent_interrupt_cancels_and_transfers():
+    h = Harness()
+    await h.attach()
+    h.conversation.handle(request(1, "slow"))
+    await asyncio.sleep(0.01)
+    assert h.conversation.interrupt("Let me get you a person.", transfer_number="+15550002222")
+    frames = await h.settle(0.4)
+    assert frames == [{"response_type": "agent_interrupt", "interrupt_id": 1, "content": "Let me get you a person.",
+                       "content_complete": True, "no_interruption_allowed": True, "transfer_number": "+15550002222"}]
+    assert h.agent.cancelled == ["slow"]
+
+
+async def test_detach_cancels_work_but_keeps_the_call():
+    h = Harness()
+    await h.attach("s1")
+    h.conversation.handle(request(1, "slow"))
+    await asyncio.sleep(0.01)
+    assert h.conversation.detach("s1") and not h.conversation.connected
+    await asyncio.sleep(0.05)
+    assert h.agent.cancelled == ["slow"]
+    assert not h.conversation.detach("s1")
+
+
+async def test_cache_serves_repeated_cacheable_answer_and_skips_stateful_turns():
+    h = Harness(cache=True)
+    await h.attach()
+    h.conversation.handle(request(1, "cache me"))
+    await h.settle()
+    h.conversation.handle(request(2, "cache me"))
+    frames = await h.settle()
+    assert "".join(f["content"] for f in frames) == "You said: cache me. Anything else?"
+    turns = [e for e in h.events.events if e.type == "call.turn"]
+    assert [t.cache_hit for t in turns] == [False, True]
+    assert h.cache.stats()["scripted"] == {"hits": 1, "misses": 1}
+    h.conversation.handle(request(3, "cache remember red"))  # changes state: never cached
+    await h.settle()
+    h.conversation.handle(request(4, "cache remember red"))
+    await h.settle()
+    assert [t.cache_hit for t in h.events.events if t.type == "call.turn"][2:] == [False, False]
+
+
+async def test_event_sequence_numbers_are_per_call_and_increasing():
+    h = Harness()
+    await h.attach()
+    for rid in (1, 2, 3):
+        h.conversation.handle(request(rid, f"turn {rid}"))
+        await h.settle()
+    seqs = [e.seq for e in h.events.events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert [e.type for e in h.events.events] == ["call.started"] + ["call.turn"] * 3
+
+
+@pytest.mark.parametrize("payload", [{"interaction_type": "brand_new_type", "x": 1}, {"interaction_type": "update_only"}])
+async def test_unknown_and_minimal_events_are_tolerated(payload):
+    h = Harness()
+    await h.attach()
+    h.conversation.handle(parse_event(payload))
+    assert await h.settle() == [] and h.opening[0]["response_id"] == 0

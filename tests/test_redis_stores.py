@@ -1,0 +1,236 @@
+"""Redis state store and response cache against a real redis-server (the conftest fixture)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+
+import pytest
+
+from callray.stores.base import CallState, ResponseCache, StaleStateError, StateStore, TurnRecord
+from callray.stores.redis import RedisResponseCache, RedisStateStore
+from callray.stores.redis_client import RedisConfigError, redis_client
+
+
+def unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def new_call(**fields) -> CallState:
+    return CallState(call_id=f"test-{uuid.uuid4().hex}", agent="support", **fields)
+
+
+@pytest.fixture
+async def store(redis_url):
+    store = await RedisStateStore.connect(redis_url, ttl_s=60)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def cache(redis_url):
+    cache = await RedisResponseCache.connect(redis_url, ttl_s=60, prefix=f"test-cache-{uuid.uuid4().hex}:")
+    yield cache
+    await cache.close()
+
+
+async def test_backends_satisfy_the_protocols(store, cache):
+    assert isinstance(store, StateStore)
+    assert isinstance(cache, ResponseCache)
+
+
+async def test_save_load_round_trip(store):
+    state = new_call(greeted=True, latest_response_id=2, agent_state={"node": "billing", "n": [1, 2]})
+    state.turns.append(TurnRecord(response_id=1, user="hi", agent="Hello! How can I help?"))
+    assert await store.save(state) == 1
+    assert state.version == 1
+    loaded = await store.load(state.call_id)
+    assert loaded == state
+    assert await store.load(f"missing-{uuid.uuid4().hex}") is None
+
+
+async def test_versions_increment_on_every_save(store):
+    state = new_call()
+    versions = []
+    for i in range(3):
+        state.latest_response_id = i
+        versions.append(await store.save(state))
+    assert versions == [1, 2, 3]
+    loaded = await store.load(state.call_id)
+    assert (loaded.version, loaded.latest_response_id) == (3, 2)
+
+
+async def test_stale_save_from_an_old_host_is_refused(store, redis_url):
+    state = new_call()
+    await store.save(state)
+    other = await RedisStateStore.connect(redis_url)
+    try:
+        old_host = await store.load(state.call_id)
+        new_host = await other.load(state.call_id)
+        new_host.latest_response_id = 7
+        assert await other.save(new_host) == 2
+        old_host.latest_response_id = 3
+        with pytest.raises(StaleStateError) as err:
+            await store.save(old_host)
+        assert (err.value.expected, err.value.found) == (1, 2)
+        assert old_host.version == 1
+        fresh = CallState(call_id=state.call_id)  # a host that never loaded it
+        with pytest.raises(StaleStateError):
+            await store.save(fresh)
+        stored = await store.load(state.call_id)
+        assert (stored.version, stored.latest_response_id) == (2, 7)
+    finally:
+        await other.close()
+
+
+async def test_ttl_is_set_refreshed_and_expires(redis_url):
+    store = await RedisStateStore.connect(redis_url, ttl_s=30)
+    try:
+        state = new_call()
+        await store.save(state)
+        key = store.key(state.call_id)
+        assert 0 < await store.client.pttl(key) <= 30_000
+        await store.client.pexpire(key, 2_000)
+        assert await store.touch(state.call_id) is True
+        assert await store.client.pttl(key) > 2_000
+        await store.client.pexpire(key, 2_000)
+        await store.save(state)
+        assert await store.client.pttl(key) > 2_000
+        assert await store.touch(f"missing-{uuid.uuid4().hex}") is False
+    finally:
+        await store.close()
+
+    short = await RedisStateStore.connect(redis_url, ttl_s=0.2)
+    try:
+        state = new_call()
+        await short.save(state)
+        await asyncio.sleep(0.5)
+        assert await short.load(state.call_id) is None
+        state.version = 0  # expired: the call starts again from version 0
+        assert await short.save(state) == 1
+    finally:
+        await short.close()
+
+
+async def test_delete(store):
+    state = new_call()
+    await store.save(state)
+    await store.delete(state.call_id)
+    assert await store.load(state.call_id) is None
+    assert await store.touch(state.call_id) is False
+
+
+async def test_wrong_url_fails_at_start_naming_it():
+    url = f"redis://127.0.0.1:{unused_port()}/0"
+    with pytest.raises(RedisConfigError, match="REDIS_URL") as err:
+        await RedisStateStore.connect(url)
+    assert url in str(err.value)
+    with pytest.raises(RedisConfigError, match="CACHE_URL") as err:
+        await RedisResponseCache.connect(url, setting="CACHE_URL")
+    assert url in str(err.value)
+    with pytest.raises(RedisConfigError, match="not a valid Redis URL"):
+        await RedisStateStore.connect("http://nope")
+
+
+async def test_state_survives_a_redis_restart(store, redis_server):
+    state = new_call(latest_response_id=4)
+    await store.save(state)
+    try:
+        redis_server.restart()
+    finally:
+        if redis_server.proc is None:
+            redis_server.start()
+    loaded = await store.load(state.call_id)  # same client: the pool reconnects by itself
+    assert (loaded.version, loaded.latest_response_id) == (1, 4)
+    loaded.latest_response_id = 5
+    assert await store.save(loaded) == 2  # the Lua script is reloaded after the restart
+
+
+async def test_cache_hit_miss_and_stats(cache):
+    assert await cache.get("support", "v1", "what are your hours") is None
+    await cache.put("support", "v1", "what are your hours", ["We're open nine to five.", "Anything else?"])
+    assert await cache.get("support", "v1", "what are your hours") == ["We're open nine to five.", "Anything else?"]
+    assert await cache.get("support", "v1", "what are your hours") is not None
+    assert cache.stats() == {"support": {"hits": 2, "misses": 1, "errors": 0}}
+
+
+async def test_cache_entries_expire(redis_url):
+    cache = RedisResponseCache(redis_client(redis_url), ttl_s=0.2, prefix=f"test-cache-{uuid.uuid4().hex}:")
+    try:
+        await cache.put("support", "v1", "hello", ["Hi!"])
+        assert await cache.get("support", "v1", "hello") == ["Hi!"]
+        await asyncio.sleep(0.5)
+        assert await cache.get("support", "v1", "hello") is None
+    finally:
+        await cache.close()
+        await cache.client.aclose()
+
+
+async def test_cache_isolates_agents_and_versions(cache):
+    await cache.put("support", "v1", "hello", ["Support here."])
+    await cache.put("sales", "v1", "hello", ["Sales here."])
+    assert await cache.get("support", "v1", "hello") == ["Support here."]
+    assert await cache.get("sales", "v1", "hello") == ["Sales here."]
+    assert await cache.get("support", "v2", "hello") is None
+    assert await cache.get("billing", "v1", "hello") is None
+    # separators inside names cannot make two different (agent, version) pairs collide
+    await cache.put("a:b", "c", "k", ["one"])
+    assert await cache.get("a", "b:c", "k") is None
+    assert cache.stats()["support"] == {"hits": 1, "misses": 1, "errors": 0}
+    assert cache.stats()["billing"] == {"hits": 0, "misses": 1, "errors": 0}
+
+
+async def test_put_many_precaches(cache):
+    items = {f"question {i}": [f"answer {i}", "anything else?"] for i in range(20)}
+    assert await cache.put_many("support", "v3", items) == 20
+    for key, phrases in items.items():
+        assert await cache.get("support", "v3", key) == phrases
+    assert await cache.put_many("support", "v3", {}) == 0
+    assert cache.stats()["support"]["hits"] == 20
+
+
+async def test_remote_stats_add_up_across_processes(redis_url):
+    prefix = f"test-cache-{uuid.uuid4().hex}:"
+    first = await RedisResponseCache.connect(redis_url, prefix=prefix)
+    second = await RedisResponseCache.connect(redis_url, prefix=prefix)
+    try:
+        await first.put("support", "v1", "hi", ["Hello."])
+        await first.get("support", "v1", "hi")
+        await second.get("support", "v1", "hi")
+        await second.get("support", "v1", "bye")
+        await second.get("sales", "v1", "hi")
+        await first.flush_stats()
+        remote = await second.remote_stats()
+        assert remote["support"] == {"hits": 2, "misses": 1, "errors": 0}
+        assert remote["sales"] == {"hits": 0, "misses": 1, "errors": 0}
+        assert first.stats() == {"support": {"hits": 1, "misses": 0, "errors": 0}}
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_cache_never_raises_when_redis_is_unreachable():
+    cache = RedisResponseCache(redis_client(f"redis://127.0.0.1:{unused_port()}/0"))
+    try:
+        assert await cache.get("support", "v1", "hello") is None
+        await cache.put("support", "v1", "hello", ["Hi!"])
+        assert await cache.put_many("support", "v1", {"a": ["b"]}) == 0
+        assert cache.stats() == {"support": {"hits": 0, "misses": 1, "errors": 3}}
+        assert await cache.flush_stats() is False
+    finally:
+        await cache.close()
+        await cache.client.aclose()
+
+
+async def test_save_script_accepts_a_replay_of_its_own_write_only(store):
+    """A retry after a lost reply must not report the save as stale; another write still is."""
+    state = new_call()
+    key, payload = store.key(state.call_id), state.model_copy(update={"version": 1}).model_dump_json()
+    assert await store._save_script(keys=[key], args=[0, payload, 60_000]) == [1, 1]
+    assert await store._save_script(keys=[key], args=[0, payload, 60_000]) == [1, 1]
+    other = state.model_copy(update={"version": 1, "latest_response_id": 9}).model_dump_json()
+    assert await store._save_script(keys=[key], args=[0, other, 60_000]) == [0, 1]
+    assert (await store.load(state.call_id)).version == 1

@@ -1,0 +1,144 @@
+"""The single-server architecture end to end: Ray Serve, call hosts, a real loopback WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+
+from callray.placement import host_names, place
+from tests.retell_client import RetellClient
+
+pytestmark = pytest.mark.ray
+
+NAMES = ("Alice Bruno Chloe Dmitri Elena Farah Gustavo Hana Ivan Jonas Keiko Liam Mona Nadia Omar Priya Quinn Rosa "
+         "Sven Tariq Uma Victor Wanda Xavier Yusuf Zoe Amara Boris Celine Dario Esme Felix Greta Hugo Ines Jasper "
+         "Kira Lorenzo Maya Nico Olga Pablo Rhea Santiago Tessa Ulrich Vera Wes Ximena Yara").split()
+
+
+def new_call_id() -> str:
+    return f"call-{uuid.uuid4().hex[:12]}"
+
+
+async def test_a_whole_call(single_app):
+    client = await RetellClient(single_app, new_call_id()).connect()
+    try:
+        await client.wait_for(lambda f: f.get("response_id") == 0 and f.get("content_complete"))
+        assert client.frames[0]["response_type"] == "config"
+        assert client.frames[0]["config"]["auto_reconnect"] is True
+        assert "Maple Street" in client.responses(0)[0]["content"]
+        await client.send({"interaction_type": "call_details", "call": {"call_id": client.call_id, "agent_id": "a1"}})
+
+        assert "Maria" in await client.turn(1, "Hi, my name is Maria")
+        # a ping sent right behind a request is answered by the gateway while the answer streams
+        await client.say(2, "What are your hours?")
+        await client.send({"interaction_type": "ping_pong", "timestamp": 1234567})
+        pong = await client.wait_for(lambda f: f.get("response_type") == "ping_pong")
+        assert pong == {"response_type": "ping_pong", "timestamp": 1234567}
+        assert "Monday" in await client.complete(2)
+        client.transcript.append({"role": "agent", "content": "hours"})
+
+        # supersede: the caller keeps talking; only the latest id matters
+        await client.say(3, "I would like to")
+        await client.say(4, "I would like to book an appointment")
+        assert "What day" in await client.complete(4)
+        first_of_4 = next(i for i, f in enumerate(client.frames) if f.get("response_id") == 4)
+        assert all(f.get("response_id") != 3 for f in client.frames[first_of_4:])
+        assert len([f for f in client.responses(3) if f["content_complete"]]) <= 1
+
+        assert "Tuesday" in await client.turn(5, "Tuesday works")
+        reminder = await client.turn(6, "", kind="reminder_required")
+        assert reminder.strip()
+        goodbye = await client.turn(7, "That's all, goodbye")
+        ends = [f for f in client.responses(7) if f.get("end_call")]
+        assert len(ends) == 1 and ends[0]["content_complete"] is True and "Maria" in goodbye
+        complete_ids = [f["response_id"] for f in client.frames if f.get("content_complete")]
+        assert len(complete_ids) == len(set(complete_ids))
+    finally:
+        await client.close()
+
+
+async def test_fifty_concurrent_calls_each_hear_their_own_words(single_app):
+    async def one_call(name: str) -> tuple[str, str, str]:
+        client = await RetellClient(single_app, new_call_id()).connect()
+        try:
+            await client.complete(0)
+            first = await client.turn(1, f"Hello, my name is {name}")
+            second = await client.turn(2, "I'd like to book an appointment")
+            return name, first, second
+        finally:
+            await client.close()
+
+    results = await asyncio.gather(*(one_call(name) for name in NAMES))
+    for name, first, second in results:
+        assert name in first and name in second, (name, first, second)
+        assert not any(other in first + second for other in NAMES if other != name and len(other) > 3 and other not in name)
+
+
+async def test_host_killed_mid_call_keeps_the_socket_and_answers(single_app, ray_cluster):
+    import ray
+
+    call_id = new_call_id()
+    client = await RetellClient(single_app, call_id).connect()
+    try:
+        await client.complete(0)
+        await client.turn(1, "What are your hours?")
+        owner = place(call_id, host_names("single", 2))
+        host = ray.get_actor(owner, namespace="callray-test-single")
+        old_pid = await host.pid.remote()
+        ray.kill(host, no_restart=False)
+        await client.send({"interaction_type": "ping_pong", "timestamp": 42})
+        await client.wait_for(lambda f: f.get("timestamp") == 42)  # the gateway answers while the host is down
+        answer = await client.turn(2, "Where are you located?", )
+        assert answer.strip() and client.close_code is None
+        assert await host.pid.remote() != old_pid
+        # in-memory state died with the host (docs/operations.md); the call goes on regardless
+        assert (await client.turn(3, "Do you take insurance?")).strip()
+        assert [f["response_id"] for f in client.frames if f.get("response_id") == 0] == [0]
+    finally:
+        await client.close()
+
+
+async def test_bad_frames_never_take_the_server_down(single_app):
+    call_id = new_call_id()
+    client = await RetellClient(single_app, call_id).connect()
+    await client.complete(0)
+    await client.ws.send(b"\x00\x01binary")
+    await client.ws.send("{this is not json")
+    await client.ws.send(json.dumps({"interaction_type": "response_required", "response_id": "one"}))
+    await client.ws.send(json.dumps(["a", "list"]))
+    await client.ws.send(json.dumps({"interaction_type": "from_the_future", "x": 1}))
+    assert "Monday" in await client.turn(1, "What are your hours?")  # still up, still answering
+    await client.ws.send("x" * (1024 * 1024 + 10))  # oversize: 1009, state kept
+    with pytest.raises(ConnectionError):
+        await client.wait_for(lambda f: False, timeout=10)
+    assert client.close_code == 1009
+
+    again = await RetellClient(single_app, call_id).connect()  # Retell reconnects: no second greeting
+    try:
+        assert (await again.complete(0)) == ""
+    finally:
+        await again.close()
+    fresh = await RetellClient(single_app, new_call_id()).connect()  # and new calls are greeted
+    try:
+        assert "Maple Street" in await fresh.complete(0)
+    finally:
+        await fresh.close()
+
+
+async def test_unknown_agent_route_is_refused_before_accepting(single_app):
+    import websockets
+
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await RetellClient(single_app + "/no-such-agent", new_call_id()).connect()
+    assert refused.value.response.status_code == 403
+
+
+async def test_agent_route_by_path(single_app):
+    client = await RetellClient(single_app + "/clinic", new_call_id()).connect()
+    try:
+        assert "Maple Street" in await client.complete(0)
+    finally:
+        await client.close()
