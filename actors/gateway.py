@@ -21,7 +21,6 @@ import time
 import uuid
 from typing import Any
 
-import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 

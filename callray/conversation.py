@@ -18,6 +18,7 @@ It knows nothing about Ray or sockets: frames go to the attached :class:`Outbox`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import time
@@ -319,8 +320,9 @@ class Conversation:
     async def _pump(self, turn: Turn, queue: asyncio.Queue) -> None:
         """Run the agent into a queue so budget and timeout can be watched while it works."""
         try:
-            async for item in self.agent.respond(turn):
-                queue.put_nowait(item)
+            async with contextlib.aclosing(self.agent.respond(turn)) as outputs:  # closes upstream streams at once
+                async for item in outputs:
+                    queue.put_nowait(item)
             queue.put_nowait(_END)
         except asyncio.CancelledError:
             raise

@@ -428,7 +428,7 @@ def test_missing_api_key_env_names_the_variable_and_field(monkeypatch: pytest.Mo
     monkeypatch.delenv("CALLRAY_TEST_UNSET_KEY", raising=False)
     data = config(FakeLLMServer(base_url="http://127.0.0.1:9/v1", state=None))  # type: ignore[arg-type]
     del data["providers"][0]["api_key_fallback"]
-    with pytest.raises(AgentConfigError, match=r"agent\.yaml: providers\[0\]\.api_key_env: .*CALLRAY_TEST_UNSET_KEY"):
+    with pytest.raises(AgentConfigError, match=r"agent\.yaml: providers\.0\.api_key_env: .*CALLRAY_TEST_UNSET_KEY"):
         LLMAgent.from_dict(data, source="agent.yaml")
     monkeypatch.setenv("CALLRAY_TEST_UNSET_KEY", "sk-real")
     assert LLMAgent.from_dict(data, source="agent.yaml").name == "test-llm"
@@ -443,8 +443,8 @@ def test_validation_errors_name_file_and_field_path(tmp_path: Path) -> None:
     with pytest.raises(AgentConfigError) as info:
         load_llm_agent(path)
     message = str(info.value)
-    assert f"{path}: providers[0].model: Field required" in message
-    assert f"{path}: providers[0].modle: Extra inputs are not permitted" in message
+    assert f"{path}: providers.0.model: Field required" in message
+    assert f"{path}: providers.0.modle: unknown field (check the spelling)" in message
     assert f"{path}: temperature:" in message and "(got 9)" in message
     path.write_text("name: [unclosed")
     with pytest.raises(AgentConfigError, match="invalid YAML"):

@@ -45,7 +45,7 @@ def test_valid_signature_verifies():
         ("d=" + "a" * 64, "malformed"),
         (f"v={NOW},d=" + "A" * 64, "malformed"),
         (f"v={NOW},d=" + "a" * 63, "malformed"),
-        (f"v=abc,d=" + "a" * 64, "malformed"),
+        ("v=abc,d=" + "a" * 64, "malformed"),
         (f"v={NOW},d=" + "a" * 64, "bad digest"),
         (sign(RAW, "other-key", now_ms=NOW), "bad digest"),
         (sign(RAW, KEY, now_ms=NOW - 300_001), "stale"),

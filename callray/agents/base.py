@@ -140,6 +140,7 @@ class Agent(Protocol):
 
 # --------------------------------------------------------------------------- helpers
 
+_APOSTROPHES = re.compile("[\u2018\u2019\u02bc\u2032`]")
 _NON_WORD = re.compile(r"[^\w\s']+")
 _SPACES = re.compile(r"\s+")
 
@@ -147,7 +148,7 @@ _SPACES = re.compile(r"\s+")
 def normalise(text: str) -> str:
     """Lower-case, strip accents and punctuation, collapse spaces: the form intents and the
     response cache compare."""
-    text = unicodedata.normalize("NFKD", text)
+    text = _APOSTROPHES.sub("'", unicodedata.normalize("NFKD", text))
     text = "".join(c for c in text if not unicodedata.combining(c)).lower()
     text = _NON_WORD.sub(" ", text).replace("'", "")
     return _SPACES.sub(" ", text).strip()

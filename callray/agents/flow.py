@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Literal
 
-import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from callray.agents.config import AgentConfigError, describe_validation, read_agent_yaml
 from callray.agents.base import AgentOutput, EndCall, Speech, Transfer, Turn, normalise
 
 __all__ = [
@@ -38,24 +38,9 @@ __all__ = [
 ]
 
 
-class AgentConfigError(ValueError):
-    """An agent definition is invalid; each line names the file and the field path."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        super().__init__("\n".join(f"{source}: {problem}" for problem in problems))
-
-
 # --------------------------------------------------------------------------- text helpers
 
-_APOSTROPHES = re.compile("[\u2018\u2019\u02bc\u2032`]")
 _UNINTELLIGIBLE = re.compile(r"\(\s*unintelligible audio\s*\)", re.IGNORECASE)
-
-
-def _norm(text: str) -> str:
-    """``normalise`` after folding typographic apostrophes, so "I’d" and "I'd" compare equal."""
-    return normalise(_APOSTROPHES.sub("'", text))
 
 
 def _contains(haystack: str, needle: str) -> int:
@@ -181,7 +166,7 @@ def _parse_keywords(entry: str) -> _Keyword:
     for term in entry.split():
         alternatives = []
         for alt in term.split("|"):
-            word = _norm(alt.rstrip("*"))
+            word = normalise(alt.rstrip("*"))
             if not word or " " in word:
                 raise ValueError(f"{alt!r} is not one word after normalisation ({word!r}); list its words separately")
             alternatives.append((word, alt.endswith("*")))
@@ -192,7 +177,7 @@ def _parse_keywords(entry: str) -> _Keyword:
 
 
 def _check_phrase(text: str) -> str:
-    if not _norm(text):
+    if not normalise(text):
         raise ValueError(f"{text!r} is empty after normalisation")
     return text
 
@@ -278,8 +263,8 @@ class _MatchConfig(_Strict):
 
     def compile(self) -> _Matcher:
         return _Matcher(
-            phrases=tuple(_norm(p) for p in self.phrases),
-            exact=tuple(_norm(p) for p in self.exact),
+            phrases=tuple(normalise(p) for p in self.phrases),
+            exact=tuple(normalise(p) for p in self.exact),
             keywords=tuple(_parse_keywords(k) for k in self.keywords),
         )
 
@@ -427,8 +412,8 @@ class _Slot:
         return cls(
             name=name,
             patterns=[re.compile(p) for p in cfg.patterns],
-            values=[(v.value, [_norm(v.value), *(_norm(s) for s in v.synonyms)]) for v in cfg.values],
-            reject=frozenset(_norm(r) for r in cfg.reject),
+            values=[(v.value, [normalise(v.value), *(normalise(s) for s in v.synonyms)]) for v in cfg.values],
+            reject=frozenset(normalise(r) for r in cfg.reject),
             capitalize=cfg.capitalize,
             always=cfg.listen == "always",
         )
@@ -440,7 +425,7 @@ class _Slot:
         for pattern in self.patterns:
             for m in pattern.finditer(text):
                 value = (m.group(1) or "").strip(" \t.,;:!?\"")
-                words = _norm(value).split()
+                words = normalise(value).split()
                 if not words or words[0] in self.reject:
                     continue
                 if self.capitalize:
@@ -556,7 +541,7 @@ class FlowAgent:
         try:
             return cls(FlowAgentConfig.model_validate(data))
         except ValidationError as exc:
-            raise AgentConfigError(source, _describe(exc)) from None
+            raise AgentConfigError(source, describe_validation(exc)) from None
 
     # ----------------------------------------------------------------- Agent interface
 
@@ -655,7 +640,7 @@ class FlowAgent:
         except AttributeError:
             variables = {}
         text = _UNINTELLIGIBLE.sub(" ", _last_user_text(turn.transcript)) if turn.kind == "response" else ""
-        utterance = _norm(text)
+        utterance = normalise(text)
         plan = _Plan(
             utterance=utterance,
             slots_before=dict(slots),
@@ -693,7 +678,7 @@ class FlowAgent:
                 plan.slots[name], span = found
                 if span is not None:
                     rest = rest[: span[0]] + " " * (span[1] - span[0]) + rest[span[1] :]
-        best = self._best_intent(_norm(rest))
+        best = self._best_intent(normalise(rest))
         if best is None and rest != text:
             best = self._best_intent(utterance)
         wanted: set[str] = set().union(*(intent.slots for intent in (waiting, best) if intent))
@@ -717,28 +702,6 @@ class FlowAgent:
         return plan
 
 
-def _describe(exc: ValidationError) -> list[str]:
-    problems = []
-    for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"])
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "unknown field (check the spelling)"
-        problems.append(f"{where}: {message}" if where else message)
-    return problems
-
-
 def load_flow_agent(path: str | Path) -> FlowAgent:
     """Load a flow agent from a YAML file; any problem raises ``AgentConfigError``."""
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise AgentConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise AgentConfigError(source, [f"invalid YAML{where}: {getattr(exc, 'problem', None) or exc}"]) from None
-    return FlowAgent.from_dict(data, source=source)
+    return FlowAgent.from_dict(read_agent_yaml(path), source=str(path))

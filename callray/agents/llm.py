@@ -22,9 +22,9 @@ from typing import Any, AsyncIterator, Literal
 
 import httpx
 import openai
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from callray.agents.config import AgentConfigError, describe_validation, read_agent_yaml
 from callray.agents.base import (
     AgentOutput,
     EndCall,
@@ -52,10 +52,6 @@ from callray.agents.tools import (
 )
 
 _RETRY_STATUSES = frozenset({408, 409, 429})
-
-
-class AgentConfigError(ValueError):
-    """An agent definition is invalid; the message names the file and the field."""
 
 
 class LLMUnavailableError(RuntimeError):
@@ -233,11 +229,11 @@ class LLMAgent:
         for index, provider in enumerate(config.providers):
             key = os.environ.get(provider.api_key_env) or provider.api_key_fallback
             if not key:
-                raise AgentConfigError(
-                    f"{source}: providers[{index}].api_key_env: environment variable "
-                    f"{provider.api_key_env!r} is not set (set it, or set providers[{index}].api_key_fallback "
+                raise AgentConfigError(source, [
+                    f"providers.{index}.api_key_env: environment variable "
+                    f"{provider.api_key_env!r} is not set (set it, or set providers.{index}.api_key_fallback "
                     "for a local server that ignores keys)"
-                )
+                ])
             client = openai.AsyncOpenAI(
                 base_url=provider.base_url,
                 api_key=key,
@@ -263,11 +259,11 @@ class LLMAgent:
     def from_dict(cls, data: Any, source: str = "<config>") -> "LLMAgent":
         """Validate a parsed definition; errors name ``source`` and the field path."""
         if not isinstance(data, dict):
-            raise AgentConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+            raise AgentConfigError(source, [f"expected a mapping of fields, got {type(data).__name__}"])
         try:
             config = LLMAgentConfig.model_validate(data)
         except ValidationError as exc:
-            raise AgentConfigError(_format_validation(exc, source)) from None
+            raise AgentConfigError(source, describe_validation(exc)) from None
         return cls(config, source=source)
 
     async def aclose(self) -> None:
@@ -497,25 +493,6 @@ def _assistant_tool_message(text: str, calls: list[PendingToolCall]) -> dict[str
 # --------------------------------------------------------------------------- loading
 
 
-def _format_validation(exc: ValidationError, source: str) -> str:
-    lines = []
-    for error in exc.errors():
-        path = ""
-        for part in error["loc"]:
-            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-        value = error.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"{source}: {path or '<top>'}: {error['msg']}{shown}")
-    return "\n".join(lines)
-
-
 def load_llm_agent(path: str | Path) -> LLMAgent:
     """Load and validate an LLM agent definition from a YAML file."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise AgentConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise AgentConfigError(f"{path}: invalid YAML: {exc}") from None
-    return LLMAgent.from_dict(data, source=str(path))
+    return LLMAgent.from_dict(read_agent_yaml(path), source=str(path))

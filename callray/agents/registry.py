@@ -5,23 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from callray.agents.base import Agent
+from callray.agents.config import AgentConfigError, read_agent_yaml
 from callray.settings import AgentsSettings
 
 
 def load_agent(path: str | Path) -> Agent:
     """Build the agent a YAML file defines; its ``kind`` picks the implementation."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read agent file: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: an agent file must hold a mapping, got {type(data).__name__}")
+    data = read_agent_yaml(path)
     kind = data.get("kind", "flow")
     if kind == "flow":
         from callray.agents.flow import FlowAgent
@@ -31,7 +22,7 @@ def load_agent(path: str | Path) -> Agent:
         from callray.agents.llm import LLMAgent
 
         return LLMAgent.from_dict(data, source=str(path))
-    raise ValueError(f"{path}: kind: unknown agent kind {kind!r}; expected 'flow' or 'llm'")
+    raise AgentConfigError(str(path), [f"kind: unknown agent kind {kind!r}; expected 'flow' or 'llm'"])
 
 
 class AgentRegistry:
