@@ -15,7 +15,8 @@ from fastapi import FastAPI, WebSocket
 from ray import serve
 from ray.serve import Application
 
-from actors.gateway import HostDirectory, SocketSession
+from actors.gateway import SocketSession
+from actors.placement import host_directory
 from callray.settings import CallraySettings
 
 log = logging.getLogger("callray.serve_app")
@@ -36,7 +37,7 @@ class CallGateway:
     def __init__(self, settings: dict[str, Any]):
         self.settings = CallraySettings.parse(settings)
         app_name = serve.get_replica_context().app_name
-        self.hosts = HostDirectory(app_name, self.settings)
+        self.hosts = host_directory(app_name, self.settings)
         self.prefix = self.settings.gateway.path_prefix.strip("/").split("/")
         self._started = False
 
@@ -51,7 +52,7 @@ class CallGateway:
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         await self._ensure_hosts()
-        return {"status": "ok", "architecture": self.settings.architecture, "hosts": len(self.hosts.names)}
+        return {"status": "ok", "architecture": self.settings.architecture, "placement": self.settings.hosts.placement}
 
     @api.websocket("/{path:path}")
     async def socket(self, websocket: WebSocket, path: str) -> None:

@@ -28,8 +28,9 @@ SWEEP_INTERVAL_S = 30.0
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class CallHost:
-    def __init__(self, settings: dict[str, Any], name: str):
+    def __init__(self, settings: dict[str, Any], name: str, release_to: str | None = None):
         self.name = name
+        self.release_to = release_to  # dedicated placement: the pool that gets this actor back
         self._settings_raw = settings
         self._host: Host | None = None
         self._stores: Stores | None = None
@@ -47,9 +48,16 @@ class CallHost:
                 settings = CallraySettings.parse(self._settings_raw, source=f"CallHost {self.name}")
                 self._stores = await build_stores(settings)
                 self._host = Host(settings, AgentRegistry.from_settings(settings.agents), store=self._stores.state,
-                                  cache=self._stores.cache, events=self._stores.events, name=self.name)
+                                  cache=self._stores.cache, events=self._stores.events, name=self.name,
+                                  on_deactivate=self._release if self.release_to else None)
                 self._sweeper = asyncio.create_task(self._sweep_forever())
+                self._warmup = asyncio.create_task(self._host.warm_cache())
         return self._host
+
+    async def _release(self, call_id: str) -> None:
+        """Dedicated placement: the call is over, so this actor goes back to (is ended by) its pool."""
+        pool = ray.get_actor(self.release_to, namespace=self._host.settings.hosts.namespace)
+        pool.release.remote(call_id)
 
     async def _sweep_forever(self) -> None:
         while True:

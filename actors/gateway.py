@@ -21,12 +21,11 @@ import time
 import uuid
 from typing import Any
 
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from actors.call_host import CallHost
+from actors.placement import DedicatedHosts, SharedHosts
 from callray.host import STREAM_CLOSED
-from callray.placement import host_names, place
 from callray.protocol import PingPong, ProtocolError, config_frame, parse_frame, pong_frame
 from callray.settings import CallraySettings
 
@@ -38,35 +37,6 @@ HOST_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError)
 CLOSE_TOO_BIG = 1009
 CLOSE_HOST_UNAVAILABLE = 1011
 CLOSE_SUPERSEDED = 4001  # a newer socket of the same call took over
-
-
-class HostDirectory:
-    """The call hosts of one application: created on first use, found by rendezvous hashing."""
-
-    def __init__(self, app_name: str, settings: CallraySettings):
-        self.settings = settings
-        self.names = host_names(app_name, settings.hosts.count)
-        self._raw = settings.model_dump(mode="json")
-        self._handles: dict[str, Any] = {}
-
-    def handle(self, name: str) -> Any:
-        handle = self._handles.get(name)
-        if handle is None:
-            handle = CallHost.options(
-                name=name, namespace=self.settings.hosts.namespace, lifetime="detached", get_if_exists=True,
-                max_concurrency=self.settings.hosts.max_concurrency,
-            ).remote(self._raw, name)
-            self._handles[name] = handle
-        return handle
-
-    def owner(self, call_id: str) -> Any:
-        return self.handle(place(call_id, self.names))
-
-    async def start(self) -> None:
-        """Create (or find) every host, hand it the current settings, wait until it is ready."""
-        handles = [self.handle(name) for name in self.names]
-        await asyncio.gather(*(h.configure.remote(self._raw) for h in handles))
-        await asyncio.gather(*(h.ready.remote() for h in handles))
 
 
 class SessionState(enum.Enum):
@@ -91,7 +61,7 @@ _WRITER_STOP = object()
 class SocketSession:
     """One Retell socket of one call (see the module docstring)."""
 
-    def __init__(self, websocket: WebSocket, call_id: str, agent: str | None, hosts: HostDirectory,
+    def __init__(self, websocket: WebSocket, call_id: str, agent: str | None, hosts: SharedHosts | DedicatedHosts,
                  settings: CallraySettings):
         self.ws, self.call_id, self.agent, self.hosts = websocket, call_id, agent, hosts
         self.settings = settings.gateway
@@ -127,7 +97,7 @@ class SocketSession:
             self._outgoing.put_nowait(_WRITER_STOP)
             await asyncio.gather(tasks[0], return_exceptions=True)
             await self._close_socket()
-            self._detach()
+            await self._detach()
 
     def close(self, code: int, reason: str) -> None:
         """Ask the session to close the socket with ``code`` (never 1000 for an error)."""
@@ -173,10 +143,11 @@ class SocketSession:
 
     async def _pump(self) -> None:
         """Host stream -> writer. On host loss, re-attach with ``resume`` until host_retry_s."""
-        resume, failing_since = False, None
+        greeted, failing_since = False, None
         while True:
             try:
-                stream = self.hosts.owner(self.call_id).stream.remote(self.call_id, self.connection_id, self.agent, resume)
+                host = await self.hosts.owner(self.call_id)
+                stream = host.stream.remote(self.call_id, self.connection_id, self.agent, greeted)
                 async for ref in stream:
                     item = await ref
                     if isinstance(item, str):
@@ -186,14 +157,13 @@ class SocketSession:
                     if not self._attached.is_set():
                         self._attached.set()
                         self._move(SessionState.LIVE)
-                        failing_since = None
+                        greeted, failing_since = True, None
                     for frame in item:
                         self._outgoing.put_nowait(frame)
                 return
-            except HOST_ERRORS as exc:
+            except (*HOST_ERRORS, RayTaskError) as exc:
                 self._attached.clear()
                 self._move(SessionState.ATTACHING)
-                resume = True
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > self.settings.host_retry_s:
                     self.close(CLOSE_HOST_UNAVAILABLE, f"call host unavailable: {exc.__class__.__name__}")
@@ -210,9 +180,12 @@ class SocketSession:
             while True:
                 await self._attached.wait()
                 try:
-                    status = await self.hosts.owner(self.call_id).deliver.remote(self.call_id, self.connection_id, event)
+                    host = await self.hosts.owner(self.call_id)
+                    status = await host.deliver.remote(self.call_id, self.connection_id, event)
                 except HOST_ERRORS:
                     status = "host_lost"
+                except RayTaskError as exc:  # e.g. the state store is briefly unreachable
+                    status = f"host error: {exc.cause!r}"
                 if status == "ok":
                     break
                 if status == "superseded":
@@ -235,9 +208,11 @@ class SocketSession:
                 pass
         self._move(SessionState.CLOSED)
 
-    def _detach(self) -> None:
-        """Tell the host the socket is gone (fire and forget: the call itself lives on)."""
+    async def _detach(self) -> None:
+        """Tell the host the socket is gone (the call itself lives on for a reconnect)."""
         try:
-            self.hosts.owner(self.call_id).detach.remote(self.call_id, self.connection_id)
-        except HOST_ERRORS:
+            host = await self.hosts.owner(self.call_id)
+            host.detach.remote(self.call_id, self.connection_id)
+        except (*HOST_ERRORS, RayTaskError):
             pass
+        self.hosts.forget(self.call_id)

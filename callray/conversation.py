@@ -122,6 +122,12 @@ class _AgentFailed:
 _ACTION_RANK = {EndCall: 3, Transfer: 2, PressDigit: 1}
 
 
+def shareable(turn: Turn, state_changed: bool, tools: list[str], action: Any) -> bool:
+    """May this answer be served to other callers? Only if the agent allows it and it used no
+    tool, took no action and changed nothing the agent remembers about the call."""
+    return turn.cacheable and not state_changed and not tools and action is None
+
+
 class Conversation:
     """The state machine of one call (see the module docstring for the contract)."""
 
@@ -404,8 +410,8 @@ class Conversation:
         self.state.pending_action = {"type": type(action).__name__, **vars(action)} if action else None
         complete_ms = request.elapsed_ms()
         key = request.cache_key
-        if (key and not request.cache_hit and turn.cacheable and not state_changed and not request.tools
-                and action is None and not request.fallback and not request.budget_miss and self.cache):
+        if (key and self.cache and not request.cache_hit and not request.fallback and not request.budget_miss
+                and shareable(turn, state_changed, request.tools, action)):
             await self.cache.put(self.agent.name, self.agent.version, key, [t.strip() for t in request.text])
         self._emit(
             ev.CallTurn, response_id=request.response_id, kind=request.kind, caller_text=turn.last_user_text,

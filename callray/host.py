@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from callray.agents.registry import AgentRegistry
-from callray.conversation import Conversation, Outbox
+from callray.agents.base import EndCall, PressDigit, Speech, ToolCall, Transfer, Turn
+from callray.conversation import Conversation, Outbox, shareable
 from callray.protocol import InboundEvent
 from callray.settings import CallraySettings
 from callray.stores.base import CallState, EventSink, ResponseCache, StateStore
@@ -31,8 +32,10 @@ class Host:
     """Activation, delivery, commands and deactivation for the calls placed on one host."""
 
     def __init__(self, settings: CallraySettings, agents: AgentRegistry, *, store: StateStore,
-                 cache: ResponseCache | None = None, events: EventSink | None = None, name: str = "host"):
+                 cache: ResponseCache | None = None, events: EventSink | None = None, name: str = "host",
+                 on_deactivate: Callable[[str], Awaitable[None]] | None = None):
         self.settings, self.agents, self.name = settings, agents, name
+        self.on_deactivate = on_deactivate
         self.store, self.cache, self.events = store, cache, events
         self.calls: dict[str, Conversation] = {}
         self._activating: dict[str, asyncio.Future[Conversation]] = {}
@@ -76,6 +79,8 @@ class Host:
             return False
         await conversation.deactivate()
         self.counters["deactivations"] += 1
+        if self.on_deactivate is not None:
+            await self.on_deactivate(call_id)
         return True
 
     # ------------------------------------------------------------------ the gateway's entries
@@ -143,6 +148,35 @@ class Host:
         raise ValueError(f"unknown command type {kind!r}; expected transfer, end_call, say or ended")
 
     # ------------------------------------------------------------------ housekeeping
+
+    async def warm_cache(self) -> int:
+        """Answer each agent's ``common_questions`` once and cache what may be shared."""
+        if self.cache is None or not self.settings.cache.enabled:
+            return 0
+        stored = 0
+        for agent in self.agents.agents.values():
+            for question in getattr(agent, "common_questions", ()):
+                turn = Turn(call_id="precache", kind="response", transcript=[{"role": "user", "content": question}],
+                            state={})
+                key = agent.cache_key(turn)
+                if key is None:
+                    continue
+                phrases, tools, action = [], [], None
+                try:
+                    async for item in agent.respond(turn):
+                        if isinstance(item, Speech):
+                            phrases.append(item.text.strip())
+                        elif isinstance(item, ToolCall):
+                            tools.append(item.name)
+                        elif isinstance(item, (EndCall, Transfer, PressDigit)):
+                            action = item
+                except Exception as exc:  # a warm-up must never stop the host
+                    log.warning("%s: pre-caching %r for %s failed: %r", self.name, question, agent.name, exc)
+                    continue
+                if phrases and shareable(turn, turn.state != {}, tools, action):
+                    await self.cache.put(agent.name, agent.version, key, phrases)
+                    stored += 1
+        return stored
 
     async def sweep(self, now: float | None = None) -> int:
         """Deactivate calls idle past ``idle_timeout_s`` (or detached past ``detached_timeout_s``)."""

@@ -142,3 +142,22 @@ def deploy(name: str, args: dict, port: int, *, replicas: int = 1) -> str:
 def single_app(serve_port) -> str:
     """The default single-server architecture (in-memory state, clinic flow agent)."""
     return deploy("single", {"hosts": {"count": 2, "namespace": "callray-test-single"}}, serve_port)
+
+
+@pytest.fixture(scope="session")
+def durable_app(serve_port, redis_server) -> str:
+    """The distributed architecture: Redis state and cache, two gateway replicas, two hosts."""
+    return deploy("durable", {
+        "architecture": "distributed",
+        "state": {"backend": "redis", "redis_url": redis_server.url},
+        "cache": {"backend": "redis"},
+        "hosts": {"count": 2, "namespace": "callray-test-durable"},
+        "gateway": {"host_retry_s": 60},
+    }, serve_port, replicas=2)
+
+
+@pytest.fixture(scope="session")
+def dedicated_app(serve_port) -> str:
+    """Dedicated placement: one actor per call from a warm pool of two."""
+    return deploy("dedicated", {"hosts": {"placement": "dedicated", "warm_pool": 2,
+                                          "namespace": "callray-test-dedicated"}}, serve_port)

@@ -377,6 +377,10 @@ class FlowAgentConfig(_Strict):
     unclear_line: Template | None = Field(
         default=None, description="Spoken when the audio was unintelligible or empty (default: fallback_line)."
     )
+    common_questions: list[str] = Field(
+        default_factory=list,
+        description="Questions whose answers are computed once at start and put in the response cache.",
+    )
 
     @model_validator(mode="after")
     def _cross_references(self) -> FlowAgentConfig:
@@ -520,6 +524,7 @@ class FlowAgent:
         self.config = config
         self.name = config.name
         self.version = config.version
+        self.common_questions = config.common_questions
         self._slots = {name: _Slot.build(name, cfg) for name, cfg in config.slots.items()}
         self._personal = {name for name, cfg in config.slots.items() if cfg.personal}
         self._intents: dict[str, _Intent] = {}

@@ -147,6 +147,10 @@ class LLMAgentConfig(BaseModel):
         description="Share answers between calls by normalised utterance; only for agents whose "
         "answers depend on the last utterance alone (no personal variables, no history).",
     )
+    common_questions: list[str] = Field(
+        default_factory=list,
+        description="With cache: questions answered once at start and put in the response cache.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "LLMAgentConfig":
@@ -223,6 +227,7 @@ class LLMAgent:
         self.config = config
         self.name = config.name
         self.version = config.version
+        self.common_questions = config.common_questions
         self.source = source
         timeout = openai.Timeout(config.total_timeout_s, connect=config.connect_timeout_s)
         self._clients: list[tuple[ProviderConfig, openai.AsyncOpenAI]] = []

@@ -46,7 +46,7 @@ async def build_stores(settings: CallraySettings) -> Stores:
     if settings.events.backend == "redis_streams":
         from callray.bus import RedisStreamBus
 
-        events = await RedisStreamBus.connect(settings.state.redis_url, buffer=settings.events.buffer)
+        events = await RedisStreamBus.connect(settings.state.redis_url, buffer_size=settings.events.buffer)
     else:
         events = MemoryEventSink(max_events=settings.events.buffer)
     return Stores(state, cache, events)
