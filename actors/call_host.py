@@ -16,6 +16,8 @@ from typing import Any, AsyncIterator
 import ray
 
 from callray.agents.registry import AgentRegistry
+from callray.consumers.runner import build_consumers, run_consumers
+from callray.events import Event
 from callray.host import Host
 from callray.protocol import InboundEvent
 from callray.settings import CallraySettings
@@ -36,6 +38,7 @@ class CallHost:
         self._stores: Stores | None = None
         self._starting: asyncio.Lock | None = None
         self._sweeper: asyncio.Task | None = None
+        self._consumers: dict[str, Any] = {}
 
     async def _ensure_host(self) -> Host:
         """Build stores and agents on first use (connecting to Redis needs the event loop)."""
@@ -52,6 +55,12 @@ class CallHost:
                                   on_deactivate=self._release if self.release_to else None)
                 self._sweeper = asyncio.create_task(self._sweep_forever())
                 self._warmup = asyncio.create_task(self._host.warm_cache())
+                self._consumers = {}
+                if settings.events.backend == "memory":  # in-process consumers, best effort
+                    self._consumers = build_consumers(settings.events, command=self._host.command,
+                                                      emit=self._stores.events.emit)
+                    self._consuming = asyncio.create_task(
+                        run_consumers(self._stores.events, self._consumers, self.name, asyncio.Event()))
         return self._host
 
     async def _release(self, call_id: str) -> None:
@@ -100,6 +109,20 @@ class CallHost:
 
     async def command(self, call_id: str, command: dict[str, Any]) -> bool:
         return await (await self._ensure_host()).command(call_id, command)
+
+    async def webhook(self, event: Event) -> None:
+        await (await self._ensure_host()).webhook(event)
+
+    async def analytics(self) -> dict[str, Any] | None:
+        """In-process analytics (memory event backend), else None."""
+        await self._ensure_host()
+        consumer = self._consumers.get("analytics")
+        return consumer.snapshot() if consumer else None
+
+    async def archived(self, call_id: str) -> dict[str, Any] | None:
+        await self._ensure_host()
+        archive = self._consumers.get("archive")
+        return await archive.get(call_id) if archive else None
 
     async def deactivate(self, call_id: str) -> bool:
         return await (await self._ensure_host()).deactivate(call_id)

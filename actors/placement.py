@@ -47,6 +47,9 @@ class SharedHosts:
     async def owner(self, call_id: str) -> Any:
         return self._handle(place(call_id, self.names))
 
+    async def owner_by_name(self, name: str) -> Any:
+        return self._handle(name)
+
     def forget(self, call_id: str) -> None:
         """Nothing to forget: the owner is computed, not remembered."""
 

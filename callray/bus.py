@@ -17,7 +17,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Protocol, runtime_checkable
+from typing import AsyncIterator, Any, Awaitable, Callable, Protocol, runtime_checkable
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -310,6 +310,24 @@ class RedisStreamBus(_BufferedEmitter):
                 continue
             out.append(Delivery(entry_id, event, n))
         return out
+
+    async def replay(self, batch: int = 1000) -> AsyncIterator[Event]:
+        """Every retained event, oldest first (undecodable ones skipped): lets a consumer whose
+        state is a projection of the stream, like analytics, rebuild it after a restart."""
+        start = "-"
+        while True:
+            try:
+                entries = await self.client.xrange(self.stream, min=start, max="+", count=batch)
+            except (RedisError, OSError) as exc:
+                raise StoreUnavailableError(f"event stream {self.stream!r}: {exc}") from exc
+            for entry_id, fields in entries:
+                try:
+                    yield parse_event((fields or {})[b"event"])
+                except (KeyError, ValidationError, ValueError):
+                    continue
+            if len(entries) < batch:
+                return
+            start = "(" + _text(entries[-1][0])
 
     async def _dead_letter(self, group: str, entry_id: str, raw: bytes | None, reason: str) -> None:
         """Move one entry to the dead-letter stream and ack it, atomically."""

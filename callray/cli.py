@@ -234,5 +234,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+# ---------------------------------------------------------------------------------- bench
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from callray.bench import add_arguments, run_command  # imports neither Ray nor matplotlib
+
+    p = sub.add_parser("bench", help="run the benchmark suite and write docs/benchmarks.md",
+                       description="Deploy the Serve floor, the hand-written baseline and callray in each "
+                                   "architecture on a private local Ray, Redis and fake LLM; drive each with the "
+                                   "simulator at several concurrency levels; write raw JSON, the markdown report "
+                                   "and plots. Every process it starts is stopped on exit.")
+    add_arguments(p)
+    p.set_defaults(handler=run_command)
+
+
+COMMANDS.append(_add_bench)
+
+
 if __name__ == "__main__":
     sys.exit(main())

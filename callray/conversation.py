@@ -229,7 +229,8 @@ class Conversation:
         rid = req.response_id
         connection = self.outbox.connection_id if self.outbox else None
         running = self._request.response_id if self._request else None
-        if rid < self.state.latest_response_id or rid == running or self._completed == (connection, rid):
+        if (rid == 0 or rid < self.state.latest_response_id or rid == running
+                or self._completed == (connection, rid)):  # 0 is the greeting, never a request
             log.debug("call %s: ignoring stale or repeated request %d", self.call_id, rid, extra={"call_id": self.call_id})
             return
         if self._request is not None:
@@ -266,7 +267,13 @@ class Conversation:
             log.warning("call %s response %d: agent %s failed: %r", self.call_id, request.response_id,
                         self.agent.name, exc, extra={"call_id": self.call_id})
             request.fallback, request.action, held = True, None, Speech(self.agent.fallback_line)
-        self._complete(request, held)
+        try:
+            self._complete(request, held)
+        except Exception as exc:  # the completing frame itself failed: never leave the id open
+            log.error("call %s response %d: completing failed: %r", self.call_id, request.response_id, exc,
+                      extra={"call_id": self.call_id})
+            request.fallback, request.action = True, None
+            self._complete(request, Speech(self.agent.fallback_line))
         await self._finish_turn(request)
 
     async def _stream(self, request: _Request) -> Speech | None:
@@ -315,8 +322,9 @@ class Conversation:
             budget_left = self.settings.latency_budget_ms / 1000 - elapsed
             waiting_for_first = request.first_chunk_ms is None and not request.budget_miss
             timeout = min(total_left, budget_left) if waiting_for_first else total_left
-            try:
-                return await asyncio.wait_for(queue.get(), max(timeout, 0))
+            try:  # asyncio.timeout, not wait_for: wait_for can swallow a cancel on 3.11 (gh-86296)
+                async with asyncio.timeout(max(timeout, 0)):
+                    return await queue.get()
             except TimeoutError:
                 if waiting_for_first and budget_left <= total_left:
                     request.budget_miss = True
@@ -386,7 +394,8 @@ class Conversation:
         if request.first_sentence_ms is None:
             request.first_sentence_ms = request.elapsed_ms()
         self._completed = (request.connection_id, request.response_id)
-        self._generation, self._request = None, None
+        if self._request is request:
+            self._generation, self._request = None, None
 
     async def _cached_answer(self, request: _Request) -> list[str] | None:
         if self.cache is None or request.kind != "response":
@@ -446,13 +455,15 @@ class Conversation:
         """The agent hung up or the platform reported the call over."""
         return self.state.ended or bool(self.state.pending_action and self.state.pending_action["type"] == "EndCall")
 
-    def end(self, reason: str = "", call: dict[str, Any] | None = None) -> None:
-        """Retell reported the call over (webhook): remember it and emit ``call.ended``."""
+    def end(self, reason: str = "", call: dict[str, Any] | None = None, *, emit: bool = True) -> None:
+        """The call is over (hang-up or Retell's webhook): remember it, emit ``call.ended``
+        unless the caller already published Retell's own."""
         if call:
             self.state.call = {**self.state.call, **call}
         if not self.state.ended:
             self.state.ended = True
-            self._emit(ev.CallEnded, reason=reason, call=self.state.call)
+            if emit:
+                self._emit(ev.CallEnded, reason=reason, call=self.state.call)
 
     async def deactivate(self) -> None:
         """Passivation: stop work, close the stream, write the state for the next activation."""
@@ -460,8 +471,7 @@ class Conversation:
         if self.outbox is not None:
             self.outbox.close("call deactivated")
             self.outbox = None
-        for task in list(self._background):
-            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)  # let in-flight saves land
         await self.checkpoint()
 
     async def checkpoint(self) -> None:

@@ -213,7 +213,11 @@ class SocketGuard:
 
     def client_address(self, peer: str | None, headers: dict[str, str]) -> str:
         """The socket peer, or, when the peer is a trusted proxy, the right-most untrusted
-        ``X-Forwarded-For`` entry (the left-most entry if every one is trusted)."""
+        ``X-Forwarded-For`` entry (the left-most entry if every one is trusted).
+
+        ``headers`` is a plain dict (any key case); join repeated ``X-Forwarded-For`` headers
+        with ``","`` first, in the order received.
+        """
         peer = _normalise(peer or "")
         if not self._proxies or not self._in(peer, self._proxies):
             return peer

@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from callray.agents.registry import AgentRegistry
 from callray.agents.base import EndCall, PressDigit, Speech, ToolCall, Transfer, Turn
 from callray.conversation import Conversation, Outbox, shareable
+from callray.events import CallEnded, Event
 from callray.protocol import InboundEvent
 from callray.settings import CallraySettings
 from callray.stores.base import CallState, EventSink, ResponseCache, StateStore
@@ -77,6 +78,8 @@ class Host:
         conversation = self.calls.pop(call_id, None)
         if conversation is None:
             return False
+        if conversation.ended and not conversation.state.ended:  # the agent hung up
+            conversation.end("agent_hangup")
         await conversation.deactivate()
         self.counters["deactivations"] += 1
         if self.on_deactivate is not None:
@@ -125,16 +128,10 @@ class Host:
     # ------------------------------------------------------------------ background actors' entries
 
     async def command(self, call_id: str, command: dict[str, Any]) -> bool:
-        """Act on a live call for a background actor. Supported: ``{"type": "transfer",
-        "number", "line"}``, ``{"type": "say", "line"}``, ``{"type": "end_call", "line"}``,
-        ``{"type": "ended", "reason", "call"}`` (the platform reported the call over)."""
+        """Act on a live call for a background actor: ``{"type": "transfer", "number",
+        "line"}``, ``{"type": "say", "line"}`` or ``{"type": "end_call", "line"}``. False when
+        the call has no live socket here."""
         kind = command.get("type")
-        if kind == "ended":
-            conversation = await self.activate(call_id)
-            conversation.end(str(command.get("reason") or ""), command.get("call") or {})
-            if not conversation.connected:
-                await self.deactivate(call_id)
-            return True
         conversation = self.calls.get(call_id)
         if conversation is None:
             return False
@@ -145,7 +142,18 @@ class Host:
             return conversation.interrupt(line, end_call=True)
         if kind == "say":
             return conversation.interrupt(line)
-        raise ValueError(f"unknown command type {kind!r}; expected transfer, end_call, say or ended")
+        raise ValueError(f"unknown command type {kind!r}; expected transfer, end_call or say")
+
+    async def webhook(self, event: Event) -> None:
+        """A lifecycle event from Retell's webhook: publish it; ``call.ended`` ends the call."""
+        if self.events is not None:
+            self.events.emit(event)
+        if isinstance(event, CallEnded):
+            conversation = self.calls.get(event.call_id)
+            if conversation is not None:
+                conversation.end(event.reason, event.call, emit=False)
+                if not conversation.connected:
+                    await self.deactivate(event.call_id)
 
     # ------------------------------------------------------------------ housekeeping
 

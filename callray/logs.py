@@ -15,7 +15,7 @@ import logging
 import re
 import sys
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 SECRET_KEYS = frozenset({
@@ -33,15 +33,15 @@ _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) |
 
 _SECRET_NAMES = r"api[_-]?key|apikey|access_token|refresh_token|client_secret|token|secret|password|passwd|authorization|x-retell-signature|signature"
 # "api_key": "v" / 'token': 'v'  (JSON and Python reprs)
-_QUOTED_SECRET = re.compile(rf"""(?i)(["'])({_SECRET_NAMES})\1(\s*:\s*)(["'])(?:\\.|(?!\4).)*\4""")
+_QUOTED_SECRET = re.compile(rf"""(?i)(["'])({_SECRET_NAMES})\1(\s*:\s*)(["'])(?:\\.|(?!\4)[^\\])*\4""")
 # api_key=v, token: v, ?token=v&, password='v'
-_KV_SECRET = re.compile(rf"""(?i)(?<![\w-])({_SECRET_NAMES})(\s*[=:]\s*)(?:(["'])(?:\\.|(?!\3).)*\3|(?!\*\*\*|(?i:bearer|basic)\s)[^\s"';&)}}\]]+)""")
+_KV_SECRET = re.compile(rf"""(?i)(?<![\w-])({_SECRET_NAMES})(\s*[=:]\s*)(?:(["'])(?:\\.|(?!\3)[^\\])*\3|(?!\*\*\*|(?i:bearer|basic)\s)[^\s"';&)}}\]]+)""")
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
 _OPENAI_KEY = re.compile(r"\bsk-[A-Za-z0-9_-]{12,}")
 _URL_PASSWORD = re.compile(r"(://[^/\s:@]*:)[^@\s/]+@")
 
 _CALLER_NAMES = "|".join(sorted(CALLER_TEXT_KEYS, key=len, reverse=True))
-_QUOTED_CALLER = re.compile(rf"""(?i)(?<![\w-])(["']?)({_CALLER_NAMES})\1(\s*[=:]\s*)(["'])((?:\\.|(?!\4).)*)\4""")
+_QUOTED_CALLER = re.compile(rf"""(?i)(?<![\w-])(["']?)({_CALLER_NAMES})\1(\s*[=:]\s*)(["'])(?!\[caller text)((?:\\.|(?!\4)[^\\])*)\4""")
 
 _E164 = re.compile(r"(?<![\w+])\+(\d{8,15})(?!\d)")
 _US_PHONE = re.compile(r"(?<![\w+])(?:\+?1[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?!\w)")
@@ -109,12 +109,12 @@ class Masker:
         if lowered in SECRET_KEYS and value is not None:
             return MASK
         if self.caller_text and lowered in CALLER_TEXT_KEYS and value:
-            return _caller_mask(value)
+            return value if isinstance(value, str) and value.startswith("[caller text") else _caller_mask(value)
         if isinstance(value, str):
             return self.text(value)
         if isinstance(value, Mapping):
             return {k: self.value(v, k) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
+        if type(value) in (list, tuple):  # subclasses (named tuples) are masked as rendered text
             return type(value)(self.value(v) for v in value)
         return value
 
@@ -154,6 +154,8 @@ class MaskingFilter(logging.Filter):
         record.msg, record.args = self.masker.text(str(message)), None
         for name, value in list(vars(record).items()):
             if name not in _RECORD_ATTRS and name != "call_id":
+                if not isinstance(value, (str, int, float, bool, type(None), Mapping, list, tuple)):
+                    value = str(value)  # rendered here, masked, so no formatter prints it unmasked
                 setattr(record, name, self.masker.value(value, name))
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
@@ -170,7 +172,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),

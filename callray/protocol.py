@@ -9,6 +9,7 @@ silently drops a frame whose types are wrong.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
@@ -122,7 +123,35 @@ def parse_frame(frame: str | bytes) -> InboundEvent | ProtocolError:
         data = json.loads(frame)
     except ValueError as exc:
         return ProtocolError(kind="not_json", detail=str(exc))
-    return parse_event(data)
+    except RecursionError:
+        return ProtocolError(kind="invalid", detail="JSON nested too deeply")
+    if _SURROGATE_ESCAPE.search(frame) and not _encodable(data):
+        return ProtocolError(kind="invalid", detail="a string holds a lone UTF-16 surrogate (not valid Unicode)")
+    event = parse_event(data)
+    if isinstance(event, CallDetails) and _depth(event.call) > MAX_CALL_DEPTH:
+        return ProtocolError(kind="invalid", interaction_type="call_details",
+                             detail=f"field 'call' nested deeper than {MAX_CALL_DEPTH} levels")
+    return event
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+MAX_CALL_DEPTH = 32  # the call object is stored with the call's state; keep it serialisable
+
+
+def _encodable(data: Any) -> bool:
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _depth(value: Any, limit: int = MAX_CALL_DEPTH + 1) -> int:
+    """Nesting depth of a JSON value, counted no further than ``limit``."""
+    if limit <= 0 or not isinstance(value, (dict, list)):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(child, limit - 1) for child in children), default=0)
 
 
 # --------------------------------------------------------------------------- outbound

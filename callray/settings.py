@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from callray.consumers.escalation import EscalationRules
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -126,8 +128,22 @@ class CacheSettings(_Section):
 
 
 class EventsSettings(_Section):
-    backend: Literal["memory", "redis_streams"] = Field(default="memory", description="memory: in-process, best effort. redis_streams: durable, at-least-once, with consumer actors.")
+    backend: Literal["memory", "redis_streams"] = Field(default="memory", description="memory: each host runs the consumers in-process, best effort. redis_streams: durable, at-least-once, consumed by background actors.")
     buffer: int = Field(default=10_000, ge=1, description="Events buffered per process before new ones are dropped (and counted).")
+    stream: str = Field(default="callray:events", description="redis_streams: the stream name (its dead letters go to '<stream>:dead').")
+    maxlen: int = Field(default=100_000, ge=1000, description="redis_streams: approximate stream length kept (XADD MAXLEN ~).")
+    max_deliveries: int = Field(default=5, ge=1, description="redis_streams: after this many deliveries an event goes to the dead-letter stream.")
+    claim_idle_ms: int = Field(default=30_000, ge=100, description="redis_streams: events pending this long on a dead consumer are taken over (XAUTOCLAIM).")
+    archive_dir: str | None = Field(default="var/calls", description="Transcript archive directory (one JSON record per call); null disables the archive.")
+    escalation: EscalationRules | None = Field(default=None, description="Escalation rules evaluated on the event stream; null disables escalation.")
+
+
+class WebhookSettings(_Section):
+    enabled: bool = Field(default=True, description="Serve POST {path} for Retell's webhooks.")
+    path: str = Field(default="/webhook", description="Route of the webhook (Retell's agent webhook URL points here).")
+    api_key: str = Field(default="${RETELL_API_KEY:-}", description="Retell API key that signs webhooks; empty refuses every webhook with 401.")
+    tolerance_s: float = Field(default=300.0, gt=0, description="Reject signatures whose timestamp is further than this from now.")
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Larger webhook bodies are refused with 413.")
 
 
 class CallraySettings(_Section):
@@ -141,6 +157,7 @@ class CallraySettings(_Section):
     state: StateSettings = Field(default_factory=StateSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     events: EventsSettings = Field(default_factory=EventsSettings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
 
     @classmethod
     def parse(cls, args: dict[str, Any] | None, *, source: str = "application args") -> "CallraySettings":

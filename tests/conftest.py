@@ -161,3 +161,24 @@ def dedicated_app(serve_port) -> str:
     """Dedicated placement: one actor per call from a warm pool of two."""
     return deploy("dedicated", {"hosts": {"placement": "dedicated", "warm_pool": 2,
                                           "namespace": "callray-test-dedicated"}}, serve_port)
+
+
+WEBHOOK_KEY = "key_test_callray"
+
+
+@pytest.fixture(scope="session")
+def events_app(serve_port, redis_server, tmp_path_factory) -> str:
+    """The event-driven architecture: Redis Streams feeding analytics, archive and escalation."""
+    return deploy("events", {
+        "architecture": "event_driven",
+        "state": {"backend": "redis", "redis_url": redis_server.url},
+        "cache": {"backend": "redis"},
+        "hosts": {"count": 2, "namespace": "callray-test-events"},
+        "events": {
+            "backend": "redis_streams", "stream": "callray:test-events", "claim_idle_ms": 1000,
+            "archive_dir": str(tmp_path_factory.mktemp("archive")),
+            "escalation": {"keywords": ["lawyer"], "transfer_number": "+15550009999",
+                           "handoff_line": "Let me get a colleague for you.", "max_fallback_turns": 0},
+        },
+        "webhook": {"api_key": WEBHOOK_KEY},
+    }, serve_port)

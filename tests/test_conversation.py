@@ -11,8 +11,18 @@ from callray.conversation import Conversation
 from callray.protocol import parse_event
 from callray.settings import TurnSettings
 from callray.stores.base import CallState
-from callray.stores.memory import MemoryEventSink, MemoryResponseCache, MemoryStateStore
+from callray.stores.memory import MemoryResponseCache, MemoryStateStore
 from tests.scripted_agent import ScriptedAgent
+
+
+class RecordingSink:
+    """An event sink that keeps what it is given, for assertions."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+
+    def emit(self, event) -> None:
+        self.events.append(event)
 
 
 def request(rid: int, *user_lines: str, kind: str = "response_required") -> object:
@@ -26,7 +36,7 @@ class Harness:
     def __init__(self, budget_ms: float = 800, timeout_s: float = 5, cache: bool = False):
         self.agent = ScriptedAgent()
         self.store = MemoryStateStore()
-        self.events = MemoryEventSink()
+        self.events = RecordingSink()
         self.cache = MemoryResponseCache() if cache else None
         self.settings = TurnSettings(latency_budget_ms=budget_ms, agent_timeout_s=timeout_s, holding_phrases=["Hold on."])
         self.conversation = self.make()

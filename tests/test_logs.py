@@ -165,13 +165,15 @@ def test_dict_arguments_messages_and_extras_are_masked(capture):
     log.info({"event": "turn", "caller_text": "my card is 4111", "to_number": "+15550001111"})
     log.info("turn done", extra={"call_id": "c1", "caller_text": "hello", "token": "t0k3n", "number": "555-123-4567"})
     log.info("%(who)s called", {"who": "+15551234500"})
-    first, second, third, fourth = lines(stream)
+    log.info("settings", extra={"settings": type("S", (), {"__str__": lambda self: "S(api_key='sk-x', n=1)"})()})
+    first, second, third, fourth, fifth = lines(stream)
     assert "sk-secretvalue" not in first["message"] and "'api_key': '***'" in first["message"]
     assert "pw@" not in first["message"]
     assert "4111" not in second["message"] and "+1555*****11" in second["message"]
     assert third["caller_text"] == "[caller text: 5 chars]" and third["token"] == "***" and third["number"] == "***-***-**67"
     assert third["call_id"] == "c1"
     assert fourth["message"] == "+1555*****00 called"
+    assert fifth["settings"] == "S(api_key='***', n=1)"
 
 
 def test_caller_text_can_be_kept_but_phones_and_secrets_still_go(capture):
@@ -188,7 +190,38 @@ def test_mask_pii_off_keeps_phone_numbers_but_not_secrets(capture):
     assert entry["message"] == "from +15551234500 with token=***" and entry["caller_text"] == "hi"
 
 
+def test_named_tuples_and_objects_are_masked_as_text():
+    from collections import namedtuple
+    Creds = namedtuple("Creds", "user password")
+    record = logging.LogRecord("callray.t", logging.INFO, __file__, 1, "creds %s", (Creds("bob", "hunter2"),), None)
+    MaskingFilter().filter(record)
+    assert record.getMessage() == "creds Creds(user='bob', password='***')"
+
+
 def test_bad_format_arguments_still_log_masked():
     record = logging.LogRecord("callray.t", logging.INFO, __file__, 1, "%d apples token=%s", ("x",), None)
     assert MaskingFilter().filter(record)
     assert "token=***" in record.getMessage() and "apples" in record.getMessage()
+
+
+def test_masking_twice_changes_nothing_more():
+    record = logging.LogRecord("callray.t", logging.INFO, __file__, 1, "turn caller_text='hi there' token=%s", ("abc",), None)
+    record.caller_text = "hello"
+    masking = MaskingFilter()
+    masking.filter(record)
+    once = (record.getMessage(), record.caller_text)
+    masking.filter(record)
+    assert (record.getMessage(), record.caller_text) == once
+    assert once == ("turn caller_text='[caller text: 8 chars]' token=***", "[caller text: 5 chars]")
+
+
+@pytest.mark.parametrize("text", ['"api_key": "' + "\\x" * 64, "caller_text='" + "\\'" * 64, "token='" + "\\\\" * 64])
+def test_unterminated_quoted_values_do_not_backtrack_forever(text):
+    """Escapes in an unclosed quote once made the regexes exponential (a log call that never returns)."""
+    import threading
+
+    result: list[str] = []
+    worker = threading.Thread(target=lambda: result.append(Masker().text(text)), daemon=True)
+    worker.start()
+    worker.join(10)  # a liveness bound, not a speed measurement: the old pattern needed hours here
+    assert result and result[0].startswith(text[:5])

@@ -149,7 +149,9 @@ class Escalation:
             self._calls.pop(event.call_id, None)
             self._seen.finalise(event.call_id)
             return
-        if isinstance(event, CallTurn) and event.call_id not in self._escalated:
+        if isinstance(event, CallTurn) and event.action in ("Transfer", "EndCall"):
+            self._escalated[event.call_id] = None  # the agent itself handed over or hung up
+        elif isinstance(event, CallTurn) and event.call_id not in self._escalated:
             watch = self._watch(event.call_id)
             hit = self._evaluate(watch, event)
             if hit is not None:

@@ -5,23 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from callray.settings import CallraySettings
-from callray.stores.base import EventSink, ResponseCache, StateStore
-from callray.stores.memory import MemoryEventSink, MemoryResponseCache, MemoryStateStore
+from callray.stores.base import ResponseCache, StateStore
+from callray.bus import EventBus, MemoryBus
+from callray.stores.memory import MemoryResponseCache, MemoryStateStore
 
 
 @dataclass
 class Stores:
     state: StateStore
     cache: ResponseCache | None
-    events: EventSink
+    events: EventBus
 
     async def close(self) -> None:
         await self.state.close()
         if self.cache is not None:
             await self.cache.close()
-        close = getattr(self.events, "close", None)
-        if close is not None:
-            await close()
+        await self.events.close()
 
 
 async def build_stores(settings: CallraySettings) -> Stores:
@@ -42,11 +41,18 @@ async def build_stores(settings: CallraySettings) -> Stores:
             cache = await RedisResponseCache.connect(settings.state.redis_url, ttl_s=settings.cache.ttl_s)
         else:
             cache = MemoryResponseCache(ttl_s=settings.cache.ttl_s, max_entries=settings.cache.max_entries)
-    events: EventSink
-    if settings.events.backend == "redis_streams":
+    return Stores(state, cache, await build_bus(settings))
+
+
+async def build_bus(settings: CallraySettings) -> EventBus:
+    """The event bus: Redis Streams (durable, shared) or a per-process memory bus."""
+    events = settings.events
+    if events.backend == "redis_streams":
         from callray.bus import RedisStreamBus
 
-        events = await RedisStreamBus.connect(settings.state.redis_url, buffer_size=settings.events.buffer)
-    else:
-        events = MemoryEventSink(max_events=settings.events.buffer)
-    return Stores(state, cache, events)
+        return await RedisStreamBus.connect(
+            settings.state.redis_url, stream=events.stream, maxlen=events.maxlen,
+            dead_letter_stream=f"{events.stream}:dead", max_deliveries=events.max_deliveries,
+            claim_idle_ms=events.claim_idle_ms, buffer_size=events.buffer)
+    return MemoryBus(max_deliveries=events.max_deliveries, claim_idle_ms=events.claim_idle_ms,
+                     buffer_size=events.buffer)

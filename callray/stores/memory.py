@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, defaultdict
 
-from callray.events import Event
 from callray.stores.base import CallState, StaleStateError
 
 
@@ -75,18 +74,3 @@ class MemoryResponseCache:
 
     async def close(self) -> None:
         self._entries.clear()
-
-
-class MemoryEventSink:
-    """Best-effort in-process events: kept in a bounded list that in-process consumers read."""
-
-    def __init__(self, max_events: int = 10_000):
-        self.max_events = max_events
-        self.events: list[Event] = []
-        self.dropped = 0
-
-    def emit(self, event: Event) -> None:
-        if len(self.events) >= self.max_events:
-            self.dropped += 1
-            return
-        self.events.append(event)

@@ -1,0 +1,92 @@
+"""``EventConsumer``: one background actor per consumer kind on the Redis Streams bus.
+
+Each kind (analytics, archive, escalation) is its own consumer group, so each sees every
+event; the actor's name is its consumer name, stable across Ray's restarts, so a restarted
+consumer first re-reads what it had taken but not acknowledged. The analytics actor also
+exports its figures as Prometheus metrics through Ray's metrics API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import ray
+from ray.util import metrics
+
+from actors.placement import host_directory
+from callray.consumers.runner import build_consumers, run_consumers
+from callray.settings import CallraySettings
+from callray.stores.factory import build_bus
+
+log = logging.getLogger("callray.actors.consumers")
+
+METRICS_INTERVAL_S = 5.0
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class EventConsumer:
+    def __init__(self, settings: dict[str, Any], app_name: str, kind: str):
+        self.settings = CallraySettings.parse(settings)
+        self.app_name, self.kind = app_name, kind
+        self.name = f"{app_name}-{kind}"
+        self.consumer: Any = None
+        self._tasks: list[asyncio.Task] = []
+        self._gauges: dict[str, metrics.Gauge] = {}
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> str:
+        """Connect and start consuming (idempotent)."""
+        async with self._lock:
+            return await self._start()
+
+    async def _start(self) -> str:
+        if self.consumer is None:
+            bus = await build_bus(self.settings)
+            consumers = build_consumers(self.settings.events, [self.kind], command=self._command, emit=bus.emit,
+                                        redis=getattr(bus, "client", None))
+            self.consumer = consumers.get(self.kind)
+            if self.consumer is None:
+                return f"{self.name}: disabled by settings"
+            if self.kind == "analytics":  # a projection of the stream: rebuild it, duplicates are dropped
+                async for event in bus.replay():
+                    await self.consumer.handle(event)
+            self._tasks.append(asyncio.create_task(run_consumers(bus, consumers, self.name, asyncio.Event())))
+            if self.kind == "analytics":
+                self._tasks.append(asyncio.create_task(self._export_metrics()))
+        return self.name
+
+    async def _command(self, call_id: str, command: dict[str, Any]) -> bool:
+        """Escalation's way to the live call: through the call's host."""
+        host = await host_directory(self.app_name, self.settings).owner(call_id)
+        return await host.command.remote(call_id, command)
+
+    async def _export_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_INTERVAL_S)
+            for name, labels, value in self.consumer.prometheus_samples():
+                gauge = self._gauges.get(name)
+                if gauge is None:
+                    gauge = self._gauges[name] = metrics.Gauge(name, description=f"callray analytics: {name}",
+                                                               tag_keys=tuple(sorted(labels)))
+                gauge.set(value, tags=labels)
+
+    async def snapshot(self) -> dict[str, Any] | None:
+        await self.start()
+        return self.consumer.snapshot() if self.kind == "analytics" and self.consumer else None
+
+    async def archived(self, call_id: str) -> dict[str, Any] | None:
+        await self.start()
+        return await self.consumer.get(call_id) if self.kind == "archive" and self.consumer else None
+
+
+def start_consumers(app_name: str, settings: CallraySettings) -> dict[str, Any]:
+    """Create (or find) the consumer actors of an event-driven deployment."""
+    raw = settings.model_dump(mode="json")
+    handles = {}
+    for kind in ("analytics", "archive", "escalation"):
+        handles[kind] = EventConsumer.options(
+            name=f"{app_name}-{kind}", namespace=settings.hosts.namespace, lifetime="detached", get_if_exists=True,
+        ).remote(raw, app_name, kind)
+    return handles

@@ -1,0 +1,155 @@
+"""The event-driven architecture: events reach analytics, archive and escalation; webhooks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from callray.webhook import sign
+from tests.conftest import WEBHOOK_KEY
+from tests.retell_client import RetellClient
+from tests.test_serve_single import new_call_id
+
+pytestmark = pytest.mark.ray
+
+
+def http_base(ws_url: str) -> str:
+    return ws_url.replace("ws://", "http://").rsplit("/llm-websocket", 1)[0]
+
+
+def get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def post_webhook(base: str, body: bytes, signature: str | None) -> int:
+    headers = {"content-type": "application/json"}
+    if signature is not None:
+        headers["x-retell-signature"] = signature
+    request = urllib.request.Request(f"{base}/webhook", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def eventually(check, timeout: float = 30.0):
+    """Poll ``check`` (sync, returns a truthy value when done) until it succeeds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await asyncio.to_thread(check)
+        if result or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(0.5)
+
+
+async def test_events_reach_analytics_and_archive_with_exact_counts(events_app):
+    base = http_base(events_app)
+    _, before = get(f"{base}/analytics")
+    turns_before = before.get("overall", {}).get("turns", 0)
+    call_ids = []
+    for line in ("What are your hours?", "Where can I park?", "Do you take insurance?"):
+        client = await RetellClient(events_app, new_call_id()).connect()
+        call_ids.append(client.call_id)
+        try:
+            await client.complete(0)
+            await client.turn(1, line)
+            await client.turn(2, "Where are you located?")
+        finally:
+            await client.close()
+
+    def counted():
+        status, snap = get(f"{base}/analytics")
+        return status == 200 and snap["overall"]["turns"] - turns_before == 6 and snap
+
+    snapshot = await eventually(counted)
+    assert snapshot, get(f"{base}/analytics")
+    status, record = await eventually(lambda: (r := get(f"{base}/calls/{call_ids[0]}"))[0] == 200 and r) or (0, {})
+    assert status == 200
+    assert [t["response_id"] for t in record["turns"]] == [1, 2]
+    assert get(f"{base}/calls/never-seen")[0] == 404
+
+
+def webhook_body(event: str, call_id: str, **call) -> bytes:
+    return json.dumps({"event": event, "call": {"call_id": call_id, "call_status": "ended", **call}}).encode()
+
+
+async def test_webhook_signatures_and_dedupe(events_app):
+    base = http_base(events_app)
+    call_id = new_call_id()
+    body = webhook_body("call_ended", call_id, disconnection_reason="user_hangup")
+    now = int(time.time() * 1000)
+    assert post_webhook(base, body, None) == 401
+    assert post_webhook(base, body, "v=123,d=nothex") == 401
+    assert post_webhook(base, body, sign(body, "wrong-key")) == 401
+    assert post_webhook(base, body, sign(body, WEBHOOK_KEY, now_ms=now - 10 * 60 * 1000)) == 401  # stale
+    assert post_webhook(base, b"{not json", sign(b"{not json", WEBHOOK_KEY)) == 400
+    assert post_webhook(base, body, sign(body, WEBHOOK_KEY)) == 204
+    assert post_webhook(base, body, sign(body, WEBHOOK_KEY)) == 204  # replay: accepted, deduped
+    # escapes as Retell sends them verify over the raw bytes (re-serialising would break them)
+    raw = ('{"event":"call_analyzed","call":{"call_id":"' + call_id + '","agent_name":"Caf\\u00e9",'
+           '"recording_url":"https:\\/\\/x.example\\/r.wav","call_analysis":{"user_sentiment":"Positive",'
+           '"call_successful":true}}}').encode()
+    assert post_webhook(base, raw, sign(raw, WEBHOOK_KEY)) == 204
+
+    def archived():
+        status, record = get(f"{base}/calls/{call_id}")
+        return status == 200 and record.get("call", {}).get("call_analysis") and record
+
+    record = await eventually(archived)
+    assert record and record["call"]["disconnection_reason"] == "user_hangup"
+    _, snap = get(f"{base}/analytics")
+    assert snap["overall"]["disconnections"].get("user_hangup", 0) >= 1
+
+
+async def test_escalation_rule_transfers_the_live_call_once(events_app):
+    client = await RetellClient(events_app, new_call_id()).connect()
+    try:
+        await client.complete(0)
+        await client.turn(1, "I am going to call my lawyer about this bill")
+        interrupt = await client.wait_for(lambda f: f.get("response_type") == "agent_interrupt", timeout=30)
+        assert interrupt["transfer_number"] == "+15550009999"
+        assert interrupt["content"] == "Let me get a colleague for you." and interrupt["content_complete"] is True
+        await client.turn(2, "my lawyer will hear about this")
+        await asyncio.sleep(3)
+        assert len([f for f in client.frames if f.get("response_type") == "agent_interrupt"]) == 1
+    finally:
+        await client.close()
+
+
+async def test_analytics_consumer_restart_rebuilds_exact_counts(events_app, ray_cluster):
+    import ray
+
+    base = http_base(events_app)
+
+    def settled():
+        first = get(f"{base}/analytics")[1]
+        time.sleep(1.5)
+        second = get(f"{base}/analytics")[1]
+        return first == second and second
+
+    before = await eventually(settled)
+    ray.kill(ray.get_actor("events-analytics", namespace="callray-test-events"), no_restart=False)
+    client = await RetellClient(events_app, new_call_id()).connect()
+    try:
+        await client.complete(0)
+        await client.turn(1, "What are your hours?")
+    finally:
+        await client.close()
+
+    def recounted():
+        status, snap = get(f"{base}/analytics")
+        return status == 200 and snap["overall"]["turns"] == before["overall"]["turns"] + 1 and snap
+
+    after = await eventually(recounted, timeout=60)
+    assert after, (before["overall"]["turns"], get(f"{base}/analytics")[1].get("overall", {}).get("turns"))
+    assert after["overall"]["calls"]["started"] == before["overall"]["calls"]["started"] + 1
