@@ -21,6 +21,7 @@ from ray.serve import Application
 from actors.consumers import start_consumers
 from actors.gateway import SocketSession
 from actors.placement import host_directory
+from callray.guard import SocketGuard
 from callray.placement import host_names
 from callray.settings import CallraySettings
 from callray.webhook import (
@@ -45,6 +46,8 @@ api = FastAPI(title="callray", description="Retell AI custom-LLM backend on Ray 
 class CallGateway:
     def __init__(self, settings: dict[str, Any]):
         self.settings = CallraySettings.parse(settings)
+        self.settings.configure_logging()
+        self.guard = SocketGuard(self.settings.gateway.guard)
         app_name = serve.get_replica_context().app_name
         self.hosts = host_directory(app_name, self.settings)
         self.app_name = app_name
@@ -135,15 +138,30 @@ class CallGateway:
 
     @api.websocket("/{path:path}")
     async def socket(self, websocket: WebSocket, path: str) -> None:
-        """``{prefix}/{call_id}`` (default agent) or ``{prefix}/{agent}/{call_id}``."""
+        """``{prefix}/{call_id}`` (default agent) or ``{prefix}/{agent}/{call_id}``, with the
+        shared secret as a first segment (or ``?token=``) when ``gateway.guard.secret`` is set."""
         tail = self._route_tail(path)
-        if tail is None or len(tail) not in (1, 2) or (len(tail) == 2 and tail[0] not in self.settings.agents.files):
-            await websocket.close(code=4404, reason="unknown route or agent")
+        if tail is None:
+            await websocket.close(code=4404, reason="unknown route")
             return
-        agent, call_id = (tail[0], tail[1]) if len(tail) == 2 else (None, tail[0])
-        await self._ensure_hosts()
-        await SocketSession(websocket, call_id, agent, self.hosts, self.settings).run()
-
+        verdict = self.guard.check(tail, dict(websocket.query_params), websocket.client.host if websocket.client else None,
+                                   {k.lower(): v for k, v in websocket.headers.items()})
+        segments = verdict.segments
+        code, reason = verdict.code, verdict.reason
+        if verdict.allowed and (len(segments) not in (1, 2) or (len(segments) == 2 and segments[0] not in self.settings.agents.files)):
+            code, reason = 4404, "unknown route or agent"
+        if code:  # refused before any call state exists; the close code says why
+            log.warning("refused socket from %s: %d %s", verdict.client, code, reason)
+            await websocket.accept()
+            await websocket.close(code=code, reason=reason)
+            return
+        agent, call_id = (segments[0], segments[1]) if len(segments) == 2 else (None, segments[0])
+        self.guard.opened()
+        try:
+            await self._ensure_hosts()
+            await SocketSession(websocket, call_id, agent, self.hosts, self.settings).run()
+        finally:
+            self.guard.closed()
 
     def _route_tail(self, path: str) -> list[str] | None:
         """The segments after the configured prefix (Serve may keep its route prefix in ``path``)."""

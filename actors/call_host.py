@@ -49,6 +49,7 @@ class CallHost:
         async with self._starting:
             if self._host is None:
                 settings = CallraySettings.parse(self._settings_raw, source=f"CallHost {self.name}")
+                settings.configure_logging()
                 self._stores = await build_stores(settings)
                 self._host = Host(settings, AgentRegistry.from_settings(settings.agents), store=self._stores.state,
                                   cache=self._stores.cache, events=self._stores.events, name=self.name,

@@ -29,6 +29,7 @@ METRICS_INTERVAL_S = 5.0
 class EventConsumer:
     def __init__(self, settings: dict[str, Any], app_name: str, kind: str):
         self.settings = CallraySettings.parse(settings)
+        self.settings.configure_logging()
         self.app_name, self.kind = app_name, kind
         self.name = f"{app_name}-{kind}"
         self.consumer: Any = None

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
@@ -431,7 +431,7 @@ def render_report(results: dict[str, Any], img_dir: str = "img", raw_path: str |
         f"This report: `{results['command']}`" + (f", raw results in `{raw_path}`." if raw_path else "."),
     ]
     if results.get("quick"):
-        lines += ["", "> **Quick run** (small concurrency levels, fewer targets): indicative only. The full suite "
+        lines += ["", "> **Quick run** (small concurrency levels): indicative only. The full suite "
                       f"runs every target at {', '.join(map(str, DEFAULT_LEVELS))} calls with both agent modes."]
     if not results.get("complete", True):
         lines += ["", "> **Incomplete run**: the suite was interrupted; only the targets below were measured."]
@@ -461,7 +461,8 @@ def render_report(results: dict[str, Any], img_dir: str = "img", raw_path: str |
         "- **Agents**: `flow` — callray's default flow agent (the clinic); floor and baseline answer with a fixed "
         f"two-chunk echo. `llm` — every target streams from the same fake OpenAI-compatible LLM (first token "
         f"after {llm['ttft_ms']:.0f} ms, then {llm['tokens_per_s']:.0f} tokens/s); callray runs "
-        "`config/agents/assistant_llm.yaml` pointed at it.",
+        "`config/agents/assistant_llm.yaml` pointed at it. Floor and baseline forward every token as its own "
+        "frame (as Retell's demo does); callray sends phrase-sized frames, so its first chunk is its first phrase.",
         "- **Setup**: socket open to response 0 complete. **First chunk / first sentence**: request sent to the "
         "first content / the first sentence end (or completion). **Over TTFT**: first sentence minus the LLM's "
         "time to first token — it includes the LLM streaming the words of its first sentence, which the floor "
@@ -752,7 +753,6 @@ class Deployed:
     processes: Callable[[], list[tuple[str, int]]]
     teardown: Callable[[], None]
     holding: frozenset[str] = frozenset()
-    notes: list[str] = field(default_factory=list)
 
 
 def _deployment_options(config_file: str) -> dict[str, Any]:
@@ -769,6 +769,8 @@ def callray_args(target: str, *, namespace: str, redis_url: str | None, agent_fi
     doc = yaml.safe_load((PROJECT_DIR / CONFIG_FILES[target]).read_text())
     args = doc["applications"][0]["args"]
     args["hosts"]["namespace"] = namespace
+    args["gateway"].pop("guard", None)  # the simulator connects from loopback without the secret
+    args["webhook"]["api_key"] = ""
     if target == "dedicated":
         args["hosts"]["placement"] = "dedicated"
     if args["state"]["backend"] == "redis" or args["cache"]["backend"] == "redis" or \
@@ -920,7 +922,7 @@ def measure_target(target: str, mode: str, deployed: Deployed, options: BenchOpt
     """Warm up, measure memory with idle calls, then every level; returns the target's entry."""
     psutil = _psutil()
     ttft = options.llm_ttft_ms if mode == "llm" else None
-    entry: dict[str, Any] = {"status": "ok", "error": None, "levels": [], "memory": None, "notes": deployed.notes}
+    entry: dict[str, Any] = {"status": "ok", "error": None, "levels": [], "memory": None}
 
     warm = _simulate(SimConfig(url=deployed.url, calls=4, turns=1, think_s=0.2, call_id_prefix=f"warm-{run_tag}"),
                      FrameTap(), console, f"{target} warm-up")

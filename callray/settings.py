@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from callray.consumers.escalation import EscalationRules
+from callray.guard import SocketGuardSettings
+from callray.logs import configure_logging
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -85,6 +87,7 @@ class GatewaySettings(_Section):
     auto_reconnect: bool = Field(default=True, description="Ask Retell for ping_pong keepalives and reconnects (sent in the config frame).")
     call_details: bool = Field(default=True, description="Ask Retell to send the call object (call_details) after connecting.")
     host_retry_s: float = Field(default=30.0, gt=0, description="How long the gateway keeps retrying a call host that is restarting before closing the socket with 1011.")
+    guard: SocketGuardSettings = Field(default_factory=SocketGuardSettings, description="Who may open a socket: shared secret in the URL, IP allowlist, rate and call limits.")
 
     @field_validator("path_prefix")
     @classmethod
@@ -139,11 +142,16 @@ class EventsSettings(_Section):
 
 
 class WebhookSettings(_Section):
-    enabled: bool = Field(default=True, description="Serve POST {path} for Retell's webhooks.")
-    path: str = Field(default="/webhook", description="Route of the webhook (Retell's agent webhook URL points here).")
+    enabled: bool = Field(default=True, description="Serve POST /webhook for Retell's webhooks (the agent's webhook URL).")
     api_key: str = Field(default="${RETELL_API_KEY:-}", description="Retell API key that signs webhooks; empty refuses every webhook with 401.")
     tolerance_s: float = Field(default=300.0, gt=0, description="Reject signatures whose timestamp is further than this from now.")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Larger webhook bodies are refused with 413.")
+
+
+class LoggingSettings(_Section):
+    level: str = Field(default="INFO", description="Level of the callray loggers.")
+    json_lines: bool = Field(default=True, description="One JSON object per line (with call_id) instead of plain text.")
+    mask_pii: bool = Field(default=True, description="Mask phone numbers and caller text in logs (secrets are always masked).")
 
 
 class CallraySettings(_Section):
@@ -158,6 +166,11 @@ class CallraySettings(_Section):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     events: EventsSettings = Field(default_factory=EventsSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    def configure_logging(self) -> None:
+        """Apply the logging settings in this process (gateway replica or actor)."""
+        configure_logging(self.logging.level, json=self.logging.json_lines, mask_pii=self.logging.mask_pii)
 
     @classmethod
     def parse(cls, args: dict[str, Any] | None, *, source: str = "application args") -> "CallraySettings":

@@ -164,6 +164,7 @@ def dedicated_app(serve_port) -> str:
 
 
 WEBHOOK_KEY = "key_test_callray"
+SOCKET_SECRET = "s3cret-path-token"
 
 
 @pytest.fixture(scope="session")
@@ -181,4 +182,5 @@ def events_app(serve_port, redis_server, tmp_path_factory) -> str:
                            "handoff_line": "Let me get a colleague for you.", "max_fallback_turns": 0},
         },
         "webhook": {"api_key": WEBHOOK_KEY},
-    }, serve_port)
+        "gateway": {"guard": {"secret": SOCKET_SECRET, "secret_in": "either", "allow_ips": ["127.0.0.0/8"]}},
+    }, serve_port) + f"/{SOCKET_SECRET}"

@@ -46,6 +46,7 @@ def env(monkeypatch: pytest.MonkeyPatch) -> None:
     """The variables the configs reference; nothing connects to them here."""
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
     monkeypatch.setenv("RETELL_API_KEY", "key_test")
+    monkeypatch.setenv("CALLRAY_SOCKET_SECRET", "test-secret")
 
 
 def _gateway_deployment_name() -> str:
@@ -158,6 +159,7 @@ def test_serve_config_follows_the_deployment_conventions(path: Path) -> None:
 )
 def test_redis_configs_fail_at_start_naming_redis_url_when_it_is_unset(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("CALLRAY_SOCKET_SECRET", "test-secret")
     with pytest.raises(SettingsError, match="REDIS_URL"):
         load_serve_config(path)
 

@@ -153,3 +153,17 @@ async def test_analytics_consumer_restart_rebuilds_exact_counts(events_app, ray_
     after = await eventually(recounted, timeout=60)
     assert after, (before["overall"]["turns"], get(f"{base}/analytics")[1].get("overall", {}).get("turns"))
     assert after["overall"]["calls"]["started"] == before["overall"]["calls"]["started"] + 1
+
+
+async def test_socket_secret_is_required(events_app):
+    base, secret = events_app.rsplit("/", 1)
+    for url in (base, f"{base}/wrong-secret"):
+        client = await RetellClient(url, new_call_id()).connect()
+        with pytest.raises(ConnectionError):
+            await client.wait_for(lambda f: False, timeout=10)
+        assert client.close_code == 4401 and client.frames == []
+    by_query = await RetellClient(base, new_call_id() + f"?token={secret}").connect()
+    try:
+        assert "Maple Street" in await by_query.complete(0)
+    finally:
+        await by_query.close()

@@ -128,12 +128,11 @@ async def test_bad_frames_never_take_the_server_down(single_app):
         await fresh.close()
 
 
-async def test_unknown_agent_route_is_refused_before_accepting(single_app):
-    import websockets
-
-    with pytest.raises(websockets.InvalidStatus) as refused:
-        await RetellClient(single_app + "/no-such-agent", new_call_id()).connect()
-    assert refused.value.response.status_code == 403
+async def test_unknown_agent_route_is_refused(single_app):
+    client = await RetellClient(single_app + "/no-such-agent", new_call_id()).connect()
+    with pytest.raises(ConnectionError):
+        await client.wait_for(lambda f: False, timeout=10)
+    assert client.close_code == 4404 and client.frames == []
 
 
 async def test_agent_route_by_path(single_app):
