@@ -71,6 +71,17 @@ class Outbox:
             self.close_reason = reason
             self._queue.put_nowait(None)
 
+    def drain(self) -> list[str]:
+        """Whatever is queued now, without waiting (the end marker stays queued)."""
+        frames: list[str] = []
+        while not self._queue.empty():
+            frame = self._queue.get_nowait()
+            if frame is None:
+                self._queue.put_nowait(None)
+                break
+            frames.append(frame)
+        return frames
+
     async def batches(self) -> AsyncIterator[list[str]]:
         """Everything queued so far per iteration: fewer hops to the gateway under load."""
         while True:
@@ -154,6 +165,7 @@ class Conversation:
         self._completed: tuple[str | None, int] | None = None  # (connection, id) last completed
         self._save_lock = asyncio.Lock()
         self._background: set[asyncio.Task] = set()
+        self._call_details = asyncio.Event()
         self.latest_transcript: list[dict[str, Any]] = []
         self.turntaking: str | None = None
 
@@ -177,16 +189,29 @@ class Conversation:
         if resume:  # the socket heard response 0 before its host restarted
             self.state.greeted = True
             return self.outbox
-        reconnect = self.state.greeted
-        if reconnect:
+        if self.state.greeted:
             self._send(ResponseFrame(response_id=0, content="", content_complete=True))
+            self._emit(ev.CallStarted, reconnect=True)
+            self._spawn(self.checkpoint())
+        elif self.settings.greeting_wait_ms and not self.state.call:
+            self._spawn(self._greet(self.outbox, wait_s=self.settings.greeting_wait_ms / 1000))
         else:
-            greeting = self.agent.begin_message(self.state.agent_state, self.state.call)
-            self._send(ResponseFrame(response_id=0, content=greeting, content_complete=True))
-            self.state.greeted = True
-        self._emit(ev.CallStarted, reconnect=reconnect)
-        self._spawn(self.checkpoint())
+            await self._greet(self.outbox)
         return self.outbox
+
+    async def _greet(self, outbox: Outbox, wait_s: float = 0.0) -> None:
+        """Response 0, once per call; optionally after call_details (bounded wait)."""
+        if wait_s:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await self._call_details.wait()
+        if outbox is not self.outbox or self.state.greeted:
+            return
+        greeting = self.agent.begin_message(self.state.agent_state, self.state.call)
+        self._send(ResponseFrame(response_id=0, content=greeting, content_complete=True))
+        self.state.greeted = True
+        self._emit(ev.CallStarted, reconnect=False)
+        self._spawn(self.checkpoint())
 
     def detach(self, connection_id: str) -> bool:
         """The socket went away. The call lives on (Retell may reconnect). True if it was current."""
@@ -223,6 +248,7 @@ class Conversation:
             if routed is not None and routed.name != self.agent.name:
                 log.info("call %s routed to agent %s by agent_id", self.call_id, routed.name, extra={"call_id": self.call_id})
                 self.agent, self.state.agent = routed, routed.name
+        self._call_details.set()
         self._spawn(self.checkpoint())
 
     def _on_request(self, req: ResponseRequired | ReminderRequired) -> None:

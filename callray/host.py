@@ -97,12 +97,13 @@ class Host:
                      resume: bool = False) -> AsyncIterator[list[str] | str]:
         """Attach, then yield the socket's outbound frames in batches.
 
-        The first item acknowledges the attachment (``[]`` when resuming); the last is
-        ``"closed:<reason>"`` when the call closed the stream (a newer socket, deactivation).
+        The first item acknowledges the attachment (it may be ``[]``: a resumed socket, or a
+        greeting waiting for call_details, which the gateway may only forward once attached);
+        the last is ``"closed:<reason>"`` when the call closed the stream (a newer socket,
+        deactivation).
         """
         outbox = await self.attach(call_id, connection_id, agent_name, resume)
-        if resume:
-            yield []
+        yield outbox.drain()
         async for batch in outbox.batches():
             yield batch
         yield STREAM_CLOSED + (outbox.close_reason or "")

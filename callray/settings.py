@@ -115,6 +115,7 @@ class TurnSettings(_Section):
         description="Short phrases said when the budget is missed; rotated per call.",
     )
     agent_timeout_s: float = Field(default=20.0, gt=0, description="A turn still unfinished after this long is completed with the agent's fallback line.")
+    greeting_wait_ms: float = Field(default=0.0, ge=0, le=5000, description="Hold response 0 up to this long for call_details, so the greeting can use call data and agent_id routing applies to it (0: greet at once).")
 
 
 class StateSettings(_Section):

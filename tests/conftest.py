@@ -184,3 +184,34 @@ def events_app(serve_port, redis_server, tmp_path_factory) -> str:
         "webhook": {"api_key": WEBHOOK_KEY},
         "gateway": {"guard": {"secret": SOCKET_SECRET, "secret_in": "either", "allow_ips": ["127.0.0.0/8"]}},
     }, serve_port) + f"/{SOCKET_SECRET}"
+
+
+@pytest.fixture(scope="session")
+def fake_llm():
+    """A local OpenAI-compatible streaming server (the paid API is unreachable here)."""
+    from callray.sim.fake_llm import FakeLLMSettings, running_fake_llm
+
+    with running_fake_llm(FakeLLMSettings(ttft_ms=50, tokens_per_s=200, seed=1)) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def llm_app(serve_port, fake_llm, tmp_path_factory) -> str:
+    """Two agents in one deployment: the clinic flow agent and an LLM agent on the fake LLM,
+    routed by path or by Retell agent_id; the greeting waits for call_details."""
+    import yaml
+
+    from callray.settings import PROJECT_DIR
+
+    data = yaml.safe_load((PROJECT_DIR / "config/agents/assistant_llm.yaml").read_text())
+    data["providers"] = [{"base_url": fake_llm.base_url, "model": "gpt-4o-mini", "api_key_env": "CALLRAY_TEST_NO_KEY",
+                          "api_key_fallback": "fake-key"}]
+    data["tools"] = []
+    agent_file = tmp_path_factory.mktemp("agents") / "assistant.yaml"
+    agent_file.write_text(yaml.safe_dump(data))
+    return deploy("llm", {
+        "agents": {"default": "clinic", "files": {"clinic": "config/agents/clinic.yaml", "assistant": str(agent_file)},
+                   "by_retell_agent_id": {"agent_dental_1": "assistant"}},
+        "turns": {"greeting_wait_ms": 1000, "latency_budget_ms": 2000},
+        "hosts": {"count": 1, "namespace": "callray-test-llm"},
+    }, serve_port)

@@ -278,3 +278,35 @@ async def test_unknown_and_minimal_events_are_tolerated(payload):
     await h.attach()
     h.conversation.handle(parse_event(payload))
     assert await h.settle() == [] and h.opening[0]["response_id"] == 0
+
+
+class OtherAgent(ScriptedAgent):
+    name = "other"
+
+    def begin_message(self, state, call) -> str:
+        return f"Hello {call.get('retell_llm_dynamic_variables', {}).get('customer_name', 'there')}, other agent here."
+
+
+async def test_greeting_waits_for_call_details_and_routes_by_agent_id():
+    h = Harness()
+    h.settings.greeting_wait_ms = 500
+    other = OtherAgent()
+    h.conversation = Conversation(CallState(call_id="c1"), h.agent, store=h.store, settings=h.settings,
+                                  events=h.events, route_agent=lambda call: other if call.get("agent_id") == "a2" else None)
+    await h.attach()
+    assert h.opening == []  # held for call_details
+    h.conversation.handle(parse_event({"interaction_type": "call_details", "call": {
+        "agent_id": "a2", "retell_llm_dynamic_variables": {"customer_name": "Ada"}}}))
+    frames = await h.settle()
+    assert frames == [{"response_type": "response", "response_id": 0, "content": "Hello Ada, other agent here.",
+                       "content_complete": True}]
+    assert h.conversation.state.agent == "other"
+
+
+async def test_greeting_wait_is_bounded():
+    h = Harness()
+    h.settings.greeting_wait_ms = 50
+    await h.attach()
+    assert h.opening == []
+    frames = await h.settle(0.2)
+    assert frames[0]["content"] == "Hello, this is the test agent."

@@ -1,0 +1,59 @@
+"""The LLM agent behind the gateway: phrase streaming, routing by path and by agent_id."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.retell_client import RetellClient
+from tests.test_serve_single import NAMES, new_call_id
+
+pytestmark = pytest.mark.ray
+
+
+def details(call_id: str, agent_id: str, name: str) -> dict:
+    return {"interaction_type": "call_details", "call": {
+        "call_id": call_id, "agent_id": agent_id, "retell_llm_dynamic_variables": {"customer_name": name}}}
+
+
+async def test_route_by_agent_id_fills_the_greeting_and_streams_phrases(llm_app, fake_llm):
+    client = await RetellClient(llm_app, new_call_id()).connect()
+    try:
+        await client.send(details(client.call_id, "agent_dental_1", "Grace"))
+        greeting = await client.complete(0)
+        assert greeting.startswith("Hi Grace, thanks for calling Bright Smile Dental")
+        answer = await client.turn(1, "Can I book a cleaning on Friday morning?")
+        frames = [f for f in client.responses(1) if f["content"]]
+        assert "cleaning" in answer and "Friday" in answer
+        assert 1 < len(frames) < len(answer.split())  # phrases: more than one frame, fewer than one per word
+        request = next(r for r in fake_llm.records if "Friday morning" in (r.last_user_text or ""))
+        assert "Grace" in request.body["messages"][0]["content"]  # dynamic variables in the system prompt
+    finally:
+        await client.close()
+
+
+async def test_route_by_path_and_default_agent(llm_app):
+    by_path = await RetellClient(llm_app + "/assistant", new_call_id()).connect()
+    default = await RetellClient(llm_app, new_call_id()).connect()
+    try:
+        assert "Bright Smile Dental" in await by_path.complete(0)  # no call_details: greeting after the wait
+        assert "Maple Street" in await default.complete(0)
+    finally:
+        await by_path.close()
+        await default.close()
+
+
+async def test_twenty_concurrent_llm_calls_hear_their_own_words(llm_app):
+    async def one(name: str) -> tuple[str, str]:
+        client = await RetellClient(llm_app + "/assistant", new_call_id()).connect()
+        try:
+            await client.send(details(client.call_id, "agent_dental_1", name))
+            await client.complete(0)
+            return name, await client.turn(1, f"Please note the surname {name}quist for my file")
+        finally:
+            await client.close()
+
+    for name, answer in await asyncio.gather(*(one(n) for n in NAMES[:20])):
+        assert f"{name}quist" in answer
+        assert not any(f"{other}quist" in answer for other in NAMES[:20] if other != name)
