@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 
 import ray
 
+from actors.metrics import HostMetrics, MeteredSink
 from callray.agents.registry import AgentRegistry
 from callray.consumers.runner import build_consumers, run_consumers
 from callray.events import Event
@@ -26,6 +27,7 @@ from callray.stores.factory import Stores, build_stores
 log = logging.getLogger("callray.actors.call_host")
 
 SWEEP_INTERVAL_S = 30.0
+METRICS_INTERVAL_S = 5.0
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
@@ -51,8 +53,10 @@ class CallHost:
                 settings = CallraySettings.parse(self._settings_raw, source=f"CallHost {self.name}")
                 settings.configure_logging()
                 self._stores = await build_stores(settings)
+                self._metrics = HostMetrics(self.name, settings.architecture)
                 self._host = Host(settings, AgentRegistry.from_settings(settings.agents), store=self._stores.state,
-                                  cache=self._stores.cache, events=self._stores.events, name=self.name,
+                                  cache=self._stores.cache, events=MeteredSink(self._stores.events, self._metrics),
+                                  name=self.name,
                                   on_deactivate=self._release if self.release_to else None)
                 self._sweeper = asyncio.create_task(self._sweep_forever())
                 self._warmup = asyncio.create_task(self._host.warm_cache())
@@ -70,12 +74,18 @@ class CallHost:
         pool.release.remote(call_id)
 
     async def _sweep_forever(self) -> None:
+        """Every few seconds refresh the gauges; every SWEEP_INTERVAL_S deactivate idle calls."""
+        ticks = 0
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
+            await asyncio.sleep(METRICS_INTERVAL_S)
+            ticks += 1
             try:
-                await self._host.sweep()
-            except Exception:  # the sweeper must outlive one bad call
-                log.exception("%s: sweep failed", self.name)
+                self._metrics.update(self._host.stats(), self._stores.events.stats())
+                if ticks * METRICS_INTERVAL_S >= SWEEP_INTERVAL_S:
+                    ticks = 0
+                    await self._host.sweep()
+            except Exception:  # housekeeping must outlive one bad call
+                log.exception("%s: housekeeping failed", self.name)
 
     async def ready(self) -> str:
         await self._ensure_host()

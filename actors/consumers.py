@@ -54,6 +54,7 @@ class EventConsumer:
                 async for event in bus.replay():
                     await self.consumer.handle(event)
             self._tasks.append(asyncio.create_task(run_consumers(bus, consumers, self.name, asyncio.Event())))
+            self._tasks.append(asyncio.create_task(self._export_lag(bus)))
             if self.kind == "analytics":
                 self._tasks.append(asyncio.create_task(self._export_metrics()))
         return self.name
@@ -63,10 +64,23 @@ class EventConsumer:
         host = await host_directory(self.app_name, self.settings).owner(call_id)
         return await host.command.remote(call_id, command)
 
+    async def _export_lag(self, bus: Any) -> None:
+        """How many stream entries this consumer group has not read yet (Redis 7 XINFO lag)."""
+        gauge = metrics.Gauge("callray_bus_lag", "Events not yet read by a consumer group.", tag_keys=("group",))
+        while True:
+            await asyncio.sleep(METRICS_INTERVAL_S)
+            try:
+                for group in await bus.client.xinfo_groups(bus.stream):
+                    if group.get("name") in (self.kind, self.kind.encode()) and group.get("lag") is not None:
+                        gauge.set(float(group["lag"]), tags={"group": self.kind})
+            except Exception as exc:  # metrics must never stop a consumer
+                log.warning("%s: reading the bus lag failed: %r", self.name, exc)
+
     async def _export_metrics(self) -> None:
         while True:
             await asyncio.sleep(METRICS_INTERVAL_S)
-            for name, labels, value in self.consumer.prometheus_samples():
+            for sample, labels, value in self.consumer.prometheus_samples():
+                name = "callray_analytics_" + sample.removeprefix("callray_")  # apart from the hosts' own metrics
                 gauge = self._gauges.get(name)
                 if gauge is None:
                     gauge = self._gauges[name] = metrics.Gauge(name, description=f"callray analytics: {name}",
