@@ -121,7 +121,8 @@ class CallGateway:
         if "analytics" in self.consumers:
             return await self.consumers["analytics"].snapshot.remote()
         names = host_names(self.app_name, self.settings.hosts.count) if self.settings.hosts.placement == "shared" else []
-        snapshots = await asyncio.gather(*((await self.hosts.owner_by_name(n)).analytics.remote() for n in names))
+        hosts = [await self.hosts.owner_by_name(name) for name in names]
+        snapshots = await asyncio.gather(*(host.analytics.remote() for host in hosts))
         return {"hosts": dict(zip(names, snapshots))}
 
     @api.get("/calls/{call_id}")

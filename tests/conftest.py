@@ -104,7 +104,8 @@ def ray_cluster():
             serve.shutdown()
         finally:
             ray.shutdown()
-            shutil.rmtree(tmp, ignore_errors=True)
+            for path in [tmp, *ARCHIVE_DIRS]:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -116,12 +117,18 @@ def serve_port(ray_cluster) -> int:
     return port
 
 
+ARCHIVE_DIRS: list[str] = []  # removed when the session's Ray shuts down
+
+
 def deploy(name: str, args: dict, port: int, *, replicas: int = 1) -> str:
     """Deploy callray as application ``name`` under ``/name``; returns its WebSocket base URL."""
     from ray import serve
 
     from serve_app import CallGateway, CallraySettings
 
+    if "archive_dir" not in args.setdefault("events", {}):
+        args["events"]["archive_dir"] = tempfile.mkdtemp(prefix=f"callray-archive-{name}-")
+        ARCHIVE_DIRS.append(args["events"]["archive_dir"])
     settings = CallraySettings.parse(args)
     app = CallGateway.options(num_replicas=replicas).bind(settings.model_dump(mode="json"))
     serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)

@@ -141,3 +141,21 @@ async def test_agent_route_by_path(single_app):
         assert "Maple Street" in await client.complete(0)
     finally:
         await client.close()
+
+
+async def test_analytics_and_archive_in_process(single_app):
+    """In the single architecture each host runs the consumers itself (best effort)."""
+    from tests.test_serve_events import eventually, get, http_base
+
+    base = http_base(single_app)
+    client = await RetellClient(single_app, new_call_id()).connect()
+    try:
+        await client.complete(0)
+        await client.turn(1, "Where can I park?")
+    finally:
+        await client.close()
+    status, record = await eventually(lambda: (r := get(f"{base}/calls/{client.call_id}"))[0] == 200 and r) or (0, {})
+    assert status == 200 and [t["response_id"] for t in record["turns"]] == [1]
+    status, snapshot = get(f"{base}/analytics")
+    assert status == 200 and set(snapshot["hosts"]) == {"single-host-0", "single-host-1"}
+    assert sum(s["overall"]["turns"] for s in snapshot["hosts"].values()) >= 1
