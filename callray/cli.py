@@ -209,9 +209,33 @@ def _cmd_fake_llm(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------------------------- entry
 
-#: Subcommand registrars, in help order. `callray bench` and `callray check CONFIG` are
-#: registered here by the lead (each: add a parser with set_defaults(handler=...)).
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_call, _add_sim, _add_fake_llm]
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="validate a Serve config file and its agents",
+                       description="Validate callray's settings in a Serve config file (env references "
+                                   "expanded) and load every agent it names; errors name the file and field.")
+    p.add_argument("config", help="e.g. config/serve.yaml")
+    p.set_defaults(handler=_cmd_check)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from callray.agents.registry import AgentRegistry
+    from callray.settings import SettingsError, load_serve_config
+
+    console = Console()
+    try:
+        _, settings = load_serve_config(args.config)
+        agents = AgentRegistry.from_settings(settings.agents)
+    except (SettingsError, ValueError) as exc:
+        console.print(f"[red]invalid[/red] {exc}", highlight=False)
+        return 1
+    console.print(f"[green]ok[/green] {args.config}: architecture {settings.architecture}, agents "
+                  f"{', '.join(sorted(agents.agents))} (default {agents.default_name}), "
+                  f"state {settings.state.backend}, events {settings.events.backend}", highlight=False)
+    return 0
+
+
+#: Subcommand registrars, in help order (each adds a parser with set_defaults(handler=...)).
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_call, _add_sim, _add_fake_llm, _add_check]
 
 
 def build_parser() -> argparse.ArgumentParser:
