@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from callray import events as ev
+from callray import tracing
 from callray.agents.base import Agent, EndCall, PressDigit, Speech, ToolCall, ToolResult, Transfer, Turn
 from callray.protocol import (
     AgentInterruptFrame,
@@ -284,6 +285,16 @@ class Conversation:
 
     async def _answer(self, request: _Request) -> None:
         """Stream one answer; complete it exactly once whatever happens (unless cancelled)."""
+        with tracing.span("callray.turn", call_id=self.call_id, response_id=request.response_id,
+                          kind=request.kind, agent=self.agent.name) as span:
+            await self._answer_once(request)
+            if span is not None:
+                span.set_attributes({k: v for k, v in (
+                    ("first_chunk_ms", request.first_chunk_ms), ("first_sentence_ms", request.first_sentence_ms),
+                    ("cache_hit", request.cache_hit), ("budget_miss", request.budget_miss),
+                    ("fallback", request.fallback)) if v is not None})
+
+    async def _answer_once(self, request: _Request) -> None:
         held: Speech | None = None
         try:
             held = await self._stream(request)

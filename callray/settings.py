@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from callray.consumers.escalation import EscalationRules
+from callray import tracing
 from callray.guard import SocketGuardSettings
 from callray.logs import configure_logging
 
@@ -153,6 +154,7 @@ class LoggingSettings(_Section):
     level: str = Field(default="INFO", description="Level of the callray loggers.")
     json_lines: bool = Field(default=True, description="One JSON object per line (with call_id) instead of plain text.")
     mask_pii: bool = Field(default=True, description="Mask phone numbers and caller text in logs (secrets are always masked).")
+    tracing: bool = Field(default=False, description="One OpenTelemetry span per turn, sent to the process's tracer provider (OTEL_* environment).")
 
 
 class CallraySettings(_Section):
@@ -170,8 +172,9 @@ class CallraySettings(_Section):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     def configure_logging(self) -> None:
-        """Apply the logging settings in this process (gateway replica or actor)."""
+        """Apply the logging and tracing settings in this process (gateway replica or actor)."""
         configure_logging(self.logging.level, json=self.logging.json_lines, mask_pii=self.logging.mask_pii)
+        tracing.enable(self.logging.tracing)
 
     @classmethod
     def parse(cls, args: dict[str, Any] | None, *, source: str = "application args") -> "CallraySettings":

@@ -310,3 +310,26 @@ async def test_greeting_wait_is_bounded():
     assert h.opening == []
     frames = await h.settle(0.2)
     assert frames[0]["content"] == "Hello, this is the test agent."
+
+
+async def test_one_span_per_turn_when_tracing_is_on():
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from callray import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing._tracer = provider.get_tracer("callray")
+    try:
+        h = Harness()
+        await h.attach()
+        h.conversation.handle(request(1, "hello"))
+        await h.settle()
+    finally:
+        tracing.enable(False)
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "callray.turn" and span.attributes["response_id"] == 1
+    assert span.attributes["first_chunk_ms"] >= 0 and span.attributes["cache_hit"] is False
