@@ -493,6 +493,18 @@ def render_report(results: dict[str, Any], img_dir: str = "img", raw_path: str |
     return "\n".join(lines) + "\n"
 
 
+def _save_plot(fig: Any, ax: Any, path: Path) -> Path:
+    """Grid, legend, tight layout, PNG; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_plots(results: dict[str, Any], img_dir: Path) -> list[Path]:
     """Per agent mode: first-sentence CDF per target and p99 first sentence vs calls."""
     import matplotlib
@@ -521,13 +533,7 @@ def write_plots(results: dict[str, Any], img_dir: Path) -> list[Path]:
         ax.set_xlabel("first sentence (ms, log scale)")
         ax.set_ylabel("share of turns")
         ax.set_title(f"First-sentence latency CDF at each target's highest level ({mode_name})")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = img_dir / f"bench-{mode_name}-cdf.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_plot(fig, ax, img_dir / f"bench-{mode_name}-cdf.png"))
 
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for target, entry in mode["targets"].items():
@@ -545,13 +551,7 @@ def write_plots(results: dict[str, Any], img_dir: Path) -> list[Path]:
         ax.set_xlabel("concurrent calls")
         ax.set_ylabel("p99 first sentence (ms, log scale)")
         ax.set_title(f"p99 first sentence vs concurrent calls ({mode_name})")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = img_dir / f"bench-{mode_name}-p99.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_plot(fig, ax, img_dir / f"bench-{mode_name}-p99.png"))
     return written
 
 

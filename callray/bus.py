@@ -25,7 +25,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from callray.events import Event, parse_event
 from callray.stores.base import StoreUnavailableError
-from callray.stores.redis_client import check_redis, redis_client
+from callray.stores.redis_client import connect_redis
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +198,7 @@ class RedisStreamBus(_BufferedEmitter):
     @classmethod
     async def connect(cls, url: str, *, setting: str = "REDIS_URL", **kwargs: Any) -> "RedisStreamBus":
         """Open a pooled client for ``url`` and fail at start (naming ``setting``) if Redis is down."""
-        client = redis_client(url)
-        await check_redis(client, url, setting)
-        return cls(client, owns_client=True, **kwargs)
+        return cls(await connect_redis(url, setting), owns_client=True, **kwargs)
 
     # -- producing -------------------------------------------------------------------------
     def _fields(self, event: Event) -> dict[str, str]:

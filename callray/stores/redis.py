@@ -22,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from callray.stores.base import CallState, StaleStateError, StoreUnavailableError
-from callray.stores.redis_client import check_redis, redis_client
+from callray.stores.redis_client import connect_redis
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,12 +85,7 @@ class RedisStateStore:
         cls, url: str, ttl_s: float = 3600.0, *, prefix: str = "callray:call:", setting: str = "REDIS_URL"
     ) -> RedisStateStore:
         """Open a client for ``url`` and PING it: a wrong URL fails here, naming ``setting``."""
-        client = redis_client(url)
-        try:
-            await check_redis(client, url, setting)
-        except BaseException:
-            await client.aclose()
-            raise
+        client = await connect_redis(url, setting)
         store = cls(client, ttl_s=ttl_s, prefix=prefix)
         store._owns_client = True
         return store
@@ -168,12 +163,7 @@ class RedisResponseCache:
         cls, url: str, ttl_s: float = 3600.0, *, prefix: str = "callray:cache:", setting: str = "REDIS_URL"
     ) -> RedisResponseCache:
         """Open a client for ``url`` and PING it: a wrong URL fails here, naming ``setting``."""
-        client = redis_client(url)
-        try:
-            await check_redis(client, url, setting)
-        except BaseException:
-            await client.aclose()
-            raise
+        client = await connect_redis(url, setting)
         cache = cls(client, ttl_s=ttl_s, prefix=prefix)
         cache._owns_client = True
         return cache

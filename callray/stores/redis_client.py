@@ -31,3 +31,14 @@ async def check_redis(client: aioredis.Redis, url: str, setting: str = "REDIS_UR
         await client.ping()
     except (RedisError, OSError) as exc:
         raise RedisConfigError(f"{setting}={url!r}: Redis does not answer ({exc.__class__.__name__}: {exc})") from exc
+
+
+async def connect_redis(url: str, setting: str = "REDIS_URL") -> aioredis.Redis:
+    """A client that answered PING; otherwise closed again and a RedisConfigError naming ``setting``."""
+    client = redis_client(url)
+    try:
+        await check_redis(client, url, setting)
+    except BaseException:
+        await client.aclose()
+        raise
+    return client
