@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import time
 import uuid
@@ -26,7 +27,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from actors.placement import DedicatedHosts, SharedHosts
 from callray.host import STREAM_CLOSED
-from callray.protocol import PingPong, ProtocolError, config_frame, parse_frame, pong_frame
+from callray.protocol import (
+    PingPong, ProtocolError, ReminderRequired, ResponseRequired, config_frame, parse_frame, pong_frame,
+)
 from callray.settings import CallraySettings
 
 log = logging.getLogger("callray.gateway")
@@ -72,6 +75,7 @@ class SocketSession:
         self._inbound: asyncio.Queue[Any] = asyncio.Queue()
         self._attached = asyncio.Event()
         self._closing = asyncio.Event()
+        self._open_request: ResponseRequired | ReminderRequired | None = None  # latest, not yet completed
 
     def _move(self, new: SessionState) -> bool:
         if new not in _TRANSITIONS[self.state]:
@@ -127,6 +131,8 @@ class SocketSession:
             elif isinstance(event, PingPong):
                 self._outgoing.put_nowait(pong_frame(event.timestamp))
             else:
+                if isinstance(event, (ResponseRequired, ReminderRequired)):
+                    self._open_request = event
                 self._inbound.put_nowait(event)
 
     async def _write(self) -> None:
@@ -155,10 +161,13 @@ class SocketSession:
                         self.close(CLOSE_SUPERSEDED if "superseded" in reason else CLOSE_HOST_UNAVAILABLE, reason)
                         return
                     if not self._attached.is_set():
+                        if greeted and self._open_request is not None:  # its answer died with the host
+                            await host.deliver.remote(self.call_id, self.connection_id, self._open_request)
                         self._attached.set()
                         self._move(SessionState.LIVE)
                         greeted, failing_since = True, None
                     for frame in item:
+                        self._note_completion(frame)
                         self._outgoing.put_nowait(frame)
                 return
             except (*HOST_ERRORS, RayTaskError) as exc:
@@ -171,6 +180,14 @@ class SocketSession:
                 log.warning("call %s: host lost (%s); re-attaching", self.call_id, exc.__class__.__name__,
                             extra={"call_id": self.call_id})
                 await asyncio.sleep(0.1)
+
+    def _note_completion(self, frame: str) -> None:
+        """Forget the open request once its completing frame goes out (checked cheaply first)."""
+        if self._open_request is None or '"content_complete":true' not in frame:
+            return
+        data = json.loads(frame)
+        if data.get("response_type") == "response" and data.get("response_id") == self._open_request.response_id:
+            self._open_request = None
 
     async def _forward(self) -> None:
         """Deliver events in order, each until its host accepts it (or the retry window ends)."""

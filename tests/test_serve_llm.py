@@ -57,3 +57,26 @@ async def test_twenty_concurrent_llm_calls_hear_their_own_words(llm_app):
     for name, answer in await asyncio.gather(*(one(n) for n in NAMES[:20])):
         assert f"{name}quist" in answer
         assert not any(f"{other}quist" in answer for other in NAMES[:20] if other != name)
+
+
+async def test_answer_in_flight_when_the_host_dies_is_answered_after_restart(llm_app, ray_cluster, fake_llm):
+    """The gateway re-delivers the open request to the restarted host: the agent is never left silent."""
+    import ray
+
+    from callray.sim.fake_llm import ScriptedReply
+
+    fake_llm.enqueue(ScriptedReply(text="Whitening is a gentle treatment. " * 6, tokens_per_s=8))  # ~4 s of speech
+
+    client = await RetellClient(llm_app + "/assistant", new_call_id()).connect()
+    try:
+        await client.send(details(client.call_id, "agent_dental_1", "Ines"))
+        await client.complete(0)
+        await client.say(1, "Tell me about whitening treatments and their prices in detail please")
+        await client.wait_for(lambda f: f.get("response_id") == 1 and f.get("content"))  # streaming has begun
+        ray.kill(ray.get_actor("llm-host-0", namespace="callray-test-llm"), no_restart=False)
+        answer = await client.complete(1, timeout=60)
+        assert "whitening" in answer.lower() and client.close_code is None
+        asked = [r for r in fake_llm.records if "whitening treatments" in (r.last_user_text or "")]
+        assert len(asked) == 2  # the first stream died with the host; the request was asked again
+    finally:
+        await client.close()
