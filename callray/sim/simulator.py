@@ -23,7 +23,7 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -214,6 +214,14 @@ class SimConfig(BaseModel):
     reconnect_rate: float = Field(0.0, ge=0, le=1, description="Share of calls that drop the TCP socket without a close "
                                                                "frame right after one request and reconnect with "
                                                                "the same call_id, then ask again.")
+    drop_reconnects: int = Field(0, ge=0, description="After the server drops a socket abnormally (1006: the TCP "
+                                                      "connection gone without a close frame), reconnect with the "
+                                                      "same call_id and ask the open request again, up to this many "
+                                                      "times per call, as Retell does (Retell: 4; 0: the call is "
+                                                      "dropped).")
+    duration_s: float | None = Field(None, gt=0, description="Stop placing calls and starting turns after this many "
+                                                             "seconds (a soak): calls in progress finish their turn "
+                                                             "and hang up; calls never placed are not counted.")
     turn_timeout_s: float = Field(10.0, gt=0, description="A request without content_complete: true after this "
                                                           "many seconds is a violation (no_complete).")
     connect_timeout_s: float = Field(7.0, gt=0, description="Seconds to wait for the WebSocket handshake (Retell: 7).")
@@ -288,6 +296,7 @@ class _Socket:
     frames: int = 0
     newest_rid: int = -1
     by_us: bool = False  # we closed or aborted it: its end is not a drop
+    lost: bool = False  # the server dropped it and the call may reconnect (drop_reconnects)
     sent_details: bool = False
     regreeted: bool = False
     pending_pings: dict[int, float] = field(default_factory=dict)
@@ -314,6 +323,11 @@ class _Recorder:
         self.turns: list[TurnSample] = []
         self.reconnect_ms: list[float] = []
         self.loop_lag_ms: list[float] = []
+        self.deadline = self.t0 + config.duration_s if config.duration_s else None
+
+    def past_deadline(self) -> bool:
+        """True once ``duration_s`` has passed: no new call, no new turn."""
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def issue(self, kind: str, call_id: str, detail: str) -> None:
         (self.warnings if kind in WARNING_KINDS else self.violations)[kind] += 1
@@ -362,6 +376,7 @@ class _Call:
         self.end_call = False
         self.dropped: str | None = None
         self.reconnects = 0
+        self.drop_recoveries = 0
         self.answered = 0
         self._background: set[asyncio.Task] = set()
         self.loop = asyncio.get_running_loop()
@@ -375,8 +390,8 @@ class _Call:
         if sock is None:
             self._drop("connect_failed")
         else:
-            begin = self.requests[0]
-            if await self._wait(begin, sock):
+            begin, answered = await self._wait_answer(self.requests[0], None)
+            if answered:
                 setup_ms = (begin.complete_at - t_open) * 1000
                 self._check_tokens(begin.content, expect_own=False)
                 if begin.content:
@@ -388,7 +403,7 @@ class _Call:
             if self.cfg.turns and self.rng.random() < self.cfg.reconnect_rate:
                 reconnect_turn = self.rng.randrange(self.cfg.turns)
             for turn in range(self.cfg.turns):
-                if self.dropped or self.end_call:
+                if self.dropped or self.end_call or self.rec.past_deadline():
                     break
                 await self._turn(turn, reconnect=turn == reconnect_turn)
             await self._close()
@@ -426,9 +441,8 @@ class _Call:
             if not await self._reconnect():
                 return
             req = await self._request(kind, transcript)
-        sock = self.sock
-        assert sock is not None
-        if not await self._wait(req, sock):
+        req, answered = await self._wait_answer(req, lambda: self._request(kind, transcript))
+        if not answered:
             if not self.dropped:
                 req.status = "timed_out"
                 self._issue("no_complete", f"response_id {req.rid} ({kind}) after {cfg.turn_timeout_s} s")
@@ -482,6 +496,10 @@ class _Call:
         old.by_us = True
         old.ws.transport.abort()
         await old.closed.wait()
+        return await self._reopen()
+
+    async def _reopen(self) -> bool:
+        """Open a new socket for the call; requests still open on the old one are abandoned."""
         for req in self.requests.values():
             if req.status == "open":
                 req.status = "abandoned"
@@ -493,9 +511,27 @@ class _Call:
             return False
         if await self._wait(sock.first_frame, sock):
             self.rec.reconnect_ms.append(round((self.loop.time() - sock.opened_at) * 1000, 3))
-        elif not self.dropped:
+        elif not self.dropped and not sock.lost:
             self._issue("reconnect_silent", f"nothing within {self.cfg.turn_timeout_s} s")
         return not self.dropped
+
+    async def _wait_answer(self, req: _Request,
+                           again: Callable[[], Awaitable[_Request]] | None) -> tuple[_Request, bool]:
+        """``_wait`` for ``req``; when the server dropped the socket (``drop_reconnects``), reconnect
+        and ask again (``again``; None: wait for the new socket's response 0). Returns the request
+        last asked and whether it completed."""
+        while True:
+            sock = self.sock
+            assert sock is not None
+            if await self._wait(req, sock):
+                return req, True
+            if not sock.lost or self.dropped:
+                return req, False
+            self.drop_recoveries += 1
+            self.rec.counts["drop_reconnects"] += 1
+            if not await self._reopen():
+                return req, False
+            req = await again() if again else self.requests[0]
 
     async def _close(self) -> None:
         sock = self.sock
@@ -543,7 +579,9 @@ class _Call:
                 sock.pinger.cancel()
             if not sock.by_us:
                 code = sock.ws.close_code
-                if not (self.end_call and code == 1000):
+                if code in (None, 1006) and not self.end_call and self.drop_recoveries < self.cfg.drop_reconnects:
+                    sock.lost = True  # the call reconnects when it next waits on the socket
+                elif not (self.end_call and code == 1000):
                     self._drop("connection_lost" if code in (None, 1006) else f"server_close_{code}")
 
     async def _send(self, payload: dict[str, Any]) -> None:
@@ -716,6 +754,9 @@ async def _run_local(config: SimConfig, indices: list[int], progress: ProgressFn
     async def one(index: int) -> None:
         await asyncio.sleep(max(0.0, start + index * config.ramp_s / config.calls - loop.time()))
         async with limit:
+            if rec.past_deadline():
+                rec.counts["calls"] -= 1  # never placed
+                return
             await _Call(config, index, rec).run()
 
     monitor = asyncio.create_task(_lag_monitor(rec.loop_lag_ms))

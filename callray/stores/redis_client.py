@@ -11,16 +11,20 @@ class RedisConfigError(RuntimeError):
 
 
 def redis_client(url: str, *, timeout_s: float = 1.0, max_connections: int = 64) -> aioredis.Redis:
-    """A pooled asyncio client. Short socket timeouts: a turn must never hang on Redis."""
+    """A pooled asyncio client. Short socket timeouts: a turn must never hang on Redis. The pool
+    blocks (up to ``timeout_s``) when all connections are busy instead of failing at once, so a
+    burst of calls queues for a connection rather than losing writes."""
     try:
-        return aioredis.Redis.from_url(
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             max_connections=max_connections,
+            timeout=timeout_s,
             health_check_interval=15,
             decode_responses=False,
         )
+        return aioredis.Redis(connection_pool=pool)
     except ValueError as exc:
         raise RedisConfigError(f"REDIS_URL {url!r} is not a valid Redis URL: {exc}") from exc
 
