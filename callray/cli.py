@@ -276,5 +276,43 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 COMMANDS.append(_add_bench)
 
 
+# ---------------------------------------------------------------------------------- chaos, soak
+
+
+def _bench_script(name: str) -> Any:
+    """``bench/<name>.py`` of the repository (next to config/), imported as ``bench.<name>``."""
+    import importlib
+
+    from callray.settings import PROJECT_DIR
+
+    if str(PROJECT_DIR) not in sys.path:
+        sys.path.insert(0, str(PROJECT_DIR))
+    return importlib.import_module(f"bench.{name}")
+
+
+def _add_chaos(sub: argparse._SubParsersAction) -> None:
+    chaos = _bench_script("chaos")
+    p = sub.add_parser("chaos", help="kill hosts, gateway replicas, consumers and Redis under live calls",
+                       description="Drive simulated Retell calls against the distributed or event-driven "
+                                   "architecture (private Ray, Serve and Redis) while killing call hosts, gateway "
+                                   "replicas, event consumers and Redis; report lost turns, dropped calls, lost or "
+                                   "duplicated events and recovery times. Exit 1 unless nothing was lost.")
+    chaos.add_arguments(p)
+    p.set_defaults(handler=chaos.run_command)
+
+
+def _add_soak(sub: argparse._SubParsersAction) -> None:
+    soak = _bench_script("soak")
+    p = sub.add_parser("soak", help="many calls for a long time: memory growth, latency drift, errors",
+                       description="Hold N simulated calls for a duration on a private Ray, Serve and Redis, "
+                                   "sampling memory, throughput, first-sentence latency and errors; write JSON and "
+                                   "a PNG plot.")
+    soak.add_arguments(p)
+    p.set_defaults(handler=soak.run_command)
+
+
+COMMANDS.extend([_add_chaos, _add_soak])
+
+
 if __name__ == "__main__":
     sys.exit(main())
