@@ -69,7 +69,11 @@ class CallGateway:
             self._started = True
 
     async def check_health(self) -> None:
+        """Serve's periodic probe: hosts exist, and consumer actors that Ray restarted consume
+        again (``start`` is idempotent; not awaited, so a restarting consumer cannot fail it)."""
         await self._ensure_hosts()
+        for consumer in self.consumers.values():
+            consumer.start.remote()
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:

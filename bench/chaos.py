@@ -471,7 +471,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     console.print(table)
     console.print("hit: calls the fault affected (the host's calls; the calls that reconnected after a gateway kill; "
                   "all for Redis). rec: fault to the next completed turn of each hit call (includes the caller's "
-                  "talk time). inflight: turns asked before and answered after the fault; max ms: their slowest.",
+                  "talk time). inflight: turns of hit calls asked before and answered after the fault; max ms: their slowest.",
                   style="dim")
     totals = Table(title="chaos: totals", title_justify="left", show_header=False)
     totals.add_column(justify="left")

@@ -167,3 +167,18 @@ async def test_socket_secret_is_required(events_app):
         assert "Maple Street" in await by_query.complete(0)
     finally:
         await by_query.close()
+
+
+async def test_a_restarted_consumer_consumes_again(events_app, ray_cluster):
+    """Ray restarts a killed consumer idle; the gateway's health check starts it again."""
+    import ray
+
+    ray.kill(ray.get_actor("events-escalation", namespace="callray-test-events"), no_restart=False)
+    client = await RetellClient(events_app, new_call_id()).connect()
+    try:
+        await client.complete(0)
+        await client.turn(1, "My lawyer will call you")
+        interrupt = await client.wait_for(lambda f: f.get("response_type") == "agent_interrupt", timeout=60)
+        assert interrupt["transfer_number"] == "+15550009999"
+    finally:
+        await client.close()
