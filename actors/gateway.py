@@ -76,6 +76,7 @@ class SocketSession:
         self._attached = asyncio.Event()
         self._closing = asyncio.Event()
         self._open_request: ResponseRequired | ReminderRequired | None = None  # latest, not yet completed
+        self._newest_request_id = 0
 
     def _move(self, new: SessionState) -> bool:
         if new not in _TRANSITIONS[self.state]:
@@ -133,6 +134,7 @@ class SocketSession:
             else:
                 if isinstance(event, (ResponseRequired, ReminderRequired)):
                     self._open_request = event
+                    self._newest_request_id = max(self._newest_request_id, event.response_id)
                 self._inbound.put_nowait(event)
 
     async def _write(self) -> None:
@@ -167,8 +169,8 @@ class SocketSession:
                         self._move(SessionState.LIVE)
                         greeted, failing_since = True, None
                     for frame in item:
-                        self._note_completion(frame)
-                        self._outgoing.put_nowait(frame)
+                        if self._current(frame):
+                            self._outgoing.put_nowait(frame)
                 return
             except (*HOST_ERRORS, RayTaskError) as exc:
                 self._attached.clear()
@@ -181,13 +183,21 @@ class SocketSession:
                             extra={"call_id": self.call_id})
                 await asyncio.sleep(0.1)
 
-    def _note_completion(self, frame: str) -> None:
-        """Forget the open request once its completing frame goes out (checked cheaply first)."""
-        if self._open_request is None or '"content_complete":true' not in frame:
-            return
+    def _current(self, frame: str) -> bool:
+        """False for a response to an id older than the newest request Retell sent on this
+        socket: Retell would drop it anyway, and after a host restart a re-delivered or retried
+        older request could otherwise still be answered. Also forgets the open request once its
+        completing frame passes."""
+        if '"response_type":"response"' not in frame:
+            return True
         data = json.loads(frame)
-        if data.get("response_type") == "response" and data.get("response_id") == self._open_request.response_id:
+        response_id = data.get("response_id", 0)
+        if 0 < response_id < self._newest_request_id:
+            return False
+        if data.get("content_complete") and self._open_request is not None \
+                and response_id == self._open_request.response_id:
             self._open_request = None
+        return True
 
     async def _forward(self) -> None:
         """Deliver events in order, each until its host accepts it (or the retry window ends)."""
