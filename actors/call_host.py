@@ -20,7 +20,6 @@ from callray.agents.registry import AgentRegistry
 from callray.consumers.runner import build_consumers, run_consumers
 from callray.events import Event
 from callray.host import Host
-from callray.protocol import InboundEvent
 from callray.settings import CallraySettings
 from callray.stores.factory import Stores, build_stores
 
@@ -112,8 +111,8 @@ class CallHost:
         async for item in host.stream(call_id, connection_id, agent, resume):
             yield item
 
-    async def deliver(self, call_id: str, connection_id: str, event: InboundEvent) -> str:
-        return await (await self._ensure_host()).deliver(call_id, connection_id, event)
+    async def deliver(self, call_id: str, connection_id: str, frame: str) -> str:
+        return await (await self._ensure_host()).deliver(call_id, connection_id, frame)
 
     async def detach(self, call_id: str, connection_id: str) -> None:
         await (await self._ensure_host()).detach(call_id, connection_id)

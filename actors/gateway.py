@@ -27,9 +27,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from actors.placement import DedicatedHosts, SharedHosts
 from callray.host import STREAM_CLOSED
-from callray.protocol import (
-    PingPong, ProtocolError, ReminderRequired, ResponseRequired, config_frame, parse_frame, pong_frame,
-)
+from callray.protocol import ProtocolError, config_frame, decode_frame, pong_frame
 from callray.settings import CallraySettings
 
 log = logging.getLogger("callray.gateway")
@@ -40,6 +38,8 @@ HOST_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError)
 CLOSE_TOO_BIG = 1009
 CLOSE_HOST_UNAVAILABLE = 1011
 CLOSE_SUPERSEDED = 4001  # a newer socket of the same call took over
+
+REQUEST_TYPES = ("response_required", "reminder_required")
 
 
 class SessionState(enum.Enum):
@@ -75,7 +75,7 @@ class SocketSession:
         self._inbound: asyncio.Queue[Any] = asyncio.Queue()
         self._attached = asyncio.Event()
         self._closing = asyncio.Event()
-        self._open_request: ResponseRequired | ReminderRequired | None = None  # latest, not yet completed
+        self._open_request: tuple[int, str] | None = None  # (response_id, frame) of the latest, not yet completed
         self._newest_request_id = 0
 
     def _move(self, new: SessionState) -> bool:
@@ -126,16 +126,24 @@ class SocketSession:
             if size > limit:
                 self.close(CLOSE_TOO_BIG, f"frame of {size} bytes exceeds max_frame_bytes={limit}")
                 return
-            event = parse_frame(frame)
-            if isinstance(event, ProtocolError):
-                log.warning("call %s: skipped bad frame: %s", self.call_id, event, extra={"call_id": self.call_id})
-            elif isinstance(event, PingPong):
-                self._outgoing.put_nowait(pong_frame(event.timestamp))
-            else:
-                if isinstance(event, (ResponseRequired, ReminderRequired)):
-                    self._open_request = event
-                    self._newest_request_id = max(self._newest_request_id, event.response_id)
-                self._inbound.put_nowait(event)
+            data = decode_frame(frame)  # JSON-level only: the host validates the rest
+            if isinstance(data, ProtocolError):
+                log.warning("call %s: skipped bad frame: %s", self.call_id, data, extra={"call_id": self.call_id})
+                continue
+            kind = data["interaction_type"]
+            if kind == "ping_pong":
+                timestamp = data.get("timestamp")
+                if isinstance(timestamp, int) and not isinstance(timestamp, bool):
+                    self._outgoing.put_nowait(pong_frame(timestamp))
+                else:
+                    log.warning("call %s: skipped ping_pong without an int timestamp", self.call_id,
+                                extra={"call_id": self.call_id})
+                continue
+            response_id = data.get("response_id")
+            if kind in REQUEST_TYPES and isinstance(response_id, int) and response_id > 0:
+                self._open_request = (response_id, frame)
+                self._newest_request_id = max(self._newest_request_id, response_id)
+            self._inbound.put_nowait(frame)
 
     async def _write(self) -> None:
         while True:
@@ -164,7 +172,7 @@ class SocketSession:
                         return
                     if not self._attached.is_set():
                         if greeted and self._open_request is not None:  # its answer died with the host
-                            await host.deliver.remote(self.call_id, self.connection_id, self._open_request)
+                            await host.deliver.remote(self.call_id, self.connection_id, self._open_request[1])
                         self._attached.set()
                         self._move(SessionState.LIVE)
                         greeted, failing_since = True, None
@@ -195,7 +203,7 @@ class SocketSession:
         if 0 < response_id < self._newest_request_id:
             return False
         if data.get("content_complete") and self._open_request is not None \
-                and response_id == self._open_request.response_id:
+                and response_id == self._open_request[0]:
             self._open_request = None
         return True
 

@@ -20,7 +20,7 @@ from callray.agents.registry import AgentRegistry
 from callray.agents.base import EndCall, PressDigit, Speech, ToolCall, Transfer, Turn
 from callray.conversation import Conversation, Outbox, shareable
 from callray.events import CallEnded, Event
-from callray.protocol import InboundEvent
+from callray.protocol import ProtocolError, parse_frame
 from callray.settings import CallraySettings
 from callray.stores.base import CallState, EventSink, ResponseCache, StateStore
 
@@ -40,7 +40,7 @@ class Host:
         self.store, self.cache, self.events = store, cache, events
         self.calls: dict[str, Conversation] = {}
         self._activating: dict[str, asyncio.Future[Conversation]] = {}
-        self.counters = {"activations": 0, "deactivations": 0, "dropped_events": 0}
+        self.counters = {"activations": 0, "deactivations": 0, "dropped_events": 0, "invalid_frames": 0}
 
     # ------------------------------------------------------------------ activation
 
@@ -108,9 +108,15 @@ class Host:
             yield batch
         yield STREAM_CLOSED + (outbox.close_reason or "")
 
-    async def deliver(self, call_id: str, connection_id: str, event: InboundEvent) -> str:
-        """Apply one event. Returns "ok", or "superseded" when a newer socket owns the call
-        (the event is dropped: the newest socket wins)."""
+    async def deliver(self, call_id: str, connection_id: str, frame: str) -> str:
+        """Apply one frame from Retell (validated here, so the gateway only decodes JSON).
+        Returns "ok" (also for a frame skipped as invalid), or "superseded" / "detached" when
+        this socket no longer owns the call (the event is dropped: the newest socket wins)."""
+        event = parse_frame(frame)
+        if isinstance(event, ProtocolError):
+            self.counters["invalid_frames"] += 1
+            log.warning("call %s: skipped bad frame: %s", call_id, event, extra={"call_id": call_id})
+            return "ok"
         conversation = await self.activate(call_id)
         outbox = conversation.outbox
         if outbox is None or outbox.connection_id != connection_id:

@@ -115,8 +115,9 @@ def parse_event(data: Any) -> InboundEvent | ProtocolError:
         return ProtocolError(kind="invalid", interaction_type=kind, detail=f"field {field!r}: {first['msg']}")
 
 
-def parse_frame(frame: str | bytes) -> InboundEvent | ProtocolError:
-    """Parse one WebSocket frame. Retell only sends text frames holding one JSON object."""
+def decode_frame(frame: str | bytes) -> dict[str, Any] | ProtocolError:
+    """The cheap, JSON-level half of parsing: a text frame holding one object with a string
+    ``interaction_type``. The gateway needs no more to answer pings and route the rest."""
     if isinstance(frame, (bytes, bytearray)):
         return ProtocolError(kind="binary", detail=f"binary frame of {len(frame)} bytes; Retell sends text")
     try:
@@ -125,6 +126,18 @@ def parse_frame(frame: str | bytes) -> InboundEvent | ProtocolError:
         return ProtocolError(kind="not_json", detail=str(exc))
     except RecursionError:
         return ProtocolError(kind="invalid", detail="JSON nested too deeply")
+    if not isinstance(data, dict):
+        return ProtocolError(kind="not_object", detail=f"expected a JSON object, got {type(data).__name__}")
+    if not isinstance(data.get("interaction_type"), str):
+        return ProtocolError(kind="missing_type", detail="no string field 'interaction_type'")
+    return data
+
+
+def parse_frame(frame: str | bytes) -> InboundEvent | ProtocolError:
+    """Parse one WebSocket frame. Retell only sends text frames holding one JSON object."""
+    data = decode_frame(frame)
+    if isinstance(data, ProtocolError):
+        return data
     if _SURROGATE_ESCAPE.search(frame) and not _encodable(data):
         return ProtocolError(kind="invalid", detail="a string holds a lone UTF-16 surrogate (not valid Unicode)")
     event = parse_event(data)

@@ -99,3 +99,15 @@ def test_other_outbound_frames():
     assert json.loads(MetadataFrame(metadata={"k": [1]}).to_json())["metadata"] == {"k": [1]}
     with pytest.raises(ValidationError):
         AgentConfigUpdate(interruption_sensitivity=2)
+
+
+def test_decode_frame_is_the_cheap_json_half():
+    from callray.protocol import decode_frame
+
+    assert decode_frame('{"interaction_type": "ping_pong", "timestamp": 5}') == {"interaction_type": "ping_pong",
+                                                                                 "timestamp": 5}
+    # the gateway forwards this; the host's full parse then refuses it with a typed error
+    loose = '{"interaction_type": "response_required", "response_id": "one"}'
+    assert isinstance(decode_frame(loose), dict) and isinstance(parse_frame(loose), ProtocolError)
+    for bad, kind in ((b"x", "binary"), ("nope", "not_json"), ("[]", "not_object"), ("{}", "missing_type")):
+        assert decode_frame(bad).kind == kind
