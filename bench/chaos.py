@@ -39,7 +39,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Protocol
 
@@ -667,17 +667,12 @@ def options_from_args(args: argparse.Namespace) -> ChaosOptions:
 
 def run_command(args: argparse.Namespace) -> int:
     """``callray chaos`` / ``python bench/chaos.py``: exit 0 only with no lost turn and no dropped call."""
-    from callray.bench import _raise_interrupt
+    from callray.bench import run_until_interrupted
 
     console = Console()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill still runs the cleanup
-    try:
-        report = run_standalone(options_from_args(args), console)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted: every process this run started was stopped[/]")
+    report = run_until_interrupted(lambda: run_standalone(options_from_args(args), console), console)
+    if report is None:
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print_report(report, console)
     console.print(f"report: {report['path']}")
     return 0 if report["summary"]["ok"] else 1

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -347,20 +346,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """``callray soak`` / ``python bench/soak.py``: exit 0 when the soak saw no error."""
-    from callray.bench import _raise_interrupt
+    from callray.bench import run_until_interrupted
 
     console = Console()
     options = SoakOptions(target=args.target, calls=args.calls, minutes=args.minutes,
                           turns_per_call=args.turns_per_call, think_s=args.think_s,
                           sample_s=args.sample_s or (15.0 if args.minutes < 5 else 30.0), out=args.out)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill still runs the cleanup
-    try:
-        report = run_standalone(options, console)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted: every process this run started was stopped[/]")
+    report = run_until_interrupted(lambda: run_standalone(options, console), console)
+    if report is None:
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print_report(report, console)
     console.print(f"report: {report['path']}, plot: {report['plot']}")
     return 0 if report["summary"]["ok"] else 1

@@ -1084,6 +1084,18 @@ def run_suite(options: BenchOptions, console: Console) -> tuple[dict[str, Any], 
     return results, results_path
 
 
+def run_until_interrupted(run: Callable[[], Any], console: Console) -> Any | None:
+    """``run()`` such that Ctrl-C or SIGTERM still runs its cleanup; None when interrupted."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill still runs the cleanup
+    try:
+        return run()
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: every process this run started was stopped[/]")
+        return None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
