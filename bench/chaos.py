@@ -33,7 +33,6 @@ import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from callray.placement import host_names, place  # noqa: E402
+from callray.sim.local import RedisServer  # noqa: E402
 from callray.sim.report import SimResult, describe  # noqa: E402
 from callray.sim.simulator import SimConfig, run_simulation  # noqa: E402
 
@@ -505,48 +505,6 @@ def _fmt(value: Any) -> str:
 # ====================================================================== standalone run
 
 
-class RedisProcess:
-    """A redis-server this tool started (appendonly), restartable on the same port and data dir."""
-
-    def __init__(self, data_dir: Path, log_dir: Path):
-        from callray.bench import free_port
-
-        self.port, self.data_dir, self.log_dir = free_port(), data_dir, log_dir
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        from callray.bench import _port_open, _wait_until
-
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not on PATH; install Redis 7 (apt-get install redis-server)")
-        with open(self.log_dir / "redis.log", "ab") as logf:
-            self.proc = subprocess.Popen(
-                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir), "--save", "",
-                 "--appendonly", "yes", "--appendfsync", "always"],
-                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-        _wait_until(lambda: _port_open(self.port), f"redis-server on port {self.port}", self.proc, 20)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: redis flushes the append-only file and exits
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.proc = None
-
-    def restart(self, down_s: float = 0.0) -> None:
-        self.stop()
-        time.sleep(down_s)
-        self.start()
-
-
 class ChaosOptions(BaseModel):
     """One standalone chaos run."""
 
@@ -575,7 +533,7 @@ def run_standalone(options: ChaosOptions, console: Console) -> dict[str, Any]:
     tag = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     tmp = Path(tempfile.mkdtemp(prefix="callray-chaos-"))
     (tmp / "redis").mkdir()
-    redis = RedisProcess(tmp / "redis", tmp)
+    redis = RedisServer(tmp / "redis", log_path=tmp / "redis.log")
     procs = Processes(tmp)  # the fake LLM (llm agent)
     previous_cwd = os.getcwd()
     os.chdir(PROJECT_DIR)  # Ray workers import serve_app and actors from here

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from callray.sim.local import RedisServer  # noqa: E402
 from callray.sim.report import percentile  # noqa: E402
 from callray.sim.simulator import SimConfig, run_simulation  # noqa: E402
 
@@ -263,14 +264,13 @@ async def soak(url: str, app: str, options: SoakOptions, console: Console, tag: 
 
 def run_standalone(options: SoakOptions, console: Console) -> dict[str, Any]:
     """Start Redis, Ray and Serve, deploy the target, soak it, stop everything, write JSON and PNG."""
-    from bench.chaos import RedisProcess
     from callray.bench import deploy_serve_target, machine_info, ray_session
     from callray.sim.simulator import SimConfig as _Sim
 
     tag = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     tmp = Path(tempfile.mkdtemp(prefix="callray-soak-"))
     (tmp / "redis").mkdir()
-    redis = RedisProcess(tmp / "redis", tmp)
+    redis = RedisServer(tmp / "redis", log_path=tmp / "redis.log")
     previous_cwd = os.getcwd()
     os.chdir(PROJECT_DIR)
     deployed = None

@@ -43,6 +43,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from callray.settings import PROJECT_DIR, CallraySettings
+from callray.sim.local import RedisServer, free_port
 from callray.sim.report import SimResult, describe
 from callray.sim.simulator import SimConfig, call_url, run_simulation
 
@@ -569,12 +570,6 @@ def write_report(results: dict[str, Any], out: Path, raw_path: Path | None = Non
 # ====================================================================== processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_until(ready: Callable[[], bool], what: str, proc: subprocess.Popen | None = None,
                 timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
@@ -633,15 +628,11 @@ class Processes:
             self.stop(proc)
 
     def start_redis(self, data_dir: Path) -> str:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not on PATH; install Redis 7 (apt-get install redis-server) "
-                               "or leave out the distributed and event_driven targets")
-        port = free_port()
-        proc = self.start("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-                                    "--save", "", "--appendonly", "yes", "--appendfsync", "everysec"])
-        _wait_until(lambda: _port_open(port), f"redis-server on port {port}", proc, 20)
-        return f"redis://127.0.0.1:{port}/0"
+        """A private redis-server (appendonly, fsync every second), stopped with the others."""
+        server = RedisServer(data_dir, fsync="everysec", log_path=self.log_dir / "redis.log")
+        server.start()
+        self.running[server.proc.pid] = ("redis", server.proc)
+        return server.url
 
     def start_fake_llm(self, ttft_ms: float, tokens_per_s: float) -> str:
         port = free_port()

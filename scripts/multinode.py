@@ -21,7 +21,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ sys.path.insert(0, str(REPO))
 import websockets
 
 from callray.placement import host_names, place
+from callray.sim.local import RedisServer, free_port
 from tests.retell_client import RetellClient
 
 APP = "callray"
@@ -62,12 +62,6 @@ T0 = time.monotonic()
 
 def log(message: str) -> None:
     print(f"[{time.monotonic() - T0:6.1f}s] {message}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def children(pid: int) -> list[int]:
@@ -171,35 +165,18 @@ class Cluster:
     base: Path
     gcs_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
-    redis_port: int = field(default_factory=free_port)
-    redis: subprocess.Popen | None = None
+    redis: RedisServer | None = None
     head: RayNode | None = None
     node2: RayNode | None = None
 
     @property
     def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
+        return self.redis.url
 
     def start_redis(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not on PATH")
-        data = self.base / "redis"
-        data.mkdir()
-        self.redis = subprocess.Popen([binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(data),
-                                       "--save", "", "--appendonly", "no"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.redis_port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        log(f"redis: pid {self.redis.pid}, {self.redis_url}")
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("redis-server did not start")
+        self.redis = RedisServer(self.base / "redis", appendonly=False)
+        self.redis.start()
+        log(f"redis: pid {self.redis.proc.pid}, {self.redis_url}")
 
     def start_nodes(self) -> None:
         self.head = RayNode("head", self.base / "h", [
@@ -217,9 +194,8 @@ class Cluster:
         leftovers = kill_processes_under(self.base)
         if leftovers:
             log(f"killed {len(leftovers)} leftover process(es) of this cluster: {leftovers}")
-        if self.redis is not None and self.redis.poll() is None:
-            self.redis.terminate()
-            self.redis.wait(timeout=10)
+        if self.redis is not None:
+            self.redis.stop()
 
 
 # ----------------------------------------------------------------------------- the driver side

@@ -15,7 +15,7 @@ from callray.consumers.analytics import Analytics
 from callray.consumers.archive import TranscriptArchive
 from callray.events import CallEnded, CallStarted, CallTurn, Event
 from callray.stores.redis_client import RedisConfigError, redis_client
-from tests.conftest import free_port
+from callray.sim.local import free_port
 
 
 def script(calls: int = 3, turns: int = 4) -> list[Event]:

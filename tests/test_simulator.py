@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import socket
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -22,16 +21,11 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from callray.cli import main
+from callray.sim.local import free_port
 from callray.sim.report import SimResult, describe
 from callray.sim.simulator import SimConfig, caller_token, call_url, run_simulation, validate_frame
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _load_baseline() -> Any:
@@ -44,7 +38,7 @@ def _load_baseline() -> Any:
 @pytest.fixture(scope="module")
 def baseline_url() -> Iterator[str]:
     """The hand-written baseline server in --echo mode, served by uvicorn in a thread."""
-    port = _free_port()
+    port = free_port()
     app = _load_baseline().create_app(echo=True)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -253,7 +247,7 @@ async def test_server_error_close_and_connect_failure_are_drops() -> None:
     assert result.violations == {}  # a dropped call is not also a missing completion
     assert not result.ok
 
-    closed = await run_simulation(fast(f"ws://127.0.0.1:{_free_port()}/llm-websocket"))
+    closed = await run_simulation(fast(f"ws://127.0.0.1:{free_port()}/llm-websocket"))
     assert closed.dropped == {"connect_failed": 2}
 
 
