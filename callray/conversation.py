@@ -32,7 +32,9 @@ from callray.protocol import (
     AgentInterruptFrame,
     CallDetails,
     InboundEvent,
+    OutboundFrame,
     ReminderRequired,
+    RequestEvent,
     ResponseFrame,
     ResponseRequired,
     ToolCallInvocationFrame,
@@ -252,7 +254,7 @@ class Conversation:
         self._call_details.set()
         self._spawn(self.checkpoint())
 
-    def _on_request(self, req: ResponseRequired | ReminderRequired) -> None:
+    def _on_request(self, req: RequestEvent) -> None:
         rid = req.response_id
         connection = self.outbox.connection_id if self.outbox else None
         running = self._request.response_id if self._request else None
@@ -526,7 +528,7 @@ class Conversation:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _send(self, frame: Any) -> None:
+    def _send(self, frame: OutboundFrame) -> None:
         if self.outbox is not None:
             self.outbox.put(frame.to_json())
 

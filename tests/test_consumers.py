@@ -335,3 +335,24 @@ async def test_ended_call_is_not_escalated_and_notify_failure_is_not_fatal(monke
 
 def test_rules_describe_every_field():
     assert all(f.description for f in EscalationRules.model_fields.values())
+
+
+async def test_run_consumers_finalises_ended_but_never_analyzed_records(tmp_path, monkeypatch):
+    from callray.bus import MemoryBus
+    from callray.consumers import runner
+
+    monkeypatch.setattr(runner, "ARCHIVE_FINALISE_INTERVAL_S", 0.05)
+    bus, stop = MemoryBus(), asyncio.Event()
+    archive = TranscriptArchive(tmp_path, grace_s=0.0)
+    task = asyncio.create_task(runner.run_consumers(bus, {"archive": archive}, "t", stop))
+    try:
+        await bus.publish(CallEnded(call_id="never-analyzed", seq=1, reason="user_hangup"))
+        for _ in range(100):
+            record = await archive.get("never-analyzed")
+            if record is not None and record["final"]:
+                break
+            await asyncio.sleep(0.05)
+        assert record is not None and record["final"] is True
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)

@@ -61,7 +61,6 @@ class PressDigit:
     digit: str
 
 
-Action = Union[EndCall, Transfer, PressDigit]
 AgentOutput = Union[Speech, ToolCall, ToolResult, EndCall, Transfer, PressDigit]
 
 

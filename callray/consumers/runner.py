@@ -7,6 +7,7 @@ others every call host runs them in-process on its memory bus (best effort, per 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, Iterable
 
 from callray.bus import EventBus, consume
@@ -34,7 +35,22 @@ def build_consumers(events: EventsSettings, kinds: Iterable[str] = KINDS, *, com
     return out
 
 
+ARCHIVE_FINALISE_INTERVAL_S = 60.0
+
+
 async def run_consumers(bus: EventBus, consumers: dict[str, Any], name: str, stop: asyncio.Event) -> None:
     """One consume loop per consumer: group = its kind, consumer = ``name`` (stable across
-    restarts, so a restarted consumer first re-reads its own pending events)."""
-    await asyncio.gather(*(consume(bus, kind, name, handler.handle, stop=stop) for kind, handler in consumers.items()))
+    restarts, so a restarted consumer first re-reads its own pending events). The archive also
+    gets a periodic pass that finalises records of calls ended but never analyzed."""
+    loops = [consume(bus, kind, name, handler.handle, stop=stop) for kind, handler in consumers.items()]
+    if "archive" in consumers:
+        loops.append(_finalise_periodically(consumers["archive"], stop))
+    await asyncio.gather(*loops)
+
+
+async def _finalise_periodically(archive: Any, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ARCHIVE_FINALISE_INTERVAL_S):
+                await stop.wait()
+        await archive.finalise_stale()
