@@ -102,6 +102,12 @@ def kill_processes_under(base: Path) -> list[int]:
     return pids
 
 
+def ray_cli() -> str:
+    """The ``ray`` command of the interpreter running this script (its venv need not be on PATH)."""
+    beside = Path(sys.executable).with_name("ray")
+    return str(beside) if beside.exists() else shutil.which("ray") or "ray"
+
+
 @dataclass
 class RayNode:
     """One ``ray start --block`` process: its node's processes are its children."""
@@ -120,7 +126,7 @@ class RayNode:
                  "--min-worker-port", base, "--max-worker-port", base + 99,
                  "--dashboard-agent-listen-port", free_port(), "--dashboard-agent-grpc-port", free_port(),
                  "--runtime-env-agent-port", free_port(), "--metrics-export-port", free_port()]
-        command = ["ray", "start", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir", str(self.temp_dir),
+        command = [ray_cli(), "start", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir", str(self.temp_dir),
                    "--object-store-memory", str(150 * 1024 * 1024), "--disable-usage-stats",
                    *self.args, *map(str, ports)]
         with open(self.log_path, "w") as out:
