@@ -1,9 +1,9 @@
-"""``CallHost``: a long-lived Ray actor hosting many calls as virtual actors.
+"""``CallHost``: a Ray actor hosting calls as virtual actors (dedicated and shared placement).
 
 A thin shell around :class:`callray.host.Host`: it owns the stores and the agents, starts a
 sweeper that deactivates idle calls, and exposes the host's entries as actor methods. Hosts are
 named, detached and restarted by Ray when they die; a restarted host re-activates its calls
-from the state store on their next message.
+from the state store when their gateway re-attaches.
 """
 
 from __future__ import annotations
@@ -15,11 +15,15 @@ from typing import Any, AsyncIterator
 
 import ray
 
-from actors.metrics import HostMetrics, MeteredSink
+from actors.metrics import HostMetrics
 from callray.agents.registry import AgentRegistry
+from callray.bus import TappedSink
+from callray.commands import CallCommand
 from callray.consumers.runner import build_consumers, run_consumers
+from callray.directory import CallDirectory
+from callray.conversation import Frame, StreamEnd
 from callray.events import Event
-from callray.host import Host
+from callray.host import Delivery, Host
 from callray.settings import CallraySettings
 from callray.stores.factory import Stores, build_stores
 
@@ -54,14 +58,18 @@ class CallHost:
                 self._stores = await build_stores(settings)
                 self._metrics = HostMetrics(self.name, settings.architecture)
                 self._host = Host(settings, AgentRegistry.from_settings(settings.agents), store=self._stores.state,
-                                  cache=self._stores.cache, events=MeteredSink(self._stores.events, self._metrics),
+                                  cache=self._stores.cache, events=TappedSink(self._stores.events, self._metrics.observe),
                                   name=self.name,
                                   on_deactivate=self._release if self.release_to else None)
+                self._directory = CallDirectory(self.name, self._host, store=self._stores.state,
+                                                redis=self._stores.redis)
+                self._host.on_claimed = self._directory.notify_superseded
+                self._commands = asyncio.create_task(self._directory.serve())
                 self._sweeper = asyncio.create_task(self._sweep_forever())
                 self._warmup = asyncio.create_task(self._host.warm_cache())
                 self._consumers = {}
                 if settings.events.backend == "memory":  # in-process consumers, best effort
-                    self._consumers = build_consumers(settings.events, command=self._host.command,
+                    self._consumers = build_consumers(settings.events, command=self._directory.send,
                                                       emit=self._stores.events.emit)
                     self._consuming = asyncio.create_task(
                         run_consumers(self._stores.events, self._consumers, self.name, asyncio.Event()))
@@ -79,7 +87,7 @@ class CallHost:
             await asyncio.sleep(METRICS_INTERVAL_S)
             ticks += 1
             try:
-                self._metrics.update(self._host.stats(), self._stores.events.stats())
+                self._metrics.export(self._host.stats(), self._stores.events.stats())
                 if ticks * METRICS_INTERVAL_S >= SWEEP_INTERVAL_S:
                     ticks = 0
                     await self._host.sweep()
@@ -106,18 +114,18 @@ class CallHost:
         return True
 
     async def stream(self, call_id: str, connection_id: str, agent: str | None = None,
-                     resume: bool = False) -> AsyncIterator[list[str] | str]:
+                     resume: bool = False) -> AsyncIterator[list[Frame] | StreamEnd]:
         host = await self._ensure_host()
         async for item in host.stream(call_id, connection_id, agent, resume):
             yield item
 
-    async def deliver(self, call_id: str, connection_id: str, frame: str) -> str:
+    async def deliver(self, call_id: str, connection_id: str, frame: str) -> Delivery:
         return await (await self._ensure_host()).deliver(call_id, connection_id, frame)
 
     async def detach(self, call_id: str, connection_id: str) -> None:
         await (await self._ensure_host()).detach(call_id, connection_id)
 
-    async def command(self, call_id: str, command: dict[str, Any]) -> bool:
+    async def command(self, call_id: str, command: CallCommand) -> bool:
         return await (await self._ensure_host()).command(call_id, command)
 
     async def webhook(self, event: Event) -> None:

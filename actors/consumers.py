@@ -15,10 +15,12 @@ from typing import Any
 import ray
 from ray.util import metrics
 
-from actors.placement import host_directory
 from callray.consumers.runner import build_consumers, run_consumers
+from callray.directory import CallDirectory
 from callray.settings import CallraySettings
 from callray.stores.factory import build_bus
+from callray.stores.redis import RedisStateStore
+from callray.stores.redis_client import connect_redis
 
 log = logging.getLogger("callray.actors.consumers")
 
@@ -44,9 +46,13 @@ class EventConsumer:
 
     async def _start(self) -> str:
         if self.consumer is None:
-            bus = await build_bus(self.settings)
-            consumers = build_consumers(self.settings.events, [self.kind], command=self._command, emit=bus.emit,
-                                        redis=getattr(bus, "client", None))
+            client = await connect_redis(self.settings.state.redis_url, "state.redis_url (REDIS_URL)")
+            bus = build_bus(self.settings, client)
+            # Escalation's way to a live call: the directory finds the owner recorded with the call.
+            directory = CallDirectory(self.name, store=RedisStateStore(client, ttl_s=self.settings.state.ttl_s),
+                                      redis=client)
+            consumers = build_consumers(self.settings.events, [self.kind], command=directory.send, emit=bus.emit,
+                                        redis=client)
             self.consumer = consumers.get(self.kind)
             if self.consumer is None:
                 return f"{self.name}: disabled by settings"
@@ -58,11 +64,6 @@ class EventConsumer:
             if self.kind == "analytics":
                 self._tasks.append(asyncio.create_task(self._export_metrics()))
         return self.name
-
-    async def _command(self, call_id: str, command: dict[str, Any]) -> bool:
-        """Escalation's way to the live call: through the call's host."""
-        host = await host_directory(self.app_name, self.settings).owner(call_id)
-        return await host.command.remote(call_id, command)
 
     async def _export_lag(self, bus: Any) -> None:
         """How many stream entries this consumer group has not read yet (Redis 7 XINFO lag)."""

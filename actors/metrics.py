@@ -1,11 +1,13 @@
-"""Prometheus metrics of the call hosts, through Ray's metrics API (exported as ``ray_callray_*``).
+"""Prometheus metrics of the calls a process hosts, through Ray's metrics API (``ray_callray_*``).
 
-``MeteredSink`` sits between the conversations and the event bus: every event a call emits
-is counted here on its way, so metrics need no second code path in the call logic.
+Calls emit events on every turn; :meth:`HostMetrics.observe` only notes them in plain Python
+(no Ray call on the turn path), and :meth:`HostMetrics.export`, run every few seconds by the
+process's housekeeping, hands the accumulated counts and latencies to Ray.
 """
 
 from __future__ import annotations
 
+from collections import Counter, deque
 from typing import Any
 
 from ray.util import metrics
@@ -13,10 +15,12 @@ from ray.util import metrics
 from callray.events import CallStarted, CallTurn, Event
 
 LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 200, 300, 500, 800, 1200, 2000, 5000]
+#: Latencies noted between two exports, at most (older ones are dropped, never the process's memory).
+MAX_PENDING_SAMPLES = 20_000
 
 
 class HostMetrics:
-    """The figures one host exports; tagged with the host name and the architecture."""
+    """The figures one process exports; tagged with its host (replica or actor) name and the architecture."""
 
     def __init__(self, host: str, architecture: str):
         self.tags = {"host": host, "architecture": architecture}
@@ -28,54 +32,51 @@ class HostMetrics:
         self.first_sentence = metrics.Histogram("callray_turn_first_sentence_ms",
                                                 "Server time to the first sentence of a turn.",
                                                 boundaries=LATENCY_BOUNDARIES_MS, tag_keys=keys)
-        self.turns = metrics.Counter("callray_turns", "Answered requests.", tag_keys=keys)
-        self.cache_hits = metrics.Counter("callray_cache_hits", "Turns served from the response cache.", tag_keys=keys)
-        self.cache_misses = metrics.Counter("callray_cache_misses", "Cacheable turns not in the cache.", tag_keys=keys)
-        self.budget_misses = metrics.Counter("callray_budget_misses", "Turns that needed a holding phrase.",
-                                             tag_keys=keys)
-        self.reconnects = metrics.Counter("callray_reconnects", "Sockets that re-joined a known call.", tag_keys=keys)
-        self.events_dropped = metrics.Counter("callray_events_dropped", "Events dropped by a full local buffer.",
-                                              tag_keys=keys)
+        self.counters = {
+            "turns": metrics.Counter("callray_turns", "Answered requests.", tag_keys=keys),
+            "cache_hits": metrics.Counter("callray_cache_hits", "Turns served from the response cache.", tag_keys=keys),
+            "cache_misses": metrics.Counter("callray_cache_misses", "Cacheable turns not in the cache.", tag_keys=keys),
+            "budget_misses": metrics.Counter("callray_budget_misses", "Turns that needed a holding phrase.",
+                                             tag_keys=keys),
+            "reconnects": metrics.Counter("callray_reconnects", "Sockets that re-joined a known call.", tag_keys=keys),
+            "events_dropped": metrics.Counter("callray_events_dropped", "Events dropped by a full local buffer.",
+                                              tag_keys=keys),
+        }
+        self._counts: Counter[str] = Counter()
+        self._first_chunk: deque[float] = deque(maxlen=MAX_PENDING_SAMPLES)
+        self._first_sentence: deque[float] = deque(maxlen=MAX_PENDING_SAMPLES)
         self._reported: dict[str, float] = {}
 
     def observe(self, event: Event) -> None:
+        """Note one event (cheap: runs on the turn path)."""
         if isinstance(event, CallTurn):
-            self.turns.inc(1, self.tags)
+            self._counts["turns"] += 1
+            self._counts["cache_hits"] += event.cache_hit
+            self._counts["budget_misses"] += event.budget_miss
             if event.first_chunk_ms is not None:
-                self.first_chunk.observe(event.first_chunk_ms, self.tags)
+                self._first_chunk.append(event.first_chunk_ms)
             if event.first_sentence_ms is not None:
-                self.first_sentence.observe(event.first_sentence_ms, self.tags)
-            if event.cache_hit:
-                self.cache_hits.inc(1, self.tags)
-            if event.budget_miss:
-                self.budget_misses.inc(1, self.tags)
+                self._first_sentence.append(event.first_sentence_ms)
         elif isinstance(event, CallStarted) and event.reconnect:
-            self.reconnects.inc(1, self.tags)
+            self._counts["reconnects"] += 1
 
-    def update(self, stats: dict[str, Any], bus_stats: dict[str, Any]) -> None:
-        """Periodic gauges from the host's and the bus's own counters."""
+    def export(self, stats: dict[str, Any], bus_stats: dict[str, Any]) -> None:
+        """Hand everything noted since the last export to Ray, and refresh the gauges."""
+        counts, self._counts = self._counts, Counter()
+        for name, n in counts.items():
+            if n:
+                self.counters[name].inc(n, self.tags)
+        for histogram, samples in ((self.first_chunk, self._first_chunk), (self.first_sentence, self._first_sentence)):
+            while samples:
+                histogram.observe(samples.popleft(), self.tags)
         self.active_calls.set(stats["active_calls"], self.tags)
         self.connected_calls.set(stats["connected_calls"], self.tags)
-        self._advance(self.cache_misses, "cache_misses",
-                      sum(agent.get("misses", 0) for agent in stats.get("cache", {}).values()))
-        self._advance(self.events_dropped, "events_dropped", bus_stats.get("dropped", 0))
+        self._advance("cache_misses", sum(agent.get("misses", 0) for agent in stats.get("cache", {}).values()))
+        self._advance("events_dropped", bus_stats.get("dropped", 0))
 
-    def _advance(self, counter: metrics.Counter, key: str, total: float) -> None:
+    def _advance(self, key: str, total: float) -> None:
         """Bring a counter up to a cumulative total counted elsewhere."""
         delta = total - self._reported.get(key, 0)
         if delta > 0:
-            counter.inc(delta, self.tags)
+            self.counters[key].inc(delta, self.tags)
             self._reported[key] = total
-
-
-class MeteredSink:
-    """An event sink that counts each event for the metrics, then hands it to the bus."""
-
-    def __init__(self, inner: Any, host_metrics: HostMetrics):
-        self.inner, self.metrics = inner, host_metrics
-
-    def emit(self, event: Event) -> None:
-        try:
-            self.metrics.observe(event)
-        finally:
-            self.inner.emit(event)

@@ -1,26 +1,39 @@
-"""Placement: which ``CallHost`` actor serves a call.
+"""Placement of calls in Ray actors, for the placements other than ``local``.
 
-* ``shared`` (the default): K long-lived hosts, each hosting many calls as virtual actors;
-  every gateway replica finds a call's host by rendezvous hashing, with no lookup.
-* ``dedicated``: one actor per call, for users who need process isolation. A ``DedicatedPool``
-  actor keeps a few actors started (an actor takes 0.2-2 s to start, far over a call-setup
-  budget), hands one to each new call, and kills it when the call is deactivated.
+* ``dedicated``: one ``CallHost`` actor per call, for users who need process isolation. A
+  ``DedicatedPool`` actor keeps a few actors started (an actor takes 0.2-2 s to start, far
+  over a call-setup budget), hands one to each new call, and kills it when the call is
+  deactivated.
+* ``shared``: K long-lived ``CallHost`` actors, each hosting many calls, found by rendezvous
+  hashing of the call id.
+
+Either way the socket reaches its call through a :class:`RemoteLink`: two actor hops per event
+(``deliver``, and the outbound frame stream back), which ``local`` placement does not pay.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from typing import Any
+from collections import deque
+from typing import Any, Awaitable, Callable
 
 import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from actors.call_host import CallHost
+from callray.conversation import Frame, Outbox, StreamEnd
+from callray.events import Event
+from callray.host import Delivery
 from callray.placement import host_names, place
-from callray.settings import CallraySettings
+from callray.protocol import InboundEvent, ReminderRequired, ResponseRequired, UpdateOnly
+from callray.settings import CallraySettings, GatewaySettings
 
 log = logging.getLogger("callray.placement")
+
+HOST_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError, RayTaskError)
 
 
 def _host_options(settings: CallraySettings, name: str) -> dict[str, Any]:
@@ -28,8 +41,133 @@ def _host_options(settings: CallraySettings, name: str) -> dict[str, Any]:
                 max_concurrency=settings.hosts.max_concurrency)
 
 
-class SharedHosts:
-    """K named hosts, found by rendezvous hashing of the call_id."""
+class RemoteLink:
+    """A socket's link to a call hosted by a Ray actor: a pump for the actor's outbound stream
+    (re-attaching with ``resume`` when the actor restarts) and a forwarder of inbound frames,
+    in order, each until the actor accepts it."""
+
+    retryable = HOST_ERRORS
+
+    def __init__(self, owner: Callable[[], Awaitable[Any]], call_id: str, agent: str | None,
+                 settings: GatewaySettings, forget: Callable[[], None]):
+        self.owner, self.call_id, self.agent, self.settings, self.forget = owner, call_id, agent, settings, forget
+        self.outbox: Outbox | None = None
+        self._inbound: deque[tuple[InboundEvent, str]] = deque()
+        self._wake = asyncio.Event()
+        self._attached = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._open_request: tuple[int, str] | None = None  # (response_id, frame) of the latest, not yet completed
+        self._newest_request_id = 0
+
+    async def attach(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        stream = await self._open(resume=False)
+        self._tasks = [asyncio.create_task(self._pump(stream)), asyncio.create_task(self._forward())]
+
+    async def _open(self, resume: bool) -> Any:
+        """Attach to the owner's stream and forward its first batch (the acknowledgement)."""
+        host = await self.owner()
+        stream = host.stream.remote(self.call_id, self.outbox.connection_id, self.agent, resume)
+        first = await (await stream.__anext__())
+        if resume and self._open_request is not None:  # its answer died with the host
+            await host.deliver.remote(self.call_id, self.outbox.connection_id, self._open_request[1])
+        self._put(first)
+        self._attached.set()
+        return stream
+
+    def _put(self, item: list[Frame] | StreamEnd) -> None:
+        if isinstance(item, StreamEnd):
+            self.outbox.close(item)
+            return
+        for frame in item:
+            if self._current(frame):
+                self.outbox.put(frame)
+
+    def _current(self, frame: Frame) -> bool:
+        """False for a response to an id older than the newest request Retell sent on this
+        socket (after a host restart a re-delivered older request could otherwise still be
+        answered); forgets the open request once its completing frame passes."""
+        if frame.response_id is None:
+            return True
+        if 0 < frame.response_id < self._newest_request_id:
+            return False
+        if frame.complete and self._open_request is not None and frame.response_id == self._open_request[0]:
+            self._open_request = None
+        return True
+
+    async def _pump(self, stream: Any) -> None:
+        failing_since = None
+        while True:
+            try:
+                if stream is None:
+                    stream = await self._open(resume=True)
+                async for ref in stream:
+                    self._put(await ref)
+                    failing_since = None
+                return
+            except HOST_ERRORS as exc:
+                stream = None
+                self._attached.clear()
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > self.settings.host_retry_s:
+                    log.error("call %s: host unavailable: %r", self.call_id, exc, extra={"call_id": self.call_id})
+                    self.outbox.close(StreamEnd.UNAVAILABLE)
+                    return
+                log.warning("call %s: host lost (%s); re-attaching", self.call_id, exc.__class__.__name__,
+                            extra={"call_id": self.call_id})
+                await asyncio.sleep(0.1)
+
+    def deliver(self, event: InboundEvent, frame: str) -> None:
+        if isinstance(event, (ResponseRequired, ReminderRequired)) and event.response_id > 0:
+            self._open_request = (event.response_id, frame)
+            self._newest_request_id = max(self._newest_request_id, event.response_id)
+        if isinstance(event, UpdateOnly) and self._inbound and isinstance(self._inbound[-1][0], UpdateOnly):
+            self._inbound[-1] = (event, frame)  # only the newest partial transcript matters
+        else:
+            self._inbound.append((event, frame))
+        self._wake.set()
+
+    async def _forward(self) -> None:
+        """Deliver frames in order, each until the host accepts it (or the retry window ends)."""
+        while True:
+            if not self._inbound:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            _, frame = self._inbound[0]
+            failing_since = None
+            while True:
+                await self._attached.wait()
+                try:
+                    status = await (await self.owner()).deliver.remote(self.call_id, self.outbox.connection_id, frame)
+                except HOST_ERRORS as exc:
+                    status = exc
+                if status is Delivery.OK:
+                    break
+                if status is Delivery.SUPERSEDED:
+                    self.outbox.close(StreamEnd.SUPERSEDED)
+                    return
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > self.settings.host_retry_s:
+                    self.outbox.close(StreamEnd.UNAVAILABLE)
+                    return
+                await asyncio.sleep(0.05)  # the pump is re-attaching to the restarted host
+            self._inbound.popleft()
+
+    async def detach(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.outbox is not None:
+            try:
+                (await self.owner()).detach.remote(self.call_id, self.outbox.connection_id)
+            except HOST_ERRORS:
+                pass
+        self.forget()
+
+
+class SharedCalls:
+    """``shared`` placement: K named hosts, found by rendezvous hashing of the call_id."""
 
     def __init__(self, app_name: str, settings: CallraySettings):
         self.settings = settings
@@ -47,17 +185,16 @@ class SharedHosts:
     async def owner(self, call_id: str) -> Any:
         return self._handle(place(call_id, self.names))
 
-    async def owner_by_name(self, name: str) -> Any:
-        return self._handle(name)
-
-    def forget(self, call_id: str) -> None:
-        """Nothing to forget: the owner is computed, not remembered."""
-
     async def start(self) -> None:
-        """Create (or find) every host, hand it the current settings, wait until it is ready."""
+        """Create (or find) every host and hand it the current settings."""
         handles = [self._handle(name) for name in self.names]
         await asyncio.gather(*(h.configure.remote(self._raw) for h in handles))
-        await asyncio.gather(*(h.ready.remote() for h in handles))
+
+    def link(self, call_id: str, agent: str | None) -> RemoteLink:
+        return RemoteLink(lambda: self.owner(call_id), call_id, agent, self.settings.gateway, lambda: None)
+
+    async def webhook(self, event: Event) -> None:
+        await (await self.owner(event.call_id)).webhook.remote(event)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -108,12 +245,17 @@ class DedicatedPool:
         ray.kill(entry[1], no_restart=True)
         return True
 
+    async def assigned_to(self, call_id: str) -> str | None:
+        """The name of the call's actor, if it has one."""
+        entry = self.assigned.get(call_id)
+        return entry[0] if entry else None
+
     async def stats(self) -> dict[str, int]:
         return {"idle": len(self.idle), "assigned": len(self.assigned), "started": self.started}
 
 
-class DedicatedHosts:
-    """Gateway side of dedicated placement: asks the pool once per call, then remembers."""
+class DedicatedCalls:
+    """``dedicated`` placement, gateway side: asks the pool once per call, then remembers."""
 
     def __init__(self, app_name: str, settings: CallraySettings):
         self.settings = settings
@@ -128,12 +270,12 @@ class DedicatedHosts:
             handle = self._owners[call_id] = await self.pool.acquire.remote(call_id)
         return handle
 
-    def forget(self, call_id: str) -> None:
-        self._owners.pop(call_id, None)
-
     async def start(self) -> None:
         await self.pool.fill.remote()
 
+    def link(self, call_id: str, agent: str | None) -> RemoteLink:
+        return RemoteLink(lambda: self.owner(call_id), call_id, agent, self.settings.gateway,
+                          lambda: self._owners.pop(call_id, None))
 
-def host_directory(app_name: str, settings: CallraySettings) -> SharedHosts | DedicatedHosts:
-    return (DedicatedHosts if settings.hosts.placement == "dedicated" else SharedHosts)(app_name, settings)
+    async def webhook(self, event: Event) -> None:
+        await (await self.owner(event.call_id)).webhook.remote(event)

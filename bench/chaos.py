@@ -3,10 +3,9 @@
 While the simulator drives N calls against callray in the distributed (durable) or the
 event-driven architecture, a fault injector, on a schedule:
 
-* kills a random ``CallHost`` (``ray.kill(no_restart=False)``: Ray restarts it, its calls
-  re-activate from Redis; the gateway keeps the sockets open and re-attaches);
-* SIGKILLs a gateway replica process (Serve starts a new one; the sockets it held drop with
-  1006 and the simulator reconnects with the same call_id, as Retell does);
+* SIGKILLs a gateway replica process, and with it the calls activated there (Serve starts a
+  new one; the sockets it held drop with 1006 and the simulator reconnects with the same
+  call_id, as Retell does; the calls re-activate from Redis on whichever replica takes them);
 * kills an event consumer actor (event-driven: analytics, archive or escalation);
 * restarts Redis (stop, then start on the same port and data dir, appendonly).
 
@@ -50,13 +49,12 @@ from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from callray.placement import host_names, place  # noqa: E402
 from callray.sim.local import RedisServer  # noqa: E402
 from callray.sim.report import SimResult, describe  # noqa: E402
 from callray.sim.simulator import SimConfig, run_simulation  # noqa: E402
 
-FaultKind = Literal["host", "gateway", "consumer", "redis"]
-FAULT_KINDS: tuple[str, ...] = ("host", "gateway", "consumer", "redis")
+FaultKind = Literal["gateway", "consumer", "redis"]
+FAULT_KINDS: tuple[str, ...] = ("gateway", "consumer", "redis")
 CONSUMER_KINDS = ("analytics", "archive", "escalation")
 #: Retell reconnects up to 4 times after an abnormal close (retell-protocol.md §1).
 RETELL_DROP_RECONNECTS = 4
@@ -67,8 +65,7 @@ class FaultPlan(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    host_every_s: float = Field(6.0, ge=0, description="Kill a random CallHost this often (0: never).")
-    gateway_every_s: float = Field(0.0, ge=0, description="SIGKILL a gateway replica process this often (0: never).")
+    gateway_every_s: float = Field(15.0, ge=0, description="SIGKILL a gateway replica process this often (0: never).")
     consumer_every_s: float = Field(0.0, ge=0, description="Kill an event consumer actor this often (event-driven).")
     redis_every_s: float = Field(0.0, ge=0, description="Restart Redis (stop, start, same port) this often.")
     first_after_s: float = Field(4.0, ge=0, description="No fault before this many seconds into the run.")
@@ -76,7 +73,7 @@ class FaultPlan(BaseModel):
     redis_down_s: float = Field(1.0, ge=0, description="Seconds Redis stays down on a restart.")
     schedule: list[tuple[float, FaultKind]] | None = Field(
         None, description="Explicit (seconds into the run, kind) pairs; replaces the intervals.")
-    seed: int = Field(1, description="Seed of the random picks (which host, which replica, which consumer).")
+    seed: int = Field(1, description="Seed of the random picks (which replica, which consumer).")
 
     def timeline(self) -> list[tuple[float, str]]:
         """The faults in time order. Interval faults of different kinds are staggered by a
@@ -104,17 +101,12 @@ class ChaosTarget:
     """A deployed callray application and the handles the injector needs to hurt it."""
 
     url: str  # WebSocket base, e.g. ws://127.0.0.1:8000/distributed/llm-websocket
-    app: str  # Serve application name (host actor names derive from it)
-    namespace: str  # Ray namespace of the hosts and consumers
-    hosts: int
+    app: str  # Serve application name (consumer actor names derive from it)
+    namespace: str  # Ray namespace of the consumers
     redis: Restartable | None = None  # for redis faults
     redis_url: str | None = None  # event-driven: read the stream to find lost or duplicated events
     stream: str | None = None
     http_base: str | None = None  # event-driven: GET {http_base}/analytics
-
-    @property
-    def host_names(self) -> list[str]:
-        return host_names(self.app, self.hosts)
 
 
 @dataclass
@@ -199,13 +191,6 @@ class FaultInjector:
         fault.took_s = round(time.time() - fault.at, 3)
         return fault
 
-    def _host(self) -> str:
-        import ray
-
-        name = self.rng.choice(self.target.host_names)
-        ray.kill(ray.get_actor(name, namespace=self.target.namespace), no_restart=False)
-        return name
-
     def _gateway(self) -> str:
         pids = gateway_replica_pids(self.target.app)
         if not pids:
@@ -274,13 +259,11 @@ def _completions(result: SimResult) -> dict[str, list[float]]:
 
 def _affected(fault: Fault, faults: list[Fault], result: SimResult, opens: list[SocketOpen],
               target: ChaosTarget) -> list[str]:
-    """The calls a fault hit: the killed host's calls, the calls that reconnected after a
-    gateway kill (before the next one), every call for Redis; none for a consumer."""
+    """The calls a fault hit: the calls that reconnected after a gateway kill (before the next
+    one), every call for Redis; none for a consumer."""
     if fault.error:
         return []
     call_ids = [c.call_id for c in result.calls]
-    if fault.kind == "host":
-        return [c for c in call_ids if place(c, target.host_names) == fault.target]
     if fault.kind == "gateway":
         later = [f.at for f in faults if f.kind == "gateway" and f.at > fault.at]
         until = min(later, default=float("inf"))
@@ -354,7 +337,7 @@ def chaos_report(result: SimResult, faults: list[Fault], opens: list[SocketOpen]
         "summary": summary,
         "faults": per_fault,
         "events": events,
-        "target": {"url": target.url, "app": target.app, "hosts": target.hosts, "event_driven": bool(target.stream)},
+        "target": {"url": target.url, "app": target.app, "event_driven": bool(target.stream)},
         "plan": plan.model_dump(mode="json"),
         "sim": result.summary(),
         "sockets": [asdict(o) for o in opens if o.reconnect],
@@ -394,7 +377,7 @@ async def check_events(target: ChaosTarget, result: SimResult, analytics_before:
     client = redis.Redis.from_url(target.redis_url, decode_responses=True)
     try:
         deadline = time.monotonic() + settle_s
-        while True:  # the hosts publish in the background: wait until every heard turn is on the stream
+        while True:  # the replicas publish in the background: wait until every heard turn is on the stream
             by_seq: Counter[tuple[str, int]] = Counter()
             by_rid: dict[tuple[str, int], set[int]] = {}
             cursor = "-"
@@ -469,7 +452,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                       str(f["affected_calls"]), str(f["recovered"]), _fmt(f["recovery_s"]["p50"]),
                       _fmt(f["recovery_s"]["max"]), str(f["inflight_turns"]), _fmt(f["inflight_complete_ms_max"]))
     console.print(table)
-    console.print("hit: calls the fault affected (the host's calls; the calls that reconnected after a gateway kill; "
+    console.print("hit: calls the fault affected (the calls that reconnected after a gateway kill; "
                   "all for Redis). rec: fault to the next completed turn of each hit call (includes the caller's "
                   "talk time). inflight: turns of hit calls asked before and answered after the fault; max ms: their slowest.",
                   style="dim")
@@ -555,12 +538,11 @@ def run_standalone(options: ChaosOptions, console: Console) -> dict[str, Any]:
             deployed = deploy_serve_target(options.target, options.agent, serve_port, redis_url=redis.url,
                                            llm_base_url=llm_url, agent_file=agent_file, run_tag=tag)
             event_driven = settings.events.backend == "redis_streams"
-            target = ChaosTarget(url=deployed.url, app=options.target, namespace=namespace,
-                                 hosts=settings.hosts.count, redis=redis,
+            target = ChaosTarget(url=deployed.url, app=options.target, namespace=namespace, redis=redis,
                                  redis_url=redis.url if event_driven else None,
                                  stream=settings.events.stream if event_driven else None,
                                  http_base=f"http://127.0.0.1:{serve_port}/{options.target}")
-            warm = asyncio.run(run_simulation(SimConfig(url=deployed.url, calls=2 * target.hosts, turns=1, think_s=0.2,
+            warm = asyncio.run(run_simulation(SimConfig(url=deployed.url, calls=4, turns=1, think_s=0.2,
                                                         call_id_prefix=f"warm-{tag}")))
             if warm.counts.get("calls_completed", 0) == 0:
                 raise RuntimeError(f"warm-up: no call completed ({warm.dropped}, {warm.violations})")
@@ -600,7 +582,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calls", type=int, default=10, help="concurrent calls (default: 10)")
     parser.add_argument("--turns", type=int, default=10, help="caller turns per call (default: 10)")
     parser.add_argument("--think-s", type=float, default=2.0, help="mean caller talk time per turn (default: 2)")
-    parser.add_argument("--host-every", type=float, default=6.0, help="kill a random CallHost every N s (0: never)")
     parser.add_argument("--gateway-every", type=float, default=15.0, help="SIGKILL a gateway replica every N s (0: never)")
     parser.add_argument("--consumer-every", type=float, default=None,
                         help="kill an event consumer actor every N s (default: 10 for event_driven, else never)")
@@ -616,7 +597,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> ChaosOptions:
     duration = args.turns * args.think_s  # the calls' talk time: faults stop a little before they end
     consumer = args.consumer_every if args.consumer_every is not None else (10.0 if args.target == "event_driven" else 0)
-    plan = FaultPlan(host_every_s=args.host_every, gateway_every_s=args.gateway_every, consumer_every_s=consumer,
+    plan = FaultPlan(gateway_every_s=args.gateway_every, consumer_every_s=consumer,
                      redis_every_s=args.redis_every, redis_down_s=args.redis_down_s, until_s=max(5.0, duration * 0.8),
                      seed=args.seed)
     return ChaosOptions(target=args.target, calls=args.calls, turns=args.turns, think_s=args.think_s, plan=plan,

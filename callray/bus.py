@@ -62,6 +62,19 @@ class EventBus(Protocol):
     async def ack(self, group: str, ids: list[str]) -> int: ...
 
 
+class TappedSink:
+    """An event sink that shows each event to ``observe`` (metrics) on its way to ``inner``."""
+
+    def __init__(self, inner: Any, observe: Callable[[Event], None]):
+        self.inner, self.observe = inner, observe
+
+    def emit(self, event: Event) -> None:
+        try:
+            self.observe(event)
+        finally:
+            self.inner.emit(event)
+
+
 class _BufferedEmitter:
     """The shared producer side: bounded buffer + lazily started background flusher."""
 

@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import enum
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, NamedTuple
 
 from callray import events as ev
 from callray import tracing
@@ -39,44 +40,60 @@ from callray.protocol import (
     ResponseRequired,
     ToolCallInvocationFrame,
     ToolCallResultFrame,
-    UpdateOnly,
 )
 from callray.settings import TurnSettings
-from callray.stores.base import CallState, EventSink, ResponseCache, StaleStateError, StateStore, TurnRecord
+from callray.stores.base import CallFencedError, CallState, EventSink, ResponseCache, StaleStateError, StateStore, TurnRecord
 
 log = logging.getLogger("callray.conversation")
 
 _SENTENCE_END = (".", "!", "?")
 
 
+class StreamEnd(str, enum.Enum):
+    """Why a socket's outbound stream ended; the gateway picks the close code from it."""
+
+    SUPERSEDED = "superseded"  # a newer socket of the call took over (the old one closes with 4001)
+    DETACHED = "detached"  # the socket itself went away
+    DEACTIVATED = "deactivated"  # the call was saved and dropped from memory (idle sweep, shutdown)
+    UNAVAILABLE = "unavailable"  # the call could not be activated or its host was lost for good
+
+
+class Frame(NamedTuple):
+    """One outbound frame, with what the gateway needs to know of it without parsing it again."""
+
+    text: str
+    response_id: int | None = None  # response frames only
+    complete: bool = False
+
+
 class Outbox:
-    """The outbound frames of one socket, in order, as batches for the gateway's writer.
+    """The outbound frames of one socket, in order, for the gateway's writer.
 
     Closed when its socket detaches or a newer socket of the same call attaches (the newest
-    socket wins), which ends the gateway's stream for it.
+    socket wins), which ends the writer's stream for it.
     """
 
     def __init__(self, connection_id: str):
         self.connection_id = connection_id
-        self.close_reason: str | None = None
-        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self.close_reason: StreamEnd | None = None
+        self._queue: asyncio.Queue[Frame | None] = asyncio.Queue()
 
     @property
     def closed(self) -> bool:
         return self.close_reason is not None
 
-    def put(self, frame: str) -> None:
+    def put(self, frame: Frame) -> None:
         if not self.closed:
             self._queue.put_nowait(frame)
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: StreamEnd) -> None:
         if not self.closed:
             self.close_reason = reason
             self._queue.put_nowait(None)
 
-    def drain(self) -> list[str]:
+    def drain(self) -> list[Frame]:
         """Whatever is queued now, without waiting (the end marker stays queued)."""
-        frames: list[str] = []
+        frames: list[Frame] = []
         while not self._queue.empty():
             frame = self._queue.get_nowait()
             if frame is None:
@@ -85,8 +102,13 @@ class Outbox:
             frames.append(frame)
         return frames
 
-    async def batches(self) -> AsyncIterator[list[str]]:
-        """Everything queued so far per iteration: fewer hops to the gateway under load."""
+    async def frames(self) -> AsyncIterator[Frame]:
+        """Each frame as it is queued, until the outbox closes."""
+        while (frame := await self._queue.get()) is not None:
+            yield frame
+
+    async def batches(self) -> AsyncIterator[list[Frame]]:
+        """Everything queued so far per iteration: fewer hops to a remote gateway under load."""
         while True:
             first = await self._queue.get()
             if first is None:
@@ -155,6 +177,7 @@ class Conversation:
         cache: ResponseCache | None = None,
         events: EventSink | None = None,
         route_agent: Callable[[dict[str, Any]], Agent | None] | None = None,
+        on_lost: Callable[[Conversation], None] | None = None,
     ):
         self.state = state
         self.agent = agent
@@ -169,8 +192,8 @@ class Conversation:
         self._save_lock = asyncio.Lock()
         self._background: set[asyncio.Task] = set()
         self._call_details = asyncio.Event()
-        self.latest_transcript: list[dict[str, Any]] = []
-        self.turntaking: str | None = None
+        self._on_lost = on_lost
+        self.lost = False  # a newer activation owns the call: nothing more is sent or written
 
     @property
     def call_id(self) -> str:
@@ -178,7 +201,7 @@ class Conversation:
 
     # ------------------------------------------------------------------ connections
 
-    async def attach(self, connection_id: str, *, resume: bool = False) -> Outbox:
+    async def attach(self, outbox: Outbox, *, resume: bool = False) -> Outbox:
         """Bind a socket's outbound stream; the newest socket wins.
 
         ``resume`` re-binds the *same* socket after its host restarted: nothing is re-sent.
@@ -186,9 +209,9 @@ class Conversation:
         """
         self.last_activity = time.monotonic()
         if self.outbox is not None:
-            self.outbox.close(f"superseded by connection {connection_id}")
+            self.outbox.close(StreamEnd.SUPERSEDED)
             self._cancel_generation()
-        self.outbox = Outbox(connection_id)
+        self.outbox = outbox
         if resume:  # the socket heard response 0 before its host restarted
             self.state.greeted = True
             return self.outbox
@@ -220,7 +243,7 @@ class Conversation:
         """The socket went away. The call lives on (Retell may reconnect). True if it was current."""
         if self.outbox is None or self.outbox.connection_id != connection_id:
             return False
-        self.outbox.close("socket closed")
+        self.outbox.close(StreamEnd.DETACHED)
         self.outbox = None
         self._cancel_generation()
         self.last_activity = time.monotonic()
@@ -237,12 +260,10 @@ class Conversation:
         self.last_activity = time.monotonic()
         if isinstance(event, (ResponseRequired, ReminderRequired)):
             self._on_request(event)
-        elif isinstance(event, UpdateOnly):
-            self.latest_transcript = [u.model_dump() for u in event.transcript]
-            self.turntaking = event.turntaking or self.turntaking
         elif isinstance(event, CallDetails):
             self._on_call_details(event.call)
-        # ping_pong is answered by the gateway; unknown interaction types are ignored.
+        # update_only asks for nothing (it does not supersede a request); ping_pong is answered
+        # by the gateway; unknown interaction types are ignored.
 
     def _on_call_details(self, call: dict[str, Any]) -> None:
         self.state.call = {**self.state.call, **call}
@@ -270,7 +291,7 @@ class Conversation:
         turn = Turn(
             call_id=self.call_id,
             kind=kind,
-            transcript=[u.model_dump() for u in req.transcript],
+            transcript=req.transcript,
             state=copy.deepcopy(self.state.agent_state),
             call=self.state.call,
             tool_results=self.state.tool_results,
@@ -505,19 +526,37 @@ class Conversation:
                 self._emit(ev.CallEnded, reason=reason, call=self.state.call)
 
     async def deactivate(self) -> None:
-        """Passivation: stop work, close the stream, write the state for the next activation."""
+        """Stop work, close the stream, write the state for the next activation (unless a newer
+        activation owns the call: then it is only dropped)."""
         self._cancel_generation()
         if self.outbox is not None:
-            self.outbox.close("call deactivated")
+            self.outbox.close(StreamEnd.DEACTIVATED)
             self.outbox = None
         await asyncio.gather(*self._background, return_exceptions=True)  # let in-flight saves land
         await self.checkpoint()
 
+    def lose(self) -> None:
+        """A newer activation owns the call: close the socket (4001), stop, never write again."""
+        if self.lost:
+            return
+        self.lost = True
+        self._cancel_generation()
+        if self.outbox is not None:
+            self.outbox.close(StreamEnd.SUPERSEDED)
+            self.outbox = None
+        if self._on_lost is not None:
+            self._on_lost(self)
+
     async def checkpoint(self) -> None:
         """Write the state; saves of one call are serialised (versions are compare-and-set)."""
         async with self._save_lock:
+            if self.lost:
+                return
             try:
                 await self.store.save(self.state)
+            except CallFencedError as exc:
+                log.warning("call %s: %s; dropping it", self.call_id, exc, extra={"call_id": self.call_id})
+                self.lose()
             except StaleStateError as exc:
                 log.warning("call %s: %s; reloading the newer state", self.call_id, exc, extra={"call_id": self.call_id})
                 newer = await self.store.load(self.call_id)
@@ -530,7 +569,10 @@ class Conversation:
 
     def _send(self, frame: OutboundFrame) -> None:
         if self.outbox is not None:
-            self.outbox.put(frame.to_json())
+            if isinstance(frame, ResponseFrame):
+                self.outbox.put(Frame(frame.to_json(), frame.response_id, frame.content_complete))
+            else:
+                self.outbox.put(Frame(frame.to_json()))
 
     def _emit(self, cls: type, **fields: Any) -> None:
         if self.events is None:

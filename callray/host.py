@@ -1,51 +1,72 @@
 """A host of calls as virtual actors (Orleans-style), with no Ray in it.
 
-A call is *activated* on its first message (its state loaded from the store, or created),
+A call is *activated* on its first socket (its state claimed from the store, or created),
 lives in memory while it talks, and is *deactivated* (saved and dropped) when it ends or idles.
 The mailbox is the event loop itself: ``Conversation.handle`` never awaits, so one call's
 events apply one at a time in arrival order while other calls proceed independently; the only
 long work, a generation, runs as the call's single tracked task.
 
-``actors/call_host.py`` puts one ``Host`` in each ``CallHost`` Ray actor.
+Activation claims the call in the state store, which bumps its owner epoch: the newest socket
+wins even across processes, because a checkpoint under an older epoch is refused and the older
+activation then drops the call without writing (``Conversation.lose``).
+
+With ``local`` placement the gateway replica that holds the socket embeds one ``Host``;
+with ``dedicated`` placement ``actors/call_host.py`` puts one in a Ray actor per call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from callray.agents.registry import AgentRegistry
 from callray.agents.base import EndCall, PressDigit, Speech, ToolCall, Transfer, Turn
-from callray.conversation import Conversation, Outbox, shareable
+from callray.commands import CallCommand
+from callray.conversation import Conversation, Frame, Outbox, StreamEnd, shareable
 from callray.events import CallEnded, Event
 from callray.protocol import ProtocolError, parse_frame
 from callray.settings import CallraySettings
-from callray.stores.base import CallState, EventSink, ResponseCache, StateStore
+from callray.stores.base import CallState, EventSink, ResponseCache, StateStore, StoreUnavailableError
 
 log = logging.getLogger("callray.host")
 
-STREAM_CLOSED = "closed:"  # prefix of the last item of an outbound stream: "closed:<reason>"
+
+class Delivery(str, enum.Enum):
+    """What became of a frame handed to a remote host (``Host.deliver``)."""
+
+    OK = "ok"  # applied (or skipped as invalid: a bad frame never fails the socket)
+    SUPERSEDED = "superseded"  # a newer socket holds the call: this socket must close (4001)
+    DETACHED = "detached"  # the call has no socket here any more
+
+
+#: ``on_claimed(call_id, previous_owner, epoch)``: this host took a call over from another one.
+OnClaimed = Callable[[str, str, int], None]
 
 
 class Host:
-    """Activation, delivery, commands and deactivation for the calls placed on one host."""
+    """Activation, delivery, commands and deactivation for the calls placed on one host.
+
+    ``name`` is recorded in the store as the owner of every call activated here.
+    """
 
     def __init__(self, settings: CallraySettings, agents: AgentRegistry, *, store: StateStore,
                  cache: ResponseCache | None = None, events: EventSink | None = None, name: str = "host",
-                 on_deactivate: Callable[[str], Awaitable[None]] | None = None):
+                 on_deactivate: Callable[[str], Awaitable[None]] | None = None, on_claimed: OnClaimed | None = None):
         self.settings, self.agents, self.name = settings, agents, name
-        self.on_deactivate = on_deactivate
+        self.on_deactivate, self.on_claimed = on_deactivate, on_claimed
         self.store, self.cache, self.events = store, cache, events
         self.calls: dict[str, Conversation] = {}
         self._activating: dict[str, asyncio.Future[Conversation]] = {}
-        self.counters = {"activations": 0, "deactivations": 0, "dropped_events": 0, "invalid_frames": 0}
+        self.counters = {"activations": 0, "deactivations": 0, "dropped_events": 0, "invalid_frames": 0,
+                         "taken_over": 0}
 
     # ------------------------------------------------------------------ activation
 
     async def activate(self, call_id: str, agent_name: str | None = None) -> Conversation:
-        """The live conversation of ``call_id``, loading or creating it on first use."""
+        """The live conversation of ``call_id``, claiming or creating it on first use."""
         live = self.calls.get(call_id)
         if live is not None:
             return live
@@ -55,15 +76,7 @@ class Host:
         future: asyncio.Future[Conversation] = asyncio.get_running_loop().create_future()
         self._activating[call_id] = future
         try:
-            state = await self.store.load(call_id)
-            if state is None:
-                state = CallState(call_id=call_id, agent=agent_name or self.agents.default_name)
-            agent = self.agents.get(state.agent or agent_name or self.agents.default_name)
-            conversation = Conversation(state, agent, store=self.store, settings=self.settings.turns,
-                                        cache=self.cache if self.settings.cache.enabled else None,
-                                        events=self.events, route_agent=self.agents.route)
-            self.calls[call_id] = conversation
-            self.counters["activations"] += 1
+            conversation = await self._claim(call_id, agent_name)
             future.set_result(conversation)
             return conversation
         except BaseException as exc:
@@ -73,8 +86,54 @@ class Host:
         finally:
             del self._activating[call_id]
 
+    async def _claim(self, call_id: str, agent_name: str | None) -> Conversation:
+        claim = await self.store.claim(call_id, self.name)
+        if claim.previous_owner not in (None, self.name) and self.on_claimed is not None:
+            self.on_claimed(call_id, claim.previous_owner, claim.epoch)
+        state = claim.state or CallState(call_id=call_id, agent=agent_name or self.agents.default_name)
+        state.epoch = claim.epoch
+        agent = self.agents.get(state.agent or agent_name or self.agents.default_name)
+        conversation = Conversation(state, agent, store=self.store, settings=self.settings.turns,
+                                    cache=self.cache if self.settings.cache.enabled else None,
+                                    events=self.events, route_agent=self.agents.route, on_lost=self._lost)
+        self.calls[call_id] = conversation
+        self.counters["activations"] += 1
+        return conversation
+
+    async def _reclaim(self, live: Conversation) -> Conversation:
+        """A new socket for a call already live here: claim it again so that an activation
+        elsewhere is fenced off; if that one wrote a newer state, continue from it."""
+        call_id = live.call_id
+        try:
+            claim = await self.store.claim(call_id, self.name)
+        except StoreUnavailableError:
+            return live  # nobody can claim it meanwhile; the store catches up later
+        if claim.previous_owner not in (None, self.name) and self.on_claimed is not None:
+            self.on_claimed(call_id, claim.previous_owner, claim.epoch)
+        if claim.state is None or claim.state.version <= live.state.version:
+            live.state.epoch = claim.epoch
+            return live
+        self._forget(live)
+        state = claim.state
+        state.epoch = claim.epoch
+        conversation = Conversation(state, self.agents.get(state.agent), store=self.store, settings=self.settings.turns,
+                                    cache=self.cache if self.settings.cache.enabled else None,
+                                    events=self.events, route_agent=self.agents.route, on_lost=self._lost)
+        self.calls[call_id] = conversation
+        return conversation
+
+    def _lost(self, conversation: Conversation) -> None:
+        """A newer activation elsewhere owns the call: drop ours without writing."""
+        self.counters["taken_over"] += 1
+        self._forget(conversation)
+
+    def _forget(self, conversation: Conversation) -> None:
+        if self.calls.get(conversation.call_id) is conversation:
+            del self.calls[conversation.call_id]
+        conversation.lose()
+
     async def deactivate(self, call_id: str) -> bool:
-        """Save and drop a call from memory (its next message re-activates it)."""
+        """Save and drop a call from memory (its next socket re-activates it)."""
         conversation = self.calls.pop(call_id, None)
         if conversation is None:
             return False
@@ -86,44 +145,16 @@ class Host:
             await self.on_deactivate(call_id)
         return True
 
-    # ------------------------------------------------------------------ the gateway's entries
+    # ------------------------------------------------------------------ sockets
 
-    async def attach(self, call_id: str, connection_id: str, agent_name: str | None = None,
-                     resume: bool = False) -> Outbox:
-        conversation = await self.activate(call_id, agent_name)
-        return await conversation.attach(connection_id, resume=resume)
-
-    async def stream(self, call_id: str, connection_id: str, agent_name: str | None = None,
-                     resume: bool = False) -> AsyncIterator[list[str] | str]:
-        """Attach, then yield the socket's outbound frames in batches.
-
-        The first item acknowledges the attachment (it may be ``[]``: a resumed socket, or a
-        greeting waiting for call_details, which the gateway may only forward once attached);
-        the last is ``"closed:<reason>"`` when the call closed the stream (a newer socket,
-        deactivation).
-        """
-        outbox = await self.attach(call_id, connection_id, agent_name, resume)
-        yield outbox.drain()
-        async for batch in outbox.batches():
-            yield batch
-        yield STREAM_CLOSED + (outbox.close_reason or "")
-
-    async def deliver(self, call_id: str, connection_id: str, frame: str) -> str:
-        """Apply one frame from Retell (validated here, so the gateway only decodes JSON).
-        Returns "ok" (also for a frame skipped as invalid), or "superseded" / "detached" when
-        this socket no longer owns the call (the event is dropped: the newest socket wins)."""
-        event = parse_frame(frame)
-        if isinstance(event, ProtocolError):
-            self.counters["invalid_frames"] += 1
-            log.warning("call %s: skipped bad frame: %s", call_id, event, extra={"call_id": call_id})
-            return "ok"
-        conversation = await self.activate(call_id)
-        outbox = conversation.outbox
-        if outbox is None or outbox.connection_id != connection_id:
-            self.counters["dropped_events"] += 1
-            return "superseded" if outbox is not None else "detached"
-        conversation.handle(event)
-        return "ok"
+    async def attach(self, call_id: str, outbox: Outbox, agent_name: str | None = None,
+                     resume: bool = False) -> Conversation:
+        """Bind a socket's outbox to the call (activating it); the newest socket wins."""
+        live = self.calls.get(call_id)
+        conversation = await (self._reclaim(live) if live is not None and not resume
+                              else self.activate(call_id, agent_name))
+        await conversation.attach(outbox, resume=resume)
+        return conversation
 
     async def detach(self, call_id: str, connection_id: str) -> None:
         conversation = self.calls.get(call_id)
@@ -132,35 +163,65 @@ class Host:
         if conversation.ended:
             await self.deactivate(call_id)
 
-    # ------------------------------------------------------------------ background actors' entries
+    async def stream(self, call_id: str, connection_id: str, agent_name: str | None = None,
+                     resume: bool = False) -> AsyncIterator[list[Frame] | StreamEnd]:
+        """For a remote gateway: attach, then yield the socket's outbound frames in batches.
 
-    async def command(self, call_id: str, command: dict[str, Any]) -> bool:
-        """Act on a live call for a background actor: ``{"type": "transfer", "number",
-        "line"}``, ``{"type": "say", "line"}`` or ``{"type": "end_call", "line"}``. False when
-        the call has no live socket here."""
-        kind = command.get("type")
+        The first item acknowledges the attachment (it may be ``[]``: a resumed socket, or a
+        greeting waiting for call_details); the last is the :class:`StreamEnd` that closed it.
+        """
+        outbox = Outbox(connection_id)
+        await self.attach(call_id, outbox, agent_name, resume)
+        yield outbox.drain()
+        async for batch in outbox.batches():
+            yield batch
+        yield outbox.close_reason or StreamEnd.DETACHED
+
+    async def deliver(self, call_id: str, connection_id: str, frame: str) -> Delivery:
+        """For a remote gateway: apply one frame from Retell (parsed here; invalid ones are
+        skipped). Dropped when this socket no longer owns the call: the newest socket wins."""
+        event = parse_frame(frame)
+        if isinstance(event, ProtocolError):
+            self.counters["invalid_frames"] += 1
+            log.warning("call %s: skipped bad frame: %s", call_id, event, extra={"call_id": call_id})
+            return Delivery.OK
+        conversation = self.calls.get(call_id)
+        outbox = conversation.outbox if conversation is not None else None
+        if outbox is None or outbox.connection_id != connection_id:
+            self.counters["dropped_events"] += 1
+            return Delivery.SUPERSEDED if outbox is not None else Delivery.DETACHED
+        conversation.handle(event)
+        return Delivery.OK
+
+    # ------------------------------------------------------------------ commands
+
+    async def command(self, call_id: str, command: CallCommand) -> bool:
+        """Act on a call live here. False when it is not live here (or, for the commands that
+        speak, has no socket)."""
         conversation = self.calls.get(call_id)
         if conversation is None:
             return False
-        line = str(command.get("line") or "")
-        if kind == "transfer":
-            return conversation.interrupt(line, transfer_number=str(command["number"]))
-        if kind == "end_call":
-            return conversation.interrupt(line, end_call=True)
-        if kind == "say":
-            return conversation.interrupt(line)
-        raise ValueError(f"unknown command type {kind!r}; expected transfer, end_call or say")
+        if command.kind == "superseded":
+            if conversation.state.epoch < command.epoch:
+                self._lost(conversation)
+            return True
+        if command.kind == "ended":
+            conversation.end(command.reason, command.call, emit=False)
+            if conversation.connected:
+                await conversation.checkpoint()
+            else:
+                await self.deactivate(call_id)
+            return True
+        if command.kind == "transfer":
+            return conversation.interrupt(command.line, transfer_number=command.number)
+        return conversation.interrupt(command.line, end_call=command.kind == "end_call")
 
     async def webhook(self, event: Event) -> None:
         """A lifecycle event from Retell's webhook: publish it; ``call.ended`` ends the call."""
         if self.events is not None:
             self.events.emit(event)
         if isinstance(event, CallEnded):
-            conversation = self.calls.get(event.call_id)
-            if conversation is not None:
-                conversation.end(event.reason, event.call, emit=False)
-                if not conversation.connected:
-                    await self.deactivate(event.call_id)
+            await self.command(event.call_id, CallCommand(kind="ended", reason=event.reason, call=event.call))
 
     # ------------------------------------------------------------------ housekeeping
 

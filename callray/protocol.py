@@ -9,10 +9,10 @@ silently drops a frame whose types are wrong.
 from __future__ import annotations
 
 import json
-import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError
+from typing_extensions import NotRequired, TypedDict
 
 # --------------------------------------------------------------------------- inbound
 
@@ -21,18 +21,15 @@ class _Inbound(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class Word(_Inbound):
-    word: str = ""
-    start: float | None = None
-    end: float | None = None
+class Utterance(TypedDict):
+    """One entry of Retell's transcript, as a plain dict. ``role`` is open-ended (agent, user,
+    transfer_target...). Only ``role`` and ``content`` are validated: word timings and any other
+    field are kept as Retell sent them, unchecked, because no turn reads them and every event
+    repeats the whole transcript."""
 
-
-class Utterance(_Inbound):
-    """One entry of Retell's transcript. ``role`` is open-ended (agent, user, transfer_target...)."""
-
+    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
     role: str
-    content: str = ""
-    words: list[Word] = Field(default_factory=list)
+    content: NotRequired[str]
 
 
 class PingPong(_Inbound):
@@ -46,9 +43,11 @@ class CallDetails(_Inbound):
 
 
 class UpdateOnly(_Inbound):
+    """A partial transcript while someone talks. It asks for nothing, so its transcript is not
+    validated at all: only the newest one would ever matter."""
+
     interaction_type: Literal["update_only"]
-    transcript: list[Utterance] = Field(default_factory=list)
-    transcript_with_tool_calls: list[dict[str, Any]] | None = None
+    transcript: list[Any] = Field(default_factory=list)
     turntaking: str | None = None
 
 
@@ -79,8 +78,6 @@ KnownInbound = Annotated[
 InboundEvent = Union[PingPong, CallDetails, UpdateOnly, ResponseRequired, ReminderRequired, UnknownInteraction]
 RequestEvent = Union[ResponseRequired, ReminderRequired]
 
-_KNOWN_TYPES = {"ping_pong", "call_details", "update_only", "response_required", "reminder_required"}
-
 
 class ProtocolError(BaseModel):
     """Why an inbound frame could not be used. Returned, never raised, by :func:`parse_frame`."""
@@ -94,69 +91,48 @@ class ProtocolError(BaseModel):
         return f"{self.kind}{where}: {self.detail}"
 
 
-class _InboundAdapter(BaseModel):
-    event: KnownInbound
-
-
-def parse_event(data: Any) -> InboundEvent | ProtocolError:
-    """Validate an already-decoded JSON value as a Retell message."""
-    if not isinstance(data, dict):
-        return ProtocolError(kind="not_object", detail=f"expected a JSON object, got {type(data).__name__}")
-    kind = data.get("interaction_type")
-    if not isinstance(kind, str):
-        return ProtocolError(kind="missing_type", detail="no string field 'interaction_type'")
-    try:
-        if kind not in _KNOWN_TYPES:
-            return UnknownInteraction.model_validate(data)
-        return _InboundAdapter.model_validate({"event": data}).event
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"][1:]) or "(root)"
-        return ProtocolError(kind="invalid", interaction_type=kind, detail=f"field {field!r}: {first['msg']}")
-
-
-def decode_frame(frame: str | bytes) -> dict[str, Any] | ProtocolError:
-    """The cheap, JSON-level half of parsing: a text frame holding one object with a string
-    ``interaction_type``. The gateway needs no more to answer pings and route the rest."""
-    if isinstance(frame, (bytes, bytearray)):
-        return ProtocolError(kind="binary", detail=f"binary frame of {len(frame)} bytes; Retell sends text")
-    try:
-        data = json.loads(frame)
-    except ValueError as exc:
-        return ProtocolError(kind="not_json", detail=str(exc))
-    except RecursionError:
-        return ProtocolError(kind="invalid", detail="JSON nested too deeply")
-    if not isinstance(data, dict):
-        return ProtocolError(kind="not_object", detail=f"expected a JSON object, got {type(data).__name__}")
-    if not isinstance(data.get("interaction_type"), str):
-        return ProtocolError(kind="missing_type", detail="no string field 'interaction_type'")
-    return data
+_KNOWN: TypeAdapter[InboundEvent] = TypeAdapter(KnownInbound)
+_UNKNOWN_TAGS = ("union_tag_invalid", "union_tag_not_found")
+MAX_CALL_DEPTH = 32  # the call object is stored with the call's state; keep it serialisable
 
 
 def parse_frame(frame: str | bytes) -> InboundEvent | ProtocolError:
-    """Parse one WebSocket frame. Retell only sends text frames holding one JSON object."""
-    data = decode_frame(frame)
-    if isinstance(data, ProtocolError):
-        return data
-    if _SURROGATE_ESCAPE.search(frame) and not _encodable(data):
-        return ProtocolError(kind="invalid", detail="a string holds a lone UTF-16 surrogate (not valid Unicode)")
-    event = parse_event(data)
+    """Parse one WebSocket frame in one pass (JSON and the model together). Retell only sends
+    text frames holding one JSON object; anything else is a :class:`ProtocolError`."""
+    if isinstance(frame, (bytes, bytearray)):
+        return ProtocolError(kind="binary", detail=f"binary frame of {len(frame)} bytes; Retell sends text")
+    try:
+        event = _KNOWN.validate_json(frame)
+    except ValidationError as exc:
+        return _frame_error(frame, exc)
     if isinstance(event, CallDetails) and _depth(event.call) > MAX_CALL_DEPTH:
         return ProtocolError(kind="invalid", interaction_type="call_details",
                              detail=f"field 'call' nested deeper than {MAX_CALL_DEPTH} levels")
     return event
 
 
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-MAX_CALL_DEPTH = 32  # the call object is stored with the call's state; keep it serialisable
+def parse_event(data: Any) -> InboundEvent | ProtocolError:
+    """Validate an already-decoded JSON value as a Retell message (tests, tools)."""
+    return parse_frame(json.dumps(data)) if isinstance(data, dict) else ProtocolError(
+        kind="not_object", detail=f"expected a JSON object, got {type(data).__name__}")
 
 
-def _encodable(data: Any) -> bool:
-    try:
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
+def _frame_error(frame: str, exc: ValidationError) -> InboundEvent | ProtocolError:
+    """The typed error for a frame the known models refused; an unknown type is tolerated."""
+    first = exc.errors(include_url=False)[0]
+    if first["type"] == "json_invalid":
+        return ProtocolError(kind="not_json", detail=str(first.get("ctx", {}).get("error", first["msg"])))
+    if first["type"] == "model_attributes_type" or (first["type"] == "dict_type" and not first["loc"]):
+        return ProtocolError(kind="not_object", detail=f"expected a JSON object, got {type(first['input']).__name__}")
+    if first["type"] in _UNKNOWN_TAGS:
+        try:
+            return UnknownInteraction.model_validate_json(frame)
+        except ValidationError:
+            return ProtocolError(kind="missing_type", detail="no string field 'interaction_type'")
+    kind = first["loc"][0] if first["loc"] else None
+    field = ".".join(str(p) for p in first["loc"][1:]) or "(root)"
+    return ProtocolError(kind="invalid", interaction_type=kind if isinstance(kind, str) else None,
+                         detail=f"field {field!r}: {first['msg']}")
 
 
 def _depth(value: Any, limit: int = MAX_CALL_DEPTH + 1) -> int:

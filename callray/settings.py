@@ -99,12 +99,12 @@ class GatewaySettings(_Section):
 
 
 class HostsSettings(_Section):
-    count: int = Field(default=2, ge=1, le=1024, description="Number of CallHost actors; calls are spread over them by rendezvous hashing.")
-    placement: Literal["shared", "dedicated"] = Field(default="shared", description="shared: many calls per host (virtual actors). dedicated: one actor per call from a warm pool.")
+    placement: Literal["local", "shared", "dedicated"] = Field(default="local", description="Where a call's actor lives. local: in the gateway replica that holds its socket (no Ray call on a turn's path). dedicated: in a Ray actor of its own, from a warm pool (process isolation, ~160 MB a call). shared: in one of `count` CallHost actors.")
+    count: int = Field(default=2, ge=1, le=1024, description="shared placement: number of CallHost actors; calls are spread over them by rendezvous hashing.")
     warm_pool: int = Field(default=4, ge=0, description="dedicated placement: actors kept started and idle.")
     namespace: str = Field(default="callray", description="Ray namespace of the named host actors.")
-    idle_timeout_s: float = Field(default=3600.0, gt=0, description="A call with no event for this long is passivated (saved and dropped from memory).")
-    detached_timeout_s: float = Field(default=300.0, gt=0, description="A call with no socket for this long is passivated.")
+    idle_timeout_s: float = Field(default=3600.0, gt=0, description="A call with no event for this long is deactivated (saved and dropped from memory).")
+    detached_timeout_s: float = Field(default=300.0, gt=0, description="A call with no socket for this long is deactivated.")
     max_concurrency: int = Field(default=10_000, ge=16, description="Concurrent actor calls per host (each connected call holds one).")
 
 

@@ -3,10 +3,10 @@
 Starts a private Redis, a Ray head and a second Ray node (each ``ray start --block``, with
 its own temp dir and ports, so it touches no other cluster on the machine), deploys callray's
 distributed architecture from ``config/distributed.yaml`` as ``serve deploy`` would (two
-gateway replicas, at most one per node, four call hosts), opens calls, then kills the second
-node's raylet. Its gateway replica dies with it; the calls on that replica reconnect (as Retell
-does) and resume on the head with their history, and call hosts it held are restarted on the
-head by Ray. Every process started here is stopped by its pid at the end, whatever happens.
+gateway replicas, at most one per node; each call lives in the replica holding its socket),
+opens calls, then kills the second node's raylet. Its gateway replica dies with it; the calls
+that lived there reconnect (as Retell does) and resume on the head with their history. Every
+process started here is stopped by its pid at the end, whatever happens.
 
     python scripts/multinode.py           # the demo, step by step
     python scripts/multinode.py --check   # the same; exit status 1 unless every check passed
@@ -36,13 +36,11 @@ sys.path.insert(0, str(REPO))
 
 import websockets
 
-from callray.placement import host_names, place
 from callray.sim.local import RedisServer, free_port
 from tests.retell_client import RetellClient
 
 APP = "callray"
 NAMESPACE = "callray-multinode"
-HOSTS = 4
 NAMES = ["Maria", "Nadia", "Omar", "Priya", "Quinn", "Rosa"]
 GRACE_S = 2
 RAY_ENV = {
@@ -214,7 +212,7 @@ def serve_config(cluster: Cluster) -> dict[str, Any]:
     app["name"] = APP
     args = app["args"]
     args["state"]["redis_url"] = cluster.redis_url
-    args["hosts"].update(count=HOSTS, namespace=NAMESPACE)
+    args["hosts"].update(namespace=NAMESPACE)
     args["events"]["archive_dir"] = str(cluster.base / "archive")
     args["logging"]["level"] = "WARNING"
     gateway = next(d for d in app["deployments"] if d["name"] == "CallGateway")
@@ -223,22 +221,35 @@ def serve_config(cluster: Cluster) -> dict[str, Any]:
 
 
 def placement(node_labels: dict[str, str]) -> dict[str, str]:
-    """Alive gateway replicas and call hosts of the app -> the label of their node."""
+    """Alive gateway replicas of the app (by replica id) -> the label of their node."""
     from ray._private import state
 
-    wanted = set(host_names(APP, HOSTS))
+    prefix = f"SERVE_REPLICA::{APP}#CallGateway#"
     where = {}
     for info in state.actors().values():
-        name = info["Name"]
-        if info["State"] == "ALIVE" and (name in wanted or name.startswith(f"SERVE_REPLICA::{APP}#CallGateway#")):
-            where[name.replace("SERVE_REPLICA::", "replica ")] = node_labels.get(info["Address"]["NodeID"], "?")
+        if info["State"] == "ALIVE" and info["Name"].startswith(prefix):
+            where[info["Name"].removeprefix(prefix)] = node_labels.get(info["Address"]["NodeID"], "?")
     return dict(sorted(where.items()))
+
+
+async def owner_replica(cluster: Cluster, call_id: str) -> str:
+    """The replica id of the activation that holds the call (recorded with it in Redis; the
+    owner name is ``{app}-{replica id}-{suffix}``)."""
+    from callray.stores.redis import RedisStateStore
+    from callray.stores.redis_client import connect_redis
+
+    client = await connect_redis(cluster.redis_url)
+    try:
+        owner = await RedisStateStore(client).owner(call_id)
+    finally:
+        await client.aclose()
+    return owner[0].removeprefix(f"{APP}-").rsplit("-", 1)[0] if owner else "?"
 
 
 def show_placement(title: str, where: dict[str, str]) -> None:
     log(title)
     for name, node in where.items():
-        print(f"           {name:<45} on {node}", flush=True)
+        print(f"           replica {name:<20} on {node}", flush=True)
 
 
 async def wait_until(predicate, timeout: float, what: str, interval: float = 0.5) -> None:
@@ -308,17 +319,15 @@ async def scenario(cluster: Cluster) -> list[str]:
     node2_id = next(k for k, v in labels.items() if v == "node2")
 
     log(f"step 4: serve.start (proxy on the head, 127.0.0.1:{cluster.http_port}); deploy config/distributed.yaml "
-        f"with num_replicas 2, max_replicas_per_node 1, hosts.count {HOSTS}")
+        "with num_replicas 2, max_replicas_per_node 1")
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": cluster.http_port})
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(serve_config(cluster)))
     await wait_until(lambda: app_replicas() == {"RUNNING": 2} and healthy(cluster.http_port), 180,
                      "two running gateway replicas")
     before = placement(labels)
     show_placement("        placement before:", before)
-    replicas_on_node2 = [n for n, where in before.items() if n.startswith("replica") and where == "node2"]
-    check(len({w for n, w in before.items() if n.startswith("replica")}) == 2, "one gateway replica on each node")
-    hosts_on_node2 = {n for n, where in before.items() if not n.startswith("replica") and where == "node2"}
-    log(f"        call hosts on node2: {sorted(hosts_on_node2) or 'none (num_cpus=0 actors; Ray packed them on the head)'}")
+    replicas_on_node2 = [n for n, where in before.items() if where == "node2"]
+    check(len(set(before.values())) == 2, "one gateway replica on each node")
 
     url = f"ws://127.0.0.1:{cluster.http_port}/llm-websocket"
     log(f"step 5: open {len(NAMES)} calls at {url}/<call_id>, each says its caller's name")
@@ -328,9 +337,11 @@ async def scenario(cluster: Cluster) -> list[str]:
             client = await RetellClient(url, f"call-mn-{os.getpid()}-{i}").connect()
             await client.complete(0)
             answer = await client.turn(1, f"Hi, my name is {name}")
-            host = place(client.call_id, host_names(APP, HOSTS))
-            log(f"        {client.call_id} ({name}): host {host} on {before.get(host, '?')}; agent: {answer[:60]!r}")
+            owner = await owner_replica(cluster, client.call_id)
+            log(f"        {client.call_id} ({name}): lives in replica {owner} on {before.get(owner, '?')}; "
+                f"agent: {answer[:60]!r}")
             clients.append(client)
+        on_node2 = {c.call_id for c in clients if before.get(await owner_replica(cluster, c.call_id)) == "node2"}
 
         raylet = cluster.node2.raylet_pid()
         log(f"step 6: kill node2's raylet (SIGKILL pid {raylet}, a child of node2's `ray start` pid "
@@ -346,7 +357,7 @@ async def scenario(cluster: Cluster) -> list[str]:
         log(f"        sockets closed by the server: {[c.call_id for c in dropped]} "
             f"(close codes {[c.close_code for c in dropped]})")
         if replicas_on_node2:
-            check(bool(dropped), "the calls on node2's replica lost their socket")
+            check({c.call_id for c in dropped} == on_node2, "exactly the calls that lived on node2 lost their socket")
 
         log("step 7: every call takes its next turn: dropped ones reconnect with the same call_id first")
         for old, name in zip(clients, NAMES):
@@ -363,8 +374,9 @@ async def scenario(cluster: Cluster) -> list[str]:
 
         after = placement(labels)
         show_placement("step 8: placement after:", after)
-        check(all(where == "head" for where in after.values()), "every live replica and call host is on the head")
-        check(set(host_names(APP, HOSTS)) <= set(after), "all call hosts are alive")
+        check(all(where == "head" for where in after.values()), "every live replica is on the head")
+        owners = {c.call_id: await owner_replica(cluster, c.call_id) for c in clients}
+        check(all(after.get(o) == "head" for o in owners.values()), "every call lives in a replica on the head")
     finally:
         await asyncio.gather(*(c.close() for c in clients if c._reader and not c._reader.done()),
                              return_exceptions=True)

@@ -66,6 +66,8 @@ def serve_port(ray_cluster) -> int:
 
 
 ARCHIVE_DIRS: list[str] = []  # removed when the session's Ray shuts down
+WEBHOOK_KEY = "key_test_callray"
+SOCKET_SECRET = "s3cret-path-token"
 
 
 def deploy(name: str, args: dict, port: int, *, replicas: int = 1) -> str:
@@ -96,18 +98,19 @@ def deploy(name: str, args: dict, port: int, *, replicas: int = 1) -> str:
 @pytest.fixture(scope="session")
 def single_app(serve_port) -> str:
     """The default single-server architecture (in-memory state, clinic flow agent)."""
-    return deploy("single", {"hosts": {"count": 2, "namespace": "callray-test-single"}}, serve_port)
+    return deploy("single", {"hosts": {"namespace": "callray-test-single"}}, serve_port)
 
 
 @pytest.fixture(scope="session")
 def durable_app(serve_port, redis_server) -> str:
-    """The distributed architecture: Redis state and cache, two gateway replicas, two hosts."""
+    """The distributed architecture: Redis state and cache, two gateway replicas."""
     return deploy("durable", {
         "architecture": "distributed",
         "state": {"backend": "redis", "redis_url": redis_server.url},
         "cache": {"backend": "redis"},
-        "hosts": {"count": 2, "namespace": "callray-test-durable"},
+        "hosts": {"namespace": "callray-test-durable"},
         "gateway": {"host_retry_s": 60},
+        "webhook": {"api_key": WEBHOOK_KEY},
     }, serve_port, replicas=2)
 
 
@@ -118,8 +121,6 @@ def dedicated_app(serve_port) -> str:
                                           "namespace": "callray-test-dedicated"}}, serve_port)
 
 
-WEBHOOK_KEY = "key_test_callray"
-SOCKET_SECRET = "s3cret-path-token"
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +130,7 @@ def events_app(serve_port, redis_server, tmp_path_factory) -> str:
         "architecture": "event_driven",
         "state": {"backend": "redis", "redis_url": redis_server.url},
         "cache": {"backend": "redis"},
-        "hosts": {"count": 2, "namespace": "callray-test-events"},
+        "hosts": {"namespace": "callray-test-events"},
         "events": {
             "backend": "redis_streams", "stream": "callray:test-events", "claim_idle_ms": 1000,
             "archive_dir": str(tmp_path_factory.mktemp("archive")),
@@ -168,5 +169,5 @@ def llm_app(serve_port, fake_llm, tmp_path_factory) -> str:
         "agents": {"default": "clinic", "files": {"clinic": "config/agents/clinic.yaml", "assistant": str(agent_file)},
                    "by_retell_agent_id": {"agent_dental_1": "assistant"}},
         "turns": {"greeting_wait_ms": 1000, "latency_budget_ms": 2000},
-        "hosts": {"count": 1, "namespace": "callray-test-llm"},
+        "hosts": {"namespace": "callray-test-llm"},
     }, serve_port)

@@ -151,7 +151,7 @@ def test_callray_args_point_every_target_at_the_suites_redis_and_namespace(tmp_p
         settings = CallraySettings.parse(args)
         assert settings.hosts.namespace == f"ns-{target}"
         assert settings.agents.resolve(settings.agents.default) == agent
-        assert settings.hosts.placement == ("dedicated" if target == "dedicated" else "shared")
+        assert settings.hosts.placement == ("dedicated" if target == "dedicated" else "local")
         if target in bench.REDIS_TARGETS:
             assert settings.state.redis_url == "redis://127.0.0.1:1/0"
     with pytest.raises(RuntimeError, match="needs Redis"):

@@ -78,16 +78,20 @@ async def test_simulator_stops_turns_and_calls_after_duration() -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-async def test_calls_survive_host_and_gateway_kills(durable_app: str, ray_cluster: Any) -> None:
-    target = ChaosTarget(url=durable_app, app="durable", namespace="callray-test-durable", hosts=2)
-    plan = FaultPlan(schedule=[(4.0, "host"), (10.0, "gateway"), (16.0, "host"), (22.0, "host")], seed=5)
+async def test_calls_survive_gateway_kills_and_a_redis_restart(durable_app: str, redis_server: Any,
+                                                               ray_cluster: Any) -> None:
+    from tests.test_serve_durable import replicas_running
+
+    await replicas_running("durable", 2)
+    target = ChaosTarget(url=durable_app, app="durable", namespace="callray-test-durable", redis=redis_server)
+    plan = FaultPlan(schedule=[(4.0, "gateway"), (12.0, "redis"), (24.0, "gateway")], seed=5)
     sim = SimConfig(url=durable_app, calls=10, turns=8, think_s=3.0, ramp_s=2.0, supersede_rate=0.1,
                     drop_reconnects=RETELL_DROP_RECONNECTS, turn_timeout_s=30.0, seed=5, call_id_prefix="chaos")
     report = await run_chaos(target, sim, plan)
     summary = report["summary"]
-    assert [f["error"] for f in report["faults"]] == [None] * 4, report["faults"]
-    assert summary["faults"] == {"host": 3, "gateway": 1}
-    assert any(f["affected_calls"] for f in report["faults"] if f["kind"] == "host")  # the kills hit live calls
+    assert [f["error"] for f in report["faults"]] == [None] * 3, report["faults"]
+    assert summary["faults"] == {"gateway": 2, "redis": 1}
+    assert any(f["affected_calls"] for f in report["faults"] if f["kind"] == "gateway")  # the kills hit live calls
     assert summary["turns_sent"] == summary["turns_answered"] == 80, summary
     assert summary["turns_lost"] == 0
     assert summary["calls_dropped_for_good"] == 0, summary["dropped_by_reason"]

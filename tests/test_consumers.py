@@ -14,7 +14,8 @@ import pytest
 from callray.consumers import SeenEvents
 from callray.consumers.analytics import Analytics
 from callray.consumers.archive import TranscriptArchive
-from callray.consumers.escalation import Escalation, EscalationConfigError, EscalationRules
+from callray.commands import CallCommand
+from callray.consumers.escalation import Escalation, EscalationConfigError, EscalationRules, EscalationUndelivered
 from callray.events import (
     CallAnalyzed,
     CallEnded,
@@ -222,15 +223,23 @@ async def receiver():
 
 
 class Commands:
-    def __init__(self, fail: int = 0) -> None:
-        self.sent: list[tuple[str, dict]] = []
-        self.fail = fail
+    def __init__(self, fail: int = 0, undelivered: int = 0) -> None:
+        self.sent: list[tuple[str, CallCommand]] = []
+        self.fail, self.undelivered = fail, undelivered
 
-    async def __call__(self, call_id: str, command: dict) -> None:
+    async def __call__(self, call_id: str, command: CallCommand) -> bool:
         if self.fail:
             self.fail -= 1
             raise ConnectionError("call host unreachable")
+        if self.undelivered:
+            self.undelivered -= 1
+            return False
         self.sent.append((call_id, command))
+        return True
+
+
+def transfer(number: str, line: str) -> CallCommand:
+    return CallCommand(kind="transfer", number=number, line=line)
 
 
 def turn(call_id: str, seq: int, text: str = "", **kw) -> CallTurn:
@@ -263,7 +272,7 @@ async def test_each_rule_escalates_once_with_signed_notification(rule, receiver,
     assert commands.sent == []  # not yet
     for event in turns[-1:] + turns + [turn("c1", 50, "speak to a human")]:  # duplicates and a second hit
         await escalation.handle(event)
-    assert commands.sent == [("c1", {"type": "transfer", "number": "+15550100", "line": rules.handoff_line, "rule": rule})]
+    assert commands.sent == [("c1", transfer("+15550100", rules.handoff_line))]
     assert [type(e) for e in emitted] == [EscalationRequested, EscalationPerformed]
     assert emitted[0].rule == rule and emitted[1].transfer_number == "+15550100"
     assert len(http.requests) == 1
@@ -317,6 +326,23 @@ async def test_failed_command_releases_the_claim_and_redelivery_retries(redis_ur
     await client.aclose()
 
 
+async def test_a_transfer_no_live_socket_took_is_not_reported_performed_and_is_retried(redis_url):
+    """The command returned False (no live socket): no escalation.performed, claim released, retried."""
+    client = redis_client(redis_url)
+    call_id = f"c-{uuid.uuid4().hex}"
+    commands, emitted = Commands(undelivered=1), []
+    escalation = Escalation(EscalationRules(transfer_number="+1"), commands, emit=emitted.append, redis=client)
+    event = turn(call_id, 1, "operator")
+    with pytest.raises(EscalationUndelivered):
+        await escalation.handle(event)
+    assert [type(e) for e in emitted] == [EscalationRequested] and escalation.counts["command_undelivered"] == 1
+    assert await client.exists(f"callray:escalated:{call_id}") == 0
+    await escalation.handle(event)  # the bus redelivers the unacked turn; the socket is back
+    assert len(commands.sent) == 1 and [type(e) for e in emitted][-1] is EscalationPerformed
+    await client.delete(f"callray:escalated:{call_id}")
+    await client.aclose()
+
+
 async def test_ended_call_is_not_escalated_and_notify_failure_is_not_fatal(monkeypatch):
     monkeypatch.delenv("NO_SUCH_SECRET_ENV", raising=False)
     with pytest.raises(EscalationConfigError, match="NO_SUCH_SECRET_ENV"):
@@ -327,8 +353,7 @@ async def test_ended_call_is_not_escalated_and_notify_failure_is_not_fatal(monke
     await escalation.handle(CallEnded(call_id="done", seq=5))
     await escalation.handle(turn("done", 4, "operator"))  # late turn of an ended call
     await escalation.handle(turn("live", 1, "operator"))  # notification target is down
-    assert commands.sent == [("live", {"type": "transfer", "number": "+1", "line": unsigned.handoff_line,
-                                       "rule": "human_phrases"})]
+    assert commands.sent == [("live", transfer("+1", unsigned.handoff_line))]
     assert escalation.counts["notify_failed"] == 1
     await escalation.close()
 

@@ -94,7 +94,7 @@ def test_well_formed_requests_keep_their_id_and_text(rid, lines, kind):
     raw = {"interaction_type": kind, "response_id": rid, "transcript": [{"role": r, "content": c} for r, c in lines]}
     event = parse_frame(json.dumps(raw))
     assert isinstance(event, ResponseRequired if kind == "response_required" else ReminderRequired)
-    assert event.response_id == rid and [(u.role, u.content) for u in event.transcript] == lines
+    assert event.response_id == rid and [(u["role"], u["content"]) for u in event.transcript] == lines
 
 
 @FAST
@@ -219,12 +219,7 @@ class Stream:
     log: list[tuple[str, int | None]] = field(default_factory=list)
 
     def frames(self) -> list[str]:
-        out = []
-        while not self.outbox._queue.empty():
-            item = self.outbox._queue.get_nowait()
-            if item is not None:
-                out.append(item)
-        return out
+        return [frame.text for frame in self.outbox.drain()]
 
 
 def transcript(words: list[str]) -> list[dict[str, str]]:
@@ -270,7 +265,7 @@ async def drive(ops: list[tuple], store: MemoryStateStore | None = None) -> None
 
     async def attach() -> Stream:
         cid = f"s{len(streams)}"
-        stream = Stream(cid, await conv.attach(cid))
+        stream = Stream(cid, await conv.attach(Outbox(cid)))
         streams.append(stream)
         return stream
 
@@ -410,7 +405,7 @@ class EchoLastAgent(FastAgent):
 
 async def test_unserialisable_final_phrase_still_completes():
     conv = Conversation(CallState(call_id="s"), EchoLastAgent(), store=MemoryStateStore(), settings=TurnSettings())
-    outbox = await conv.attach("s0")
+    outbox = await conv.attach(Outbox("s0"))
     # parse_frame now refuses lone surrogates; an event built another way must still complete
     conv.handle(ResponseRequired(interaction_type="response_required", response_id=1,
                                  transcript=[{"role": "user", "content": "Bob \ud800"}]))
@@ -425,11 +420,11 @@ async def test_unserialisable_final_phrase_still_completes():
 async def test_deactivate_keeps_changes_made_while_a_save_was_in_flight():
     store = RoundTripStore()
     conv = Conversation(CallState(call_id="d"), FastAgent(), store=store, settings=TurnSettings())
-    await conv.attach("s0")
+    await conv.attach(Outbox("s0"))
     await asyncio.sleep(0.01)
     conv.interrupt("Transferring you now.", transfer_number="+15550002222")  # spawns a checkpoint
     await asyncio.sleep(0)
     await asyncio.sleep(0)  # that save is applied; its reply is in flight
-    conv.end("user_hangup")  # host.command({"type": "ended"}) then deactivates at once
+    conv.end("user_hangup")  # what an "ended" command does, then the host deactivates at once
     await conv.deactivate()
     assert (await store.load("d")).ended

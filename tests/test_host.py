@@ -1,20 +1,31 @@
-"""The virtual-actor host without Ray: activation, delivery, ownership, deactivation."""
+"""The virtual-actor host without Ray: activation, delivery, ownership, deactivation, and
+commands reaching the host that owns a call (in-process and, between hosts, through Redis)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import uuid
+
+import pytest
 
 from callray.agents.registry import AgentRegistry
-from callray.host import STREAM_CLOSED, Host
+from callray.commands import CallCommand
+from callray.conversation import Outbox, StreamEnd
+from callray.directory import CallDirectory
+from callray.host import Delivery, Host
 from callray.settings import CallraySettings
+from callray.stores.base import StateStore
 from callray.stores.memory import MemoryResponseCache, MemoryStateStore
+from callray.stores.redis import RedisStateStore
+from callray.stores.redis_client import connect_redis
+
+SETTINGS = CallraySettings()
+AGENTS = AgentRegistry.from_settings(SETTINGS.agents)
 
 
-def make_host() -> Host:
-    settings = CallraySettings()
-    return Host(settings, AgentRegistry.from_settings(settings.agents), store=MemoryStateStore(),
-                cache=MemoryResponseCache())
+def make_host(store: StateStore | None = None, name: str = "host") -> Host:
+    return Host(SETTINGS, AGENTS, store=store or MemoryStateStore(), cache=MemoryResponseCache(), name=name)
 
 
 def request(rid: int, text: str) -> str:
@@ -22,16 +33,33 @@ def request(rid: int, text: str) -> str:
                        "transcript": [{"role": "user", "content": text}]})
 
 
+def texts(frames) -> list[dict]:
+    return [json.loads(f.text) for f in frames]
+
+
+async def answer(outbox: Outbox, rid: int) -> str:
+    """The content of response ``rid`` once it completes on ``outbox``."""
+    parts = []
+    async with asyncio.timeout(5):
+        async for frame in outbox.frames():
+            if frame.response_id == rid:
+                parts.append(json.loads(frame.text)["content"])
+                if frame.complete:
+                    return "".join(parts)
+    raise AssertionError(f"outbox closed ({outbox.close_reason}) before response {rid} completed")
+
+
 async def test_deliver_validates_frames_and_answers_the_owner_socket():
     host = make_host()
     stream = host.stream("c1", "s1")
     first = await anext(stream)
-    assert json.loads(first[0])["response_id"] == 0
-    assert await host.deliver("c1", "s1", '{"interaction_type": "response_required", "response_id": "x"}') == "ok"
+    assert first[0].response_id == 0 and first[0].complete
+    bad = '{"interaction_type": "response_required", "response_id": "x"}'
+    assert await host.deliver("c1", "s1", bad) is Delivery.OK
     assert host.counters["invalid_frames"] == 1
-    assert await host.deliver("c1", "s1", request(1, "What are your hours?")) == "ok"
+    assert await host.deliver("c1", "s1", request(1, "What are your hours?")) is Delivery.OK
     batch = await asyncio.wait_for(anext(stream), 5)
-    assert any(json.loads(f).get("content_complete") for f in batch)
+    assert any(f.complete and f.response_id == 1 for f in batch)
 
 
 async def test_newest_socket_owns_the_call_and_the_old_stream_ends():
@@ -39,10 +67,9 @@ async def test_newest_socket_owns_the_call_and_the_old_stream_ends():
     old = host.stream("c1", "s1")
     await anext(old)
     new = host.stream("c1", "s2")
-    assert json.loads((await anext(new))[0])["content"] == ""  # greeted already: empty response 0
-    closing = await anext(old)
-    assert closing.startswith(STREAM_CLOSED) and "superseded" in closing
-    assert await host.deliver("c1", "s1", request(1, "hello")) == "superseded"
+    assert texts(await anext(new))[0]["content"] == ""  # greeted already: empty response 0
+    assert await anext(old) is StreamEnd.SUPERSEDED
+    assert await host.deliver("c1", "s1", request(1, "hello")) is Delivery.SUPERSEDED
     assert host.counters["activations"] == 1
 
 
@@ -55,8 +82,95 @@ async def test_deactivated_call_reactivates_from_the_store():
     await host.detach("c1", "s1")
     assert await host.deactivate("c1") and "c1" not in host.calls
     again = host.stream("c1", "s2")
-    assert json.loads((await anext(again))[0])["content"] == ""
+    assert texts(await anext(again))[0]["content"] == ""
     await host.deliver("c1", "s2", request(2, "I'd like to book an appointment"))
     batch = await asyncio.wait_for(anext(again), 5)
-    assert "Maria" in "".join(json.loads(f)["content"] for f in batch)
+    assert "Maria" in "".join(f["content"] for f in texts(batch))
     assert host.counters["activations"] == 2
+
+
+async def test_a_newer_activation_on_another_host_fences_the_older_one():
+    """Two replicas, one store: the reconnect lands on the other replica; the first replica's
+    next checkpoint is refused, it closes its socket as superseded and drops the call unsaved."""
+    store = MemoryStateStore()
+    a, b = make_host(store, "replica-a"), make_host(store, "replica-b")
+    old = Outbox("socket-1")
+    conversation = await a.attach("c1", old, None)
+    assert "Maple Street" in texts(old.drain())[0]["content"]
+    conversation.handle(parse(request(1, "Hi, my name is Maria")))
+    assert "Maria" in await answer(old, 1)
+    new = Outbox("socket-2")
+    await b.attach("c1", new, None)
+    assert texts(new.drain())[0]["content"] == ""  # greeted once per call, not per replica
+    conversation.handle(parse(request(2, "What are your hours?")))  # the old socket is still half-alive
+    await answer(old, 2)
+    await asyncio.sleep(0.05)  # the turn's checkpoint runs after the completing frame
+    assert old.close_reason is StreamEnd.SUPERSEDED and "c1" not in a.calls and a.counters["taken_over"] == 1
+    stored = await store.load("c1")
+    assert [t.response_id for t in stored.turns] == [1]  # the fenced turn was never written
+    b.calls["c1"].handle(parse(request(3, "I'd like to book an appointment")))
+    assert "Maria" in await answer(new, 3)  # the new owner has the history
+
+
+def parse(frame: str):
+    from callray.protocol import parse_frame
+
+    return parse_frame(frame)
+
+
+async def test_commands_reach_only_a_live_call_and_superseded_drops_it():
+    host = make_host()
+    outbox = Outbox("s1")
+    await host.attach("c1", outbox, None)
+    outbox.drain()
+    assert not await host.command("nobody", CallCommand(kind="say", line="Hello?"))
+    assert await host.command("c1", CallCommand(kind="transfer", number="+15550100", line="Connecting you."))
+    interrupt = texts(outbox.drain())[-1]
+    assert interrupt["response_type"] == "agent_interrupt" and interrupt["transfer_number"] == "+15550100"
+    assert await host.command("c1", CallCommand(kind="superseded", epoch=host.calls["c1"].state.epoch))
+    assert "c1" in host.calls  # same epoch: not a newer activation
+    assert await host.command("c1", CallCommand(kind="superseded", epoch=99))
+    assert "c1" not in host.calls and outbox.close_reason is StreamEnd.SUPERSEDED
+
+
+def test_a_transfer_command_needs_a_number():
+    with pytest.raises(ValueError, match="number"):
+        CallCommand(kind="transfer", line="x")
+
+
+async def test_directory_sends_commands_to_the_owning_replica_through_redis(redis_url):
+    """A command that starts on replica B (e.g. a webhook) reaches the call live on replica A;
+    A's claim after B tells B at once that it lost the call."""
+    client = await connect_redis(redis_url)
+    prefix = f"test-dir-{uuid.uuid4().hex}:"
+    store = RedisStateStore(client, prefix=prefix)
+    names = [f"replica-{uuid.uuid4().hex[:6]}" for _ in range(2)]
+    hosts = [make_host(store, name) for name in names]
+    directories = [CallDirectory(name, host, store=store, redis=client) for name, host in zip(names, hosts)]
+    for host, directory in zip(hosts, directories):
+        host.on_claimed = directory.notify_superseded
+    serving = [asyncio.create_task(d.serve()) for d in directories]
+    try:
+        await asyncio.sleep(0.2)  # both subscribed
+        outbox = Outbox("s1")
+        await hosts[0].attach("c1", outbox, None)
+        outbox.drain()
+        assert await directories[1].send("c1", CallCommand(kind="say", line="A colleague joins shortly."))
+        said = texts(outbox.drain())
+        assert said and said[-1]["content"] == "A colleague joins shortly."
+        assert directories[0].counts["served"] == 1 and directories[1].counts["remote"] == 1
+        assert not await directories[1].send("never-activated", CallCommand(kind="say", line="x"))
+
+        newer = Outbox("s2")
+        await hosts[1].attach("c1", newer, None)  # the reconnect landed on the other replica
+        async with asyncio.timeout(5):
+            while "c1" in hosts[0].calls:
+                await asyncio.sleep(0.02)
+        assert outbox.close_reason is StreamEnd.SUPERSEDED
+        assert await directories[0].send("c1", CallCommand(kind="say", line="Still there?"))
+        assert texts(newer.drain())[-1]["content"] == "Still there?"
+    finally:
+        for task in serving:
+            task.cancel()
+        await asyncio.gather(*serving, return_exceptions=True)
+        await client.aclose()

@@ -27,7 +27,7 @@ def test_response_required_with_unknown_fields_and_roles_round_trips():
     }
     event = parse_frame(json.dumps(raw))
     assert isinstance(event, ResponseRequired)
-    assert event.response_id == 7 and [u.role for u in event.transcript][-2:] == ["transfer_target", "brand_new_role"]
+    assert event.response_id == 7 and [u["role"] for u in event.transcript][-2:] == ["transfer_target", "brand_new_role"]
     dumped = event.model_dump()
     assert dumped["new_field"] == {"x": 1} and dumped["transcript"][0]["words"][0]["extra"] == 1
 
@@ -101,13 +101,17 @@ def test_other_outbound_frames():
         AgentConfigUpdate(interruption_sensitivity=2)
 
 
-def test_decode_frame_is_the_cheap_json_half():
-    from callray.protocol import decode_frame
+def test_word_timings_are_kept_unvalidated_and_update_only_transcripts_unparsed():
+    raw = {"interaction_type": "response_required", "response_id": 2,
+           "transcript": [{"role": "user", "content": "hi", "words": [{"word": 5}, "odd"]}]}
+    event = parse_frame(json.dumps(raw))
+    assert isinstance(event, ResponseRequired) and event.transcript[0]["words"] == [{"word": 5}, "odd"]
+    update = parse_frame(json.dumps({"interaction_type": "update_only", "transcript": [1, {"role": 2}]}))
+    assert isinstance(update, UpdateOnly) and update.transcript == [1, {"role": 2}]
 
-    assert decode_frame('{"interaction_type": "ping_pong", "timestamp": 5}') == {"interaction_type": "ping_pong",
-                                                                                 "timestamp": 5}
-    # the gateway forwards this; the host's full parse then refuses it with a typed error
-    loose = '{"interaction_type": "response_required", "response_id": "one"}'
-    assert isinstance(decode_frame(loose), dict) and isinstance(parse_frame(loose), ProtocolError)
-    for bad, kind in ((b"x", "binary"), ("nope", "not_json"), ("[]", "not_object"), ("{}", "missing_type")):
-        assert decode_frame(bad).kind == kind
+
+def test_a_transcript_entry_without_a_string_role_or_content_is_refused():
+    for entry in ({"content": "hi"}, {"role": "user", "content": 5}, "text"):
+        error = parse_frame(json.dumps({"interaction_type": "response_required", "response_id": 1,
+                                        "transcript": [entry]}))
+        assert isinstance(error, ProtocolError) and error.kind == "invalid" and "transcript" in error.detail

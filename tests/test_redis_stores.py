@@ -8,7 +8,8 @@ import uuid
 
 import pytest
 
-from callray.stores.base import CallState, ResponseCache, StaleStateError, StateStore, TurnRecord
+from callray.stores.base import CallFencedError, CallState, ResponseCache, StaleStateError, StateStore, TurnRecord
+from callray.stores.memory import MemoryStateStore
 from callray.stores.redis import RedisResponseCache, RedisStateStore
 from callray.stores.redis_client import RedisConfigError, redis_client
 
@@ -94,12 +95,12 @@ async def test_ttl_is_set_refreshed_and_expires(redis_url):
         key = store.key(state.call_id)
         assert 0 < await store.client.pttl(key) <= 30_000
         await store.client.pexpire(key, 2_000)
-        assert await store.touch(state.call_id) is True
+        await store.claim(state.call_id, "replica-a")
         assert await store.client.pttl(key) > 2_000
         await store.client.pexpire(key, 2_000)
+        state.epoch = 1
         await store.save(state)
         assert await store.client.pttl(key) > 2_000
-        assert await store.touch(f"missing-{uuid.uuid4().hex}") is False
     finally:
         await store.close()
 
@@ -120,7 +121,7 @@ async def test_delete(store):
     await store.save(state)
     await store.delete(state.call_id)
     assert await store.load(state.call_id) is None
-    assert await store.touch(state.call_id) is False
+    assert await store.owner(state.call_id) is None
 
 
 async def test_wrong_url_fails_at_start_naming_it():
@@ -229,8 +230,39 @@ async def test_save_script_accepts_a_replay_of_its_own_write_only(store):
     """A retry after a lost reply must not report the save as stale; another write still is."""
     state = new_call()
     key, payload = store.key(state.call_id), state.model_copy(update={"version": 1}).model_dump_json()
-    assert await store._save_script(keys=[key], args=[0, payload, 60_000]) == [1, 1]
-    assert await store._save_script(keys=[key], args=[0, payload, 60_000]) == [1, 1]
+    assert await store._save_script(keys=[key], args=[0, payload, 60_000, 0]) == [1, 1]
+    assert await store._save_script(keys=[key], args=[0, payload, 60_000, 0]) == [1, 1]
     other = state.model_copy(update={"version": 1, "latest_response_id": 9}).model_dump_json()
-    assert await store._save_script(keys=[key], args=[0, other, 60_000]) == [0, 1]
+    assert await store._save_script(keys=[key], args=[0, other, 60_000, 0]) == [0, 1]
     assert (await store.load(state.call_id)).version == 1
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def either_store(request, redis_url):
+    if request.param == "memory":
+        yield MemoryStateStore()
+        return
+    store = await RedisStateStore.connect(redis_url, ttl_s=60)
+    yield store
+    await store.close()
+
+
+async def test_a_claim_bumps_the_epoch_and_fences_the_older_activation(either_store):
+    """Newest socket wins across replicas: a save under the epoch a newer claim replaced is refused."""
+    store = either_store
+    call_id = new_call().call_id
+    first = await store.claim(call_id, "replica-a")
+    assert first.state is None and first.previous_owner is None and await store.owner(call_id) == ("replica-a", 1)
+    state = CallState(call_id=call_id, epoch=first.epoch)
+    await store.save(state)
+    second = await store.claim(call_id, "replica-b")
+    assert second.epoch == first.epoch + 1 and second.previous_owner == "replica-a"
+    assert second.state is not None and second.state.version == 1 and second.state.epoch == second.epoch
+    with pytest.raises(CallFencedError) as err:
+        await store.save(state)  # replica a still thinks it owns the call
+    assert err.value.found == second.epoch
+    assert (await store.load(call_id)).version == 1  # nothing of the fenced writer landed
+    newer = second.state
+    newer.turns.append(TurnRecord(response_id=1, user="hi", agent="hello"))
+    assert await store.save(newer) == 2
+    assert await store.owner(call_id) == ("replica-b", second.epoch)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import pytest
 
@@ -59,24 +61,29 @@ async def test_twenty_concurrent_llm_calls_hear_their_own_words(llm_app):
         assert not any(f"{other}quist" in answer for other in NAMES[:20] if other != name)
 
 
-async def test_answer_in_flight_when_the_host_dies_is_answered_after_restart(llm_app, ray_cluster, fake_llm):
-    """The gateway re-delivers the open request to the restarted host: the agent is never left silent."""
-    import ray
-
+async def test_answer_in_flight_when_the_replica_dies_is_asked_again_and_answered(llm_app, fake_llm):
+    """The replica holding the call dies mid-answer: Retell reconnects (on a restarted or other
+    replica) and asks again; the agent is never left silent."""
     from callray.sim.fake_llm import ScriptedReply
+    from tests.test_serve_durable import gateway_replica_pids, reconnect
 
     fake_llm.enqueue(ScriptedReply(text="Whitening is a gentle treatment. " * 6, tokens_per_s=8))  # ~4 s of speech
-
+    question = "Tell me about whitening treatments and their prices in detail please"
     client = await RetellClient(llm_app + "/assistant", new_call_id()).connect()
+    await client.send(details(client.call_id, "agent_dental_1", "Ines"))
+    await client.complete(0)
+    await client.say(1, question)
+    await client.wait_for(lambda f: f.get("response_id") == 1 and f.get("content"))  # streaming has begun
+    os.kill(gateway_replica_pids("llm")[0], signal.SIGKILL)
+    with pytest.raises(ConnectionError):
+        await client.wait_for(lambda f: False, timeout=30)
+    assert client.close_code != 1000  # not a hang-up: Retell reconnects
+    again = await reconnect(llm_app + "/assistant", client.call_id, attempts=120)
     try:
-        await client.send(details(client.call_id, "agent_dental_1", "Ines"))
-        await client.complete(0)
-        await client.say(1, "Tell me about whitening treatments and their prices in detail please")
-        await client.wait_for(lambda f: f.get("response_id") == 1 and f.get("content"))  # streaming has begun
-        ray.kill(ray.get_actor("llm-host-0", namespace="callray-test-llm"), no_restart=False)
-        answer = await client.complete(1, timeout=60)
-        assert "whitening" in answer.lower() and client.close_code is None
+        again.transcript = [{"role": "user", "content": question}]
+        answer = await again.turn(2, question)
+        assert "whitening" in answer.lower()
         asked = [r for r in fake_llm.records if "whitening treatments" in (r.last_user_text or "")]
-        assert len(asked) == 2  # the first stream died with the host; the request was asked again
+        assert len(asked) == 2  # the first stream died with the replica; the question was asked again
     finally:
-        await client.close()
+        await again.close()

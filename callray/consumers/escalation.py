@@ -3,9 +3,11 @@
 On a hit the consumer (1) claims the call's one escalation (``SET NX`` in Redis when a
 client is given, so duplicates, restarts and several consumers cannot escalate twice),
 (2) sends a transfer command to the live call through an injected callable, and (3) POSTs a
-signed JSON notification. If the command fails the claim is released and the error raised,
-so the bus redelivers the turn and the escalation is retried; a failed notification is only
-logged (the caller has already been transferred).
+signed JSON notification. If the command fails, or reaches no live socket, the claim is
+released and an error raised, so the bus redelivers the turn and the escalation is retried (a
+turn that keeps failing ends in the dead-letter stream, counted); ``escalation.performed`` is
+emitted only for a transfer that happened. A failed notification is only logged (the caller has
+already been transferred).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 
 from callray.agents.base import normalise
+from callray.commands import CallCommand
 from callray.consumers import SeenEvents
 from callray.events import CallEnded, CallTurn, EscalationPerformed, EscalationRequested, Event
 from callray.webhook import sign
@@ -35,12 +38,17 @@ SIGNATURE_HEADER = "X-Callray-Signature"
 ESCALATION_SEQ_BASE = 2_000_000_000_000
 _IGNORED_CALLER_TEXT = {"", "unintelligible audio"}
 
-Command = Callable[[str, dict[str, Any]], Awaitable[Any]]
+#: ``command(call_id, command)``: True when the call's live socket got it.
+Command = Callable[[str, CallCommand], Awaitable[bool]]
 Emit = Callable[[Event], None]
 
 
 class EscalationConfigError(ValueError):
     """The escalation rules cannot work as configured (names the field)."""
+
+
+class EscalationUndelivered(RuntimeError):
+    """The transfer reached no live socket of the call; the turn is redelivered to retry."""
 
 
 class EscalationRules(BaseModel):
@@ -203,12 +211,16 @@ class Escalation:
         number = self.rules.transfer_number
         if number and self.command is not None:
             try:
-                await self.command(turn.call_id, {"type": "transfer", "number": number,
-                                                  "line": self.rules.handoff_line, "rule": rule})
+                delivered = await self.command(turn.call_id, CallCommand(kind="transfer", number=number,
+                                                                         line=self.rules.handoff_line))
             except Exception:
                 await self._release(turn.call_id)
                 self.counts["command_failed"] += 1
                 raise
+            if not delivered:
+                await self._release(turn.call_id)
+                self.counts["command_undelivered"] += 1
+                raise EscalationUndelivered(f"call {turn.call_id}: no live socket took the transfer ({rule})")
         self.counts["escalated"] += 1
         self.counts[f"rule:{rule}"] += 1
         await self._notify(turn, watch, rule, reason)

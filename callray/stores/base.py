@@ -7,6 +7,7 @@ architecture) and a Redis backend (``redis.py``, the distributed and event-drive
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
@@ -20,6 +21,15 @@ class StaleStateError(RuntimeError):
     def __init__(self, call_id: str, expected: int, found: int | None):
         super().__init__(f"call {call_id}: state version {expected} is stale (store has {found})")
         self.call_id, self.expected, self.found = call_id, expected, found
+
+
+class CallFencedError(StaleStateError):
+    """A save from an activation that lost the call: a newer socket activated it elsewhere
+    (a higher owner epoch is stored). The writer must drop the call without writing."""
+
+    def __init__(self, call_id: str, epoch: int, found: int):
+        RuntimeError.__init__(self, f"call {call_id}: owner epoch {epoch} was fenced off by epoch {found}")
+        self.call_id, self.expected, self.found, self.epoch = call_id, epoch, found, epoch
 
 
 class StoreUnavailableError(RuntimeError):
@@ -42,6 +52,8 @@ class CallState(BaseModel):
     call_id: str
     agent: str = ""
     version: int = Field(default=0, description="Store-managed; 0 means never saved.")
+    epoch: int = Field(default=0, description="Store-managed owner epoch of the activation holding this state; "
+                                              "a save under an older epoch than the stored one is refused.")
     greeted: bool = Field(default=False, description="Response 0 has been delivered once.")
     latest_response_id: int = 0
     turns: list[TurnRecord] = Field(default_factory=list)
@@ -55,15 +67,33 @@ class CallState(BaseModel):
     updated_at: float = Field(default_factory=time.time)
 
 
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of activating a call: its state (None if never saved), the owner epoch this
+    activation holds, and the owner that held the call before (None if nobody)."""
+
+    state: CallState | None
+    epoch: int
+    previous_owner: str | None
+
+
 @runtime_checkable
 class StateStore(Protocol):
     async def load(self, call_id: str) -> CallState | None:
         """The stored state, or None for a call never saved (or expired)."""
 
+    async def claim(self, call_id: str, owner: str) -> Claim:
+        """Activate: bump the call's owner epoch, record ``owner``, return the stored state
+        (with ``epoch`` set to the new epoch). Every later save under an older epoch fails."""
+
+    async def owner(self, call_id: str) -> tuple[str, int] | None:
+        """Who holds the call now: (owner, epoch), or None if no activation ever claimed it."""
+
     async def save(self, state: CallState) -> int:
-        """Compare-and-set on ``state.version``: store it as version + 1, set
-        ``state.version`` to the new version and return it. Raises StaleStateError when the
-        store holds another version, StoreUnavailableError when the backend is down."""
+        """Compare-and-set on ``state.version`` and ``state.epoch``: store it as version + 1,
+        set ``state.version`` to the new version and return it. Raises CallFencedError when a
+        newer epoch holds the call, StaleStateError when the store holds another version,
+        StoreUnavailableError when the backend is down."""
 
     async def delete(self, call_id: str) -> None: ...
 

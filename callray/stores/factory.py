@@ -1,12 +1,15 @@
-"""Build the state store, response cache and event sink a settings object asks for."""
+"""Build the state store, response cache and event bus a settings object asks for, on one
+Redis client when any of them uses Redis (the directory and the webhook dedupe share it)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import redis.asyncio as aioredis
+
+from callray.bus import EventBus, MemoryBus
 from callray.settings import CallraySettings
 from callray.stores.base import ResponseCache, StateStore
-from callray.bus import EventBus, MemoryBus
 from callray.stores.memory import MemoryResponseCache, MemoryStateStore
 
 
@@ -15,22 +18,35 @@ class Stores:
     state: StateStore
     cache: ResponseCache | None
     events: EventBus
+    redis: aioredis.Redis | None = None
 
     async def close(self) -> None:
         await self.state.close()
         if self.cache is not None:
             await self.cache.close()
         await self.events.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+def uses_redis(settings: CallraySettings) -> bool:
+    return (settings.state.backend == "redis" or settings.events.backend == "redis_streams"
+            or (settings.cache.enabled and settings.cache.backend == "redis"))
 
 
 async def build_stores(settings: CallraySettings) -> Stores:
     """Connect what the settings name; a Redis that does not answer fails here, naming its URL."""
+    client = None
+    if uses_redis(settings):
+        from callray.stores.redis_client import connect_redis
+
+        client = await connect_redis(settings.state.redis_url, "state.redis_url (REDIS_URL)")
     state: StateStore
     if settings.state.backend == "redis":
         from callray.stores.redis import RedisStateStore
         from callray.stores.write_behind import WriteBehindStore
 
-        state = WriteBehindStore(await RedisStateStore.connect(settings.state.redis_url, ttl_s=settings.state.ttl_s))
+        state = WriteBehindStore(RedisStateStore(client, ttl_s=settings.state.ttl_s))
     else:
         state = MemoryStateStore(ttl_s=settings.state.ttl_s)
     cache: ResponseCache | None = None
@@ -38,21 +54,22 @@ async def build_stores(settings: CallraySettings) -> Stores:
         if settings.cache.backend == "redis":
             from callray.stores.redis import RedisResponseCache
 
-            cache = await RedisResponseCache.connect(settings.state.redis_url, ttl_s=settings.cache.ttl_s)
+            cache = RedisResponseCache(client, ttl_s=settings.cache.ttl_s)
         else:
             cache = MemoryResponseCache(ttl_s=settings.cache.ttl_s, max_entries=settings.cache.max_entries)
-    return Stores(state, cache, await build_bus(settings))
+    return Stores(state, cache, build_bus(settings, client), client)
 
 
-async def build_bus(settings: CallraySettings) -> EventBus:
-    """The event bus: Redis Streams (durable, shared) or a per-process memory bus."""
+def build_bus(settings: CallraySettings, client: aioredis.Redis | None) -> EventBus:
+    """The event bus: Redis Streams (durable, shared; needs ``client``) or a per-process memory bus."""
     events = settings.events
     if events.backend == "redis_streams":
         from callray.bus import RedisStreamBus
 
-        return await RedisStreamBus.connect(
-            settings.state.redis_url, stream=events.stream, maxlen=events.maxlen,
-            dead_letter_stream=f"{events.stream}:dead", max_deliveries=events.max_deliveries,
-            claim_idle_ms=events.claim_idle_ms, buffer_size=events.buffer)
+        if client is None:
+            raise ValueError("events.backend redis_streams needs a Redis client")
+        return RedisStreamBus(
+            client, stream=events.stream, maxlen=events.maxlen, dead_letter_stream=f"{events.stream}:dead",
+            max_deliveries=events.max_deliveries, claim_idle_ms=events.claim_idle_ms, buffer_size=events.buffer)
     return MemoryBus(max_deliveries=events.max_deliveries, claim_idle_ms=events.claim_idle_ms,
                      buffer_size=events.buffer)

@@ -8,32 +8,66 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
 
-from callray.stores.base import CallState, StaleStateError
+from callray.stores.base import CallFencedError, CallState, Claim, StaleStateError
+
+
+@dataclass
+class _Stored:
+    expires: float
+    epoch: int = 0
+    owner: str | None = None
+    state: str | None = None  # the CallState JSON, None until the first save
 
 
 class MemoryStateStore:
-    """Versioned call state in a dict, with the same compare-and-set rule as Redis."""
+    """Versioned call state in a dict, with the same compare-and-set and epoch rules as Redis."""
 
     def __init__(self, ttl_s: float = 3600.0):
         self.ttl_s = ttl_s
-        self._data: dict[str, tuple[float, str]] = {}
+        self._data: dict[str, _Stored] = {}
+
+    def _get(self, call_id: str) -> _Stored | None:
+        item = self._data.get(call_id)
+        if item is not None and item.expires < time.monotonic():
+            del self._data[call_id]
+            return None
+        return item
+
+    def _state(self, item: _Stored | None) -> CallState | None:
+        if item is None or item.state is None:
+            return None
+        state = CallState.model_validate_json(item.state)
+        state.epoch = item.epoch
+        return state
 
     async def load(self, call_id: str) -> CallState | None:
-        item = self._data.get(call_id)
-        if item is None or item[0] < time.monotonic():
-            self._data.pop(call_id, None)
-            return None
-        return CallState.model_validate_json(item[1])
+        return self._state(self._get(call_id))
+
+    async def claim(self, call_id: str, owner: str) -> Claim:
+        item = self._get(call_id) or self._data.setdefault(call_id, _Stored(time.monotonic() + self.ttl_s))
+        previous, item.owner, item.epoch = item.owner, owner, item.epoch + 1
+        item.expires = time.monotonic() + self.ttl_s
+        return Claim(self._state(item), item.epoch, previous)
+
+    async def owner(self, call_id: str) -> tuple[str, int] | None:
+        item = self._get(call_id)
+        return (item.owner, item.epoch) if item is not None and item.owner is not None else None
 
     async def save(self, state: CallState) -> int:
-        current = await self.load(state.call_id)
+        item = self._get(state.call_id)
+        if item is not None and item.epoch > state.epoch:
+            raise CallFencedError(state.call_id, state.epoch, item.epoch)
+        current = self._state(item)
         found = current.version if current else 0
         if found != state.version:
             raise StaleStateError(state.call_id, state.version, found)
         state.version = found + 1
         state.updated_at = time.time()
-        self._data[state.call_id] = (time.monotonic() + self.ttl_s, state.model_dump_json())
+        if item is None:
+            item = self._data[state.call_id] = _Stored(0.0, epoch=state.epoch)
+        item.expires, item.state = time.monotonic() + self.ttl_s, state.model_dump_json()
         return state.version
 
     async def delete(self, call_id: str) -> None:

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from callray.stores.base import CallState, StaleStateError, StoreUnavailableError
+from callray.stores.base import CallFencedError, CallState, Claim, StaleStateError, StoreUnavailableError
 from callray.stores.redis_client import connect_redis
 
 log = logging.getLogger(__name__)
@@ -30,11 +30,16 @@ T = TypeVar("T")
 # Failures that mean "Redis cannot serve this now" (refused, reset, timed out, loading...).
 _DOWN = (RedisError, OSError, asyncio.TimeoutError)
 
-# KEYS[1] call key; ARGV[1] expected version, ARGV[2] JSON, ARGV[3] TTL ms.
-# Returns {1, new_version} when written, {0, found_version} when stale (0 = no such call).
+# KEYS[1] call key; ARGV[1] expected version, ARGV[2] JSON, ARGV[3] TTL ms, ARGV[4] owner epoch.
+# Returns {1, new_version} when written, {0, found_version} when stale (0 = no such call) and
+# {-1, stored_epoch} when a newer activation holds the call (fenced).
 # A replay of the exact write that already landed (a retry after a lost reply) succeeds again.
 _CAS_SAVE = """
-local cur = redis.call('HMGET', KEYS[1], 'v', 's')
+local cur = redis.call('HMGET', KEYS[1], 'v', 's', 'e')
+local epoch = tonumber(cur[3] or '0')
+if epoch > tonumber(ARGV[4]) then
+  return {-1, epoch}
+end
 local found = tonumber(cur[1] or '0')
 local expected = tonumber(ARGV[1])
 if found == expected + 1 and cur[2] == ARGV[2] then
@@ -44,9 +49,20 @@ end
 if found ~= expected then
   return {0, found}
 end
-redis.call('HSET', KEYS[1], 'v', found + 1, 's', ARGV[2])
+redis.call('HSET', KEYS[1], 'v', found + 1, 's', ARGV[2], 'e', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {1, found + 1}
+"""
+
+# KEYS[1] call key; ARGV[1] owner, ARGV[2] TTL ms. Bumps the owner epoch, records the owner and
+# returns {epoch, previous owner or false, version or false, JSON or false}.
+_CLAIM = """
+local epoch = redis.call('HINCRBY', KEYS[1], 'e', 1)
+local previous = redis.call('HGET', KEYS[1], 'o')
+redis.call('HSET', KEYS[1], 'o', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local cur = redis.call('HMGET', KEYS[1], 'v', 's')
+return {epoch, previous, cur[1], cur[2]}
 """
 
 
@@ -69,15 +85,16 @@ async def _once_more_on_reconnect(command: Callable[[], Awaitable[T]]) -> T:
 
 
 class RedisStateStore:
-    """Versioned call state in Redis with the same compare-and-set rule as MemoryStateStore.
-
-    Every save refreshes the key's TTL, so a call expires ``ttl_s`` after its last activity;
-    ``touch`` refreshes it without writing (e.g. on a turn that changed nothing).
+    """Versioned call state in Redis with the same compare-and-set and epoch rules as
+    MemoryStateStore: a hash per call with ``v`` (version), ``s`` (the CallState JSON), ``e``
+    (owner epoch) and ``o`` (owner). Every save and claim refreshes the key's TTL, so a call
+    expires ``ttl_s`` after its last activity.
     """
 
     def __init__(self, client: aioredis.Redis, *, ttl_s: float = 3600.0, prefix: str = "callray:call:"):
         self.client, self.ttl_s, self.prefix = client, ttl_s, prefix
         self._save_script = client.register_script(_CAS_SAVE)
+        self._claim_script = client.register_script(_CLAIM)
         self._owns_client = False
 
     @classmethod
@@ -93,30 +110,42 @@ class RedisStateStore:
     def key(self, call_id: str) -> str:
         return self.prefix + call_id
 
-    async def load(self, call_id: str) -> CallState | None:
-        key = self.key(call_id)
-        version, raw = await self._run("load", call_id, lambda: self.client.hmget(key, "v", "s"))
+    @staticmethod
+    def _decode(version: bytes | None, raw: bytes | None, epoch: int | bytes | None) -> CallState | None:
         if version is None or raw is None:
             return None
         state = CallState.model_validate_json(raw)
-        state.version = int(version)
+        state.version, state.epoch = int(version), int(epoch or 0)
         return state
+
+    async def load(self, call_id: str) -> CallState | None:
+        key = self.key(call_id)
+        version, raw, epoch = await self._run("load", call_id, lambda: self.client.hmget(key, "v", "s", "e"))
+        return self._decode(version, raw, epoch)
+
+    async def claim(self, call_id: str, owner: str) -> Claim:
+        key, args = self.key(call_id), [owner, _ms(self.ttl_s)]
+        epoch, previous, version, raw = await self._run(
+            "claim", call_id, lambda: self._claim_script(keys=[key], args=args))
+        return Claim(self._decode(version, raw, epoch), int(epoch), previous.decode() if previous else None)
+
+    async def owner(self, call_id: str) -> tuple[str, int] | None:
+        key = self.key(call_id)
+        owner, epoch = await self._run("owner lookup", call_id, lambda: self.client.hmget(key, "o", "e"))
+        return (owner.decode(), int(epoch or 0)) if owner else None
 
     async def save(self, state: CallState) -> int:
         new_version, now = state.version + 1, time.time()
         payload = state.model_copy(update={"version": new_version, "updated_at": now}).model_dump_json()
-        args = [state.version, payload, _ms(self.ttl_s)]
+        args = [state.version, payload, _ms(self.ttl_s), state.epoch]
         key = self.key(state.call_id)
-        written, version = await self._run("save", state.call_id, lambda: self._save_script(keys=[key], args=args))
+        written, found = await self._run("save", state.call_id, lambda: self._save_script(keys=[key], args=args))
+        if written == -1:
+            raise CallFencedError(state.call_id, state.epoch, int(found))
         if not written:
-            raise StaleStateError(state.call_id, state.version, int(version))
+            raise StaleStateError(state.call_id, state.version, int(found))
         state.version, state.updated_at = new_version, now
         return new_version
-
-    async def touch(self, call_id: str) -> bool:
-        """Refresh the TTL; False when the call is not stored (never saved, expired, deleted)."""
-        key, ttl_ms = self.key(call_id), _ms(self.ttl_s)
-        return bool(await self._run("touch", call_id, lambda: self.client.pexpire(key, ttl_ms)))
 
     async def delete(self, call_id: str) -> None:
         key = self.key(call_id)

@@ -10,7 +10,7 @@ class RedisConfigError(RuntimeError):
     """The configured Redis URL is malformed or unreachable at start."""
 
 
-def redis_client(url: str, *, timeout_s: float = 1.0, max_connections: int = 64) -> aioredis.Redis:
+def redis_client(url: str, *, timeout_s: float = 1.0, max_connections: int = 128) -> aioredis.Redis:
     """A pooled asyncio client. Short socket timeouts: a turn must never hang on Redis. The pool
     blocks (up to ``timeout_s``) when all connections are busy instead of failing at once, so a
     burst of calls queues for a connection rather than losing writes."""

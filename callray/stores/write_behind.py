@@ -21,7 +21,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from callray.stores.base import CallState, StaleStateError, StateStore, StoreUnavailableError
+from callray.stores.base import CallFencedError, CallState, Claim, StaleStateError, StateStore, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ _UNKNOWN_OUTCOMES = 32  # timed-out writes remembered per call (only one of them
 
 def _fingerprint(state: CallState) -> str:
     """The content of a state, without the store-managed fields: did this write land?"""
-    return hashlib.sha256(state.model_dump_json(exclude={"version", "updated_at"}).encode()).hexdigest()
+    return hashlib.sha256(state.model_dump_json(exclude={"version", "epoch", "updated_at"}).encode()).hexdigest()
 
 
 @dataclass
@@ -41,7 +41,8 @@ class _Entry:
     local: int  # the version the owner holds (the last one returned by save)
     dirty: CallState | None = None  # the latest state not yet written
     unknown: deque[str] = field(default_factory=lambda: deque(maxlen=_UNKNOWN_OUTCOMES))
-    lost_to: int | None = None  # another writer won: the store version it wrote
+    lost_to: int | None = None  # another writer won: the store version (or owner epoch) it holds
+    fenced: bool = False  # ... and it won because a newer activation claimed the call
 
 
 class WriteBehindStore:
@@ -85,12 +86,33 @@ class WriteBehindStore:
                 del self._entries[call_id]
         return state
 
+    async def claim(self, call_id: str, owner: str) -> Claim:
+        """Claim in the store (this needs the backend); an unwritten state stays the call's
+        state, and its delayed write moves to the new epoch."""
+        claim = await self.inner.claim(call_id, owner)
+        entry = self._entries.get(call_id)
+        if entry is None or entry.lost_to is not None:
+            self._entries.pop(call_id, None)
+            return claim
+        if entry.dirty is not None:
+            entry.dirty.epoch = claim.epoch
+            return Claim(entry.dirty.model_copy(deep=True), claim.epoch, claim.previous_owner)
+        state = claim.state
+        if state is not None and state.version == entry.stored:
+            state.version = entry.local
+        return claim
+
+    async def owner(self, call_id: str) -> tuple[str, int] | None:
+        return await self.inner.owner(call_id)
+
     async def save(self, state: CallState) -> int:
         call_id = state.call_id
         entry = self._entries.get(call_id)
         if entry is not None:
             if entry.lost_to is not None:
                 del self._entries[call_id]
+                if entry.fenced:
+                    raise CallFencedError(call_id, state.epoch, entry.lost_to)
                 raise StaleStateError(call_id, state.version, entry.lost_to)
             if state.version != entry.local:
                 raise StaleStateError(call_id, state.version, entry.local)
@@ -105,22 +127,15 @@ class WriteBehindStore:
                 entry = self._entries[call_id] = _Entry(stored=state.version, local=state.version)
             entry.unknown.append(_fingerprint(state))
             return self._defer(entry, state)
+        except CallFencedError:
+            self._entries.pop(call_id, None)
+            raise
         except StaleStateError as exc:
             self._entries.pop(call_id, None)
             raise StaleStateError(call_id, state.version, exc.found) from exc
         self._entries.pop(call_id, None)
         state.version, state.updated_at = version, attempt.updated_at
         return version
-
-    async def touch(self, call_id: str) -> bool:
-        """Refresh the call's TTL if the backend has one; False if it could not."""
-        touch = getattr(self.inner, "touch", None)
-        if touch is None:
-            return False
-        try:
-            return bool(await touch(call_id))
-        except StoreUnavailableError:
-            return False
 
     async def delete(self, call_id: str) -> None:
         self._entries.pop(call_id, None)
@@ -203,6 +218,12 @@ class WriteBehindStore:
             self.write_retries += 1
             entry.unknown.append(_fingerprint(latest))
             return True
+        except CallFencedError as exc:
+            log.warning("write-behind: call %s was claimed by a newer activation (epoch %s); "
+                        "dropping this host's unwritten state", call_id, exc.found)
+            self.write_failures += 1
+            entry.dirty, entry.lost_to, entry.fenced = None, exc.found, True
+            return False
         except StaleStateError as exc:
             return await self._resolve_stale(call_id, entry, exc.found)
         if self._entries.get(call_id) is not entry:  # deleted while the write was in flight

@@ -1,0 +1,157 @@
+"""The gateway: callray's HTTP and WebSocket front door, with no Ray in it.
+
+:func:`build_api` is the FastAPI app that Serve runs as the ingress of every gateway replica
+(``serve_app.py``) and that tests may run under plain uvicorn. Its routes find the replica's
+:class:`Gateway` in ``app.state.gateway``: the socket guard, the webhook check, and where calls
+live (``calls``: this replica with ``local`` placement, Ray actors with ``dedicated``).
+"""
+
+# No `from __future__ import annotations` here: FastAPI resolves the routes' annotations, and
+# Serve's ingress rewriting breaks on string annotations (HTTP 403).
+import logging
+import time
+from typing import Any, Protocol
+
+from fastapi import FastAPI, HTTPException, Request, Response, WebSocket
+
+from callray.events import Event
+from callray.guard import SocketGuard
+from callray.session import CallLink, SocketSession
+from callray.settings import CallraySettings
+from callray.webhook import (
+    RedisWebhookDeduper, WebhookAuthError, WebhookDeduper, WebhookPayloadError, parse_webhook, to_bus_event,
+    verify_signature,
+)
+
+log = logging.getLogger("callray.gateway")
+
+
+class Calls(Protocol):
+    """Where the calls of this gateway live (a placement)."""
+
+    def link(self, call_id: str, agent: str | None) -> CallLink:
+        """How a new socket reaches the call's actor."""
+
+    async def webhook(self, event: Event) -> None:
+        """Hand a webhook's event over for good (raise if it cannot be, so Retell retries)."""
+
+
+class Reads(Protocol):
+    """Where the operator's read routes get their data."""
+
+    async def analytics(self) -> dict[str, Any] | None: ...
+
+    async def archived(self, call_id: str) -> dict[str, Any] | None: ...
+
+
+class Gateway:
+    """One replica's front door (see the module docstring)."""
+
+    def __init__(self, settings: CallraySettings, calls: Calls, reads: Reads,
+                 deduper: WebhookDeduper | RedisWebhookDeduper | None = None):
+        self.settings, self.calls, self.reads = settings, calls, reads
+        self.guard = SocketGuard(settings.gateway.guard)
+        self.deduper = deduper or WebhookDeduper()
+        self.prefix = settings.gateway.path_prefix.strip("/").split("/")
+
+    async def socket(self, websocket: WebSocket, path: str) -> None:
+        """``{prefix}/{call_id}`` (default agent) or ``{prefix}/{agent}/{call_id}``, with the
+        shared secret as a first segment (or ``?token=``) when ``gateway.guard.secret`` is set."""
+        tail = self._route_tail(path)
+        if tail is None:
+            await websocket.close(code=4404, reason="unknown route")
+            return
+        verdict = self.guard.check(tail, dict(websocket.query_params), websocket.client.host if websocket.client else None,
+                                   {k.lower(): v for k, v in websocket.headers.items()})
+        segments, code, reason = verdict.segments, verdict.code, verdict.reason
+        if verdict.allowed and (len(segments) not in (1, 2) or (len(segments) == 2 and segments[0] not in self.settings.agents.files)):
+            code, reason = 4404, "unknown route or agent"
+        if code:  # refused before any call state exists; the close code says why
+            log.warning("refused socket from %s: %d %s", verdict.client, code, reason)
+            await websocket.accept()
+            await websocket.close(code=code, reason=reason)
+            return
+        agent, call_id = (segments[0], segments[1]) if len(segments) == 2 else (None, segments[0])
+        self.guard.opened()
+        try:
+            await SocketSession(websocket, call_id, self.calls.link(call_id, agent), self.settings.gateway).run()
+        finally:
+            self.guard.closed()
+
+    def _route_tail(self, path: str) -> list[str] | None:
+        """The segments after the configured prefix (Serve may keep its route prefix in ``path``)."""
+        parts, n = [p for p in path.split("/") if p], len(self.prefix)
+        for start in range(len(parts) - n, -1, -1):
+            if parts[start:start + n] == self.prefix:
+                return parts[start + n:]
+        return None
+
+    async def webhook(self, raw: bytes, signature: str | None) -> Response:
+        """Retell's signed webhook: verify over the raw bytes, dedupe, hand the event over, and
+        only then answer 204; a hand-over that fails answers 503 (and forgets the dedupe claim)
+        so that Retell's retry comes and is processed."""
+        settings = self.settings.webhook
+        if not settings.enabled:
+            raise HTTPException(404, "webhooks are disabled (webhook.enabled: false)")
+        if len(raw) > settings.max_body_bytes:
+            raise HTTPException(413, f"body of {len(raw)} bytes exceeds webhook.max_body_bytes={settings.max_body_bytes}")
+        if not settings.api_key:
+            raise HTTPException(401, "webhook.api_key is not configured (set RETELL_API_KEY)")
+        try:
+            verify_signature(raw, signature, settings.api_key, now_ms=int(time.time() * 1000),
+                             tolerance_ms=int(settings.tolerance_s * 1000))
+            webhook = parse_webhook(raw)
+            event = to_bus_event(webhook)
+        except WebhookAuthError as exc:
+            raise HTTPException(401, exc.reason) from None
+        except WebhookPayloadError as exc:
+            raise HTTPException(400, str(exc)) from None
+        call_id = webhook.call_id
+        if event is not None and call_id and await self.deduper.claim(webhook.event, call_id):
+            try:
+                await self.calls.webhook(event)
+            except Exception as exc:
+                await self.deduper.release(webhook.event, call_id)
+                log.error("call %s: webhook %s not handed over: %r", call_id, webhook.event, exc,
+                          extra={"call_id": call_id})
+                raise HTTPException(503, f"{webhook.event} for call {call_id} not handed over; retry") from None
+        return Response(status_code=204)
+
+
+def build_api() -> FastAPI:
+    """The routes of a gateway replica; ``app.state.gateway`` must be set before traffic."""
+    api = FastAPI(title="callray", description="Retell AI custom-LLM backend on Ray Serve")
+
+    def gateway(app: Any) -> Gateway:
+        return app.state.gateway
+
+    @api.get("/healthz")
+    async def healthz(request: Request) -> dict[str, Any]:
+        settings = gateway(request.app).settings
+        return {"status": "ok", "architecture": settings.architecture, "placement": settings.hosts.placement}
+
+    @api.post("/webhook")
+    async def webhook(request: Request) -> Response:
+        return await gateway(request.app).webhook(await request.body(), request.headers.get("x-retell-signature"))
+
+    @api.get("/analytics")
+    async def analytics(request: Request) -> dict[str, Any]:
+        """Live figures of the calls' events."""
+        snapshot = await gateway(request.app).reads.analytics()
+        if snapshot is None:
+            raise HTTPException(404, "no analytics consumer runs in this deployment")
+        return snapshot
+
+    @api.get("/calls/{call_id}")
+    async def call_record(request: Request, call_id: str) -> dict[str, Any]:
+        """The archived record of one call (turns, timings, Retell's call object)."""
+        record = await gateway(request.app).reads.archived(call_id)
+        if record is None:
+            raise HTTPException(404, f"no archived record for call {call_id!r}")
+        return record
+
+    @api.websocket("/{path:path}")
+    async def socket(websocket: WebSocket, path: str) -> None:
+        await gateway(websocket.app).socket(websocket, path)
+
+    return api

@@ -1,0 +1,112 @@
+"""What one gateway replica runs with ``local`` placement: the calls whose sockets it holds.
+
+A :class:`LocalReplica` owns the replica's stores, a :class:`Host` for the calls activated
+here, the :class:`CallDirectory` that routes commands between replicas, and its housekeeping:
+the command channel, the idle sweep, pre-caching of common answers and, when events stay in
+process (single and distributed architectures), the consumers of its own events. Start-up
+connects the stores and nothing slower: pre-caching and consumers run in the background, so no
+socket ever waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from callray.agents.registry import AgentRegistry
+from callray.bus import EventBus, TappedSink
+from callray.commands import CallCommand
+from callray.consumers.runner import build_consumers, run_consumers
+from callray.directory import CallDirectory
+from callray.events import CallEnded, Event
+from callray.host import Host
+from callray.session import LocalLink
+from callray.settings import CallraySettings
+from callray.stores.factory import Stores, build_stores
+
+log = logging.getLogger("callray.replica")
+
+SWEEP_INTERVAL_S = 30.0
+
+
+class LocalReplica:
+    """Local placement in one gateway replica (see the module docstring)."""
+
+    def __init__(self, settings: CallraySettings, name: str, stores: Stores, host: Host, directory: CallDirectory,
+                 consumers: dict[str, Any]):
+        self.settings, self.name, self.stores, self.host, self.directory = settings, name, stores, host, directory
+        self.consumers = consumers
+        self._tasks: list[asyncio.Task] = []
+
+    @classmethod
+    async def start(cls, settings: CallraySettings, name: str, *, observe: Any = None) -> LocalReplica:
+        """Connect the stores (failing at once, naming the setting, on a bad Redis URL), then
+        start the housekeeping. ``observe(event)`` sees every event a call emits (metrics)."""
+        stores = await build_stores(settings)
+        agents = AgentRegistry.from_settings(settings.agents)
+        sink = TappedSink(stores.events, observe) if observe is not None else stores.events
+        host = Host(settings, agents, store=stores.state, cache=stores.cache, events=sink, name=name)
+        directory = CallDirectory(name, host, store=stores.state, redis=stores.redis)
+        host.on_claimed = directory.notify_superseded
+        consumers: dict[str, Any] = {}
+        if settings.events.backend == "memory":  # in-process consumers, best effort
+            consumers = build_consumers(settings.events, command=directory.send, emit=stores.events.emit)
+        replica = cls(settings, name, stores, host, directory, consumers)
+        replica._run(directory.serve(), "command channel")
+        replica._run(replica._sweep_forever(), "idle sweep")
+        replica._run(host.warm_cache(), "pre-caching")
+        if consumers:
+            replica._run(run_consumers(stores.events, consumers, name, asyncio.Event()), "consumers")
+        return replica
+
+    def _run(self, coro: Any, what: str) -> None:
+        task = asyncio.create_task(coro, name=f"{self.name}: {what}")
+        task.add_done_callback(lambda t: None if t.cancelled() or t.exception() is None else
+                               log.error("%s: %s stopped: %r", self.name, what, t.exception()))
+        self._tasks.append(task)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            try:
+                await self.host.sweep()
+            except Exception:  # housekeeping must outlive one bad call
+                log.exception("%s: idle sweep failed", self.name)
+
+    # ------------------------------------------------------------------ the gateway's entries
+
+    def link(self, call_id: str, agent: str | None) -> LocalLink:
+        return LocalLink(self.host, call_id, agent)
+
+    async def webhook(self, event: Event) -> None:
+        """Publish a webhook's event (raises if the bus cannot take it, so Retell retries), and
+        end the live call wherever it is activated."""
+        await self.stores.events.publish(event)
+        if isinstance(event, CallEnded):
+            await self.directory.send(event.call_id, CallCommand(kind="ended", reason=event.reason, call=event.call))
+
+    async def analytics(self) -> dict[str, Any] | None:
+        consumer = self.consumers.get("analytics")
+        return consumer.snapshot() if consumer is not None else None
+
+    async def archived(self, call_id: str) -> dict[str, Any] | None:
+        archive = self.consumers.get("archive")
+        return await archive.get(call_id) if archive is not None else None
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.host.stats(), "directory": dict(self.directory.counts)}
+
+    def healthy(self) -> str | None:
+        """Why this replica is unhealthy (a housekeeping task died), or None."""
+        dead = [t.get_name() for t in self._tasks if t.done() and not t.cancelled() and t.exception() is not None]
+        return f"stopped: {', '.join(dead)}" if dead else None
+
+    async def close(self) -> None:
+        """Deactivate every call (saving it), stop the housekeeping, close the stores."""
+        await self.host.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.directory.close()
+        await self.stores.close()

@@ -1,0 +1,219 @@
+"""One Retell socket's life: the transport, apart from where the call is hosted.
+
+A :class:`SocketSession` accepts at once (Retell waits at most 7 s and does nothing slow
+first), sends ``config``, answers ``ping_pong`` itself (keepalives never wait on a host or an
+LLM), parses each frame once, and hands the rest to a :class:`CallLink`: the call's actor in
+this process (``LocalLink``, local placement) or in a Ray actor (dedicated placement, in
+``actors/``). Frames the call sends go through the socket's :class:`Outbox` to one writer.
+
+Its states, each transition checked (an illegal one raises, as Starlette's WebSocket does):
+CONNECTING -> ATTACHING -> LIVE -> CLOSING -> CLOSED; ATTACHING or CONNECTING may also close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+import uuid
+from collections import deque
+from typing import Protocol
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from callray.conversation import Conversation, Frame, Outbox, StreamEnd
+from callray.host import Host
+from callray.protocol import InboundEvent, PingPong, ProtocolError, config_frame, parse_frame, pong_frame
+from callray.settings import GatewaySettings
+from callray.stores.base import StoreUnavailableError
+
+log = logging.getLogger("callray.session")
+
+# Close codes (RFC 6455 + application range). 1000 is reserved for a deliberate hang-up.
+CLOSE_TOO_BIG = 1009
+CLOSE_UNAVAILABLE = 1011
+CLOSE_SUPERSEDED = 4001  # a newer socket of the same call took over
+CLOSE_CODES = {StreamEnd.SUPERSEDED: CLOSE_SUPERSEDED, StreamEnd.DEACTIVATED: CLOSE_UNAVAILABLE,
+               StreamEnd.UNAVAILABLE: CLOSE_UNAVAILABLE}
+
+#: Frames that arrive while the call is still being activated wait for it, up to this many.
+MAX_EARLY_FRAMES = 64
+
+
+class SessionState(enum.Enum):
+    CONNECTING = "connecting"
+    ATTACHING = "attaching"
+    LIVE = "live"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+_TRANSITIONS = {
+    SessionState.CONNECTING: {SessionState.ATTACHING, SessionState.CLOSING},
+    SessionState.ATTACHING: {SessionState.LIVE, SessionState.CLOSING},
+    SessionState.LIVE: {SessionState.CLOSING},
+    SessionState.CLOSING: {SessionState.CLOSED},
+    SessionState.CLOSED: set(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A session was asked to move to a state it cannot reach from its current one."""
+
+
+class CallLink(Protocol):
+    """How a socket reaches its call's actor."""
+
+    #: Errors of ``attach`` that mean "not now" (the store or host restarts): retried.
+    retryable: tuple[type[BaseException], ...]
+
+    async def attach(self, outbox: Outbox) -> None:
+        """Activate the call and bind ``outbox``; its frames (config excepted) come from here."""
+
+    def deliver(self, event: InboundEvent, frame: str) -> None:
+        """Hand over one parsed frame (never a ping), in arrival order, without waiting."""
+
+    async def detach(self) -> None:
+        """The socket is gone (the call itself lives on, for a reconnect)."""
+
+
+class LocalLink:
+    """Local placement: the call's actor lives in this process's :class:`Host`."""
+
+    retryable = (StoreUnavailableError,)
+
+    def __init__(self, host: Host, call_id: str, agent: str | None):
+        self.host, self.call_id, self.agent = host, call_id, agent
+        self._conversation: Conversation | None = None
+        self._outbox: Outbox | None = None
+
+    async def attach(self, outbox: Outbox) -> None:
+        self._outbox = outbox
+        self._conversation = await self.host.attach(self.call_id, outbox, self.agent)
+
+    def deliver(self, event: InboundEvent, frame: str) -> None:
+        conversation = self._conversation
+        if conversation is not None and conversation.outbox is self._outbox:  # else a newer socket owns it
+            conversation.handle(event)
+
+    async def detach(self) -> None:
+        if self._outbox is not None:
+            await self.host.detach(self.call_id, self._outbox.connection_id)
+
+
+class SocketSession:
+    """One Retell socket of one call (see the module docstring)."""
+
+    def __init__(self, websocket: WebSocket, call_id: str, link: CallLink, settings: GatewaySettings):
+        self.ws, self.call_id, self.link, self.settings = websocket, call_id, link, settings
+        self.state = SessionState.CONNECTING
+        self.outbox = Outbox(uuid.uuid4().hex)
+        self.close_code: int | None = None
+        self._early: deque[tuple[InboundEvent, str]] | None = deque()  # None once attached
+
+    def _move(self, new: SessionState) -> None:
+        if new not in _TRANSITIONS[self.state]:
+            raise IllegalTransition(f"call {self.call_id}: socket cannot go from {self.state.value} to {new.value}")
+        self.state = new
+
+    def _closing(self, code: int | None = None) -> None:
+        """Enter CLOSING (once) with ``code``; later reasons do not override the first."""
+        if self.state not in (SessionState.CLOSING, SessionState.CLOSED):
+            self._move(SessionState.CLOSING)
+            self.close_code = code
+
+    async def run(self) -> None:
+        """Accept at once, then live until either side closes."""
+        await self.ws.accept()
+        self._move(SessionState.ATTACHING)
+        self.outbox.put(Frame(config_frame(self.settings.auto_reconnect, self.settings.call_details)))
+        tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._write())]
+        attaching = asyncio.create_task(self._attach())
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._closing()
+            for task in (attaching, *tasks):
+                task.cancel()
+            await asyncio.gather(attaching, *tasks, return_exceptions=True)
+            await self._close_socket()
+            await self.link.detach()
+            self.outbox.close(StreamEnd.DETACHED)
+
+    # ------------------------------------------------------------------ tasks
+
+    async def _attach(self) -> None:
+        """Activate the call (retrying while its store or host restarts), then deliver what
+        arrived meanwhile."""
+        failing_since = None
+        while True:
+            try:
+                await self.link.attach(self.outbox)
+                break
+            except self.link.retryable as exc:
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > self.settings.host_retry_s:
+                    log.error("call %s: not activated within %s s: %s", self.call_id, self.settings.host_retry_s,
+                              exc, extra={"call_id": self.call_id})
+                    self.outbox.close(StreamEnd.UNAVAILABLE)
+                    return
+                await asyncio.sleep(0.2)
+        if self.state is not SessionState.ATTACHING:
+            return
+        self._move(SessionState.LIVE)
+        early, self._early = self._early, None
+        for event, frame in early or ():
+            self.link.deliver(event, frame)
+
+    async def _read(self) -> None:
+        limit = self.settings.max_frame_bytes
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            frame = message.get("text")
+            if frame is None:
+                log.warning("call %s: skipped a binary frame (Retell sends text)", self.call_id,
+                            extra={"call_id": self.call_id})
+                continue
+            size = len(frame) if len(frame) * 4 <= limit else len(frame.encode())
+            if size > limit:
+                log.warning("call %s: frame of %d bytes exceeds max_frame_bytes=%d", self.call_id, size, limit,
+                            extra={"call_id": self.call_id})
+                self._closing(CLOSE_TOO_BIG)
+                return
+            event = parse_frame(frame)
+            if isinstance(event, ProtocolError):
+                log.warning("call %s: skipped bad frame: %s", self.call_id, event, extra={"call_id": self.call_id})
+            elif isinstance(event, PingPong):
+                self.outbox.put(Frame(pong_frame(event.timestamp)))
+            elif self._early is None:
+                self.link.deliver(event, frame)
+            elif len(self._early) < MAX_EARLY_FRAMES:
+                self._early.append((event, frame))
+            else:
+                log.warning("call %s: dropped a frame that arrived before the call was activated", self.call_id,
+                            extra={"call_id": self.call_id})
+
+    async def _write(self) -> None:
+        """The only task that writes to the socket; returns when the call closes the outbox."""
+        try:
+            async for frame in self.outbox.frames():
+                await self.ws.send_text(frame.text)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            return  # the socket is gone; the reader sees it too
+        reason = self.outbox.close_reason
+        if reason in CLOSE_CODES:
+            log.info("call %s: closing socket (%s)", self.call_id, reason.value, extra={"call_id": self.call_id})
+            self._closing(CLOSE_CODES[reason])
+
+    # ------------------------------------------------------------------ teardown
+
+    async def _close_socket(self) -> None:
+        if self.ws.client_state == WebSocketState.CONNECTED and self.ws.application_state == WebSocketState.CONNECTED:
+            try:
+                await self.ws.close(code=self.close_code or CLOSE_UNAVAILABLE)
+            except (RuntimeError, OSError):
+                pass
+        self._move(SessionState.CLOSED)
