@@ -3,6 +3,10 @@
     callray call URL [--say FILE] [--say-line TEXT ...] [--call-id ID]   talk to a server
     callray sim URL --calls N --turns T [...]                            load + conformance test
     callray fake-llm ...                                                 OpenAI-compatible fake LLM
+    callray check CONFIG                                                 validate a Serve config
+    callray bench [...]                                                  the benchmark suite
+    callray chaos [...]                                                  fault injection under live calls
+    callray soak [...]                                                   a long run: memory, drift, errors
 
 URL is the LLM WebSocket base, e.g. ``ws://127.0.0.1:8000/llm-websocket``; the call id is
 appended as Retell does.
@@ -249,69 +253,52 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "fake-llm":  # its options belong to fake_llm.main, not to this parser
-        return _cmd_fake_llm(argv[1:])
-    args = build_parser().parse_args(argv)
     try:
+        if argv and argv[0] == "fake-llm":  # its options belong to fake_llm.main, not to this parser
+            return _cmd_fake_llm(argv[1:])
+        if argv and argv[0] in HARNESS:
+            return _run_harness(argv[0], argv[1:])
+        args = build_parser().parse_args(argv)
         return args.handler(args)
     except KeyboardInterrupt:
         return 130
 
 
-# ---------------------------------------------------------------------------------- bench
+# ---------------------------------------------------------------------------------- the harness
+
+#: Commands of the measurement harness (``harness/``): their options live in the harness module,
+#: which is imported only when one of them runs, so ``callray call`` loads none of it.
+HARNESS: dict[str, tuple[str, str, str]] = {
+    "bench": ("harness.suite", "run the benchmark suite and write docs/benchmarks.md",
+              "Deploy the Serve floor, the peers (hand-written baseline, Retell's demo) and callray in each "
+              "architecture on a private local Ray, Redis and fake LLM; drive each with the simulator in repeated "
+              "rounds; write raw JSON, the markdown report and plots. Every process it starts is stopped on exit."),
+    "chaos": ("harness.chaos", "kill gateway replicas, consumers and Redis under live calls",
+              "Drive simulated Retell calls against the distributed or event-driven architecture (private Ray, "
+              "Serve and Redis) while killing gateway replicas, event consumers and Redis; report lost turns, "
+              "dropped calls, lost or duplicated events and recovery times. Exit 1 unless nothing was lost."),
+    "soak": ("harness.soak", "many calls for a long time: memory growth, latency drift, errors",
+             "Hold N simulated calls for a duration on a private Ray, Serve and Redis, sampling memory, "
+             "throughput, first-sentence latency and errors; write JSON and a PNG plot."),
+}
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from callray.bench import add_arguments, run_command  # imports neither Ray nor matplotlib
-
-    p = sub.add_parser("bench", help="run the benchmark suite and write docs/benchmarks.md",
-                       description="Deploy the Serve floor, the hand-written baseline and callray in each "
-                                   "architecture on a private local Ray, Redis and fake LLM; drive each with the "
-                                   "simulator at several concurrency levels; write raw JSON, the markdown report "
-                                   "and plots. Every process it starts is stopped on exit.")
-    add_arguments(p)
-    p.set_defaults(handler=run_command)
+def _add_harness(sub: argparse._SubParsersAction) -> None:
+    for name, (_, help_text, description) in HARNESS.items():
+        sub.add_parser(name, help=help_text, description=description, add_help=False)
 
 
-COMMANDS.append(_add_bench)
-
-
-# ---------------------------------------------------------------------------------- chaos, soak
-
-
-def _bench_script(name: str) -> Any:
-    """``bench/<name>.py`` of the repository (next to config/), imported as ``bench.<name>``."""
+def _run_harness(name: str, argv: list[str]) -> int:
     import importlib
 
-    from callray.settings import PROJECT_DIR
-
-    if str(PROJECT_DIR) not in sys.path:
-        sys.path.insert(0, str(PROJECT_DIR))
-    return importlib.import_module(f"bench.{name}")
-
-
-def _add_chaos(sub: argparse._SubParsersAction) -> None:
-    chaos = _bench_script("chaos")
-    p = sub.add_parser("chaos", help="kill hosts, gateway replicas, consumers and Redis under live calls",
-                       description="Drive simulated Retell calls against the distributed or event-driven "
-                                   "architecture (private Ray, Serve and Redis) while killing call hosts, gateway "
-                                   "replicas, event consumers and Redis; report lost turns, dropped calls, lost or "
-                                   "duplicated events and recovery times. Exit 1 unless nothing was lost.")
-    chaos.add_arguments(p)
-    p.set_defaults(handler=chaos.run_command)
+    module_name, _, description = HARNESS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"callray {name}", description=description)
+    module.add_arguments(parser)
+    return module.run_command(parser.parse_args(argv))
 
 
-def _add_soak(sub: argparse._SubParsersAction) -> None:
-    soak = _bench_script("soak")
-    p = sub.add_parser("soak", help="many calls for a long time: memory growth, latency drift, errors",
-                       description="Hold N simulated calls for a duration on a private Ray, Serve and Redis, "
-                                   "sampling memory, throughput, first-sentence latency and errors; write JSON and "
-                                   "a PNG plot.")
-    soak.add_arguments(p)
-    p.set_defaults(handler=soak.run_command)
-
-
-COMMANDS.extend([_add_chaos, _add_soak])
+COMMANDS.append(_add_harness)
 
 
 if __name__ == "__main__":

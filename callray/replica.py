@@ -109,4 +109,5 @@ class LocalReplica:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.directory.close()
+        await self.host.agents.aclose()
         await self.stores.close()

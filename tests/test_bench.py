@@ -1,4 +1,4 @@
-"""The benchmark suite's cheap parts: helpers, the report generator, the CLI. No Ray here."""
+"""The benchmark harness's cheap parts: rounds, ratios, goals, the report, the CLI. No Ray here."""
 
 from __future__ import annotations
 
@@ -8,15 +8,14 @@ import sys
 
 import pytest
 
-from callray import bench
 from callray.agents.registry import load_agent
 from callray.settings import PROJECT_DIR, CallraySettings
-from callray.sim import simulator
 from callray.sim.report import CallSample, SimResult, TurnSample
+from harness import report, suite, targets
 
 
 def sim_result(calls: int, first_sentence: list[float], *, setup_ms: float = 20.0, dropped: int = 0,
-               duration_s: float = 10.0) -> SimResult:
+               holding: int = 0, duration_s: float = 10.0) -> SimResult:
     """A result as the simulator would return it: ``calls`` calls, turns with the given latencies."""
     turns = [TurnSample(call=i % calls, turn=i // calls, response_id=i + 1, kind="response_required", t_s=0.1 * i,
                         first_chunk_ms=x * 0.4, first_sentence_ms=x, complete_ms=x + 50)
@@ -27,168 +26,161 @@ def sim_result(calls: int, first_sentence: list[float], *, setup_ms: float = 20.
                           ended="completed") for i in range(calls)],
         turns=turns,
         counts={"calls": calls, "requests_sent": len(turns), "update_only_sent": len(turns), "pings_sent": 10,
-                "turns_answered": len(turns), "dropped_calls": dropped},
+                "turns_answered": len(turns), "dropped_calls": dropped, "holding_phrases": holding,
+                "frames_received": 4 * len(turns)},
         dropped={"connection_lost": dropped} if dropped else {},
     )
 
 
-def level(calls: int, p: float, **kw) -> dict:
-    """A measured level whose first-sentence samples are all ``p`` ms (so p50 = p99 = p)."""
-    return bench.level_stats(sim_result(calls, [p] * (3 * calls), **kw), calls=calls, frames_in=calls * 12,
-                             holding=0, ttft_ms=None)
+def level(calls: int, *rounds_p: float, holding: int = 0) -> dict:
+    """A level measured in one round per value of ``rounds_p`` (each round's samples all equal it)."""
+    return report.aggregate(calls, [report.round_stats(sim_result(calls, [p] * (3 * calls), holding=holding))
+                                    for p in rounds_p])
 
 
 def synthetic_results() -> dict:
     def target(*levels: dict, memory: dict | None = None, status: str = "ok", error: str | None = None) -> dict:
-        return {"status": status, "error": error, "levels": list(levels), "memory": memory}
+        return {"status": status, "error": error, "levels": list(levels), "memory": memory, "notes": []}
 
-    memory = {"calls": 30, "failed": 0, "rest_mb": 400.0, "open_mb": 412.0, "per_call_kb": 409.6,
-              "processes": 3, "kinds": ["CallHost", "ProxyActor", "ServeReplica"]}
-    llm_level = bench.level_stats(sim_result(10, [380.0] * 30), calls=10, frames_in=300, holding=6, ttft_ms=200.0)
+    def memory(per_call_kb: float) -> dict:
+        return {"calls": 30, "failed": 0, "rest_mb": 400.0, "open_mb": 412.0, "per_call_kb": per_call_kb,
+                "processes": 2, "kinds": ["ProxyActor", "ServeReplica"]}
+
     return {
-        "schema": 1, "started_at": "2025-01-02T03:04:05+00:00", "finished_at": "2025-01-02T03:14:05+00:00",
-        "duration_s": 600.0, "command": "python -m callray.cli bench --quick", "quick": True, "complete": True,
+        "schema": 2, "started_at": "2025-01-02T03:04:05+00:00", "finished_at": "2025-01-02T03:14:05+00:00",
+        "duration_s": 600.0, "command": "callray bench --quick", "quick": True, "complete": True, "niceness": 15,
         "machine": {"nproc": 2, "cpu": "Test CPU", "memory_gb": 24.0, "ray": "2.60.0", "python": "3.11.7",
                     "os": "Linux 6", "load_1m": 0.5},
-        "settings": {"targets": ["floor", "single", "dedicated"], "levels": [10, 30], "agents": ["flow", "llm"],
-                     "turns": 3, "think_s": 2.0, "max_ramp_s": 5.0, "supersede_rate": 0.1, "reminder_rate": 0.05,
+        "settings": {"agents": ["flow", "llm"], "levels": [10, 30], "llm_levels": [10], "rounds": 3, "turns": 3,
+                     "think_s": 2.0, "max_ramp_s": 5.0, "supersede_rate": 0.1, "reminder_rate": 0.05,
                      "idle_calls": 30, "llm": {"ttft_ms": 200.0, "tokens_per_s": 50.0},
-                     "budgets_ms": bench.BUDGETS_MS},
+                     "targets_run": ["floor", "single", "dedicated", "retell_demo"]},
         "modes": {
-            "flow": {"targets": {
-                "floor": target(level(10, 10.0), level(30, 20.0), memory=memory),
-                "single": target(level(10, 25.0), level(30, 600.0), memory=memory),
-                "dedicated": target(status="not available", error="RuntimeError: placement not implemented"),
-            }},
+            "flow": {
+                "targets": {
+                    "floor": target(level(10, 10.0, 12.0, 11.0), level(30, 20.0, 20.0, 20.0), memory=memory(270.0)),
+                    "single": target(level(10, 25.0, 30.0, 20.0), level(30, 600.0, 610.0, 590.0),
+                                     memory=memory(281.0)),
+                    "dedicated": target(status="not available", error="RuntimeError: placement not implemented"),
+                },
+                "idle_turn": {"floor": {"calls": 1, "first_chunk_ms": {"p50": 4.0, "p99": 6.0}},
+                              "single": {"calls": 1, "first_chunk_ms": {"p50": 5.0, "p99": 9.0}}},
+                "fresh_setup": {"floor": {"calls": 30, "rounds": 3, "setup_ms": {"p50": 40.0, "p99": 100.0}},
+                                "single": {"calls": 30, "rounds": 3, "setup_ms": {"p50": 60.0, "p99": 250.0}}},
+                "scenarios": {"cache_hit": {"target": "distributed", "calls": 20, "turns": 2, "answered": 40,
+                                            "hits": 38, "server_first_chunk_ms": {"p50": 0.8, "p99": 3.5},
+                                            "client_first_chunk_ms": {"p50": 6.0, "p99": 20.0}, "ok": True}},
+            },
             "llm": {"targets": {
-                "floor": target(bench.level_stats(sim_result(10, [300.0] * 30), calls=10, frames_in=400, holding=0,
-                                                  ttft_ms=200.0)),
-                "single": target(llm_level),
+                "floor": target(level(10, 300.0, 300.0, 300.0)),
+                "retell_demo": target(level(10, 400.0, 420.0, 410.0)),
+                "single": target(level(10, 380.0, 380.0, 380.0, holding=6)),
             }},
         },
     }
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- numbers
 
 
 def test_ratio():
-    assert bench.ratio(30.0, 10.0) == 3.0
-    assert bench.ratio(10.0, 30.0) == 0.33
-    assert bench.ratio(None, 10.0) is None
-    assert bench.ratio(10.0, None) is None
-    assert bench.ratio(10.0, 0.0) is None
+    assert report.ratio(30.0, 10.0) == 3.0
+    assert report.ratio(10.0, 30.0) == 0.33
+    assert report.ratio(None, 10.0) is None and report.ratio(5.0, 0.0) is None
 
 
-def test_capacity_is_the_largest_level_inside_the_budget():
-    levels = [level(10, 100.0), level(50, 400.0), level(100, 700.0), level(200, 900.0)]
-    assert bench.capacity(levels, 800.0) == {"calls": 100, "bounded": True, "lowest": 10}
-    assert bench.capacity(levels, 500.0)["calls"] == 50
-    assert bench.capacity(levels, 50.0) == {"calls": None, "bounded": True, "lowest": 10}
-    assert bench.capacity(levels, 1000.0) == {"calls": 200, "bounded": False, "lowest": 10}
-    assert bench.format_capacity(bench.capacity(levels, 800.0)) == "100"
-    assert bench.format_capacity(bench.capacity(levels, 50.0)) == "< 10"
-    assert bench.format_capacity(bench.capacity(levels, 1000.0)) == "≥ 200"
+def test_a_level_is_the_median_of_its_rounds_and_keeps_each_rounds_value():
+    lv = level(10, 25.0, 30.0, 20.0)
+    assert lv["rounds"] == 3 and lv["calls"] == 10
+    assert lv["latency_ms"]["first_sentence_ms"]["p50"] == 25.0  # the median round, not the mean
+    assert lv["latency_ms"]["first_sentence_ms"]["rounds_p50"] == [25.0, 30.0, 20.0]
+    assert len(lv["samples"]["first_sentence_ms"]) == 90  # every round's samples, for the plots
+    holding = level(10, 100.0, 100.0, holding=3)
+    assert holding["holding_share"] == 0.1  # 6 of 60 requests heard a holding phrase first
+    dropped = report.aggregate(10, [report.round_stats(sim_result(10, [5.0] * 30)),
+                                    report.round_stats(sim_result(10, [5.0] * 30, dropped=2))])
+    assert not dropped["ok"] and dropped["dropped"] == {"connection_lost": 2}
 
 
-def test_capacity_stops_at_the_first_failing_level_and_ignores_skipped_ones():
-    # 50 calls is over budget: the lucky 100 must not count
-    levels = [level(10, 100.0), level(50, 900.0), level(100, 100.0), {"calls": 200, "skipped": "too big"}]
-    assert bench.capacity(levels, 800.0)["calls"] == 10
-    # a level with a dropped call is not inside the budget, however fast it was
-    levels = [level(10, 100.0), level(50, 100.0, dropped=1)]
-    assert bench.capacity(levels, 800.0) == {"calls": 10, "bounded": True, "lowest": 10}
-    assert bench.capacity([{"calls": 10, "skipped": "x"}], 800.0)["lowest"] is None
+def test_capacity_is_the_largest_level_inside_the_budget_and_stops_at_the_first_failure():
+    levels = [level(10, 100.0), level(50, 400.0), level(100, 900.0), level(200, 200.0)]
+    assert report.capacity(levels, 800) == {"calls": 50, "bounded": True, "lowest": 10}
+    assert report.capacity(levels, 50) == {"calls": None, "bounded": True, "lowest": 10}
+    assert report.format_capacity(report.capacity(levels[:2], 800)) == "≥ 50"
+    skipped = levels[:1] + [{"calls": 50, "skipped": "too big"}]
+    assert report.capacity(skipped, 800) == {"calls": 10, "bounded": False, "lowest": 10}
 
 
-def test_level_stats_rates_overhead_and_samples():
-    result = sim_result(10, [300.0, 400.0, 500.0], duration_s=2.0)
-    stats = bench.level_stats(result, calls=10, frames_in=100, holding=2, ttft_ms=200.0)
-    assert stats["ok"] and stats["calls"] == 10
-    assert stats["latency_ms"]["first_sentence_ms"]["p50"] == 400.0
-    assert stats["overhead_ms"]["first_sentence"]["p50"] == 200.0
-    assert stats["overhead_ms"]["first_chunk"]["p50"] == -40.0  # first chunks are 120/160/200 ms
-    # frames sent: 3 requests + 3 update_only + 10 pings + 10 call_details
-    assert stats["frames_out"] == 26
-    assert stats["frames_in_per_s"] == 50.0 and stats["frames_per_s"] == 63.0
-    assert stats["samples"]["first_sentence_ms"] == [300.0, 400.0, 500.0]
-    assert stats["holding_phrases"] == 2
-    assert bench.level_stats(result, calls=10, frames_in=0, holding=0, ttft_ms=None)["overhead_ms"] is None
+def test_goals_are_read_from_the_measured_data():
+    results = synthetic_results()
+    by_goal = {g["goal"]: g for g in report.goals(results)}
+    p50 = by_goal["flow, 30 calls: first chunk p50 ≤ 1.3× floor"]
+    assert p50["figure"] == 30.0 and p50["met"] is False  # 240 ms vs the floor's 8 ms (first chunk = 0.4 × sentence)
+    assert by_goal["flow: call setup p99 on a fresh deployment ≤ 3× floor (30 calls)"]["figure"] == 2.5
+    assert by_goal["cache hit (distributed, 20 calls): server first chunk p99 < 10 ms"]["met"] is True
+    assert by_goal["memory per connected call ≤ floor + 20 KB"]["figure"] == 11.0
+    assert by_goal["one idle call's flow turn (first chunk p50) ≤ 1.5× floor"]["figure"] == 1.25
+    demo = by_goal["LLM, 10 calls: first sentence p50 ≤ Retell's demo"]
+    assert demo["figure"] == round(380 / 410, 2) and demo["met"] is True
 
 
-def test_floor_ratio_compares_the_same_level_in_the_same_run():
-    mode = synthetic_results()["modes"]["flow"]
-    assert bench.floor_ratio(mode, "single", 10) == 2.5
-    assert bench.floor_ratio(mode, "single", 30, stat="p99") == 30.0
-    assert bench.floor_ratio(mode, "single", 200) is None
-    assert bench.floor_ratio(mode, "dedicated", 10) is None
+# --------------------------------------------------------------------------- targets
 
 
-def test_frame_tap_counts_frames_and_holding_phrases_then_uninstalls():
-    original = simulator.validate_frame
-    tap = bench.FrameTap(holding=frozenset({"One moment."}))
-    frames = [{"response_type": "config", "config": {}},
-              {"response_type": "response", "response_id": 1, "content": "One moment. ", "content_complete": False},
-              {"response_type": "response", "response_id": 1, "content": "Hi.", "content_complete": True}]
-    with tap.installed():
-        for frame in frames:
-            data, issues = simulator.validate_frame(json.dumps(frame))
-            assert data is not None and not issues
-    assert simulator.validate_frame is original
-    assert (tap.frames, tap.holding_count) == (3, 1)
-
-
-# --------------------------------------------------------------------------- target config
-
-
-def test_callray_args_point_every_target_at_the_suites_redis_and_namespace(tmp_path):
-    agent = bench.write_llm_agent(tmp_path, "http://127.0.0.1:9/v1")
-    loaded = load_agent(agent)
-    assert loaded.config.providers[0].base_url == "http://127.0.0.1:9/v1"
-    for target in ("single", "distributed", "event_driven", "dedicated"):
-        args = bench.callray_args(target, namespace=f"ns-{target}", redis_url="redis://127.0.0.1:1/0",
-                                  agent_file=agent)
+def test_callray_args_point_every_target_at_the_runs_redis_namespace_and_placement(tmp_path):
+    agent = targets.write_llm_agent(tmp_path, "http://127.0.0.1:9/v1")
+    assert load_agent(agent).config.providers[0].base_url == "http://127.0.0.1:9/v1"
+    for target, (_, placement) in targets.CALLRAY_TARGETS.items():
+        args = targets.callray_args(target, namespace=f"ns-{target}", redis_url="redis://127.0.0.1:1/0",
+                                    agent_file=agent)
         settings = CallraySettings.parse(args)
-        assert settings.hosts.namespace == f"ns-{target}"
+        assert settings.hosts.namespace == f"ns-{target}" and settings.hosts.placement == placement
         assert settings.agents.resolve(settings.agents.default) == agent
-        assert settings.hosts.placement == ("dedicated" if target == "dedicated" else "local")
-        if target in bench.REDIS_TARGETS:
+        if target in targets.REDIS_TARGETS:
             assert settings.state.redis_url == "redis://127.0.0.1:1/0"
     with pytest.raises(RuntimeError, match="needs Redis"):
-        bench.callray_args("distributed", namespace="x", redis_url=None, agent_file=None)
+        targets.callray_args("distributed", namespace="x", redis_url=None, agent_file=None)
+
+
+def test_the_retell_demo_runs_from_a_copy_with_its_readme_env(tmp_path):
+    """The checkout stays untouched; a missing checkout is refused naming the path."""
+    with pytest.raises(RuntimeError, match="no app/server.py"):
+        targets.start_retell_demo(targets.Processes(tmp_path), tmp_path / "nowhere", "http://x/v1", 0)
+    assert "OPENAI_API_KEY=" in targets.DEMO_ENV and "RETELL_API_KEY=" in targets.DEMO_ENV
+    checkout = tmp_path / "demo"
+    (checkout / ".venv" / "bin").mkdir(parents=True)
+    (checkout / ".venv" / "bin" / "python").write_text("")
+    assert targets.demo_python(checkout) == checkout / ".venv" / "bin" / "python"
 
 
 # --------------------------------------------------------------------------- report
 
 
-def test_report_has_machine_method_tables_and_plots(tmp_path):
+def test_report_has_goals_tables_spread_ratios_and_plots(tmp_path):
     results = synthetic_results()
     out = tmp_path / "docs" / "benchmarks.md"
-    files = bench.write_report(results, out, PROJECT_DIR / "bench" / "results" / "x.json")
+    files = report.write_report(results, out, PROJECT_DIR / "bench" / "results" / "x.json")
     text = out.read_text()
-    for heading in ("## Machine", "## Method", "## Results: flow agent (no LLM)", "## Results: LLM agent (fake LLM)",
-                    "### Capacity within the latency budgets", "### Memory", "### What bounds each target"):
-        assert heading in text
-    assert "python -m callray.cli bench" in text and "bench/results/x.json" in text
-    assert "Quick run" in text
-    assert "| CPU cores (nproc) | 2 |" in text
-    # latency rows with the ratio to the floor measured in the same run
-    assert "| single | 10 | 29 | 38 | 10 | 10 | 25 | 25 | 2.50 / 2.50 | 75 | yes |" in text
-    assert "| single | 30 |" in text and "30.00 / 30.00" in text
-    # capacity: single fits 800 ms at 10 calls but not at 30 (600 ms p99 is over 500 and inside 800)
+    for heading in ("## Machine", "## Method", "## The turn-path targets", "## Results: flow agent (no LLM)",
+                    "## Results: LLM agent (fake LLM)", "### Capacity within the latency budgets", "### Memory",
+                    "### Call setup on a freshly started deployment (ms)", "### One idle call, ten turns (ms)",
+                    "### Cache hits", "### What bounds each target"):
+        assert heading in text, heading
+    assert "callray bench --quick" in text and "bench/results/x.json" in text and "Quick run" in text
+    assert "in 3 rounds" in text and "nice 15" in text
+    # first chunk 0.4 × sentence; spread of the rounds' p50; ratio to the floor in the same run
+    assert "| single | 10 | 29 | 38 | 10 | 10 | 25 | 25 | 8–12 | 2.27 / 2.27 | 75 | yes |" in text
+    # LLM: ratios against the floor and against Retell's demo, holding share
+    assert "| single | 10 | 29 | 38 | 152 | 152 | 380 | 380 | 380–380 | 1.27 / 1.27 | 0.93 / 0.93 | 20% | 430 | yes |" \
+        in text
     assert "| single | ≥ 30 | 10 | 10 |" in text
-    assert "| floor | ≥ 30 | ≥ 30 | ≥ 30 |" in text
-    assert "| floor | 400 | 410 | 30 | 3 | CallHost, ProxyActor, ServeReplica |" in text
-    assert "Not measured in this mode." in text  # the LLM mode of the synthetic run has no memory entry
-    # LLM mode: overhead above the LLM's first token and the holding-phrase share
-    assert "| single | 10 | 29 | 38 | 152 | 152 | 380 | 380 | 1.27 / 1.27 | 180 | 180 | 20% | 430 | yes |" in text
-    assert "**dedicated** — not available: RuntimeError: placement not implemented" in text
-    assert "essentially the fake LLM's own time" in text  # the LLM mode's floor explains the 300 ms column
+    assert "**dedicated**: not available: RuntimeError: placement not implemented" in text
+    assert "| cache hit (distributed, 20 calls): server first chunk p99 < 10 ms | 3.5 ms | met |" in text
+    assert "**not met**" in text  # the synthetic single is 30x the floor at 30 calls
     pngs = [f for f in files if f.suffix == ".png"]
     assert {p.name for p in pngs} == {"bench-flow-cdf.png", "bench-flow-p99.png", "bench-llm-cdf.png",
                                       "bench-llm-p99.png"}
     for png in pngs:
-        assert png.parent == out.parent / "img"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
         assert f"img/{png.name}" in text
 
@@ -196,37 +188,59 @@ def test_report_has_machine_method_tables_and_plots(tmp_path):
 def test_report_of_an_interrupted_run_says_so():
     results = synthetic_results()
     results["complete"] = False
-    assert "Incomplete run" in bench.render_report(results)
+    assert "Incomplete run" in report.render_report(results)
+
+
+def test_a_profile_is_summarised_by_where_the_cpu_was(tmp_path):
+    from harness import profile
+
+    raw = tmp_path / "stacks.txt"
+    raw.write_text("main (serve_app.py:1);handle (/x/callray/session.py:9) 60\n"
+                   "main (serve_app.py:1);relay (/x/ray/serve/_private/replica.py:5) 30\n"
+                   "main (serve_app.py:1);loads (/usr/lib/python3.11/json/decoder.py:3) 10\n")
+    summary = profile.summarise(raw)
+    assert summary["samples"] == 100
+    assert summary["areas"] == {"callray (this project)": 0.6, "Ray Serve (ASGI relay, router, replica)": 0.3,
+                                "json": 0.1}
+    assert summary["top_self"][0] == ("handle (callray/session.py:9)", 0.6)
 
 
 # --------------------------------------------------------------------------- command line
 
 
-def test_bench_help_works_without_importing_ray():
+def test_callray_loads_no_harness_ray_or_matplotlib_until_a_harness_command_runs():
     out = subprocess.run([sys.executable, "-m", "callray.cli", "bench", "--help"], cwd=PROJECT_DIR,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    for flag in ("--quick", "--targets", "--levels", "--agent", "--out"):
+    for flag in ("--quick", "--targets", "--levels", "--rounds", "--retell-demo", "--profile", "--out"):
         assert flag in out.stdout
-    probe = "import sys, callray.cli, callray.bench; print('ray' in sys.modules, 'matplotlib' in sys.modules)"
+    probe = ("import sys, callray.cli; callray.cli.build_parser(); "
+             "print(any(m.startswith('harness') for m in sys.modules), 'ray' in sys.modules, 'matplotlib' in sys.modules)")
     imported = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_DIR, capture_output=True, text=True,
                               timeout=60)
-    assert imported.stdout.split() == ["False", "False"], imported.stderr
+    assert imported.stdout.split() == ["False", "False", "False"], imported.stderr
 
 
-def test_options_from_args_quick_defaults_and_command_line():
-    from callray.cli import build_parser
+def _bench_args(*argv: str):
+    import argparse
 
-    args = build_parser().parse_args(["bench", "--quick", "--levels", "20", "10"])
-    options = bench.options_from_args(args)
-    assert options.quick and options.targets == list(bench.QUICK_TARGETS)
+    parser = argparse.ArgumentParser()
+    suite.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_options_from_args_quick_defaults_and_command_line(tmp_path):
+    options = suite.options_from_args(_bench_args("--quick", "--levels", "20", "10"))
+    assert options.quick and options.targets == list(suite.QUICK_TARGETS) and options.rounds == 2
     assert options.levels == [10, 20] and options.agents == ["flow"]
-    assert options.command == "python -m callray.cli bench --quick --levels 20 10"
-    full = bench.options_from_args(build_parser().parse_args(["bench", "--agent", "llm"]))
-    assert full.targets == list(bench.ALL_TARGETS) and full.levels == list(bench.DEFAULT_LEVELS)
-    assert full.agents == ["llm"]
+    assert options.command == "callray bench --quick --levels 20 10"
+    full = suite.options_from_args(_bench_args("--agent", "llm", "--rounds", "5"))
+    assert full.targets is None and full.mode_targets("llm") == [t for t in suite.LLM_TARGETS if t != "retell_demo"]
+    assert full.mode_levels("llm") == list(suite.DEFAULT_LLM_LEVELS) and full.rounds == 5
     with pytest.raises(ValueError, match="levels"):
-        bench.options_from_args(build_parser().parse_args(["bench", "--levels", "0"]))
+        suite.options_from_args(_bench_args("--levels", "0"))
+    with pytest.raises(ValueError, match="retell-custom-llm-python-demo"):
+        suite.options_from_args(_bench_args("--retell-demo", str(tmp_path)))
 
 
 def test_regenerate_report_from_saved_json(tmp_path):
@@ -238,4 +252,3 @@ def test_regenerate_report_from_saved_json(tmp_path):
     assert main(["bench", "--from-json", str(raw), "--out", str(out)]) == 0
     assert out.read_text().startswith("# Benchmarks")
     assert (tmp_path / "img" / "bench-flow-p99.png").exists()
-

@@ -1,7 +1,7 @@
-"""Chaos: calls keep talking while call hosts and a gateway replica are killed under them.
+"""Chaos: calls keep talking while gateway replicas are killed and Redis restarts under them.
 
 The Ray test drives the session's distributed deployment (``durable_app``) with the Retell
-simulator, kills hosts and a gateway replica on a schedule (``bench/chaos.py``), and asserts
+simulator, kills gateway replicas and restarts Redis on a schedule (``harness/chaos.py``), and asserts
 behaviour: every turn answered, no call dropped for good. The other two tests check the
 simulator features the chaos run relies on against a tiny local server, without Ray.
 """
@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from bench.chaos import RETELL_DROP_RECONNECTS, ChaosTarget, FaultPlan, run_chaos
+from harness.chaos import RETELL_DROP_RECONNECTS, ChaosTarget, FaultPlan, run_chaos
 from callray.sim.simulator import SimConfig, run_simulation
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from callray.agents.base import Agent, EndCall, Speech, Transfer, Turn
@@ -456,3 +457,50 @@ async def test_clinic_agent_escalates_and_handles_emergencies() -> None:
         "Done, I've moved your appointment to Thursday."
     )
     assert "refill" in await say(agent, "I need more of my blood pressure meds")
+
+
+def _reference_score(matcher, utterance: str):
+    """The matching rules as written in the docs, one matcher at a time (the slow way)."""
+    from callray.agents.flow import EXACT, KEYWORDS, PHRASE
+
+    best = None
+    for phrase in matcher.exact + matcher.phrases:
+        if utterance == phrase:
+            best = max(best or (0, 0), (EXACT, phrase.count(" ") + 1))
+    for phrase in matcher.phrases:
+        if f" {phrase} " in f" {utterance} ":
+            best = max(best or (0, 0), (PHRASE, phrase.count(" ") + 1))
+    if best is None:
+        words = utterance.split()
+        for terms in matcher.keywords:
+            if all(any(w == alt or (prefix and w.startswith(alt)) for w in words for alt, prefix in alts)
+                   for alts in terms):
+                best = max(best or (0, 0), (KEYWORDS, len(terms)))
+    return best
+
+
+@functools.cache
+def _clinic_matchers() -> tuple[dict, Any]:
+    from callray.agents.flow import _MatchIndex
+
+    config = load_flow_agent(CLINIC).config
+    matchers = {i.name: i.compile() for i in config.intents}
+    matchers["esc:"] = config.escalation.compile()
+    return matchers, _MatchIndex(matchers)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_the_match_index_scores_exactly_like_matching_each_intent_in_turn(data):
+    matchers, index = _clinic_matchers()
+    vocabulary = sorted({w for m in matchers.values() for p in m.phrases + m.exact for w in p.split()}
+                        | {alt for m in matchers.values() for terms in m.keywords for alts in terms for alt, _ in alts}
+                        | {"please", "hello", "maria", "tuesdays", "appointmentish"})
+    words = data.draw(st.lists(st.sampled_from(vocabulary), max_size=12))
+    phrase_pool = [p for m in matchers.values() for p in m.phrases + m.exact]
+    if phrase_pool and data.draw(st.booleans()):
+        at = data.draw(st.integers(0, len(words)))
+        words[at:at] = data.draw(st.sampled_from(phrase_pool)).split()
+    utterance = " ".join(words)
+    expected = {k: s for k, m in matchers.items() if (s := _reference_score(m, utterance)) is not None}
+    assert index.scores(utterance) == expected

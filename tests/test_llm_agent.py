@@ -468,3 +468,15 @@ async def test_example_config_loads_and_talks_to_the_fake(monkeypatch: pytest.Mo
     assert "cleaning" in spoken(outputs)
     assert {x["function"]["name"] for x in fake.records[0].body["tools"]} == {
         "check_availability", "end_call", "transfer_call"}
+
+
+def test_stream_lines_are_read_as_the_sdk_would_and_error_events_break_the_stream() -> None:
+    from callray.agents.llm import _BrokenStream, stream_delta
+
+    assert stream_delta('data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}') == {"content": "Hi"}
+    assert stream_delta('data: {"choices":[]}') is None  # e.g. the usage chunk
+    for other in ("", ": keep-alive", "event: message", "data: [DONE]"):
+        assert stream_delta(other) is None
+    for broken in ('data: {"error": {"message": "overloaded"}}', "data: {not json", "data: [1, 2]"):
+        with pytest.raises(_BrokenStream):
+            stream_delta(broken)

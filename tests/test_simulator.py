@@ -7,7 +7,6 @@ the simulator must count exactly that kind of violation, and nothing for the bas
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import threading
 import time
@@ -24,22 +23,16 @@ from callray.cli import main
 from callray.sim.local import free_port
 from callray.sim.report import SimResult, describe
 from callray.sim.simulator import SimConfig, caller_token, call_url, run_simulation, validate_frame
+from harness.baseline_server import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_baseline() -> Any:
-    spec = importlib.util.spec_from_file_location("baseline_server", ROOT / "bench" / "baseline_server.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def baseline_url() -> Iterator[str]:
     """The hand-written baseline server in --echo mode, served by uvicorn in a thread."""
     port = free_port()
-    app = _load_baseline().create_app(echo=True)
+    app = create_app(echo=True)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -132,6 +125,23 @@ async def test_processes_split_and_merge(baseline_url: str) -> None:
 
 
 # ------------------------------------------------------------------ each broken rule is counted
+
+
+async def test_a_holding_phrase_is_timed_apart_from_the_answer() -> None:
+    async def on_request(ws: ServerConnection, msg: dict[str, Any]) -> None:
+        rid = msg["response_id"]
+        await ws.send(_resp(rid, "One moment.", False))
+        await asyncio.sleep(0.2)
+        await ws.send(_resp(rid, "Here you are.", True))
+
+    async with retell_server(on_request) as url:
+        timed = await run_simulation(fast(url, calls=2, turns=2, holding_phrases=["One moment."]))
+        naive = await run_simulation(fast(url, calls=1, turns=1))
+    assert timed.ok and timed.counts["holding_phrases"] == 4
+    for turn in timed.turns:
+        assert turn.holding_ms < 100 and turn.first_chunk_ms >= 200 and turn.first_sentence_ms >= 200
+    assert naive.turns[0].holding_ms is None and naive.turns[0].first_chunk_ms < 100  # read as the answer
+    assert timed.counts["frames_received"] >= 2 * (2 + 2 * 2)  # config, response 0, two frames per turn
 
 
 async def test_double_complete_is_counted() -> None:

@@ -1,5 +1,5 @@
 """The 2-minute soak in CI: 50 calls talking for two minutes on the distributed config, with
-no protocol violation and no dropped call. It runs ``bench/soak.py`` in a subprocess (its own
+no protocol violation and no dropped call. It runs ``harness/soak.py`` in a subprocess (its own
 Ray, Redis and ports), so it never joins the session's cluster; growth and drift are reported
 by the script, not asserted (timings on a shared machine are not test material)."""
 
@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 def test_two_minute_soak_has_no_errors(tmp_path):
     out = tmp_path / "soak.json"
-    proc = subprocess.Popen([sys.executable, str(PROJECT_DIR / "bench" / "soak.py"), "--minutes", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "harness.soak", "--minutes", "2",
                              "--calls", "50", "--sample-s", "20", "--out", str(out)],
                             cwd=PROJECT_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

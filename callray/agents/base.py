@@ -75,7 +75,8 @@ class Turn:
     dicts, roles open-ended). ``state`` is the agent's memory for this call: mutate it in
     place; the conversation saves it after the turn. ``call`` is Retell's call object once
     ``call_details`` arrived (else empty). ``cacheable`` may be set to False by the agent
-    while answering (e.g. the answer used a personal detail).
+    while answering (e.g. the answer used a personal detail). ``memo`` lets an agent keep what
+    it worked out in ``cache_key`` for ``respond`` of the same turn.
     """
 
     call_id: str
@@ -85,6 +86,7 @@ class Turn:
     call: dict[str, Any] = field(default_factory=dict)
     tool_results: dict[str, Any] = field(default_factory=dict)  # idempotency key -> result
     cacheable: bool = True
+    memo: dict[str, Any] = field(default_factory=dict)  # an agent's scratch space for this one turn
 
     @property
     def last_user_text(self) -> str:

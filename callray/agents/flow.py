@@ -203,32 +203,83 @@ KeywordSet = Annotated[str, AfterValidator(_check_keywords)]
 Regex = Annotated[str, AfterValidator(_check_regex)]
 
 EXACT, PHRASE, KEYWORDS = 3, 2, 1  # score tiers: a phrase beats any keyword set
-
-
-def _word_matches(word: str, alternatives: tuple[tuple[str, bool], ...]) -> bool:
-    return any(word == alt or (prefix and word.startswith(alt)) for alt, prefix in alternatives)
+Score = tuple[int, int]  # (tier, size): a longer phrase or a bigger keyword set wins within a tier
 
 
 @dataclass(frozen=True)
 class _Matcher:
+    """One intent's (or the escalation's, the goodbye's) normalised phrases and keyword sets."""
+
     phrases: tuple[str, ...]
     exact: tuple[str, ...]
     keywords: tuple[_Keyword, ...]
 
-    def score(self, utterance: str, words: frozenset[str]) -> tuple[int, int] | None:
-        """(tier, size) of the best match: exact phrase > contained phrase > keyword set; a
-        longer phrase or a bigger keyword set wins within a tier."""
-        best: tuple[int, int] | None = None
-        for phrase in self.exact + self.phrases:
-            if utterance == phrase:
-                best = max(best or (0, 0), (EXACT, phrase.count(" ") + 1))
-        for phrase in self.phrases:
-            if _contains(utterance, phrase) >= 0:
-                best = max(best or (0, 0), (PHRASE, phrase.count(" ") + 1))
-        if best is None:
-            for terms in self.keywords:
-                if all(any(_word_matches(w, alts) for w in words) for alts in terms):
-                    best = max(best or (0, 0), (KEYWORDS, len(terms)))
+
+class _MatchIndex:
+    """Every matcher of an agent in hash tables, built once: scoring an utterance costs
+    O(words x longest phrase), whatever the number of intents, phrases and keywords.
+
+    A matcher scores the best of: the whole utterance equal to one of its phrases (EXACT), one
+    of its phrases contained word-aligned (PHRASE), and, only when neither, a keyword set whose
+    every term matches some word (KEYWORDS); a longer phrase or a bigger set wins in a tier.
+    """
+
+    def __init__(self, matchers: dict[str, _Matcher]):
+        self._whole: dict[str, list[tuple[str, int]]] = {}  # utterance -> (key, words)
+        self._grams: dict[str, list[tuple[str, int]]] = {}  # word n-gram -> (key, words)
+        self._words: dict[str, list[tuple[tuple[str, int], int]]] = {}  # word -> ((key, set), term)
+        self._prefixes: dict[str, list[tuple[tuple[str, int], int]]] = {}  # word prefix -> ((key, set), term)
+        self._terms: dict[tuple[str, int], int] = {}  # (key, set) -> its number of terms
+        self._longest = 1
+        self._starts: set[str] = set()  # first words of phrases: n-grams start nowhere else
+        for key, matcher in matchers.items():
+            for phrase in matcher.exact + matcher.phrases:
+                self._whole.setdefault(phrase, []).append((key, phrase.count(" ") + 1))
+            for phrase in matcher.phrases:
+                size = phrase.count(" ") + 1
+                self._grams.setdefault(phrase, []).append((key, size))
+                self._longest = max(self._longest, size)
+                self._starts.add(phrase.split(" ", 1)[0])
+            for k, terms in enumerate(matcher.keywords):
+                self._terms[(key, k)] = len(terms)
+                for t, alternatives in enumerate(terms):
+                    for word, prefix in alternatives:
+                        (self._prefixes if prefix else self._words).setdefault(word, []).append(((key, k), t))
+        self._prefix_lengths = sorted({len(p) for p in self._prefixes})
+
+    def scores(self, utterance: str) -> dict[str, Score]:
+        """The score of every matcher that matches ``utterance`` (normalised)."""
+        best: dict[str, Score] = {}
+
+        def offer(key: str, score: Score) -> None:
+            if score > best.get(key, (0, 0)):
+                best[key] = score
+
+        for key, size in self._whole.get(utterance, ()):
+            offer(key, (EXACT, size))
+        words = utterance.split()
+        for i, first in enumerate(words):
+            if first not in self._starts:
+                continue
+            gram = first
+            for n in range(1, min(self._longest, len(words) - i) + 1):
+                if n > 1:
+                    gram = f"{gram} {words[i + n - 1]}"
+                for key, size in self._grams.get(gram, ()):
+                    offer(key, (PHRASE, size))
+        matched: dict[tuple[str, int], set[int]] = {}
+        for word in set(words):
+            for owner, term in self._words.get(word, ()):
+                matched.setdefault(owner, set()).add(term)
+            for length in self._prefix_lengths:
+                if length > len(word):
+                    break
+                for owner, term in self._prefixes.get(word[:length], ()):
+                    matched.setdefault(owner, set()).add(term)
+        by_phrase = set(best)
+        for (key, k), terms in matched.items():
+            if key not in by_phrase and len(terms) == self._terms[(key, k)]:
+                offer(key, (KEYWORDS, len(terms)))
         return best
 
 
@@ -447,8 +498,10 @@ class _Slot:
 @dataclass
 class _Intent:
     cfg: IntentConfig
-    matcher: _Matcher
     slots: frozenset[str]  # slots it requires or mentions
+
+
+_ESCALATION, _GOODBYE = "escalation:", "goodbye:"  # index keys that no intent name (\w+) can take
 
 
 @dataclass
@@ -528,15 +581,16 @@ class FlowAgent:
         self._slots = {name: _Slot.build(name, cfg) for name, cfg in config.slots.items()}
         self._personal = {name for name, cfg in config.slots.items() if cfg.personal}
         self._intents: dict[str, _Intent] = {}
+        matchers: dict[str, _Matcher] = {}
         for intent in config.intents:
             mentioned = _template_fields(intent.answer).union(*(_template_fields(a) for a in intent.ask.values()))
-            self._intents[intent.name] = _Intent(
-                cfg=intent,
-                matcher=intent.compile(),
-                slots=frozenset(intent.requires) | (mentioned & self._slots.keys()),
-            )
-        self._escalation = config.escalation.compile() if config.escalation else None
-        self._goodbye = config.goodbye.compile() if config.goodbye else None
+            self._intents[intent.name] = _Intent(cfg=intent, slots=frozenset(intent.requires) | (mentioned & self._slots.keys()))
+            matchers[intent.name] = intent.compile()
+        if config.escalation:
+            matchers[_ESCALATION] = config.escalation.compile()
+        if config.goodbye:
+            matchers[_GOODBYE] = config.goodbye.compile()
+        self._index = _MatchIndex(matchers)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> FlowAgent:
@@ -568,7 +622,7 @@ class FlowAgent:
         or take an action (the conversation would not cache those anyway)."""
         if turn.kind != "response":
             return None
-        plan = self._plan(turn)
+        plan = self._planned(turn)
         if not plan.utterance or plan.action is not None or plan.changes_state or not plan.shareable:
             return None
         key = {
@@ -580,7 +634,7 @@ class FlowAgent:
         return "flow:" + json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
     async def respond(self, turn: Turn) -> AsyncIterator[AgentOutput]:
-        plan = self._plan(turn)
+        plan = self._planned(turn)
         if not plan.shareable:
             turn.cacheable = False
         outputs = plan.outputs()
@@ -611,11 +665,17 @@ class FlowAgent:
             return None  # e.g. saved by an older version of the flow
         return {"intent": intent.cfg.name, "slot": pending["slot"]}
 
-    def _best_intent(self, utterance: str) -> _Intent | None:
-        words = frozenset(utterance.split())
-        best: tuple[tuple[int, int], _Intent] | None = None
-        for intent in self._intents.values():
-            score = intent.matcher.score(utterance, words)
+    def _planned(self, turn: Turn) -> _Plan:
+        """The turn's plan, computed once whether ``cache_key``, ``respond`` or both ask."""
+        plan = turn.memo.get("flow_plan")
+        if plan is None:
+            plan = turn.memo["flow_plan"] = self._plan(turn)
+        return plan
+
+    def _best_intent(self, scores: dict[str, Score]) -> _Intent | None:
+        best: tuple[Score, _Intent] | None = None
+        for name, intent in self._intents.items():
+            score = scores.get(name)
             if score is not None and (best is None or score > best[0]):  # strict: first declared wins ties
                 best = (score, intent)
         return best[1] if best else None
@@ -664,12 +724,12 @@ class FlowAgent:
             if waiting:
                 plan.say(waiting.cfg.ask[waiting_slot])
             return plan
-        words = frozenset(utterance.split())
-        if cfg.escalation and self._escalation and self._escalation.score(utterance, words):
+        scores = self._index.scores(utterance)
+        if cfg.escalation and _ESCALATION in scores:
             plan.say(cfg.escalation.handoff_line)
             plan.action = Transfer(cfg.escalation.transfer_number)
             return plan
-        if cfg.goodbye and self._goodbye and self._goodbye.score(utterance, words):
+        if cfg.goodbye and _GOODBYE in scores:
             plan.say(cfg.goodbye.closing_line, protected=True)
             plan.action = EndCall()
             return plan
@@ -683,9 +743,9 @@ class FlowAgent:
                 plan.slots[name], span = found
                 if span is not None:
                     rest = rest[: span[0]] + " " * (span[1] - span[0]) + rest[span[1] :]
-        best = self._best_intent(normalise(rest))
+        best = self._best_intent(scores if rest == text else self._index.scores(normalise(rest)))
         if best is None and rest != text:
-            best = self._best_intent(utterance)
+            best = self._best_intent(scores)
         wanted: set[str] = set().union(*(intent.slots for intent in (waiting, best) if intent))
         for name in sorted(wanted):
             slot = self._slots[name]

@@ -50,6 +50,13 @@ class AgentRegistry:
         except KeyError:
             raise KeyError(f"unknown agent {name!r}; configured agents: {sorted(self.agents)}") from None
 
+    async def aclose(self) -> None:
+        """Close what the agents hold open (an LLM agent's pooled provider connections)."""
+        for agent in self.agents.values():
+            close = getattr(agent, "aclose", None)
+            if close is not None:
+                await close()
+
     def route(self, call: dict[str, Any]) -> Agent | None:
         """The agent mapped to the call's Retell ``agent_id``, if any."""
         name = self.by_retell_agent_id.get(str(call.get("agent_id", "")))

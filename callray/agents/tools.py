@@ -149,22 +149,22 @@ class ToolCallAccumulator:
         self._text.append(text)
 
     def add_tool_deltas(self, deltas: list[Any]) -> None:
-        """Add ``choices[0].delta.tool_calls`` of one chunk (SDK objects or dicts)."""
+        """Add ``choices[0].delta.tool_calls`` of one chunk, as the stream's JSON has them."""
         for delta in deltas:
-            get = delta.get if isinstance(delta, dict) else lambda k, d=delta: getattr(d, k, None)
-            index = get("index")
-            if index is None:
+            if not isinstance(delta, dict):
+                continue
+            index = delta.get("index")
+            if not isinstance(index, int):
                 index = len(self._calls)
             entry = self._calls.setdefault(index, {"id": None, "name": "", "arguments": []})
-            if get("id"):
-                entry["id"] = get("id")
-            function = get("function")
-            if function is not None:
-                fget = function.get if isinstance(function, dict) else lambda k, f=function: getattr(f, k, None)
-                if fget("name"):
-                    entry["name"] += fget("name")
-                if fget("arguments"):
-                    entry["arguments"].append(fget("arguments"))
+            if delta.get("id"):
+                entry["id"] = str(delta["id"])
+            function = delta.get("function")
+            if isinstance(function, dict):
+                if function.get("name"):
+                    entry["name"] += str(function["name"])
+                if function.get("arguments"):
+                    entry["arguments"].append(str(function["arguments"]))
 
     def calls(self) -> list[PendingToolCall]:
         """The complete tool calls, in index order."""

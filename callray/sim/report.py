@@ -14,7 +14,7 @@ from typing import Any, Iterable
 from pydantic import BaseModel, Field
 
 #: Latency metrics in the summary, in display order.
-METRICS = ("setup_ms", "first_chunk_ms", "first_sentence_ms", "complete_ms", "reconnect_ms")
+METRICS = ("setup_ms", "holding_ms", "first_chunk_ms", "first_sentence_ms", "complete_ms", "reconnect_ms")
 
 #: Counters every result carries (zero when nothing happened), in display order.
 COUNT_KEYS = (
@@ -34,6 +34,8 @@ COUNT_KEYS = (
     "transfers",
     "agent_interrupts",
     "tool_calls",
+    "holding_phrases",
+    "frames_received",
 )
 
 
@@ -68,8 +70,11 @@ class TurnSample(BaseModel):
     response_id: int = Field(description="The id whose answer was measured (the superseding one).")
     kind: str = Field(description="response_required or reminder_required.")
     t_s: float = Field(description="Seconds from the start of the run to sending the request.")
-    first_chunk_ms: float | None = Field(description="To the first non-empty content (None: no content).")
-    first_sentence_ms: float = Field(description="To the first sentence end (. ! ?) or completion.")
+    holding_ms: float | None = Field(default=None, description="To a holding phrase said before the answer "
+                                                               "(None: none was).")
+    first_chunk_ms: float | None = Field(description="To the first content of the answer, holding phrases aside "
+                                                     "(None: no content).")
+    first_sentence_ms: float = Field(description="To the answer's first sentence end (. ! ?) or completion.")
     complete_ms: float = Field(description="To content_complete: true.")
 
 
@@ -117,6 +122,7 @@ class SimResult(BaseModel):
         """Raw samples per metric (milliseconds)."""
         return {
             "setup_ms": [c.setup_ms for c in self.calls if c.setup_ms is not None],
+            "holding_ms": [t.holding_ms for t in self.turns if t.holding_ms is not None],
             "first_chunk_ms": [t.first_chunk_ms for t in self.turns if t.first_chunk_ms is not None],
             "first_sentence_ms": [t.first_sentence_ms for t in self.turns],
             "complete_ms": [t.complete_ms for t in self.turns],

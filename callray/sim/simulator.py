@@ -233,6 +233,10 @@ class SimConfig(BaseModel):
     expect_echo: bool = Field(False, description="The agent repeats the caller's name: check each answer holds its "
                                                  "own call's name token and no other call's (cross-talk).")
     include_words: bool = Field(True, description="Add word timings to transcript entries, as Retell does.")
+    holding_phrases: list[str] = Field(default_factory=list, description="What the server says to hold the line "
+                                       "(e.g. callray's turns.holding_phrases): a chunk that is one of them, before "
+                                       "any other content, is timed as holding_ms, not as the answer's first chunk "
+                                       "or first sentence.")
     call_id_prefix: str = Field("sim", description="Call ids are '{prefix}-{run_id}-{index}'.")
     run_id: str | None = Field(None, description="Tag making call ids unique per run (default: random).")
     seed: int | None = Field(None, description="Seed for the callers' choices (default: random).")
@@ -276,6 +280,7 @@ class _Request:
     sent_at: float
     status: str = "open"  # open | complete | superseded | abandoned | timed_out
     parts: list[str] = field(default_factory=list)
+    holding_at: float | None = None
     first_chunk_at: float | None = None
     first_sentence_at: float | None = None
     complete_at: float | None = None
@@ -368,6 +373,7 @@ class _Call:
         self.url = call_url(cfg.url, self.call_id)
         self.rng = random.Random(f"{cfg.seed}:{index}") if cfg.seed is not None else random.Random()
         self.token = caller_token(index)
+        self.holding = frozenset(p.strip() for p in cfg.holding_phrases)
         self.name = f"{self.rng.choice(_FIRST_NAMES)} {self.token}"
         self.transcript: list[dict[str, Any]] = []
         self.requests: dict[int, _Request] = {}
@@ -452,6 +458,7 @@ class _Call:
         self.rec.turns.append(TurnSample(
             call=self.index, turn=turn, response_id=req.rid, kind=kind,
             t_s=round(req.sent_at - self.rec.t0, 4),
+            holding_ms=None if req.holding_at is None else round((req.holding_at - req.sent_at) * 1000, 3),
             first_chunk_ms=None if req.first_chunk_at is None else round((req.first_chunk_at - req.sent_at) * 1000, 3),
             first_sentence_ms=round((req.first_sentence_at - req.sent_at) * 1000, 3),
             complete_ms=round((req.complete_at - req.sent_at) * 1000, 3)))
@@ -633,6 +640,7 @@ class _Call:
     def _on_frame(self, sock: _Socket, raw: str | bytes) -> None:
         now = self.loop.time()
         sock.frames += 1
+        self.rec.counts["frames_received"] += 1
         sock.first_frame.set()
         data, issues = validate_frame(raw)
         for kind, detail in issues:
@@ -688,10 +696,14 @@ class _Call:
             return  # superseded, abandoned or timed out: Retell drops it
         if content:
             req.parts.append(content)
-            if req.first_chunk_at is None:
-                req.first_chunk_at = now
-            if req.first_sentence_at is None and _SENTENCE_END.search(content):
-                req.first_sentence_at = now
+            if req.first_chunk_at is None and content.strip() in self.holding:
+                self.rec.counts["holding_phrases"] += 1
+                req.holding_at = req.holding_at or now
+            else:
+                if req.first_chunk_at is None:
+                    req.first_chunk_at = now
+                if req.first_sentence_at is None and _SENTENCE_END.search(content):
+                    req.first_sentence_at = now
         if complete:
             req.status = "complete"
             req.complete_at = now

@@ -1,12 +1,13 @@
 """The benchmark baseline: a Retell custom-LLM server written by hand, as most users start.
 
-It follows Retell's public Python demo: one FastAPI process, state in a dict, a new
-``AsyncOpenAI`` client per call, one untracked task per incoming message, and each answer
-streamed token by token from an OpenAI-compatible LLM (``--llm-base-url`` points it at the
-fake LLM for benchmarks). ``--echo`` replaces the LLM with a fixed two-chunk answer that
+It follows Retell's public Python demo: one FastAPI process, state in a dict, one untracked
+task per incoming message, and each answer streamed token by token from an OpenAI-compatible
+LLM (``--llm-base-url`` points it at the fake LLM for benchmarks), but without the demo's
+handicaps: one ``AsyncOpenAI`` client shared by every call (the demo builds one per call) and
+no SDK retries (a benchmark must not hide a slow answer behind a retry). ``--echo`` replaces the LLM with a fixed two-chunk answer that
 repeats the caller's last line, to measure the server alone.
 
-    python bench/baseline_server.py --port 8200 [--llm-base-url URL] [--model NAME] [--echo]
+    python -m harness.baseline_server --port 8200 [--llm-base-url URL] [--model NAME] [--echo]
 """
 
 from __future__ import annotations
@@ -54,13 +55,13 @@ def create_app(echo: bool = False, llm_base_url: str | None = None, model: str =
     """The FastAPI app; ``echo`` answers without an LLM."""
     app = FastAPI()
     calls: dict[str, dict[str, Any]] = {}  # call_id -> {"greeted": bool, "details": call object}
+    client = None if echo else AsyncOpenAI(
+        base_url=llm_base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY", "sk-baseline"), max_retries=0)
 
     @app.websocket("/llm-websocket/{call_id}")
     async def llm_websocket(websocket: WebSocket, call_id: str) -> None:
         await websocket.accept()
         state = calls.setdefault(call_id, {"greeted": False, "details": None})
-        client = None if echo else AsyncOpenAI(
-            base_url=llm_base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY", "sk-baseline"))
         latest_id = 0
 
         await websocket.send_json(
@@ -116,9 +117,6 @@ def create_app(echo: bool = False, llm_base_url: str | None = None, model: str =
                 asyncio.create_task(handle_message(message))
         except WebSocketDisconnect:
             pass
-        finally:
-            if client is not None:
-                await client.close()
 
     return app
 

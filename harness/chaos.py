@@ -14,7 +14,7 @@ re-asked request is not lost, its turn is answered by the later id), calls dropp
 events lost or duplicated (event-driven) and, per fault, the time to recover: from the fault
 to the next completed turn of each call it affected. Goal: zero lost turns, zero dropped calls.
 
-``python bench/chaos.py --help`` runs it standalone: a private local Ray, Serve on a free port
+``python -m harness.chaos --help`` runs it standalone: a private local Ray, Serve on a free port
 and a private redis-server, each stopped by its pid or handle on every exit path.
 ``run_chaos`` is the reusable part (``tests/test_chaos.py`` runs it on the session's Ray).
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import contextlib
 import datetime as dt
 import json
@@ -41,17 +40,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Protocol
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
-if str(PROJECT_DIR) not in sys.path:  # `python bench/chaos.py` from anywhere
-    sys.path.insert(0, str(PROJECT_DIR))
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+from rich.table import Table
 
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from callray.sim.local import RedisServer  # noqa: E402
-from callray.sim.report import SimResult, describe  # noqa: E402
-from callray.sim.simulator import SimConfig, run_simulation  # noqa: E402
+from callray.settings import PROJECT_DIR
+from callray.sim.local import RedisServer
+from callray.sim.report import SimResult, describe
+from callray.sim.simulator import SimConfig, run_simulation
 
 FaultKind = Literal["gateway", "consumer", "redis"]
 FAULT_KINDS: tuple[str, ...] = ("gateway", "consumer", "redis")
@@ -131,7 +127,7 @@ class SocketLog:
 
     The simulator reports reconnect counts, not times; wrapping its socket opener for the
     duration of one in-process run attributes each reconnect to the gateway fault before it
-    (the same technique as ``callray.bench.FrameTap``)."""
+    ."""
 
     def __init__(self) -> None:
         self.opens: list[SocketOpen] = []
@@ -509,9 +505,8 @@ class ChaosOptions(BaseModel):
 
 def run_standalone(options: ChaosOptions, console: Console) -> dict[str, Any]:
     """Start Redis, Ray and Serve, deploy the target, run the chaos, stop everything."""
-    from callray.bench import CONFIG_FILES, Processes, callray_args, deploy_serve_target, ray_session, write_llm_agent
-
     from callray.settings import CallraySettings
+    from harness.targets import CALLRAY_TARGETS, Processes, callray_args, deploy_serve_target, ray_session, write_llm_agent
 
     tag = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     tmp = Path(tempfile.mkdtemp(prefix="callray-chaos-"))
@@ -533,10 +528,11 @@ def run_standalone(options: ChaosOptions, console: Console) -> dict[str, Any]:
         with ray_session(console) as serve_port:
             namespace = f"bench-{tag}-{options.target}-{options.agent}"
             args = callray_args(options.target, namespace=namespace, redis_url=redis.url, agent_file=agent_file)
-            settings = CallraySettings.parse(args, source=CONFIG_FILES[options.target])
-            console.log(f"deploying {options.target} ({CONFIG_FILES[options.target]})")
-            deployed = deploy_serve_target(options.target, options.agent, serve_port, redis_url=redis.url,
-                                           llm_base_url=llm_url, agent_file=agent_file, run_tag=tag)
+            config_file = CALLRAY_TARGETS[options.target][0]
+            settings = CallraySettings.parse(args, source=config_file)
+            console.log(f"deploying {options.target} ({config_file})")
+            deployed = deploy_serve_target(options.target, serve_port, namespace=namespace, redis_url=redis.url,
+                                           llm_base_url=llm_url, agent_file=agent_file)
             event_driven = settings.events.backend == "redis_streams"
             target = ChaosTarget(url=deployed.url, app=options.target, namespace=namespace, redis=redis,
                                  redis_url=redis.url if event_driven else None,
@@ -561,8 +557,7 @@ def run_standalone(options: ChaosOptions, console: Console) -> dict[str, Any]:
         if deployed is not None:
             with contextlib.suppress(Exception):
                 deployed.teardown()
-        procs.stop_all()
-        atexit.unregister(procs.stop_all)
+        procs.close()
         redis.stop()
         os.chdir(previous_cwd)
         if ok:
@@ -605,8 +600,8 @@ def options_from_args(args: argparse.Namespace) -> ChaosOptions:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """``callray chaos`` / ``python bench/chaos.py``: exit 0 only with no lost turn and no dropped call."""
-    from callray.bench import run_until_interrupted
+    """``callray chaos`` / ``python -m harness.chaos``: exit 0 only with no lost turn and no dropped call."""
+    from harness.suite import run_until_interrupted
 
     console = Console()
     report = run_until_interrupted(lambda: run_standalone(options_from_args(args), console), console)
@@ -618,7 +613,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench/chaos.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m harness.chaos", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run_command(parser.parse_args(argv))
 

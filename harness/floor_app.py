@@ -3,10 +3,16 @@
 A bare FastAPI ingress deployment speaking the same protocol as callray, with no actors and
 no state beyond the socket: ``config``, response 0, ``ping_pong`` echoed, and for every
 request two chunks (``"Got it."`` + ``" You said: <last user line>."``, the second with
-``content_complete``). With ``llm_base_url`` it streams the answer token by token from an
-OpenAI-compatible server instead (one ``AsyncOpenAI`` client shared by every call), so the
-overhead above the LLM's first token can be measured for the floor too. ``callray bench``
-runs it next to callray in the same run; whatever callray adds is measured against it.
+``content_complete``). With ``llm_base_url`` it streams the answer from an OpenAI-compatible
+server instead, with one ``AsyncOpenAI`` client shared by every call, in one of two framings:
+
+* ``phrase``: the way callray streams (the SDK client over aiohttp, raw SSE lines, callray's
+  phrase chunker, one frame per phrase), so the floor's row isolates what callray itself adds;
+* ``token``: the SDK used the ordinary way, one frame per token, as a first bare Serve app is
+  usually written.
+
+``callray bench`` runs it next to callray in the same run; whatever callray adds is measured
+against it.
 """
 
 # No `from __future__ import annotations` here: FastAPI must resolve the WebSocket annotation
@@ -18,6 +24,9 @@ from typing import Any
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from ray import serve
+
+from callray.agents.llm import stream_delta
+from callray.agents.phrases import PhraseChunker, chunk_phrases
 
 #: Same as callray's CallGateway: each open socket is one ongoing request for the whole call.
 MAX_ONGOING_REQUESTS = 1000
@@ -60,17 +69,21 @@ def _response(response_id: int, content: str, complete: bool) -> str:
                   graceful_shutdown_timeout_s=5)
 @serve.ingress(api)
 class Floor:
-    def __init__(self, llm_base_url: str | None = None, model: str = "fake-llm"):
-        self.model = model
+    def __init__(self, llm_base_url: str | None = None, model: str = "fake-llm", framing: str = "phrase"):
+        if framing not in ("phrase", "token"):
+            raise ValueError(f"framing must be 'phrase' or 'token', got {framing!r}")
+        self.model, self.framing = model, framing
         self.client = None
         if llm_base_url:
-            from openai import AsyncOpenAI
+            import openai
 
-            self.client = AsyncOpenAI(base_url=llm_base_url, api_key="floor-no-key", max_retries=0, timeout=20.0)
+            lean = {"http_client": openai.DefaultAioHttpClient()} if framing == "phrase" else {}
+            self.client = openai.AsyncOpenAI(base_url=llm_base_url, api_key="floor-no-key", max_retries=0, timeout=20.0,
+                                             **lean)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
-        return {"status": "ok", "mode": "llm" if self.client else "echo"}
+        return {"status": "ok", "mode": f"llm ({self.framing} frames)" if self.client else "echo"}
 
     @api.websocket("/llm-websocket/{call_id}")
     async def socket(self, websocket: WebSocket, call_id: str) -> None:
@@ -104,19 +117,38 @@ class Floor:
                 answering.cancel()
 
     async def _stream(self, websocket: WebSocket, request: dict[str, Any]) -> None:
-        """Each token as its own chunk, as it arrives; then ``content_complete``."""
+        """The answer as it arrives (per phrase or per token); then ``content_complete``."""
         response_id = request["response_id"]
+        chunks = self._phrases(request) if self.framing == "phrase" else self._tokens(request)
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):  # the socket went away mid-answer
             try:
-                stream = await self.client.chat.completions.create(
-                    model=self.model, messages=chat_messages(request), stream=True)
-                async with stream:
-                    async for event in stream:
-                        delta = event.choices[0].delta.content if event.choices else None
-                        if delta:
-                            await websocket.send_text(_response(response_id, delta, False))
+                async with contextlib.aclosing(chunks) as stream:
+                    async for chunk in stream:  # phrases keep their own spacing, as tokens do
+                        await websocket.send_text(_response(response_id, chunk, False))
             except (asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
                 raise
             except Exception:  # noqa: BLE001 - the caller must never be left in silence
                 await websocket.send_text(_response(response_id, FALLBACK, False))
             await websocket.send_text(_response(response_id, "", True))
+
+    async def _tokens(self, request: dict[str, Any]):
+        stream = await self.client.chat.completions.create(model=self.model, messages=chat_messages(request),
+                                                           stream=True)
+        async with stream:
+            async for event in stream:
+                delta = event.choices[0].delta.content if event.choices else None
+                if delta:
+                    yield delta
+
+    async def _phrases(self, request: dict[str, Any]):
+        async def tokens():
+            async with self.client.chat.completions.with_streaming_response.create(
+                    model=self.model, messages=chat_messages(request), stream=True) as response:
+                async for line in response.iter_lines():
+                    delta = stream_delta(line)
+                    if delta and delta.get("content"):
+                        yield delta["content"]
+
+        async with contextlib.aclosing(chunk_phrases(tokens(), PhraseChunker())) as phrases:
+            async for phrase in phrases:
+                yield phrase

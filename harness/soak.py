@@ -10,7 +10,7 @@ dropped calls) so far. The report gives memory growth per call-hour (MB), the er
 latency drift (p99 of the last window against the first), as JSON plus a PNG plot of RSS and
 p99 over time.
 
-``python bench/soak.py --minutes 2`` is the quick version. Everything it starts (a private
+``python -m harness.soak --minutes 2`` is the quick version. Everything it starts (a private
 local Ray with Serve on a free port, a private redis-server) is stopped on every exit path.
 """
 
@@ -31,17 +31,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
-if str(PROJECT_DIR) not in sys.path:  # `python bench/soak.py` from anywhere
-    sys.path.insert(0, str(PROJECT_DIR))
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+from rich.table import Table
 
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from callray.sim.local import RedisServer  # noqa: E402
-from callray.sim.report import percentile  # noqa: E402
-from callray.sim.simulator import SimConfig, run_simulation  # noqa: E402
+from callray.settings import PROJECT_DIR
+from callray.sim.local import RedisServer
+from callray.sim.report import percentile
+from callray.sim.simulator import SimConfig, run_simulation
 
 #: Retell reconnects up to 4 times after an abnormal close.
 RETELL_DROP_RECONNECTS = 4
@@ -67,7 +64,7 @@ class LiveRecorders:
 
     The simulator hands its samples over only at the end; subclassing its recorder for the
     duration of one run lets the sampler read turns, counts and errors live (the same
-    technique as ``callray.bench.FrameTap``)."""
+    technique the chaos run uses for its socket log)."""
 
     def __init__(self) -> None:
         self.recorders: list[Any] = []
@@ -91,16 +88,13 @@ class LiveRecorders:
             simulator._Recorder = original
 
 
-def process_rss(app: str) -> dict[str, float]:
-    """Resident MB per kind of process serving ``app``: gateway replicas, hosts, proxy, consumers."""
-    from callray.bench import _psutil, _target_actors
+def process_rss(app: str, namespace: str) -> dict[str, float]:
+    """Resident MB per kind of process serving ``app``: gateway replicas, proxy, consumers."""
+    from harness.targets import psutil as _psutil, serve_processes
 
     psutil = _psutil()
     out: dict[str, float] = defaultdict(float)
-    for actor in _target_actors(app):
-        cls, pid = actor.get("ActorClassName", ""), actor.get("Pid")
-        if not pid:
-            continue
+    for cls, pid in serve_processes(app, namespace):
         kind = ("gateway" if cls.startswith("ServeReplica:") else "proxy" if cls == "ProxyActor"
                 else "host" if cls == "CallHost" else "consumer" if cls == "EventConsumer" else "other")
         with contextlib.suppress(psutil.Error):
@@ -115,8 +109,8 @@ def _stats(values: list[float]) -> tuple[float | None, float | None]:
     return round(percentile(data, 0.5), 1), round(percentile(data, 0.99), 1)
 
 
-async def sample_loop(app: str, live: LiveRecorders, options: SoakOptions, samples: list[dict[str, Any]],
-                      console: Console, done: asyncio.Event, ramp_s: float) -> None:
+async def sample_loop(app: str, namespace: str, live: LiveRecorders, options: SoakOptions,
+                      samples: list[dict[str, Any]], console: Console, done: asyncio.Event, ramp_s: float) -> None:
     """One sample per ``sample_s`` until ``done``: RSS, turns/s, first-sentence p50/p99, errors.
     A sample is ``steady`` when its whole window lies after the calls' initial ramp."""
     t0 = time.monotonic()
@@ -128,7 +122,7 @@ async def sample_loop(app: str, live: LiveRecorders, options: SoakOptions, sampl
         now = time.monotonic() - t0
         if now - last_t < options.sample_s / 2:  # the run ended right after a sample
             break
-        rss = await asyncio.to_thread(process_rss, app)
+        rss = await asyncio.to_thread(process_rss, app, namespace)
         window, errors, answered = [], 0, 0
         for rec in live.recorders:
             errors += sum(rec.violations.values()) + sum(rec.dropped.values())
@@ -253,7 +247,8 @@ async def soak(url: str, app: str, options: SoakOptions, console: Console, tag: 
     live = LiveRecorders()
     done = asyncio.Event()
     with live.installed():
-        sampler = asyncio.create_task(sample_loop(app, live, options, samples, console, done, first_ramp_s))
+        sampler = asyncio.create_task(sample_loop(app, f"soak-{tag}", live, options, samples, console, done,
+                                                  first_ramp_s))
         try:
             result = await run_simulation(sim)
         finally:
@@ -264,8 +259,9 @@ async def soak(url: str, app: str, options: SoakOptions, console: Console, tag: 
 
 def run_standalone(options: SoakOptions, console: Console) -> dict[str, Any]:
     """Start Redis, Ray and Serve, deploy the target, soak it, stop everything, write JSON and PNG."""
-    from callray.bench import deploy_serve_target, machine_info, ray_session
     from callray.sim.simulator import SimConfig as _Sim
+    from harness.suite import machine_info
+    from harness.targets import deploy_serve_target, ray_session
 
     tag = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     tmp = Path(tempfile.mkdtemp(prefix="callray-soak-"))
@@ -279,8 +275,7 @@ def run_standalone(options: SoakOptions, console: Console) -> dict[str, Any]:
         redis.start()
         console.log(f"private redis-server at {redis.url}")
         with ray_session(console) as serve_port:
-            deployed = deploy_serve_target(options.target, "flow", serve_port, redis_url=redis.url, llm_base_url=None,
-                                           agent_file=None, run_tag=tag)
+            deployed = deploy_serve_target(options.target, serve_port, namespace=f"soak-{tag}", redis_url=redis.url)
             warm = asyncio.run(run_simulation(_Sim(url=deployed.url, calls=8, turns=1, think_s=0.2,
                                                    call_id_prefix=f"warm-{tag}")))
             if warm.counts.get("calls_completed", 0) == 0:
@@ -345,8 +340,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """``callray soak`` / ``python bench/soak.py``: exit 0 when the soak saw no error."""
-    from callray.bench import run_until_interrupted
+    """``callray soak`` / ``python -m harness.soak``: exit 0 when the soak saw no error."""
+    from harness.suite import run_until_interrupted
 
     console = Console()
     options = SoakOptions(target=args.target, calls=args.calls, minutes=args.minutes,
@@ -361,7 +356,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench/soak.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m harness.soak", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run_command(parser.parse_args(argv))
 

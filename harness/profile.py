@@ -1,0 +1,82 @@
+"""A short CPU profile of a running process with py-spy, summarised for the benchmark report.
+
+py-spy samples the process from outside (``--nonblocking``: it is never paused), so the profile
+can run during a measured level without changing the code under test. The summary groups the
+samples by the package of the innermost frame (where the CPU was) and lists the functions seen
+most often on top of the stack.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+#: (area, path fragments): the first area whose fragment is in the innermost frame's file.
+AREAS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("callray (this project)", ("/callray/", "/actors/", "serve_app.py")),
+    ("Ray Serve (ASGI relay, router, replica)", ("/ray/serve/",)),
+    ("Ray core (actor calls, object refs, metrics)", ("/ray/",)),
+    ("pydantic", ("/pydantic",)),
+    ("Starlette, FastAPI, uvicorn", ("/starlette/", "/fastapi/", "/uvicorn/")),
+    ("HTTP client (openai, httpx, aiohttp)", ("/openai/", "/httpx", "/aiohttp/", "/h11/")),
+    ("WebSocket framing", ("/websockets/", "/wsproto/")),
+    ("asyncio event loop", ("/asyncio/",)),
+    ("json", ("/json/",)),
+)
+
+
+def py_spy() -> str | None:
+    """The py-spy binary beside this interpreter (its venv) or on PATH."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+def start(pid: int, duration_s: float, out: Path, rate: int = 100) -> subprocess.Popen:
+    """Start sampling ``pid`` for ``duration_s`` into ``out`` (collapsed stacks); wait on the result."""
+    binary = py_spy()
+    if binary is None:
+        raise RuntimeError("py-spy is not installed (pip install py-spy)")
+    return subprocess.Popen([binary, "record", "--pid", str(pid), "--duration", str(int(duration_s)),
+                             "--rate", str(rate), "--nonblocking", "--format", "raw", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _area(frame: str) -> str:
+    for area, fragments in AREAS:
+        if any(f in frame for f in fragments):
+            return area
+    return "other"
+
+
+def summarise(collapsed: Path, top: int = 12) -> dict[str, Any]:
+    """Samples per area of the innermost frame, and the most frequent innermost functions."""
+    areas: Counter[str] = Counter()
+    functions: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        leaf = stack.rsplit(";", 1)[-1]
+        total += n
+        areas[_area(leaf)] += n
+        functions[leaf.split(" (", 1)[0] + " (" + _short(leaf) + ")"] += n
+    if not total:
+        return {"samples": 0, "areas": {}, "top_self": []}
+    return {
+        "samples": total,
+        "areas": {a: round(n / total, 4) for a, n in areas.most_common()},
+        "top_self": [(f, round(n / total, 4)) for f, n in functions.most_common(top)],
+    }
+
+
+def _short(frame: str) -> str:
+    """``file.py:line`` of a py-spy frame ``function (path/to/file.py:line)``, with its package dir."""
+    location = frame.rsplit(" (", 1)[-1].rstrip(")")
+    parts = location.split("/")
+    return "/".join(parts[-2:])

@@ -1,0 +1,395 @@
+"""What a benchmark or chaos run measures against, and the processes behind it.
+
+Serve targets (callray in each architecture and placement, and the bare Serve floor) are
+deployed as applications of one private local Ray; peers outside Ray (the hand-written
+baseline, Retell's public Python demo) run as subprocesses at the niceness Ray gives its own
+workers, so a peer is not favoured by the scheduler. Every process started here is stopped by
+its pid (or Serve handle) on every exit path, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import yaml
+from rich.console import Console
+
+from callray.settings import PROJECT_DIR, CallraySettings
+from callray.sim.local import RedisServer, free_port
+
+log = logging.getLogger("harness.targets")
+
+#: callray targets and the config file each one deploys (with its placement).
+CALLRAY_TARGETS: dict[str, tuple[str, str]] = {
+    "single": ("config/single.yaml", "local"),
+    "distributed": ("config/distributed.yaml", "local"),
+    "event_driven": ("config/event_driven.yaml", "local"),
+    "shared": ("config/single.yaml", "shared"),
+    "dedicated": ("config/single.yaml", "dedicated"),
+}
+FLOORS = ("floor", "floor_token")
+PEERS = ("baseline", "retell_demo")
+REDIS_TARGETS = ("distributed", "event_driven")
+TARGET_NOTES: dict[str, str] = {
+    "floor": "harness/floor_app.py: a bare Serve WebSocket deployment, same protocol, no state; with the LLM, "
+             "callray's stream reader and phrase frames (one shared client)",
+    "floor_token": "the same bare Serve app with the LLM read through the SDK the ordinary way, one frame per token",
+    "baseline": "harness/baseline_server.py: one hand-written FastAPI process (one shared client, no SDK retries)",
+    "retell_demo": "RetellAI/retell-custom-llm-python-demo run locally in its own venv (a new client per call, "
+                   "one frame per token), its OpenAI client pointed at the fake LLM",
+    "single": "callray, config/single.yaml: 1 gateway replica, calls in it, state and cache in memory",
+    "distributed": "callray, config/distributed.yaml: 2 gateway replicas, state and cache in Redis",
+    "event_driven": "callray, config/event_driven.yaml: autoscaled gateway (1-8), Redis, Redis Streams events",
+    "shared": "callray, config/single.yaml with placement: shared (calls in 2 CallHost actors, two actor hops per event)",
+    "dedicated": "callray, config/single.yaml with placement: dedicated (one Ray actor per call, warm pool)",
+}
+
+
+def wait_until(ready: Callable[[], bool], what: str, proc: subprocess.Popen | None = None,
+               timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before it was ready")
+        if ready():
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} was not ready within {timeout_s:.0f} s")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def psutil() -> Any:
+    """psutil, which Ray ships in ray/thirdparty_files and puts on sys.path when imported."""
+    try:
+        import psutil as module
+    except ImportError:
+        import ray  # noqa: F401 - adds ray/thirdparty_files to sys.path
+
+        import psutil as module
+    return module
+
+
+def rss_mb(pids: list[int]) -> float:
+    ps = psutil()
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(ps.Error):
+            total += ps.Process(pid).memory_info().rss
+    return total / 2**20
+
+
+class Processes:
+    """The subprocesses a run started, each stopped by its pid (terminate, then kill)."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.running: dict[int, tuple[str, subprocess.Popen]] = {}
+        atexit.register(self.stop_all)
+
+    def start(self, name: str, argv: list[str], *, nice: int = 0, **kwargs: Any) -> subprocess.Popen:
+        if nice:
+            argv = ["nice", "-n", str(nice), *argv]
+        with open(self.log_dir / f"{name}.log", "ab") as logf:
+            # A new session: Ctrl-C reaches only this process, which then stops the children in order.
+            proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+        self.running[proc.pid] = (name, proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        self.running.pop(proc.pid, None)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(list(self.running.values())):
+            self.stop(proc)
+
+    def close(self) -> None:
+        self.stop_all()
+        atexit.unregister(self.stop_all)
+
+    def start_redis(self, data_dir: Path) -> str:
+        """A private redis-server (appendonly, fsync every second), stopped with the others."""
+        server = RedisServer(data_dir, fsync="everysec", log_path=self.log_dir / "redis.log")
+        server.start()
+        self.running[server.proc.pid] = ("redis", server.proc)
+        return server.url
+
+    def start_fake_llm(self, ttft_ms: float, tokens_per_s: float) -> str:
+        port = free_port()
+        proc = self.start("fake-llm", [sys.executable, "-m", "callray.sim.fake_llm", "--port", str(port),
+                                       "--ttft-ms", str(ttft_ms), "--tokens-per-s", str(tokens_per_s)],
+                          cwd=PROJECT_DIR)
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/v1/models"), f"fake LLM on port {port}", proc, 30)
+        return f"http://127.0.0.1:{port}/v1"
+
+
+# ====================================================================== Ray and Serve
+
+
+@contextlib.contextmanager
+def ray_session(console: Console) -> Iterator[int]:
+    """A private local Ray with Serve on a free port; yields the port. Shut down on exit."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+    from ray import serve
+
+    temp_dir = tempfile.mkdtemp(prefix="crb-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    console.log(f"starting a private local Ray (temp dir {temp_dir})")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=temp_dir,
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}}, logging_level="warning", log_to_driver=False)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    failed = False
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield port
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+        if failed:
+            console.log(f"Ray logs kept in {temp_dir}/session_latest/logs")
+        else:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _alive_actors() -> list[dict[str, Any]]:
+    """Alive actors from the GCS (the state API needs the dashboard, which the harness does not start)."""
+    from ray._private import state
+
+    return [a for a in state.actors().values() if a.get("State") == "ALIVE"]
+
+
+def serve_processes(app: str, namespace: str | None = None) -> list[tuple[str, int]]:
+    """(class, pid) of the processes serving ``app``: the Serve proxy, its replicas and the named
+    actors of its namespace (call hosts, pools, consumers)."""
+    import ray
+
+    names = set()
+    if namespace:
+        names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == namespace}
+    out = []
+    for actor in _alive_actors():
+        cls = actor.get("ActorClassName", "")
+        if (cls.startswith(f"ServeReplica:{app}:") or cls == "ProxyActor" or actor.get("Name") in names) \
+                and actor.get("Pid"):
+            out.append((cls, actor["Pid"]))
+    return out
+
+
+def kill_namespace(namespace: str) -> None:
+    """Kill the named actors a callray target left in its namespace (they are detached)."""
+    import ray
+
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == namespace:
+            with contextlib.suppress(Exception):
+                ray.kill(ray.get_actor(entry["name"], namespace=namespace), no_restart=True)
+
+
+@dataclass
+class Deployed:
+    """A running target: where to call it, how to find its processes, how to stop it."""
+
+    name: str
+    url: str
+    processes: Callable[[], list[tuple[str, int]]]
+    teardown: Callable[[], None]
+    holding: frozenset[str] = frozenset()
+    http_base: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def deployment_options(config_file: str) -> dict[str, Any]:
+    doc = yaml.safe_load((PROJECT_DIR / config_file).read_text())
+    dep = (doc["applications"][0].get("deployments") or [{}])[0]
+    keys = ("num_replicas", "autoscaling_config", "max_ongoing_requests", "graceful_shutdown_timeout_s",
+            "ray_actor_options")
+    return {k: dep[k] for k in keys if k in dep}
+
+
+def callray_args(target: str, *, namespace: str, redis_url: str | None, agent_file: Path | None) -> dict[str, Any]:
+    """The Serve application args of a callray target: its config file's, pointed at the run's
+    Redis, a namespace of its own and (LLM mode) the bench LLM agent."""
+    config_file, placement = CALLRAY_TARGETS[target]
+    args = yaml.safe_load((PROJECT_DIR / config_file).read_text())["applications"][0]["args"]
+    args["hosts"]["namespace"] = namespace
+    args["hosts"]["placement"] = placement
+    args["gateway"].pop("guard", None)  # the simulator connects from loopback without the secret
+    args["webhook"]["api_key"] = ""
+    if args["state"]["backend"] == "redis" or args["cache"]["backend"] == "redis" or \
+            args["events"]["backend"] == "redis_streams":
+        if redis_url is None:
+            raise RuntimeError(f"{target} needs Redis")
+        args["state"]["redis_url"] = redis_url
+    if agent_file is not None:
+        args["agents"] = {"default": "bench_llm", "files": {"bench_llm": str(agent_file)}, "by_retell_agent_id": {}}
+    return args
+
+
+def write_llm_agent(directory: Path, llm_base_url: str) -> Path:
+    """``config/agents/assistant_llm.yaml`` with its provider replaced by the fake LLM."""
+    data = yaml.safe_load((PROJECT_DIR / "config/agents/assistant_llm.yaml").read_text())
+    data["providers"] = [{"base_url": llm_base_url, "model": "gpt-4o-mini",
+                          "api_key_env": "CALLRAY_BENCH_UNSET_KEY", "api_key_fallback": "fake-key"}]
+    path = directory / "bench_llm.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def deploy_serve_target(target: str, port: int, *, namespace: str, redis_url: str | None = None,
+                        llm_base_url: str | None = None, agent_file: Path | None = None,
+                        timeout_s: float = 180.0) -> Deployed:
+    """Deploy ``target`` as Serve application ``target`` under ``/target``; wait until healthy."""
+    from ray import serve
+
+    base = f"http://127.0.0.1:{port}/{target}"
+
+    def teardown() -> None:
+        with contextlib.suppress(Exception):
+            serve.delete(target)
+        kill_namespace(namespace)
+
+    try:
+        if target in FLOORS:
+            from harness.floor_app import MAX_ONGOING_REQUESTS, Floor
+
+            app = Floor.options(max_ongoing_requests=MAX_ONGOING_REQUESTS).bind(
+                llm_base_url=llm_base_url, framing="token" if target == "floor_token" else "phrase")
+            serve.run(app, name=target, route_prefix=f"/{target}", blocking=False)
+            wait_until(lambda: http_ok(f"{base}/healthz"), f"{base}/healthz", timeout_s=timeout_s)
+            return Deployed(target, f"ws://127.0.0.1:{port}/{target}/llm-websocket",
+                            lambda: serve_processes(target), teardown, http_base=base)
+
+        from serve_app import CallGateway
+
+        config_file = CALLRAY_TARGETS[target][0]
+        args = callray_args(target, namespace=namespace, redis_url=redis_url, agent_file=agent_file)
+        settings = CallraySettings.parse(args, source=f"{config_file} (bench {target})")
+        options = deployment_options(config_file)
+        app = CallGateway.options(**options).bind(settings.model_dump(mode="json"))
+        serve.run(app, name=target, route_prefix=f"/{target}", blocking=False)
+        wait_until(lambda: http_ok(f"{base}/healthz"), f"{base}/healthz", timeout_s=timeout_s)
+        return Deployed(target, f"ws://127.0.0.1:{port}/{target}{settings.gateway.path_prefix}",
+                        lambda: serve_processes(target, namespace), teardown,
+                        holding=frozenset(p.strip() for p in settings.turns.holding_phrases), http_base=base)
+    except Exception as exc:
+        detail = _deploy_failure(target)
+        teardown()
+        if detail:
+            raise RuntimeError(f"deploying {target} failed: {detail}") from exc
+        raise
+    except BaseException:
+        teardown()
+        raise
+
+
+def _deploy_failure(app: str) -> str:
+    """The last line of the error Serve recorded for ``app`` (e.g. the replica constructor's exception)."""
+    from ray import serve
+
+    try:
+        status = serve.status().applications.get(app)
+    except Exception:  # the status itself is best effort
+        return ""
+    if status is None:
+        return ""
+    messages = [d.message for d in status.deployments.values() if d.message] + [status.message]
+    lines = [line.strip() for m in messages if m for line in m.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def ray_worker_niceness(app: str) -> int:
+    """The niceness Ray gave the app's replica processes (Ray starts workers at nice 15)."""
+    ps = psutil()
+    for _, pid in serve_processes(app):
+        with contextlib.suppress(ps.Error):
+            return ps.Process(pid).nice()
+    return 0
+
+
+# ====================================================================== peers outside Ray
+
+
+def start_baseline(procs: Processes, llm_base_url: str | None, nice: int) -> Deployed:
+    port = free_port()
+    argv = [sys.executable, "-m", "harness.baseline_server", "--port", str(port)]
+    argv += ["--llm-base-url", llm_base_url] if llm_base_url else ["--echo"]
+    proc = procs.start("baseline", argv, nice=nice, cwd=PROJECT_DIR,
+                       env={**os.environ, "OPENAI_API_KEY": "baseline-no-key"})
+    wait_until(lambda: port_open(port), f"baseline server on port {port}", proc, 30)
+    return Deployed("baseline", f"ws://127.0.0.1:{port}/llm-websocket", lambda: [("baseline", proc.pid)],
+                    lambda: procs.stop(proc))
+
+
+def demo_python(checkout: Path) -> Path:
+    """The interpreter to run Retell's demo with: its own venv when there is one (its pinned
+    requirements: openai 1.23, fastapi 0.100, wsproto), else this one."""
+    for candidate in (checkout / ".venv" / "bin" / "python", checkout / "venv" / "bin" / "python"):
+        if candidate.exists():
+            return candidate
+    return Path(sys.executable)
+
+
+#: The demo's README step 2 ("fill out the API keys in .env"), done for the fake LLM.
+DEMO_ENV = "OPENAI_API_KEY=demo-no-key\nOPENAI_ORGANIZATION_ID=org-bench\nRETELL_API_KEY=demo-no-key\n"
+
+
+def start_retell_demo(procs: Processes, checkout: Path, llm_base_url: str, nice: int) -> Deployed:
+    """Retell's public Python demo, unmodified, from a local checkout: its ``app`` is copied to
+    the run's directory beside a ``.env`` filled as the demo's README asks (the demo loads it
+    with override), and started as the README says (``uvicorn app.server:app``, without
+    --reload). Its OpenAI client reaches the fake LLM through the SDK's ``OPENAI_BASE_URL``."""
+    if not (checkout / "app" / "server.py").exists():
+        raise RuntimeError(f"--retell-demo {checkout}: no app/server.py (a checkout of "
+                           "RetellAI/retell-custom-llm-python-demo is expected)")
+    python = demo_python(checkout)
+    run_dir = procs.log_dir / "retell-demo"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.copytree(checkout / "app", run_dir / "app", ignore=shutil.ignore_patterns("__pycache__"))
+    (run_dir / ".env").write_text(DEMO_ENV)
+    port = free_port()
+    env = {**os.environ, "OPENAI_BASE_URL": llm_base_url, "PYTHONUNBUFFERED": "1"}
+    proc = procs.start("retell-demo", [str(python), "-m", "uvicorn", "app.server:app", "--host", "127.0.0.1",
+                                       "--port", str(port), "--log-level", "warning"],
+                       nice=nice, cwd=run_dir, env=env)
+    wait_until(lambda: port_open(port), f"Retell's demo on port {port}", proc, 60)
+    return Deployed("retell_demo", f"ws://127.0.0.1:{port}/llm-websocket", lambda: [("retell_demo", proc.pid)],
+                    lambda: procs.stop(proc), notes=[f"interpreter {python}"])
