@@ -1,9 +1,10 @@
 """A short CPU profile of a running process with py-spy, summarised for the benchmark report.
 
 py-spy samples the process from outside (``--nonblocking``: it is never paused), so the profile
-can run during a measured level without changing the code under test. The summary groups the
-samples by the package of the innermost frame (where the CPU was) and lists the functions seen
-most often on top of the stack.
+can run during a measured level without changing the code under test. Only stacks holding the
+GIL are kept (``--gil``): a thread waiting in the event loop's poll is not CPU time. The summary
+groups the samples by the package of the innermost frame (where the CPU was) and lists the
+functions seen most often on top of the stack.
 """
 
 from __future__ import annotations
@@ -15,17 +16,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-#: (area, path fragments): the first area whose fragment is in the innermost frame's file.
+#: (area, path prefixes): py-spy names a frame's file relative to its sys.path entry
+#: (``ray/serve/_private/replica.py``, ``callray/session.py``); the first matching area counts.
 AREAS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("callray (this project)", ("/callray/", "/actors/", "serve_app.py")),
-    ("Ray Serve (ASGI relay, router, replica)", ("/ray/serve/",)),
-    ("Ray core (actor calls, object refs, metrics)", ("/ray/",)),
-    ("pydantic", ("/pydantic",)),
-    ("Starlette, FastAPI, uvicorn", ("/starlette/", "/fastapi/", "/uvicorn/")),
-    ("HTTP client (openai, httpx, aiohttp)", ("/openai/", "/httpx", "/aiohttp/", "/h11/")),
-    ("WebSocket framing", ("/websockets/", "/wsproto/")),
-    ("asyncio event loop", ("/asyncio/",)),
-    ("json", ("/json/",)),
+    ("callray (this project)", ("callray/", "actors/", "serve_app.py", "harness/")),
+    ("Ray Serve (ASGI relay, router, replica)", ("ray/serve/",)),
+    ("Ray core (actor calls, object refs, metrics)", ("ray/",)),
+    ("pydantic", ("pydantic",)),
+    ("Starlette, FastAPI, uvicorn", ("starlette/", "fastapi/", "uvicorn/")),
+    ("HTTP client (openai, httpx, aiohttp)", ("openai/", "httpx", "aiohttp/", "h11/", "yarl/", "multidict/")),
+    ("WebSocket framing", ("websockets/", "wsproto/")),
+    ("asyncio event loop", ("asyncio/",)),
+    ("json", ("json/",)),
 )
 
 
@@ -41,13 +43,14 @@ def start(pid: int, duration_s: float, out: Path, rate: int = 100) -> subprocess
     if binary is None:
         raise RuntimeError("py-spy is not installed (pip install py-spy)")
     return subprocess.Popen([binary, "record", "--pid", str(pid), "--duration", str(int(duration_s)),
-                             "--rate", str(rate), "--nonblocking", "--format", "raw", "--output", str(out)],
+                             "--rate", str(rate), "--nonblocking", "--gil", "--format", "raw", "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _area(frame: str) -> str:
-    for area, fragments in AREAS:
-        if any(f in frame for f in fragments):
+    path = frame.rsplit(" (", 1)[-1]
+    for area, prefixes in AREAS:
+        if path.startswith(prefixes):
             return area
     return "other"
 

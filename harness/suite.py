@@ -41,7 +41,7 @@ from callray.sim.simulator import SimConfig, call_url, run_simulation
 from harness import profile
 from harness.report import aggregate, round_stats, write_report
 from harness.targets import (
-    CALLRAY_TARGETS, REDIS_TARGETS, Deployed, Processes, deploy_serve_target, ray_session,
+    CALLRAY_TARGETS, PEERS, REDIS_TARGETS, Deployed, Processes, deploy_serve_target, ray_session,
     ray_worker_niceness, rss_mb, start_baseline, start_retell_demo, write_llm_agent,
 )
 
@@ -49,7 +49,8 @@ log = logging.getLogger("harness.suite")
 
 AgentMode = Literal["flow", "llm"]
 FLOW_TARGETS = ("floor", "baseline", "single", "distributed", "event_driven", "shared", "dedicated")
-LLM_TARGETS = ("floor", "floor_token", "baseline", "retell_demo", "single", "distributed", "event_driven", "shared")
+LLM_TARGETS = ("floor", "floor_token", "baseline", "retell_demo", "retell_demo_pinned", "single", "distributed",
+               "event_driven", "shared")
 QUICK_TARGETS = ("floor", "baseline", "single", "distributed")
 DEFAULT_LEVELS = (50, 100, 200, 300)
 DEFAULT_LLM_LEVELS = (50, 100)
@@ -97,7 +98,9 @@ class BenchOptions(BaseModel):
         allowed = FLOW_TARGETS if mode == "flow" else LLM_TARGETS
         chosen = [t for t in (self.targets or allowed) if t in allowed]
         if self.retell_demo is None:
-            chosen = [t for t in chosen if t != "retell_demo"]
+            chosen = [t for t in chosen if not t.startswith("retell_demo")]
+        elif not (self.retell_demo / ".venv").exists() and self.targets is None:
+            chosen = [t for t in chosen if t != "retell_demo_pinned"]
         return chosen
 
     def mode_levels(self, mode: str) -> list[int]:
@@ -205,13 +208,14 @@ class ModeRun:
         llm = self.llm_url if self.mode == "llm" else None
         if target == "baseline":
             return start_baseline(self.procs, llm, self.niceness)
-        if target == "retell_demo":
-            return start_retell_demo(self.procs, self.options.retell_demo, llm, self.niceness)
+        if target.startswith("retell_demo"):
+            return start_retell_demo(self.procs, self.options.retell_demo, llm, self.niceness,
+                                     pinned=target == "retell_demo_pinned")
         return deploy_serve_target(target, self.serve_port, namespace=self.namespace(target), redis_url=self.redis_url,
                                    llm_base_url=llm, agent_file=self.agent_file if target in CALLRAY_TARGETS else None)
 
     def deploy_all(self, targets: list[str]) -> None:
-        serve_first = sorted(targets, key=lambda t: t in ("baseline", "retell_demo"))  # niceness is read from Serve
+        serve_first = sorted(targets, key=lambda t: t in PEERS)  # the peers' niceness is read from Serve
         for target in serve_first:
             self.entry(target)
             try:
@@ -219,9 +223,9 @@ class ModeRun:
                 self.deployed[target] = self.deploy(target)
                 self.entry(target)["notes"] += self.deployed[target].notes
             except Exception as exc:  # one target failing must not lose the others
-                self.fail(target, exc, "not available" if target in ("dedicated", "retell_demo") else "failed")
+                self.fail(target, exc, "not available" if target in ("dedicated", *PEERS) else "failed")
                 continue
-            if target not in ("baseline", "retell_demo") and not self.niceness:
+            if target not in PEERS and not self.niceness:
                 self.niceness = ray_worker_niceness(target)
                 self.console.log(f"Ray runs its workers at nice {self.niceness}; peers outside Ray will too")
 
@@ -542,7 +546,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                        "(default: the highest flow level)")
     parser.add_argument("--retell-demo", type=Path, metavar="PATH",
                         help="a local checkout of RetellAI/retell-custom-llm-python-demo to measure beside callray "
-                             "in LLM mode (its own venv in PATH/.venv is used when present); skipped when absent")
+                             "in LLM mode: on this interpreter (retell_demo), and in PATH/.venv with its pinned "
+                             "requirements when that exists (retell_demo_pinned); skipped when absent")
     parser.add_argument("--profile", action="store_true", help="sample a callray replica with py-spy during one "
                                                                "extra level per mode")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"),

@@ -41,15 +41,17 @@ CALLRAY_TARGETS: dict[str, tuple[str, str]] = {
     "dedicated": ("config/single.yaml", "dedicated"),
 }
 FLOORS = ("floor", "floor_token")
-PEERS = ("baseline", "retell_demo")
+PEERS = ("baseline", "retell_demo", "retell_demo_pinned")
 REDIS_TARGETS = ("distributed", "event_driven")
 TARGET_NOTES: dict[str, str] = {
     "floor": "harness/floor_app.py: a bare Serve WebSocket deployment, same protocol, no state; with the LLM, "
              "callray's stream reader and phrase frames (one shared client)",
     "floor_token": "the same bare Serve app with the LLM read through the SDK the ordinary way, one frame per token",
     "baseline": "harness/baseline_server.py: one hand-written FastAPI process (one shared client, no SDK retries)",
-    "retell_demo": "RetellAI/retell-custom-llm-python-demo run locally in its own venv (a new client per call, "
-                   "one frame per token), its OpenAI client pointed at the fake LLM",
+    "retell_demo": "RetellAI/retell-custom-llm-python-demo, unmodified, on this interpreter's current libraries "
+                   "(a new OpenAI client per call, one frame per token), pointed at the fake LLM",
+    "retell_demo_pinned": "the same demo in its own venv with its requirements.txt (openai 1.23, uvicorn 0.21 with "
+                          "wsproto), as its README installs it",
     "single": "callray, config/single.yaml: 1 gateway replica, calls in it, state and cache in memory",
     "distributed": "callray, config/distributed.yaml: 2 gateway replicas, state and cache in Redis",
     "event_driven": "callray, config/event_driven.yaml: autoscaled gateway (1-8), Redis, Redis Streams events",
@@ -359,20 +361,34 @@ def start_baseline(procs: Processes, llm_base_url: str | None, nice: int) -> Dep
                     lambda: procs.stop(proc))
 
 
-def demo_python(checkout: Path) -> Path:
-    """The interpreter to run Retell's demo with: its own venv when there is one (its pinned
-    requirements: openai 1.23, fastapi 0.100, wsproto), else this one."""
+def demo_python(checkout: Path, pinned: bool) -> Path:
+    """The interpreter to run Retell's demo with: this one (current libraries), or, ``pinned``,
+    the checkout's own venv with its requirements.txt installed."""
+    if not pinned:
+        return Path(sys.executable)
     for candidate in (checkout / ".venv" / "bin" / "python", checkout / "venv" / "bin" / "python"):
         if candidate.exists():
             return candidate
-    return Path(sys.executable)
+    raise RuntimeError(f"{checkout}/.venv does not exist: create it with `python -m venv {checkout}/.venv && "
+                       f"{checkout}/.venv/bin/pip install -r {checkout}/requirements.txt`")
+
+
+def check_demo_imports(python: Path) -> None:
+    """The demo imports python-dotenv and retell-sdk: say which install is missing, by name."""
+    probe = subprocess.run([str(python), "-c", "import dotenv, retell, fastapi, openai, uvicorn"],
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode:
+        missing = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        raise RuntimeError(f"Retell's demo cannot start on {python}: {missing} "
+                           "(pip install -e '.[bench]' installs python-dotenv and retell-sdk)")
 
 
 #: The demo's README step 2 ("fill out the API keys in .env"), done for the fake LLM.
 DEMO_ENV = "OPENAI_API_KEY=demo-no-key\nOPENAI_ORGANIZATION_ID=org-bench\nRETELL_API_KEY=demo-no-key\n"
 
 
-def start_retell_demo(procs: Processes, checkout: Path, llm_base_url: str, nice: int) -> Deployed:
+def start_retell_demo(procs: Processes, checkout: Path, llm_base_url: str, nice: int,
+                      pinned: bool = False) -> Deployed:
     """Retell's public Python demo, unmodified, from a local checkout: its ``app`` is copied to
     the run's directory beside a ``.env`` filled as the demo's README asks (the demo loads it
     with override), and started as the README says (``uvicorn app.server:app``, without
@@ -380,16 +396,17 @@ def start_retell_demo(procs: Processes, checkout: Path, llm_base_url: str, nice:
     if not (checkout / "app" / "server.py").exists():
         raise RuntimeError(f"--retell-demo {checkout}: no app/server.py (a checkout of "
                            "RetellAI/retell-custom-llm-python-demo is expected)")
-    python = demo_python(checkout)
-    run_dir = procs.log_dir / "retell-demo"
+    python = demo_python(checkout, pinned)
+    check_demo_imports(python)
+    name = "retell_demo_pinned" if pinned else "retell_demo"
+    run_dir = procs.log_dir / name
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.copytree(checkout / "app", run_dir / "app", ignore=shutil.ignore_patterns("__pycache__"))
     (run_dir / ".env").write_text(DEMO_ENV)
     port = free_port()
     env = {**os.environ, "OPENAI_BASE_URL": llm_base_url, "PYTHONUNBUFFERED": "1"}
-    proc = procs.start("retell-demo", [str(python), "-m", "uvicorn", "app.server:app", "--host", "127.0.0.1",
-                                       "--port", str(port), "--log-level", "warning"],
-                       nice=nice, cwd=run_dir, env=env)
+    proc = procs.start(name, [str(python), "-m", "uvicorn", "app.server:app", "--host", "127.0.0.1",
+                              "--port", str(port), "--log-level", "warning"], nice=nice, cwd=run_dir, env=env)
     wait_until(lambda: port_open(port), f"Retell's demo on port {port}", proc, 60)
-    return Deployed("retell_demo", f"ws://127.0.0.1:{port}/llm-websocket", lambda: [("retell_demo", proc.pid)],
+    return Deployed(name, f"ws://127.0.0.1:{port}/llm-websocket", lambda: [(name, proc.pid)],
                     lambda: procs.stop(proc), notes=[f"interpreter {python}"])

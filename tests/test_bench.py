@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -150,7 +151,10 @@ def test_the_retell_demo_runs_from_a_copy_with_its_readme_env(tmp_path):
     checkout = tmp_path / "demo"
     (checkout / ".venv" / "bin").mkdir(parents=True)
     (checkout / ".venv" / "bin" / "python").write_text("")
-    assert targets.demo_python(checkout) == checkout / ".venv" / "bin" / "python"
+    assert targets.demo_python(checkout, pinned=True) == checkout / ".venv" / "bin" / "python"
+    assert targets.demo_python(checkout, pinned=False) == Path(sys.executable)
+    with pytest.raises(RuntimeError, match="requirements.txt"):
+        targets.demo_python(tmp_path, pinned=True)
 
 
 # --------------------------------------------------------------------------- report
@@ -195,9 +199,9 @@ def test_a_profile_is_summarised_by_where_the_cpu_was(tmp_path):
     from harness import profile
 
     raw = tmp_path / "stacks.txt"
-    raw.write_text("main (serve_app.py:1);handle (/x/callray/session.py:9) 60\n"
-                   "main (serve_app.py:1);relay (/x/ray/serve/_private/replica.py:5) 30\n"
-                   "main (serve_app.py:1);loads (/usr/lib/python3.11/json/decoder.py:3) 10\n")
+    raw.write_text("main (serve_app.py:1);handle (callray/session.py:9) 60\n"
+                   "main (serve_app.py:1);relay (ray/serve/_private/replica.py:5) 30\n"
+                   "main (serve_app.py:1);loads (json/decoder.py:3) 10\n")
     summary = profile.summarise(raw)
     assert summary["samples"] == 100
     assert summary["areas"] == {"callray (this project)": 0.6, "Ray Serve (ASGI relay, router, replica)": 0.3,
@@ -235,7 +239,8 @@ def test_options_from_args_quick_defaults_and_command_line(tmp_path):
     assert options.levels == [10, 20] and options.agents == ["flow"]
     assert options.command == "callray bench --quick --levels 20 10"
     full = suite.options_from_args(_bench_args("--agent", "llm", "--rounds", "5"))
-    assert full.targets is None and full.mode_targets("llm") == [t for t in suite.LLM_TARGETS if t != "retell_demo"]
+    assert full.targets is None
+    assert full.mode_targets("llm") == [t for t in suite.LLM_TARGETS if not t.startswith("retell_demo")]
     assert full.mode_levels("llm") == list(suite.DEFAULT_LLM_LEVELS) and full.rounds == 5
     with pytest.raises(ValueError, match="levels"):
         suite.options_from_args(_bench_args("--levels", "0"))

@@ -124,7 +124,7 @@ async def test_phrases_stream_and_first_sentence_precedes_stream_end() -> None:
         await agent.aclose()
     rec = fake.records[0]
     assert all(isinstance(o, Speech) for o in outputs) and len(outputs) >= 4
-    assert outputs[0].text == "You said cleaning Tuesday. "  # a whole first sentence, alone
+    assert outputs[0].text == "You said cleaning Tuesday."  # a whole first sentence, alone, at its last token
     assert spoken(outputs) == "You said cleaning Tuesday. I can help with that. " + " ".join([
         "Let me take care of that for you.", "That should only take a moment.",
         "I have all the details I need.", "Is there anything else?"])
@@ -226,7 +226,7 @@ async def test_failure_after_speech_started_raises_without_retry() -> None:
             async for out in agent.respond(turn()):
                 outputs.append(out)
         await agent.aclose()
-    assert spoken(outputs) == "First part is fine. "
+    assert spoken(outputs) == "First part is fine."
     assert len(broken.records) == 1 and not spare.records
 
 

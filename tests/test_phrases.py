@@ -24,11 +24,11 @@ def run(tokens: list[str], step: float = 0.01, **kw) -> list[tuple[int | str, st
     return out
 
 
-def test_first_sentence_released_when_next_word_starts() -> None:
+def test_first_sentence_released_with_its_last_word() -> None:
     tokens = tokens_of("Sure, I can help. What day works for you?")
     out = run(tokens)
-    assert out[0] == (4, "Sure, I can help. ")  # released by " What", before the rest arrives
-    assert out[1] == (len(tokens) - 1, "What day works for you?")  # "?" needs no lookahead
+    assert out[0] == (3, "Sure, I can help.")  # released by " help." itself: no wait for the next token
+    assert out[1] == (len(tokens) - 1, " What day works for you?")  # "?" needs no lookahead either
 
 
 def test_question_and_exclamation_released_at_once() -> None:
@@ -41,9 +41,9 @@ def test_abbreviations_and_decimals_do_not_end_sentences() -> None:
     text = "Dr. Smith charges 3.5 dollars, e.g. for a check. Mr. J. Doe agrees. See you at 3 p.m. today."
     chunks = [c for _, c in run(tokens_of(text))]
     assert chunks == [
-        "Dr. Smith charges 3.5 dollars, e.g. for a check. ",
-        "Mr. J. Doe agrees. ",
-        "See you at 3 p.m. today.",
+        "Dr. Smith charges 3.5 dollars, e.g. for a check.",
+        " Mr. J. Doe agrees.",
+        " See you at 3 p.m. today.",
     ]
 
 
@@ -52,11 +52,12 @@ def test_maybe_abbreviation_ends_sentence_before_capital() -> None:
     assert chunks == ["We open at 9 a.m. ", "Tomorrow we close early."]
 
 
-def test_period_waits_for_the_next_character() -> None:
+def test_a_period_after_a_number_initial_or_abbreviation_waits_for_the_next_character() -> None:
     chunker = PhraseChunker()
     assert chunker.feed("It costs 3.", 0.0) == []  # might be 3.5
-    assert chunker.feed("5 dollars.", 0.01) == []
-    assert chunker.feed(" Okay", 0.02) == ["It costs 3.5 dollars. "]
+    assert chunker.feed("5 dollars.", 0.01) == ["It costs 3.5 dollars."]  # a plain word: at once
+    for waiting in ("Ask Dr.", "Call J.", "Open at 9 a.m.", "Fruit, etc."):
+        assert PhraseChunker().feed(waiting, 0.0) == [], waiting
 
 
 def test_long_clause_released_without_sentence_end() -> None:
@@ -135,7 +136,7 @@ async def test_chunk_phrases_first_sentence_before_stream_end() -> None:
 
     async for phrase in chunk_phrases(slow_tokens(), PhraseChunker(flush_interval_s=10)):
         seen.append((loop.time(), phrase))
-    assert [p for _, p in seen] == ["Thanks for calling. ", "We are open today until five o'clock"]
+    assert [p for _, p in seen] == ["Thanks for calling.", " We are open today until five o'clock"]
     assert seen[0][0] < ended[0]
 
 
@@ -152,7 +153,7 @@ async def test_chunk_phrases_flushes_on_time_while_source_stalls() -> None:
     async for phrase in chunk_phrases(stalling(), PhraseChunker(flush_interval_s=0.05)):
         out.append(phrase)
         released.set()
-    assert out == ["Let me check ", "that ", "now."]  # "that" had waited too long already
+    assert out == ["Let me check ", "that now."]  # complete words flushed on time; then the sentence at once
 
 
 async def test_chunk_phrases_reraises_and_closes_source() -> None:
@@ -174,7 +175,7 @@ async def test_chunk_phrases_reraises_and_closes_source() -> None:
         assert "upstream broke" in str(exc)
     else:
         raise AssertionError("the source's error was swallowed")
-    assert out == ["Hello there. "]
+    assert out == ["Hello there."]
     assert closed.is_set()
 
 

@@ -33,8 +33,9 @@ class PhraseChunker:
     """Incremental phrase segmentation; feed tokens with the time they arrived.
 
     Release rules, checked after every token and on ``poll``:
-    1. each complete sentence (terminal punctuation followed by whitespace; ``!``/``?`` also
-       at the end of the buffer) is released as its own chunk, with its trailing whitespace;
+    1. each complete sentence (terminal punctuation followed by whitespace; at the end of the
+       buffer ``!``/``?``, and a ``.`` after a plain word that is no abbreviation, so the first
+       sentence never waits for the next token) is released as its own chunk;
     2. otherwise, if the text up to the last clause boundary (``, ; :``, a dash, an ellipsis)
        is at least ``clause_min_chars`` long, it is released;
     3. otherwise, once the oldest buffered text is ``flush_interval_s`` old, all complete
@@ -141,8 +142,10 @@ def _first_sentence_end(buf: str) -> int | None:
             i = j
             continue
         if j == n:
-            # Only "!" and "?" are unambiguous without seeing what follows.
-            return j if buf[i:j].rstrip(_CLOSERS)[-1] in "!?" and buf[:i].strip() else None
+            # "!" and "?" are unambiguous without seeing what follows; "." is after a plain word
+            # ("dollars."), not after a number ("3." may be 3.5), an initial or an abbreviation.
+            final = buf[i:j].rstrip(_CLOSERS)[-1] in "!?" or _plain_word_before(buf, i)
+            return j if final and buf[:i].strip() else None
         if not buf[j].isspace():  # "3.5", "e.g", "example.com", "?!x"
             i = j
             continue
@@ -167,6 +170,11 @@ def _period_ends_sentence(buf: str, i: int, next_start: int) -> bool:
     if word in _ABBREV_MAYBE:
         return next_start < len(buf) and buf[next_start].isupper()
     return True
+
+
+def _plain_word_before(buf: str, i: int) -> bool:
+    word = _word_before(buf, i)
+    return len(word) > 1 and word.isalpha() and word not in _ABBREV_ALWAYS and word not in _ABBREV_MAYBE
 
 
 def _needs_next_word(buf: str, i: int) -> bool:
