@@ -34,6 +34,8 @@ from callray.settings import CallraySettings, GatewaySettings
 log = logging.getLogger("callray.placement")
 
 HOST_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError, RayTaskError)
+#: Inbound frames a socket may have waiting for its (restarting) call actor; beyond, it closes (1013).
+MAX_PENDING_FRAMES = 256
 
 
 def _host_options(settings: CallraySettings, name: str) -> dict[str, Any]:
@@ -123,6 +125,10 @@ class RemoteLink:
             self._newest_request_id = max(self._newest_request_id, event.response_id)
         if isinstance(event, UpdateOnly) and self._inbound and isinstance(self._inbound[-1][0], UpdateOnly):
             self._inbound[-1] = (event, frame)  # only the newest partial transcript matters
+        elif len(self._inbound) >= MAX_PENDING_FRAMES:
+            self._inbound.clear()
+            self.outbox.close(StreamEnd.OVERFLOW)
+            return
         else:
             self._inbound.append((event, frame))
         self._wake.set()

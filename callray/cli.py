@@ -227,15 +227,34 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     console = Console()
     try:
-        _, settings = load_serve_config(args.config)
+        doc, settings = load_serve_config(args.config)
         agents = AgentRegistry.from_settings(settings.agents)
     except (SettingsError, ValueError) as exc:
         console.print(f"[red]invalid[/red] {exc}", highlight=False)
         return 1
+    exposure = public_without_secret(doc, settings)
+    if exposure:
+        console.print(f"[bold yellow]WARNING[/] {args.config}: {exposure}", highlight=False)
     console.print(f"[green]ok[/green] {args.config}: architecture {settings.architecture}, agents "
                   f"{', '.join(sorted(agents.agents))} (default {agents.default_name}), "
                   f"state {settings.state.backend}, events {settings.events.backend}", highlight=False)
     return 0
+
+
+def public_without_secret(doc: dict[str, Any], settings: Any) -> str | None:
+    """Why a config serves sockets beyond this machine with no secret guarding them, or None."""
+    import ipaddress
+
+    host = str((doc.get("http_options") or {}).get("host", "127.0.0.1"))
+    try:
+        local = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = host == "localhost"
+    guard = settings.gateway.guard
+    if local or guard.secret is not None or guard.allow_ips:
+        return None
+    return (f"http_options.host {host} serves the socket route beyond this machine with no "
+            "gateway.guard.secret and no allow_ips: anyone who reaches it can talk to the agent")
 
 
 #: Subcommand registrars, in help order (each adds a parser with set_defaults(handler=...)).

@@ -48,6 +48,20 @@ log = logging.getLogger("callray.conversation")
 
 _SENTENCE_END = (".", "!", "?")
 
+#: The fields of Retell's call object a call's state keeps (what agents, routing and the
+#: archive's own records use); the rest (transcripts, recordings) stays with Retell and the
+#: archive, which receives the whole object with the webhook.
+CALL_FIELDS = frozenset({
+    "call_id", "agent_id", "agent_version", "call_type", "call_status", "direction", "from_number", "to_number",
+    "start_timestamp", "end_timestamp", "duration_ms", "disconnection_reason", "metadata",
+    "retell_llm_dynamic_variables",
+})
+
+
+def kept_call(*objects: dict[str, Any]) -> dict[str, Any]:
+    """The call objects merged (later ones win), reduced to ``CALL_FIELDS``."""
+    return {k: v for obj in objects for k, v in obj.items() if k in CALL_FIELDS}
+
 
 class StreamEnd(str, enum.Enum):
     """Why a socket's outbound stream ended; the gateway picks the close code from it."""
@@ -56,6 +70,7 @@ class StreamEnd(str, enum.Enum):
     DETACHED = "detached"  # the socket itself went away
     DEACTIVATED = "deactivated"  # the call was saved and dropped from memory (idle sweep, shutdown)
     UNAVAILABLE = "unavailable"  # the call could not be activated or its host was lost for good
+    OVERFLOW = "overflow"  # the socket's reader does not read: its outbox reached its bound
 
 
 class Frame(NamedTuple):
@@ -73,8 +88,8 @@ class Outbox:
     socket wins), which ends the writer's stream for it.
     """
 
-    def __init__(self, connection_id: str):
-        self.connection_id = connection_id
+    def __init__(self, connection_id: str, limit: int = 1000):
+        self.connection_id, self.limit = connection_id, limit
         self.close_reason: StreamEnd | None = None
         self._queue: asyncio.Queue[Frame | None] = asyncio.Queue()
 
@@ -83,8 +98,16 @@ class Outbox:
         return self.close_reason is not None
 
     def put(self, frame: Frame) -> None:
-        if not self.closed:
-            self._queue.put_nowait(frame)
+        """Queue a frame; past ``limit`` frames waiting, the outbox closes (``OVERFLOW``) and
+        drops what it held: a socket nobody reads must not hold memory."""
+        if self.closed:
+            return
+        if self._queue.qsize() >= self.limit:
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            self.close(StreamEnd.OVERFLOW)
+            return
+        self._queue.put_nowait(frame)
 
     def close(self, reason: StreamEnd) -> None:
         if not self.closed:
@@ -266,7 +289,7 @@ class Conversation:
         # by the gateway; unknown interaction types are ignored.
 
     def _on_call_details(self, call: dict[str, Any]) -> None:
-        self.state.call = {**self.state.call, **call}
+        self.state.call = kept_call(self.state.call, call)
         if self._route_agent is not None and not self.state.turns and self._generation is None:
             routed = self._route_agent(self.state.call)
             if routed is not None and routed.name != self.agent.name:
@@ -389,7 +412,7 @@ class Conversation:
                 if waiting_for_first and budget_left <= total_left:
                     request.budget_miss = True
                     phrases = self.settings.holding_phrases
-                    self._speak(request, Speech(phrases[len(self.state.turns) % len(phrases)]))
+                    self._speak(request, Speech(phrases[self.state.latest_response_id % len(phrases)]))
 
     async def _pump(self, turn: Turn, queue: asyncio.Queue) -> None:
         """Run the agent into a queue so budget and timeout can be watched while it works."""
@@ -475,6 +498,7 @@ class Conversation:
         agent_text = "".join(request.text).strip()
         self.state.turns.append(TurnRecord(response_id=request.response_id, kind=request.kind,
                                            user=turn.last_user_text, agent=agent_text))
+        del self.state.turns[:-self.settings.turns_kept]  # the archive keeps every turn
         action = request.action
         self.state.pending_action = {"type": type(action).__name__, **vars(action)} if action else None
         complete_ms = request.elapsed_ms()
@@ -519,7 +543,7 @@ class Conversation:
         """The call is over (hang-up or Retell's webhook): remember it, emit ``call.ended``
         unless the caller already published Retell's own."""
         if call:
-            self.state.call = {**self.state.call, **call}
+            self.state.call = kept_call(self.state.call, call)
         if not self.state.ended:
             self.state.ended = True
             if emit:

@@ -8,7 +8,10 @@ live (``calls``: this replica with ``local`` placement, Ray actors with ``dedica
 
 # No `from __future__ import annotations` here: FastAPI resolves the routes' annotations, and
 # Serve's ingress rewriting breaks on string annotations (HTTP 403).
+import hmac
+import ipaddress
 import logging
+import re
 import time
 from typing import Any, Protocol
 
@@ -19,11 +22,15 @@ from callray.guard import SocketGuard
 from callray.session import CallLink, SocketSession
 from callray.settings import CallraySettings
 from callray.webhook import (
-    RedisWebhookDeduper, WebhookAuthError, WebhookDeduper, WebhookPayloadError, parse_webhook, to_bus_event,
+    SIGNATURE_HEADER, RedisWebhookDeduper, WebhookAuthError, WebhookDeduper, WebhookPayloadError, parse_webhook, to_bus_event,
     verify_signature,
 )
 
 log = logging.getLogger("callray.gateway")
+
+#: Retell's call ids are short url-safe strings; anything else is refused before any state exists.
+CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+CLOSE_BAD_CALL_ID = 4400
 
 
 class Calls(Protocol):
@@ -53,6 +60,7 @@ class Gateway:
         self.guard = SocketGuard(settings.gateway.guard)
         self.deduper = deduper or WebhookDeduper()
         self.prefix = settings.gateway.path_prefix.strip("/").split("/")
+        self._warned_open = False
 
     async def socket(self, websocket: WebSocket, path: str) -> None:
         """``{prefix}/{call_id}`` (default agent) or ``{prefix}/{agent}/{call_id}``, with the
@@ -66,17 +74,45 @@ class Gateway:
         segments, code, reason = verdict.segments, verdict.code, verdict.reason
         if verdict.allowed and (len(segments) not in (1, 2) or (len(segments) == 2 and segments[0] not in self.settings.agents.files)):
             code, reason = 4404, "unknown route or agent"
+        elif verdict.allowed and not CALL_ID.fullmatch(segments[-1]):
+            code, reason = CLOSE_BAD_CALL_ID, "a call id is 1-128 characters of A-Z a-z 0-9 _ -"
         if code:  # refused before any call state exists; the close code says why
             log.warning("refused socket from %s: %d %s", verdict.client, code, reason)
             await websocket.accept()
             await websocket.close(code=code, reason=reason)
             return
         agent, call_id = (segments[0], segments[1]) if len(segments) == 2 else (None, segments[0])
+        self._warn_if_open(verdict.client)
         self.guard.opened()
         try:
             await SocketSession(websocket, call_id, self.calls.link(call_id, agent), self.settings.gateway).run()
         finally:
             self.guard.closed()
+
+    def _warn_if_open(self, client: str) -> None:
+        """Once per replica: sockets from beyond this machine are accepted without a secret."""
+        if self._warned_open or self.settings.gateway.guard.secret is not None or not client:
+            return
+        try:
+            local = ipaddress.ip_address(client).is_loopback
+        except ValueError:
+            return
+        if not local:
+            self._warned_open = True
+            log.warning("SECURITY: a socket from %s was accepted without a secret: anyone who can reach this "
+                        "address can talk to the agent. Set gateway.guard.secret (CALLRAY_SOCKET_SECRET) or "
+                        "allow_ips.", client)
+
+    def require_reader(self, authorization: str | None) -> None:
+        """The read routes serve callers' words and numbers: only with the configured bearer
+        token (compared in constant time); with none configured they do not exist (404)."""
+        token = self.settings.gateway.read_token
+        if token is None:
+            raise HTTPException(404, "not found (the read routes are off: set CALLRAY_READ_TOKEN)")
+        scheme, _, presented = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token.encode()):
+            raise HTTPException(401, "a valid 'Authorization: Bearer <read token>' header is required",
+                                headers={"WWW-Authenticate": "Bearer"})
 
     def _route_tail(self, path: str) -> list[str] | None:
         """The segments after the configured prefix (Serve may keep its route prefix in ``path``)."""
@@ -86,20 +122,34 @@ class Gateway:
                 return parts[start + n:]
         return None
 
-    async def webhook(self, raw: bytes, signature: str | None) -> Response:
+    async def _read_body(self, request: Request) -> bytes:
+        """The raw body, refused with 413 as soon as it passes ``webhook.max_body_bytes``
+        (declared or read), so an oversized body is never held whole."""
+        limit = self.settings.webhook.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise HTTPException(413, f"body of {declared} bytes exceeds webhook.max_body_bytes={limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"body exceeds webhook.max_body_bytes={limit}")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def webhook(self, request: Request) -> Response:
         """Retell's signed webhook: verify over the raw bytes, dedupe, hand the event over, and
         only then answer 204; a hand-over that fails answers 503 (and forgets the dedupe claim)
         so that Retell's retry comes and is processed."""
         settings = self.settings.webhook
         if not settings.enabled:
             raise HTTPException(404, "webhooks are disabled (webhook.enabled: false)")
-        if len(raw) > settings.max_body_bytes:
-            raise HTTPException(413, f"body of {len(raw)} bytes exceeds webhook.max_body_bytes={settings.max_body_bytes}")
+        raw = await self._read_body(request)
         if not settings.api_key:
             raise HTTPException(401, "webhook.api_key is not configured (set RETELL_API_KEY)")
         try:
-            verify_signature(raw, signature, settings.api_key, now_ms=int(time.time() * 1000),
-                             tolerance_ms=int(settings.tolerance_s * 1000))
+            verify_signature(raw, request.headers.get(SIGNATURE_HEADER), settings.api_key,
+                             now_ms=int(time.time() * 1000), tolerance_ms=int(settings.tolerance_s * 1000))
             webhook = parse_webhook(raw)
             event = to_bus_event(webhook)
         except WebhookAuthError as exc:
@@ -132,11 +182,12 @@ def build_api() -> FastAPI:
 
     @api.post("/webhook")
     async def webhook(request: Request) -> Response:
-        return await gateway(request.app).webhook(await request.body(), request.headers.get("x-retell-signature"))
+        return await gateway(request.app).webhook(request)
 
     @api.get("/analytics")
     async def analytics(request: Request) -> dict[str, Any]:
-        """Live figures of the calls' events."""
+        """Live figures of the calls' events (needs the read token)."""
+        gateway(request.app).require_reader(request.headers.get("authorization"))
         snapshot = await gateway(request.app).reads.analytics()
         if snapshot is None:
             raise HTTPException(404, "no analytics consumer runs in this deployment")
@@ -144,7 +195,10 @@ def build_api() -> FastAPI:
 
     @api.get("/calls/{call_id}")
     async def call_record(request: Request, call_id: str) -> dict[str, Any]:
-        """The archived record of one call (turns, timings, Retell's call object)."""
+        """The archived record of one call: turns, timings, Retell's call object (needs the read token)."""
+        gateway(request.app).require_reader(request.headers.get("authorization"))
+        if not CALL_ID.fullmatch(call_id):
+            raise HTTPException(400, "a call id is 1-128 characters of A-Z a-z 0-9 _ -")
         record = await gateway(request.app).reads.archived(call_id)
         if record is None:
             raise HTTPException(404, f"no archived record for call {call_id!r}")

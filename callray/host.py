@@ -162,6 +162,11 @@ class Host:
             return
         if conversation.ended:
             await self.deactivate(call_id)
+            return
+        detached = [c for c in self.calls.values() if not c.connected]
+        excess = len(detached) - self.settings.hosts.max_detached_calls
+        for oldest in sorted(detached, key=lambda c: c.last_activity)[:max(0, excess)]:
+            await self.deactivate(oldest.call_id)  # memory is bounded: a reconnect re-activates it from the store
 
     async def stream(self, call_id: str, connection_id: str, agent_name: str | None = None,
                      resume: bool = False) -> AsyncIterator[list[Frame] | StreamEnd]:

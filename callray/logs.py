@@ -71,6 +71,21 @@ def mask_phone_numbers(text: str) -> str:
     return _US_PHONE.sub(us, _E164.sub(e164, text))
 
 
+def is_secret_field(name: str) -> bool:
+    """A setting whose value is a secret (``secret``, ``api_key``, ``read_token``, ``password``...)."""
+    name = name.lower()
+    return name in SECRET_KEYS or name.endswith(("secret", "token", "api_key", "password"))
+
+
+def masked_value(where: tuple[Any, ...] | list[Any], value: Any) -> str:
+    """``repr(value)`` for an error message, never a secret: the whole value when any part of
+    the field path is a secret field, else with secret-looking parts masked (URL passwords,
+    keys, tokens inside a mapping)."""
+    if any(is_secret_field(str(part)) for part in where):
+        return MASK
+    return mask_secrets(repr(value))
+
+
 def mask_secrets(text: str) -> str:
     """Mask values of secret-looking keys, bearer tokens, OpenAI-style keys and URL passwords."""
     text = _BEARER.sub(lambda m: f"{m.group(1)} {MASK}", text)

@@ -24,6 +24,7 @@ from callray.host import Host
 from callray.session import LocalLink
 from callray.settings import CallraySettings
 from callray.stores.factory import Stores, build_stores
+from callray.stores.memory import MemoryStateStore
 
 log = logging.getLogger("callray.replica")
 
@@ -67,10 +68,13 @@ class LocalReplica:
         self._tasks.append(task)
 
     async def _sweep_forever(self) -> None:
+        """Deactivate idle calls; drop expired and ended calls from an in-memory store."""
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             try:
                 await self.host.sweep()
+                if isinstance(self.stores.state, MemoryStateStore):
+                    self.stores.state.sweep()
             except Exception:  # housekeeping must outlive one bad call
                 log.exception("%s: idle sweep failed", self.name)
 

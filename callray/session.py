@@ -31,11 +31,17 @@ from callray.stores.base import StoreUnavailableError
 log = logging.getLogger("callray.session")
 
 # Close codes (RFC 6455 + application range). 1000 is reserved for a deliberate hang-up.
+CLOSE_FLOOD = 1008  # policy violation: more frames per second than gateway.max_frames_per_s
 CLOSE_TOO_BIG = 1009
 CLOSE_UNAVAILABLE = 1011
+CLOSE_NOT_READING = 1013  # try again later: the client let gateway.max_queued_frames pile up
 CLOSE_SUPERSEDED = 4001  # a newer socket of the same call took over
 CLOSE_CODES = {StreamEnd.SUPERSEDED: CLOSE_SUPERSEDED, StreamEnd.DEACTIVATED: CLOSE_UNAVAILABLE,
-               StreamEnd.UNAVAILABLE: CLOSE_UNAVAILABLE}
+               StreamEnd.UNAVAILABLE: CLOSE_UNAVAILABLE, StreamEnd.OVERFLOW: CLOSE_NOT_READING}
+#: A socket may send this many seconds' worth of frames at once (gateway.max_frames_per_s).
+BURST_S = 3.0
+#: Seconds a close frame may take to leave; a client that does not read gets no longer.
+CLOSE_TIMEOUT_S = 5.0
 
 #: Frames that arrive while the call is still being activated wait for it, up to this many.
 MAX_EARLY_FRAMES = 64
@@ -108,7 +114,7 @@ class SocketSession:
     def __init__(self, websocket: WebSocket, call_id: str, link: CallLink, settings: GatewaySettings):
         self.ws, self.call_id, self.link, self.settings = websocket, call_id, link, settings
         self.state = SessionState.CONNECTING
-        self.outbox = Outbox(uuid.uuid4().hex)
+        self.outbox = Outbox(uuid.uuid4().hex, settings.max_queued_frames)
         self.close_code: int | None = None
         self._early: deque[tuple[InboundEvent, str]] | None = deque()  # None once attached
 
@@ -167,10 +173,18 @@ class SocketSession:
             self.link.deliver(event, frame)
 
     async def _read(self) -> None:
-        limit = self.settings.max_frame_bytes
+        limit, rate = self.settings.max_frame_bytes, self.settings.max_frames_per_s
+        tokens, at = rate * BURST_S, time.monotonic()
         while True:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
+                return
+            now = time.monotonic()
+            tokens, at = min(rate * BURST_S, tokens + (now - at) * rate) - 1, now
+            if tokens < 0:
+                log.warning("call %s: more than %g frames/s; closing the socket", self.call_id, rate,
+                            extra={"call_id": self.call_id})
+                self._closing(CLOSE_FLOOD)
                 return
             frame = message.get("text")
             if frame is None:
@@ -205,15 +219,19 @@ class SocketSession:
             return  # the socket is gone; the reader sees it too
         reason = self.outbox.close_reason
         if reason in CLOSE_CODES:
-            log.info("call %s: closing socket (%s)", self.call_id, reason.value, extra={"call_id": self.call_id})
+            (log.warning if reason is StreamEnd.OVERFLOW else log.info)(
+                "call %s: closing socket (%s)", self.call_id, reason.value, extra={"call_id": self.call_id})
             self._closing(CLOSE_CODES[reason])
 
     # ------------------------------------------------------------------ teardown
 
     async def _close_socket(self) -> None:
+        """Send the close frame, but never wait long for it: a client that does not read would
+        hold the session (and its memory) forever."""
         if self.ws.client_state == WebSocketState.CONNECTED and self.ws.application_state == WebSocketState.CONNECTED:
             try:
-                await self.ws.close(code=self.close_code or CLOSE_UNAVAILABLE)
-            except (RuntimeError, OSError):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await self.ws.close(code=self.close_code or CLOSE_UNAVAILABLE)
+            except (RuntimeError, OSError, TimeoutError):
                 pass
         self._move(SessionState.CLOSED)

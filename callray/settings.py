@@ -8,8 +8,6 @@ environment (e.g. ``redis_url: ${REDIS_URL}``). Invalid settings fail at start w
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,39 +16,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from callray.consumers.escalation import EscalationRules
 from callray import tracing
+from callray.env import SettingsError, expand_env
 from callray.guard import SocketGuardSettings
-from callray.logs import configure_logging
+from callray.logs import configure_logging, masked_value
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-class SettingsError(ValueError):
-    """Invalid callray settings; the message names the source and the field."""
-
-
-def expand_env(value: Any, *, where: str = "") -> Any:
-    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a nested structure."""
-    if isinstance(value, dict):
-        return {k: expand_env(v, where=f"{where}.{k}" if where else str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [expand_env(v, where=f"{where}.{i}") for i, v in enumerate(value)]
-    if not isinstance(value, str):
-        return value
-
-    def substitute(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        if name in os.environ:
-            return os.environ[name]
-        if default is not None:
-            return default
-        raise SettingsError(f"{where}: environment variable {name} is not set (referenced as {match.group(0)!r})")
-
-    return _ENV_REF.sub(substitute, value)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A settings section: unknown fields refused; ``${VAR}`` expanded in every string, the
+    defaults' included (``validate_default``), so one parse gives the final values."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _expand_env(cls, value: Any) -> Any:
+        return expand_env(value) if isinstance(value, str) else value
 
 
 class AgentsSettings(_Section):
@@ -87,8 +69,16 @@ class GatewaySettings(_Section):
     max_frame_bytes: int = Field(default=1 << 20, ge=1024, description="Largest inbound frame; larger closes the socket with 1009 (the call's state is kept).")
     auto_reconnect: bool = Field(default=True, description="Ask Retell for ping_pong keepalives and reconnects (sent in the config frame).")
     call_details: bool = Field(default=True, description="Ask Retell to send the call object (call_details) after connecting.")
-    host_retry_s: float = Field(default=30.0, gt=0, description="How long the gateway keeps retrying a call host that is restarting before closing the socket with 1011.")
+    host_retry_s: float = Field(default=30.0, gt=0, description="How long a new socket waits for its call to be activated (its state store or host restarting) before it is closed with 1011.")
+    max_frames_per_s: float = Field(default=30.0, ge=1, description="Frames one socket may send per second on average (bursts of three seconds' worth); a socket that sends faster is closed with 1008. Retell sends a few per second.")
+    max_queued_frames: int = Field(default=1000, ge=16, description="Outbound frames one socket may have waiting for a reader that does not read; beyond, it is closed with 1013 and what it held is freed.")
+    read_token: str | None = Field(default="${CALLRAY_READ_TOKEN:-}", description="Bearer token of the read routes (GET /calls/{id}, /analytics, /ui), which serve callers' words and numbers. Unset or empty: those routes are off (404), never open.")
     guard: SocketGuardSettings = Field(default_factory=SocketGuardSettings, description="Who may open a socket: shared secret in the URL, IP allowlist, rate and call limits.")
+
+    @field_validator("read_token")
+    @classmethod
+    def _empty_is_off(cls, v: str | None) -> str | None:
+        return v or None
 
     @field_validator("path_prefix")
     @classmethod
@@ -105,6 +95,7 @@ class HostsSettings(_Section):
     namespace: str = Field(default="callray", description="Ray namespace of the named host actors.")
     idle_timeout_s: float = Field(default=3600.0, gt=0, description="A call with no event for this long is deactivated (saved and dropped from memory).")
     detached_timeout_s: float = Field(default=300.0, gt=0, description="A call with no socket for this long is deactivated.")
+    max_detached_calls: int = Field(default=10_000, ge=1, description="Calls without a socket one process keeps in memory (for a reconnect) at most; beyond, the longest-detached is deactivated at once.")
     max_concurrency: int = Field(default=10_000, ge=16, description="Concurrent actor calls per host (each connected call holds one).")
 
 
@@ -116,6 +107,7 @@ class TurnSettings(_Section):
         description="Short phrases said when the budget is missed; rotated per call.",
     )
     agent_timeout_s: float = Field(default=20.0, gt=0, description="A turn still unfinished after this long is completed with the agent's fallback line.")
+    turns_kept: int = Field(default=50, ge=1, le=10_000, description="Answered turns kept in a call's state (the newest); the transcript archive keeps every turn.")
     greeting_wait_ms: float = Field(default=0.0, ge=0, le=5000, description="Hold response 0 up to this long for call_details, so the greeting can use call data and agent_id routing applies to it (0: greet at once).")
 
 
@@ -187,7 +179,7 @@ class CallraySettings(_Section):
             lines = []
             for err in exc.errors():
                 field = ".".join(str(p) for p in err["loc"]) or "(root)"
-                lines.append(f"{source}: {field}: {err['msg']} (got {err.get('input')!r})")
+                lines.append(f"{source}: {field}: {err['msg']} (got {masked_value(err['loc'], err.get('input'))})")
             raise SettingsError("invalid callray settings:\n  " + "\n  ".join(lines)) from None
 
 

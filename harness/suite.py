@@ -381,26 +381,39 @@ class ModeRun:
         self.save()
 
     def run(self) -> dict[str, Any]:
+        """Every target but ``dedicated`` side by side, in rounds; then ``dedicated`` alone: its
+        actors (one process per call) would load the machine under every other target."""
         targets = self.options.mode_targets(self.mode)
+        together = [t for t in targets if t != "dedicated"]
         try:
-            self.deploy_all(targets)
+            self.deploy_all(together)
             self.results["niceness"] = self.niceness
             self.warm_up()
             self.memory()
             if self.mode == "flow":
                 self.idle_turn()
-            self.rounds([t for t in targets if t in self.deployed])
+            self.rounds([t for t in together if t in self.deployed])
             if self.mode == "flow":
                 self.cache_hits()
                 self.fresh_setup()
             if self.options.profile:
                 self.profile()
+            self.teardown()
+            if "dedicated" in targets:
+                self.deploy_all(["dedicated"])
+                self.warm_up()
+                self.memory()
+                self.rounds([t for t in ("dedicated",) if t in self.deployed])
+                self.entry("dedicated")["notes"].append("measured alone, after the other targets were torn down")
         finally:
-            for deployed in self.deployed.values():
-                with contextlib.suppress(Exception):
-                    deployed.teardown()
-            self.deployed.clear()
+            self.teardown()
         return self.results
+
+    def teardown(self) -> None:
+        for deployed in self.deployed.values():
+            with contextlib.suppress(Exception):
+                deployed.teardown()
+        self.deployed.clear()
 
 
 def _get_json(url: str, wait_s: float = 0.0) -> dict[str, Any] | None:

@@ -28,7 +28,7 @@ import yaml
 from rich.console import Console
 
 from callray.settings import PROJECT_DIR, CallraySettings
-from callray.sim.local import RedisServer, free_port
+from callray.sim.local import RedisServer, die_with_parent, free_port
 
 log = logging.getLogger("harness.targets")
 
@@ -121,7 +121,8 @@ class Processes:
             argv = ["nice", "-n", str(nice), *argv]
         with open(self.log_dir / f"{name}.log", "ab") as logf:
             # A new session: Ctrl-C reaches only this process, which then stops the children in order.
-            proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+            proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=die_with_parent, **kwargs)
         self.running[proc.pid] = (name, proc)
         return proc
 

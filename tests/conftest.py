@@ -70,8 +70,9 @@ WEBHOOK_KEY = "key_test_callray"
 SOCKET_SECRET = "s3cret-path-token"
 
 
-def deploy(name: str, args: dict, port: int, *, replicas: int = 1) -> str:
-    """Deploy callray as application ``name`` under ``/name``; returns its WebSocket base URL."""
+def deploy(name: str, args: dict, port: int, *, replicas: int = 1, env: dict[str, str] | None = None) -> str:
+    """Deploy callray as application ``name`` under ``/name``; returns its WebSocket base URL.
+    ``env`` is the replicas' environment (as a deployment's own environment would be)."""
     from ray import serve
 
     from serve_app import CallGateway, CallraySettings
@@ -80,7 +81,10 @@ def deploy(name: str, args: dict, port: int, *, replicas: int = 1) -> str:
         args["events"]["archive_dir"] = tempfile.mkdtemp(prefix=f"callray-archive-{name}-")
         ARCHIVE_DIRS.append(args["events"]["archive_dir"])
     settings = CallraySettings.parse(args)
-    app = CallGateway.options(num_replicas=replicas).bind(settings.model_dump(mode="json"))
+    options: dict = {"num_replicas": replicas}
+    if env:
+        options["ray_actor_options"] = {"num_cpus": 0.5, "runtime_env": {"env_vars": env}}
+    app = CallGateway.options(**options).bind(settings.model_dump(mode="json"))
     serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
     deadline = time.monotonic() + 120
     import urllib.request
@@ -149,6 +153,19 @@ def fake_llm():
 
     with running_fake_llm(FakeLLMSettings(ttft_ms=50, tokens_per_s=200, seed=1)) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def default_app(serve_port, fake_llm) -> str:
+    """config/serve.yaml as shipped, its replicas given only OPENAI_BASE_URL (the fake LLM)."""
+    import yaml
+
+    from callray.settings import PROJECT_DIR
+
+    args = yaml.safe_load((PROJECT_DIR / "config/serve.yaml").read_text())["applications"][0]["args"]
+    args["hosts"]["namespace"] = "callray-test-default"
+    args["events"].pop("archive_dir")
+    return deploy("default", args, serve_port, env={"OPENAI_BASE_URL": fake_llm.base_url, "OPENAI_API_KEY": ""})
 
 
 @pytest.fixture(scope="session")

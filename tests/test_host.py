@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 
 import pytest
@@ -174,3 +175,51 @@ async def test_directory_sends_commands_to_the_owning_replica_through_redis(redi
             task.cancel()
         await asyncio.gather(*serving, return_exceptions=True)
         await client.aclose()
+
+
+async def test_memory_that_ends_expired_ended_and_excess_calls_are_dropped():
+    """The in-memory store sweeps expired calls, keeps an ended call briefly, and has a cap."""
+    from callray.stores.base import CallState
+    from callray.stores.memory import ENDED_TTL_S
+
+    store = MemoryStateStore(ttl_s=3600, max_calls=100)
+    for i in range(2000):
+        await store.save(CallState(call_id=f"old-{i}"))
+    assert len(store._data) <= 100  # never more than the cap, however many calls came
+    ended = CallState(call_id="done", ended=True)
+    await store.save(ended)
+    now = time.monotonic()
+    assert store._data["done"].expires <= now + ENDED_TTL_S
+    assert store.sweep(now + ENDED_TTL_S + 1) == 1 and await store.load("done") is None
+    left = len(store._data)
+    assert store.sweep(now + 3601) == left and not store._data  # everything expired is gone after a sweep
+
+
+async def test_a_host_keeps_a_bounded_number_of_detached_calls():
+    settings = CallraySettings.parse({"hosts": {"max_detached_calls": 3}})
+    host = Host(settings, AGENTS, store=MemoryStateStore(), cache=MemoryResponseCache())
+    for i in range(10):
+        await host.attach(f"c{i}", Outbox(f"s{i}"), None)
+        await host.detach(f"c{i}", f"s{i}")
+    assert len(host.calls) == 3 and set(host.calls) == {"c7", "c8", "c9"}  # the newest wait for a reconnect
+    again = Outbox("s0-again")
+    await host.attach("c0", again, None)  # a deactivated call comes back from the store, not greeted again
+    assert texts(again.drain())[0]["content"] == ""
+
+
+async def test_a_calls_state_keeps_a_window_of_turns_and_only_the_call_fields_it_uses():
+    settings = CallraySettings.parse({"turns": {"turns_kept": 3}})
+    store = MemoryStateStore()
+    host = Host(settings, AGENTS, store=store, cache=MemoryResponseCache())
+    outbox = Outbox("s1")
+    conversation = await host.attach("c1", outbox, None)
+    conversation.handle(parse(json.dumps({"interaction_type": "call_details", "call": {
+        "call_id": "c1", "agent_id": "a", "from_number": "+15550001111", "transcript": "x" * 10_000,
+        "recording_url": "https://example.com/r.wav", "metadata": {"plan": "gold"}}})))
+    for rid in range(1, 8):
+        conversation.handle(parse(request(rid, "What are your hours?")))
+        await answer(outbox, rid)
+    await asyncio.sleep(0.05)
+    stored = await store.load("c1")
+    assert [t.response_id for t in stored.turns] == [5, 6, 7]
+    assert set(stored.call) == {"call_id", "agent_id", "from_number", "metadata"}

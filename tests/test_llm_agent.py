@@ -424,14 +424,52 @@ def test_cache_key_only_when_enabled_and_for_responses() -> None:
 # --------------------------------------------------------------------------- config
 
 
-def test_missing_api_key_env_names_the_variable_and_field(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_remote_provider_without_its_key_fails_at_start_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CALLRAY_TEST_UNSET_KEY", raising=False)
-    data = config(FakeLLMServer(base_url="http://127.0.0.1:9/v1", state=None))  # type: ignore[arg-type]
-    del data["providers"][0]["api_key_fallback"]
-    with pytest.raises(AgentConfigError, match=r"agent\.yaml: providers\.0\.api_key_env: .*CALLRAY_TEST_UNSET_KEY"):
+    data = config(FakeLLMServer(base_url="https://llm.example.com/v1", state=None))  # type: ignore[arg-type]
+    with pytest.raises(AgentConfigError, match=r"agent\.yaml: providers\.0\.api_key_env: .*CALLRAY_TEST_UNSET_KEY") \
+            as err:
         LLMAgent.from_dict(data, source="agent.yaml")
+    assert "fake-key" not in str(err.value)  # the fallback is for local servers only, and never echoed
     monkeypatch.setenv("CALLRAY_TEST_UNSET_KEY", "sk-real")
     assert LLMAgent.from_dict(data, source="agent.yaml").name == "test-llm"
+
+
+@pytest.mark.parametrize("env, url", [
+    ({}, "http://127.0.0.1:8100/v1"),  # nothing set: the local fake LLM
+    ({"OPENAI_API_KEY": "sk-x"}, "https://api.openai.com/v1"),  # a key is all an OpenAI user sets
+    ({"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": "https://eu.example.com/v1"}, "https://eu.example.com/v1"),
+    ({"OPENAI_BASE_URL": "http://localhost:11434/v1"}, "http://localhost:11434/v1"),  # Ollama: no key needed
+])
+def test_the_shipped_llm_agent_finds_its_provider_in_the_environment(monkeypatch: pytest.MonkeyPatch, env, url):
+    from callray.agents.registry import load_agent
+    from callray.settings import PROJECT_DIR
+
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    agent = load_agent(PROJECT_DIR / "config/agents/assistant_llm.yaml")
+    assert agent._providers[0].label == f"gpt-4o-mini at {url}"
+    monkeypatch.setenv("OPENAI_MODEL", "gpt-4o")
+    assert load_agent(PROJECT_DIR / "config/agents/assistant_llm.yaml")._providers[0].model == "gpt-4o"
+    monkeypatch.setenv("OPENAI_BASE_URL", "https://remote.example.com/v1")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(AgentConfigError, match="OPENAI_API_KEY"):
+        load_agent(PROJECT_DIR / "config/agents/assistant_llm.yaml")
+
+
+def test_agent_files_read_the_environment_and_name_an_unset_variable(tmp_path: Path, monkeypatch) -> None:
+    from callray.agents.config import read_agent_yaml
+
+    monkeypatch.setenv("CALLRAY_TEST_PROMPT", "Be brief.")
+    monkeypatch.delenv("CALLRAY_TEST_NOPE", raising=False)
+    path = tmp_path / "a.yaml"
+    path.write_text("kind: llm\nsystem_prompt: ${CALLRAY_TEST_PROMPT}\nname: ${CALLRAY_TEST_NOPE:-fallback}\n")
+    assert read_agent_yaml(path)["system_prompt"] == "Be brief." and read_agent_yaml(path)["name"] == "fallback"
+    path.write_text("kind: llm\nname: ${CALLRAY_TEST_NOPE}\n")
+    with pytest.raises(AgentConfigError, match=r"a\.yaml: name: environment variable CALLRAY_TEST_NOPE is not set"):
+        read_agent_yaml(path)
 
 
 def test_validation_errors_name_file_and_field_path(tmp_path: Path) -> None:

@@ -35,6 +35,24 @@ async def test_route_by_agent_id_fills_the_greeting_and_streams_phrases(llm_app,
         await client.close()
 
 
+async def test_the_default_config_serves_the_flow_agent_and_the_llm_agent_from_the_environment(default_app, fake_llm):
+    """Nothing edited: OPENAI_BASE_URL in the environment is all the LLM agent needs."""
+    flow = await RetellClient(default_app, new_call_id()).connect()
+    try:
+        assert "Maple Street" in await flow.complete(0)
+    finally:
+        await flow.close()
+    client = await RetellClient(default_app + "/assistant", new_call_id()).connect()
+    try:
+        await client.send(details(client.call_id, "agent_x", "Farah"))
+        assert "Bright Smile Dental" in await client.complete(0)
+        answer = await client.turn(1, "Hi, I would like a cleaning on Tuesday")
+        assert "cleaning" in answer.lower() and "tuesday" in answer.lower()  # the fake LLM echoes key words
+        assert any("cleaning" in (r.last_user_text or "") for r in fake_llm.records)
+    finally:
+        await client.close()
+
+
 async def test_route_by_path_and_default_agent(llm_app):
     by_path = await RetellClient(llm_app + "/assistant", new_call_id()).connect()
     default = await RetellClient(llm_app, new_call_id()).connect()

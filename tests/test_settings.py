@@ -39,5 +39,54 @@ def test_check_command(tmp_path, capsys):
     assert main(["check", str(bad)]) == 1
     out = capsys.readouterr().out.replace("\n", "")
     assert str(bad) in out and "hosts.count" in out
-    _, settings = load_serve_config("config/single.yaml")
+    monkeypatch_env = {"CALLRAY_SOCKET_SECRET": "s"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in monkeypatch_env.items():
+            mp.setenv(k, v)
+        _, settings = load_serve_config("config/single.yaml")
     assert settings.architecture == "single"
+
+
+SECRET = "hunter2-very-secret-value"
+
+
+@pytest.mark.parametrize("args", [
+    {"gateway": {"guard": {"secret": f"with/slash/{SECRET}"}}},  # the guard's own check once printed it
+    {"gateway": {"read_token": 12345, "guard": {"secret": ["not", "a", SECRET]}}},
+    {"webhook": {"api_key": {"nested": SECRET}}},
+    {"state": {"backend": "redis", "redis_url": 7}, "cache": {"ttl_s": f"redis://:{SECRET}@host:6379"}},
+])
+def test_a_bad_config_never_prints_a_secret(args, tmp_path, capsys):
+    with pytest.raises(SettingsError) as error:
+        CallraySettings.parse(args, source="bad.yaml")
+    assert SECRET not in str(error.value) and "bad.yaml" in str(error.value)
+    config = tmp_path / "bad.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump({"applications": [{"name": "callray", "import_path": "serve_app:build_app",
+                                                        "args": args}]}))
+    assert main(["check", str(config)]) == 1
+    assert SECRET not in capsys.readouterr().out
+
+
+def test_check_warns_about_sockets_served_beyond_this_machine_without_a_secret(tmp_path, capsys):
+    import yaml
+
+    doc = yaml.safe_load(open("config/serve.yaml"))
+    assert main(["check", "config/serve.yaml"]) == 0 and "WARNING" not in capsys.readouterr().out  # 127.0.0.1
+    doc["http_options"]["host"] = "0.0.0.0"
+    exposed = tmp_path / "exposed.yaml"
+    exposed.write_text(yaml.safe_dump(doc))
+    assert main(["check", str(exposed)]) == 0
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert "WARNING" in out and "gateway.guard.secret" in out
+
+
+def test_every_shipped_config_but_the_laptop_one_requires_the_socket_secret(monkeypatch):
+    monkeypatch.delenv("CALLRAY_SOCKET_SECRET", raising=False)
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    for path in ("config/single.yaml", "config/distributed.yaml", "config/event_driven.yaml"):
+        with pytest.raises(SettingsError, match="CALLRAY_SOCKET_SECRET"):
+            load_serve_config(path)
+    _, laptop = load_serve_config("config/serve.yaml")
+    assert laptop.gateway.guard.secret is None

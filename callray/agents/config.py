@@ -8,6 +8,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from callray.env import SettingsError, expand_env
+from callray.logs import masked_value
+
 
 class AgentConfigError(ValueError):
     """An agent definition is invalid; each line names the file and the field path."""
@@ -27,13 +30,14 @@ def describe_validation(exc: ValidationError) -> list[str]:
         if error["type"] == "extra_forbidden":
             message = "unknown field (check the spelling)"
         elif not isinstance(error.get("input"), (dict, list)):
-            message += f" (got {error.get('input')!r})"
+            message += f" (got {masked_value(error['loc'], error.get('input'))})"
         problems.append(f"{where}: {message}" if where else message)
     return problems
 
 
 def read_agent_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping an agent file holds; unreadable or malformed files raise AgentConfigError."""
+    """The mapping an agent file holds, ``${VAR}`` / ``${VAR:-default}`` read from the
+    environment; unreadable or malformed files, and unset variables, raise AgentConfigError."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -47,4 +51,7 @@ def read_agent_yaml(path: str | Path) -> dict[str, Any]:
         raise AgentConfigError(source, [f"invalid YAML{where}: {getattr(exc, 'problem', None) or exc}"]) from None
     if not isinstance(data, dict):
         raise AgentConfigError(source, [f"expected a mapping of fields, got {type(data).__name__}"])
-    return data
+    try:
+        return expand_env(data)
+    except SettingsError as exc:
+        raise AgentConfigError(source, [str(exc)]) from None

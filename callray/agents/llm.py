@@ -21,6 +21,7 @@ import json
 import os
 import re
 from contextlib import aclosing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
@@ -65,26 +66,45 @@ class LLMUnavailableError(RuntimeError):
 # --------------------------------------------------------------------------- config
 
 
+OPENAI_URL = "https://api.openai.com/v1"
+#: Where ``callray fake-llm --port 8100`` listens: the LLM agent's endpoint when no key is set.
+FAKE_LLM_URL = "http://127.0.0.1:8100/v1"
+
+
+def is_local(url: str) -> bool:
+    """A provider on this machine (the fake LLM, a local vLLM or Ollama): it needs no real key."""
+    host = (httpx.URL(url).host or "").strip("[]")
+    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
+
+
 class ProviderConfig(BaseModel):
     """One OpenAI-compatible endpoint; providers are tried in order."""
 
     model_config = ConfigDict(extra="forbid")
 
-    base_url: str = Field(description="API base URL including /v1, e.g. https://api.openai.com/v1.")
+    base_url: str | None = Field(
+        default=None,
+        description="API base URL including /v1. Unset: OPENAI_BASE_URL if set, else "
+        f"{OPENAI_URL} when the key variable is set, else the local fake LLM ({FAKE_LLM_URL}).",
+    )
     model: str = Field(description="Model name sent in each request, e.g. gpt-4o-mini.")
     api_key_env: str = Field(
         default="OPENAI_API_KEY", description="Name of the environment variable holding the API key."
     )
     api_key_fallback: str | None = Field(
         default=None,
-        description="Literal key used when the variable is unset; only for local servers that "
-        "ignore keys (e.g. the fake LLM). Leave unset for real providers so a missing key fails.",
+        description="Key used when the variable is unset, for a provider on this machine only (the fake "
+        "LLM ignores keys); a remote provider without its key fails at start, naming the variable.",
     )
     organization: str | None = Field(default=None, description="OpenAI organization id, if any.")
 
-    @property
-    def label(self) -> str:
-        return f"{self.model} at {self.base_url}"
+    def endpoint(self) -> tuple[str, str | None]:
+        """The base URL to call and the key for it (None: the key variable is unset)."""
+        key = os.environ.get(self.api_key_env) or None
+        url = self.base_url or os.environ.get("OPENAI_BASE_URL") or (OPENAI_URL if key else FAKE_LLM_URL)
+        if key is None and is_local(url):
+            key = self.api_key_fallback or "local-no-key"
+        return url, key
 
 
 class LLMAgentConfig(BaseModel):
@@ -203,6 +223,15 @@ def call_variables(call: dict[str, Any]) -> dict[str, str]:
 # --------------------------------------------------------------------------- the agent
 
 
+@dataclass(frozen=True)
+class _Provider:
+    """A provider as called: where (for messages), which model, the pooled client."""
+
+    label: str
+    model: str
+    client: openai.AsyncOpenAI
+
+
 class _EmptyCompletion(Exception):
     """The model returned neither text nor tool calls."""
 
@@ -260,24 +289,24 @@ class LLMAgent:
         self.common_questions = config.common_questions
         self.source = source
         timeout = openai.Timeout(config.total_timeout_s, connect=config.connect_timeout_s)
-        self._clients: list[tuple[ProviderConfig, openai.AsyncOpenAI]] = []
+        self._providers: list[_Provider] = []
         for index, provider in enumerate(config.providers):
-            key = os.environ.get(provider.api_key_env) or provider.api_key_fallback
-            if not key:
+            base_url, key = provider.endpoint()
+            if key is None:
                 raise AgentConfigError(source, [
-                    f"providers.{index}.api_key_env: environment variable "
-                    f"{provider.api_key_env!r} is not set (set it, or set providers.{index}.api_key_fallback "
-                    "for a local server that ignores keys)"
+                    f"providers.{index}.api_key_env: environment variable {provider.api_key_env!r} is not set, "
+                    f"and {base_url} is not on this machine: export {provider.api_key_env}=... (unset "
+                    "OPENAI_BASE_URL and the key to use the local fake LLM)"
                 ])
             client = openai.AsyncOpenAI(
-                base_url=provider.base_url,
+                base_url=base_url,
                 api_key=key,
                 organization=provider.organization,
                 timeout=timeout,
                 max_retries=0,  # retries and failover are this agent's, within the turn's budget
                 http_client=openai.DefaultAioHttpClient(timeout=timeout),
             )
-            self._clients.append((provider, client))
+            self._providers.append(_Provider(f"{provider.model} at {base_url}", provider.model, client))
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=config.connect_timeout_s))
         self._http_tools = {tool.name: tool for tool in config.tools}
         specs = [function_spec(t.name, t.description, t.parameters) for t in config.tools]
@@ -304,8 +333,8 @@ class LLMAgent:
 
     async def aclose(self) -> None:
         """Close the pooled connections (providers and tool endpoints)."""
-        for _, client in self._clients:
-            await client.close()
+        for provider in self._providers:
+            await provider.client.close()
         await self._http.aclose()
 
     # ------------------------------------------------------------------ Agent protocol
@@ -387,12 +416,12 @@ class LLMAgent:
     ) -> AsyncIterator[str]:
         """Phrases of one completion, with retry and failover while nothing was said."""
         failures: list[str] = []
-        for provider, client in self._clients:
+        for provider in self._providers:
             for attempt in range(1 + self.config.retries):
                 spoke = False
                 acc.reset()  # a failed attempt leaves nothing behind
                 chunker = PhraseChunker(flush_interval_s=self.config.phrase_flush_s)
-                tokens = self._tokens(provider, client, messages, offer_tools, acc)
+                tokens = self._tokens(provider, messages, offer_tools, acc)
                 try:
                     async with aclosing(chunk_phrases(tokens, chunker)) as phrases:
                         async for phrase in phrases:
@@ -413,8 +442,7 @@ class LLMAgent:
 
     async def _tokens(
         self,
-        provider: ProviderConfig,
-        client: openai.AsyncOpenAI,
+        provider: _Provider,
         messages: list[dict[str, Any]],
         offer_tools: bool,
         acc: ToolCallAccumulator,
@@ -431,7 +459,7 @@ class LLMAgent:
         first = True
         try:
             async with asyncio.timeout(self.config.first_token_timeout_s) as deadline:
-                async with client.chat.completions.with_streaming_response.create(
+                async with provider.client.chat.completions.with_streaming_response.create(
                     model=provider.model,
                     messages=messages,
                     temperature=self.config.temperature,

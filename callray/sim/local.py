@@ -3,11 +3,21 @@ redis-server, started and stopped by its process (never a Redis someone else run
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+
+def die_with_parent() -> None:
+    """For ``preexec_fn``: the child gets SIGTERM when the process that started it dies, even
+    if that process crashed and could not stop it (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -40,7 +50,8 @@ class RedisServer:
                 "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.fsync]
         with open(self.log_path or "/dev/null", "ab") as out:
             # its own session: a Ctrl-C reaches the owner, which then stops it in order
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -6,6 +6,7 @@ trade the single architecture makes (the Redis backends remove it).
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
@@ -21,11 +22,20 @@ class _Stored:
     state: str | None = None  # the CallState JSON, None until the first save
 
 
-class MemoryStateStore:
-    """Versioned call state in a dict, with the same compare-and-set and epoch rules as Redis."""
+#: An ended call's state is kept this long at most (a late webhook may still merge into it).
+ENDED_TTL_S = 300.0
 
-    def __init__(self, ttl_s: float = 3600.0):
-        self.ttl_s = ttl_s
+
+class MemoryStateStore:
+    """Versioned call state in a dict, with the same compare-and-set and epoch rules as Redis.
+
+    Bounded: entries expire ``ttl_s`` after their last write (an ended call after at most
+    ``ENDED_TTL_S``), ``sweep`` removes expired ones, and past ``max_calls`` entries the ones
+    closest to expiry are dropped.
+    """
+
+    def __init__(self, ttl_s: float = 3600.0, max_calls: int = 100_000):
+        self.ttl_s, self.max_calls = ttl_s, max_calls
         self._data: dict[str, _Stored] = {}
 
     def _get(self, call_id: str) -> _Stored | None:
@@ -45,7 +55,26 @@ class MemoryStateStore:
     async def load(self, call_id: str) -> CallState | None:
         return self._state(self._get(call_id))
 
+    def sweep(self, now: float | None = None) -> int:
+        """Drop expired entries; returns how many."""
+        now = time.monotonic() if now is None else now
+        expired = [call_id for call_id, item in self._data.items() if item.expires < now]
+        for call_id in expired:
+            del self._data[call_id]
+        return len(expired)
+
+    def _make_room(self) -> None:
+        if len(self._data) < self.max_calls:
+            return
+        self.sweep()
+        excess = len(self._data) - self.max_calls + 1
+        if excess > 0:
+            for call_id, _ in heapq.nsmallest(excess, self._data.items(), key=lambda kv: kv[1].expires):
+                del self._data[call_id]
+
     async def claim(self, call_id: str, owner: str) -> Claim:
+        if call_id not in self._data:
+            self._make_room()
         item = self._get(call_id) or self._data.setdefault(call_id, _Stored(time.monotonic() + self.ttl_s))
         previous, item.owner, item.epoch = item.owner, owner, item.epoch + 1
         item.expires = time.monotonic() + self.ttl_s
@@ -66,8 +95,10 @@ class MemoryStateStore:
         state.version = found + 1
         state.updated_at = time.time()
         if item is None:
+            self._make_room()
             item = self._data[state.call_id] = _Stored(0.0, epoch=state.epoch)
-        item.expires, item.state = time.monotonic() + self.ttl_s, state.model_dump_json()
+        ttl = min(self.ttl_s, ENDED_TTL_S) if state.ended else self.ttl_s
+        item.expires, item.state = time.monotonic() + ttl, state.model_dump_json()
         return state.version
 
     async def delete(self, call_id: str) -> None:

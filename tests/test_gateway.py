@@ -1,0 +1,240 @@
+"""The gateway's front door on a real loopback server, without Ray: the same FastAPI app Serve
+runs in each replica, here under uvicorn with a local replica (memory stores). Refusals with
+their codes, the read token, flood and slow-reader limits, the webhook body limit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+import websockets
+
+from callray.gateway import Gateway, build_api
+from callray.replica import LocalReplica
+from callray.settings import CallraySettings
+from callray.sim.local import free_port
+from callray.webhook import sign
+from tests.retell_client import RetellClient
+
+READ_TOKEN = "read-t0ken-for-tests"
+WEBHOOK_KEY = "key_gateway_test"
+
+
+class Served:
+    """A gateway app served by uvicorn in a thread, with its own event loop."""
+
+    def __init__(self, args: dict[str, Any]):
+        self.settings = CallraySettings.parse(args)
+        self.port = free_port()
+        self.started = threading.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server: uvicorn.Server | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            self.replica = await LocalReplica.start(self.settings, "gw-test")
+            app = build_api()
+            app.state.gateway = Gateway(self.settings, self.replica, self.replica)
+            self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                        lifespan="off"))
+            serving = asyncio.create_task(self.server.serve())
+            while not self.server.started:
+                await asyncio.sleep(0.02)
+            self.started.set()
+            await serving
+            await self.replica.close()
+
+        asyncio.run(main())
+
+    def __enter__(self) -> "Served":
+        self.thread.start()
+        assert self.started.wait(20), "gateway did not start"
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/llm-websocket"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def on_loop(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory) -> Iterator[Served]:
+    with Served({
+        "gateway": {"read_token": READ_TOKEN, "max_frames_per_s": 20, "max_queued_frames": 200},
+        "webhook": {"api_key": WEBHOOK_KEY, "max_body_bytes": 4096},
+        "events": {"archive_dir": str(tmp_path_factory.mktemp("archive"))},
+    }) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def closed_gateway(tmp_path_factory) -> Iterator[Served]:
+    """No read token configured: the read routes do not exist."""
+    with Served({"events": {"archive_dir": str(tmp_path_factory.mktemp("archive-closed"))}}) as served:
+        yield served
+
+
+def get(url: str, token: str | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+async def closed_with(client: RetellClient, timeout: float = 10) -> int:
+    with pytest.raises(ConnectionError):
+        await client.wait_for(lambda f: False, timeout=timeout)
+    return client.close_code
+
+
+# --------------------------------------------------------------------------- read routes
+
+
+async def test_read_routes_need_the_bearer_token_and_are_off_without_one(gateway, closed_gateway):
+    client = await RetellClient(gateway.ws, "call-read-1").connect()
+    try:
+        await client.complete(0)
+        await client.send({"interaction_type": "call_details", "call": {"call_id": "call-read-1",
+                                                                         "from_number": "+15551230000"}})
+        await client.turn(1, "Where can I park?")
+    finally:
+        await client.close()
+    url = f"{gateway.http}/calls/call-read-1"
+    for token in (None, "wrong", READ_TOKEN[:-1]):
+        status, body = await asyncio.to_thread(get, url, token)
+        assert status == 401 and "Bearer" in body["detail"]
+        assert await asyncio.to_thread(get, f"{gateway.http}/analytics", token) == (status, body)
+    deadline = time.monotonic() + 10
+    while (got := await asyncio.to_thread(get, url, READ_TOKEN))[0] != 200 and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert got[0] == 200 and [t["response_id"] for t in got[1]["turns"]] == [1]
+    status, snapshot = await asyncio.to_thread(get, f"{gateway.http}/analytics", READ_TOKEN)
+    assert status == 200 and snapshot["overall"]["turns"] >= 1
+    assert (await asyncio.to_thread(get, f"{gateway.http}/calls/bad%20id!", READ_TOKEN))[0] == 400
+    for path in ("/calls/call-read-1", "/analytics"):  # no token configured: the routes do not exist
+        assert (await asyncio.to_thread(get, closed_gateway.http + path, "anything"))[0] == 404
+    assert (await asyncio.to_thread(get, f"{gateway.http}/healthz"))[0] == 200  # health stays open, without caller data
+
+
+# --------------------------------------------------------------------------- sockets
+
+
+@pytest.mark.parametrize("call_id", ["x" * 129, "call%20with%20spaces", "call.dots", "ünïcode"])
+async def test_call_ids_outside_retells_shape_are_refused_before_any_state(gateway, call_id):
+    client = await RetellClient(gateway.ws, call_id).connect()
+    assert await closed_with(client) == 4400 and client.frames == []
+    assert not any(key.startswith("call") and "with" in key for key in gateway.replica.host.calls)
+    assert len(gateway.replica.host.calls) < 50  # nothing was activated for the refused ids
+
+
+async def test_a_flooding_socket_is_closed_with_1008_and_its_call_freed(gateway):
+    client = await RetellClient(gateway.ws, "call-flood").connect()
+    await client.complete(0)
+    for i in range(500):  # far past 20 frames/s with a 3 s burst
+        try:
+            await client.send({"interaction_type": "ping_pong", "timestamp": i})
+        except websockets.ConnectionClosed:
+            break
+    assert await closed_with(client) == 1008
+    fresh = await RetellClient(gateway.ws, "call-after-flood").connect()  # the server is fine
+    try:
+        assert "Maple Street" in await fresh.complete(0)
+    finally:
+        await fresh.close()
+    conversation = gateway.replica.host.calls.get("call-flood")
+    assert conversation is None or not conversation.connected  # the socket's hold on the call is gone
+
+
+@pytest.fixture(scope="module")
+def unthrottled_gateway(tmp_path_factory) -> Iterator[Served]:
+    """No frame-rate limit worth the name, and room for 16 queued frames per socket."""
+    with Served({"gateway": {"max_frames_per_s": 100_000, "max_queued_frames": 16},
+                 "events": {"archive_dir": str(tmp_path_factory.mktemp("archive-slow"))}}) as served:
+        yield served
+
+
+async def test_a_socket_that_does_not_read_is_closed_with_1013_and_its_frames_dropped(unthrottled_gateway):
+    """The client's receive window is tiny and it stops reading: its pongs pile up on the server."""
+    served = unthrottled_gateway
+    sock = socket.create_connection(("127.0.0.1", served.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    ws = await websockets.connect(f"{served.ws}/call-slow", sock=sock, max_queue=1, max_size=None)
+    try:
+        for i in range(20_000):
+            await ws.send(json.dumps({"interaction_type": "ping_pong", "timestamp": i}))
+            conversation = served.replica.host.calls.get("call-slow")
+            if conversation is not None and not conversation.connected:
+                break  # the server gave up on this socket
+        else:
+            raise AssertionError("20000 unread pongs and the socket is still held")
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:  # now read: what the server still had in flight, then its close frame
+                await asyncio.wait_for(ws.recv(), 15)
+        assert ws.close_code == 1013
+    finally:
+        await ws.close()
+    fresh = await RetellClient(served.ws, "call-after-slow").connect()
+    try:
+        assert "Maple Street" in await fresh.complete(0)
+    finally:
+        await fresh.close()
+
+
+async def test_the_webhook_body_limit_holds_while_reading(gateway):
+    def post(body: bytes, chunked: bool) -> int:
+        headers = {"content-type": "application/json", "x-retell-signature": sign(body, WEBHOOK_KEY)}
+        data = iter([body[i:i + 1024] for i in range(0, len(body), 1024)]) if chunked else body
+        if chunked:
+            headers["Transfer-Encoding"] = "chunked"
+        request = urllib.request.Request(f"{gateway.http}/webhook", data=data, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    big = b'{"event":"call_started","call":{"call_id":"c","pad":"' + b"x" * 100_000 + b'"}}'
+    assert await asyncio.to_thread(post, big, False) == 413  # declared too big
+    assert await asyncio.to_thread(post, big, True) == 413  # undeclared: refused while reading
+    small = b'{"event":"call_started","call":{"call_id":"c-small"}}'
+    assert await asyncio.to_thread(post, small, False) == 204
+
+
+async def test_the_abuse_run_leaves_a_server_that_greets_new_calls_at_once(gateway):
+    """The short version of ``python -m harness.abuse``: every kind of abuse at once."""
+    from harness.abuse import abuse
+
+    report = await abuse(gateway.ws, gateway.http, sockets=4, hold_s=2.0, max_frame_bytes=1 << 20)
+    outcomes = report["outcomes"]
+    assert outcomes.get("flood closed 1008") == 1
+    assert sum(v for k, v in outcomes.items() if k.startswith("bad id")) == 5
+    assert outcomes.get("bad id closed 4400", 0) + sum(v for k, v in outcomes.items() if "refused" in k) == 5
+    assert outcomes.get("garbage closed 1009") == 4  # each garbage socket ends on its oversized frame
+    webhook = {k: v for k, v in outcomes.items() if k.startswith("webhook")}
+    assert all(" 413" in k or "connection" in k for k in webhook) and sum(webhook.values()) == 4
+    assert report["greeted_after_ms"] < 2000
+    held = [c for c in gateway.replica.host.calls.values() if c.connected]
+    assert not [c.call_id for c in held if c.call_id.startswith("abuse-")]  # nothing abusive is still held
