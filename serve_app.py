@@ -95,7 +95,8 @@ class CallGateway:
 
                 redis = await connect_redis(self.settings.state.redis_url, "state.redis_url (REDIS_URL)")
         deduper = RedisWebhookDeduper(redis) if redis is not None else WebhookDeduper()
-        self.gateway = Gateway(self.settings, calls, reads, deduper)
+        self.gateway = Gateway(self.settings, calls, reads, deduper,
+                               live=self.replica.live if self.replica is not None else None)
 
     def __serve_build_asgi_app__(self) -> Any:
         """Serve's hook for an app built in the replica: callray's routes on this replica's gateway."""

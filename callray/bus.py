@@ -61,6 +61,10 @@ class EventBus(Protocol):
 
     async def ack(self, group: str, ids: list[str]) -> int: ...
 
+    def tail(self) -> AsyncIterator[Event]:
+        """Every event published from now on, as it comes, outside any consumer group (a live
+        view; nothing is acknowledged, nothing redelivered)."""
+
 
 class TappedSink:
     """An event sink that shows each event to ``observe`` (metrics) on its way to ``inner``."""
@@ -340,6 +344,25 @@ class RedisStreamBus(_BufferedEmitter):
                 return
             start = "(" + _text(entries[-1][0])
 
+    async def tail(self, block_ms: int = 1000) -> AsyncIterator[Event]:
+        last = None
+        while True:
+            try:
+                if last is None:  # from the current end: XREAD "$" anew each time would miss entries
+                    newest = await self.client.xrevrange(self.stream, count=1)
+                    last = _text(newest[0][0]) if newest else "0-0"
+                block = block_ms if self._max_block_ms is None else min(block_ms, self._max_block_ms)
+                reply = await self.client.xread({self.stream: last}, count=500, block=block)
+            except (RedisError, OSError):
+                await asyncio.sleep(1.0)  # Redis restarting: the view waits, nothing depends on it
+                continue
+            for entry_id, fields in (reply[0][1] if reply else []):
+                last = _text(entry_id)
+                try:
+                    yield parse_event((fields or {})[b"event"])
+                except (KeyError, ValidationError, ValueError):
+                    continue
+
     async def _dead_letter(self, group: str, entry_id: str, raw: bytes | None, reason: str) -> None:
         """Move one entry to the dead-letter stream and ack it, atomically."""
         fields = {"event": raw or b"", "reason": reason, "original_id": entry_id, "group": group, "stream": self.stream}
@@ -430,6 +453,17 @@ class MemoryBus(_BufferedEmitter):
         entry_id = await self._append([event])
         self._counts["published"] += 1
         return entry_id
+
+    async def tail(self) -> AsyncIterator[Event]:
+        seq = self._first_seq + len(self._log)
+        cond = self._condition()
+        while True:
+            seq = max(seq, self._first_seq)  # entries trimmed before being read are skipped
+            while seq < self._first_seq + len(self._log):
+                yield self._log[seq - self._first_seq]
+                seq += 1
+            async with cond:
+                await cond.wait()
 
     def _entry(self, seq: int) -> Event | None:
         index = seq - self._first_seq

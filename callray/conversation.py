@@ -201,8 +201,10 @@ class Conversation:
         events: EventSink | None = None,
         route_agent: Callable[[dict[str, Any]], Agent | None] | None = None,
         on_lost: Callable[[Conversation], None] | None = None,
+        host: str = "",
     ):
         self.state = state
+        self.host = host
         self.agent = agent
         self.state.agent = agent.name
         self.store, self.settings, self.cache, self.events = store, settings, cache, events
@@ -603,7 +605,8 @@ class Conversation:
             return
         self.state.event_seq += 1
         try:
-            self.events.emit(cls(call_id=self.call_id, seq=self.state.event_seq, agent=self.agent.name, **fields))
+            self.events.emit(cls(call_id=self.call_id, seq=self.state.event_seq, agent=self.agent.name, host=self.host,
+                                 **fields))
         except Exception as exc:  # an event must never fail the turn
             log.error("call %s: emitting %s failed: %r", self.call_id, cls.__name__, exc, extra={"call_id": self.call_id})
 

@@ -19,6 +19,7 @@ class _Event(BaseModel):
     seq: int = Field(ge=0, description="Per-call sequence number; (call_id, seq) is unique.")
     ts: float = Field(default_factory=time.time, description="Unix time in seconds.")
     agent: str = ""
+    host: str = Field(default="", description="The process (gateway replica or call actor) that held the call.")
 
 
 class CallStarted(_Event):

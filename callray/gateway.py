@@ -10,15 +10,19 @@ live (``calls``: this replica with ``local`` placement, Ray actors with ``dedica
 # Serve's ingress rewriting breaks on string annotations (HTTP 403).
 import hmac
 import ipaddress
+import json
 import logging
 import re
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import FastAPI, HTTPException, Request, Response, WebSocket
+from fastapi.responses import HTMLResponse, StreamingResponse
 
 from callray.events import Event
 from callray.guard import SocketGuard
+from callray.live import LiveCalls
 from callray.session import CallLink, SocketSession
 from callray.settings import CallraySettings
 from callray.webhook import (
@@ -27,6 +31,8 @@ from callray.webhook import (
 )
 
 log = logging.getLogger("callray.gateway")
+
+LIVE_PAGE = Path(__file__).with_name("static") / "live.html"
 
 #: Retell's call ids are short url-safe strings; anything else is refused before any state exists.
 CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -55,8 +61,8 @@ class Gateway:
     """One replica's front door (see the module docstring)."""
 
     def __init__(self, settings: CallraySettings, calls: Calls, reads: Reads,
-                 deduper: WebhookDeduper | RedisWebhookDeduper | None = None):
-        self.settings, self.calls, self.reads = settings, calls, reads
+                 deduper: WebhookDeduper | RedisWebhookDeduper | None = None, live: LiveCalls | None = None):
+        self.settings, self.calls, self.reads, self.live = settings, calls, reads, live
         self.guard = SocketGuard(settings.gateway.guard)
         self.deduper = deduper or WebhookDeduper()
         self.prefix = settings.gateway.path_prefix.strip("/").split("/")
@@ -203,6 +209,37 @@ def build_api() -> FastAPI:
         if record is None:
             raise HTTPException(404, f"no archived record for call {call_id!r}")
         return record
+
+    @api.get("/ui", response_class=HTMLResponse)
+    @api.get("/ui/", response_class=HTMLResponse)
+    async def live_page(request: Request) -> HTMLResponse:
+        """The live calls page (it asks for the read token, then reads the two routes below)."""
+        if gateway(request.app).live is None:
+            raise HTTPException(404, "not found (the live calls page needs CALLRAY_READ_TOKEN)")
+        return HTMLResponse(LIVE_PAGE.read_text(encoding="utf-8"))
+
+    @api.get("/ui/state")
+    async def live_state(request: Request) -> dict[str, Any]:
+        front = gateway(request.app)
+        front.require_reader(request.headers.get("authorization"))
+        if front.live is None:
+            raise HTTPException(404, "no live view in this deployment")
+        return front.live.snapshot()
+
+    @api.get("/ui/events")
+    async def live_events(request: Request) -> StreamingResponse:
+        """What changed, as server-sent events, a batch every 250 ms at most."""
+        front = gateway(request.app)
+        front.require_reader(request.headers.get("authorization"))
+        if front.live is None:
+            raise HTTPException(404, "no live view in this deployment")
+
+        async def stream() -> Any:
+            async for batch in front.live.updates():
+                yield f"data: {json.dumps(batch, separators=(',', ':'))}\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     @api.websocket("/{path:path}")
     async def socket(websocket: WebSocket, path: str) -> None:

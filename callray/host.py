@@ -92,12 +92,17 @@ class Host:
             self.on_claimed(call_id, claim.previous_owner, claim.epoch)
         state = claim.state or CallState(call_id=call_id, agent=agent_name or self.agents.default_name)
         state.epoch = claim.epoch
+        self.counters["activations"] += 1
+        return self._live(state, agent_name)
+
+    def _live(self, state: CallState, agent_name: str | None = None) -> Conversation:
+        """The conversation of a claimed state, registered as live here."""
         agent = self.agents.get(state.agent or agent_name or self.agents.default_name)
         conversation = Conversation(state, agent, store=self.store, settings=self.settings.turns,
                                     cache=self.cache if self.settings.cache.enabled else None,
-                                    events=self.events, route_agent=self.agents.route, on_lost=self._lost)
-        self.calls[call_id] = conversation
-        self.counters["activations"] += 1
+                                    events=self.events, route_agent=self.agents.route, on_lost=self._lost,
+                                    host=self.name)
+        self.calls[state.call_id] = conversation
         return conversation
 
     async def _reclaim(self, live: Conversation) -> Conversation:
@@ -114,13 +119,8 @@ class Host:
             live.state.epoch = claim.epoch
             return live
         self._forget(live)
-        state = claim.state
-        state.epoch = claim.epoch
-        conversation = Conversation(state, self.agents.get(state.agent), store=self.store, settings=self.settings.turns,
-                                    cache=self.cache if self.settings.cache.enabled else None,
-                                    events=self.events, route_agent=self.agents.route, on_lost=self._lost)
-        self.calls[call_id] = conversation
-        return conversation
+        claim.state.epoch = claim.epoch
+        return self._live(claim.state)
 
     def _lost(self, conversation: Conversation) -> None:
         """A newer activation elsewhere owns the call: drop ours without writing."""

@@ -21,6 +21,7 @@ from callray.consumers.runner import build_consumers, run_consumers
 from callray.directory import CallDirectory
 from callray.events import CallEnded, Event
 from callray.host import Host
+from callray.live import LiveCalls
 from callray.session import LocalLink
 from callray.settings import CallraySettings
 from callray.stores.factory import Stores, build_stores
@@ -38,6 +39,7 @@ class LocalReplica:
                  consumers: dict[str, Any]):
         self.settings, self.name, self.stores, self.host, self.directory = settings, name, stores, host, directory
         self.consumers = consumers
+        self.live = LiveCalls() if settings.gateway.read_token else None  # the page exists only with a token
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
@@ -59,7 +61,13 @@ class LocalReplica:
         replica._run(host.warm_cache(), "pre-caching")
         if consumers:
             replica._run(run_consumers(stores.events, consumers, name, asyncio.Event()), "consumers")
+        if replica.live is not None:
+            replica._run(replica._feed_live(), "live view")
         return replica
+
+    async def _feed_live(self) -> None:
+        async for event in self.stores.events.tail():
+            self.live.handle(event)
 
     def _run(self, coro: Any, what: str) -> None:
         task = asyncio.create_task(coro, name=f"{self.name}: {what}")

@@ -205,6 +205,7 @@ class ModeRun:
     # ------------------------------------------------------------------ deploying
 
     def deploy(self, target: str) -> Deployed:
+        """One target, answering with the flow agent (flow mode) or from the fake LLM (LLM mode)."""
         llm = self.llm_url if self.mode == "llm" else None
         if target == "baseline":
             return start_baseline(self.procs, llm, self.niceness)
@@ -212,7 +213,7 @@ class ModeRun:
             return start_retell_demo(self.procs, self.options.retell_demo, llm, self.niceness,
                                      pinned=target == "retell_demo_pinned")
         return deploy_serve_target(target, self.serve_port, namespace=self.namespace(target), redis_url=self.redis_url,
-                                   llm_base_url=llm, agent_file=self.agent_file if target in CALLRAY_TARGETS else None)
+                                   llm_base_url=llm, agent_file=self.agent_file if llm and target in CALLRAY_TARGETS else None)
 
     def deploy_all(self, targets: list[str]) -> None:
         serve_first = sorted(targets, key=lambda t: t in PEERS)  # the peers' niceness is read from Serve

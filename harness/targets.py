@@ -279,7 +279,7 @@ def write_llm_agent(directory: Path, llm_base_url: str) -> Path:
 
 def deploy_serve_target(target: str, port: int, *, namespace: str, redis_url: str | None = None,
                         llm_base_url: str | None = None, agent_file: Path | None = None,
-                        timeout_s: float = 180.0) -> Deployed:
+                        overrides: dict[str, dict[str, Any]] | None = None, timeout_s: float = 180.0) -> Deployed:
     """Deploy ``target`` as Serve application ``target`` under ``/target``; wait until healthy."""
     from ray import serve
 
@@ -305,6 +305,8 @@ def deploy_serve_target(target: str, port: int, *, namespace: str, redis_url: st
 
         config_file = CALLRAY_TARGETS[target][0]
         args = callray_args(target, namespace=namespace, redis_url=redis_url, agent_file=agent_file)
+        for section, values in (overrides or {}).items():
+            args.setdefault(section, {}).update(values)
         settings = CallraySettings.parse(args, source=f"{config_file} (bench {target})")
         options = deployment_options(config_file)
         app = CallGateway.options(**options).bind(settings.model_dump(mode="json"))

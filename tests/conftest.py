@@ -68,6 +68,7 @@ def serve_port(ray_cluster) -> int:
 ARCHIVE_DIRS: list[str] = []  # removed when the session's Ray shuts down
 WEBHOOK_KEY = "key_test_callray"
 SOCKET_SECRET = "s3cret-path-token"
+READ_TOKEN = "read-token-of-the-test-deployments"
 
 
 def deploy(name: str, args: dict, port: int, *, replicas: int = 1, env: dict[str, str] | None = None) -> str:
@@ -77,6 +78,7 @@ def deploy(name: str, args: dict, port: int, *, replicas: int = 1, env: dict[str
 
     from serve_app import CallGateway, CallraySettings
 
+    args.setdefault("gateway", {}).setdefault("read_token", READ_TOKEN)
     if "archive_dir" not in args.setdefault("events", {}):
         args["events"]["archive_dir"] = tempfile.mkdtemp(prefix=f"callray-archive-{name}-")
         ARCHIVE_DIRS.append(args["events"]["archive_dir"])

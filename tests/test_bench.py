@@ -143,6 +143,20 @@ def test_callray_args_point_every_target_at_the_runs_redis_namespace_and_placeme
         targets.callray_args("distributed", namespace="x", redis_url=None, agent_file=None)
 
 
+def test_flow_mode_deploys_the_flow_agent_even_when_the_run_also_has_an_llm_mode(tmp_path, monkeypatch):
+    """A flow row answered by the fake LLM once came out ~400 ms slow: the agent file leaked."""
+    deployed: list[tuple[str, object, object]] = []
+    monkeypatch.setattr(suite, "deploy_serve_target", lambda target, port, **kw: deployed.append(
+        (target, kw["llm_base_url"], kw["agent_file"])))
+    options = suite.BenchOptions(agents=["flow", "llm"])
+    for mode in ("flow", "llm"):
+        run = suite.ModeRun(mode, options, None, None, "t", 1, None, "http://llm/v1", tmp_path / "a.yaml", lambda: None)
+        run.deploy("single")
+        run.deploy("floor")
+    assert deployed == [("single", None, None), ("floor", None, None),
+                        ("single", "http://llm/v1", tmp_path / "a.yaml"), ("floor", "http://llm/v1", None)]
+
+
 def test_the_retell_demo_runs_from_a_copy_with_its_readme_env(tmp_path):
     """The checkout stays untouched; a missing checkout is refused naming the path."""
     with pytest.raises(RuntimeError, match="no app/server.py"):

@@ -45,7 +45,7 @@ class Served:
             self.loop = asyncio.get_running_loop()
             self.replica = await LocalReplica.start(self.settings, "gw-test")
             app = build_api()
-            app.state.gateway = Gateway(self.settings, self.replica, self.replica)
+            app.state.gateway = Gateway(self.settings, self.replica, self.replica, live=self.replica.live)
             self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                         lifespan="off"))
             serving = asyncio.create_task(self.server.serve())

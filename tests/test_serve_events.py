@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from callray.webhook import sign
-from tests.conftest import WEBHOOK_KEY
+from tests.conftest import READ_TOKEN, WEBHOOK_KEY
 from tests.retell_client import RetellClient
 from tests.test_serve_single import new_call_id
 
@@ -23,8 +23,10 @@ def http_base(ws_url: str) -> str:
 
 
 def get(url: str) -> tuple[int, dict]:
+    """GET a read route of a test deployment (with its read token)."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {READ_TOKEN}"})
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with urllib.request.urlopen(request, timeout=10) as r:
             return r.status, json.loads(r.read() or b"{}")
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")
@@ -73,7 +75,8 @@ async def test_events_reach_analytics_and_archive_with_exact_counts(events_app):
 
     snapshot = await eventually(counted)
     assert snapshot, get(f"{base}/analytics")
-    status, record = await eventually(lambda: (r := get(f"{base}/calls/{call_ids[0]}"))[0] == 200 and r) or (0, {})
+    status, record = await eventually(
+        lambda: (r := get(f"{base}/calls/{call_ids[0]}"))[0] == 200 and r[1].get("turns") and r) or (0, {})
     assert status == 200
     assert [t["response_id"] for t in record["turns"]] == [1, 2]
     assert get(f"{base}/calls/never-seen")[0] == 404

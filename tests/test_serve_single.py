@@ -130,7 +130,8 @@ async def test_analytics_and_archive_in_process(single_app):
         await client.turn(1, "Where can I park?")
     finally:
         await client.close()
-    status, record = await eventually(lambda: (r := get(f"{base}/calls/{client.call_id}"))[0] == 200 and r) or (0, {})
+    status, record = await eventually(
+        lambda: (r := get(f"{base}/calls/{client.call_id}"))[0] == 200 and r[1].get("turns") and r) or (0, {})
     assert status == 200 and [t["response_id"] for t in record["turns"]] == [1]
     status, snapshot = get(f"{base}/analytics")
     assert status == 200 and snapshot["overall"]["turns"] >= 1

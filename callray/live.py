@@ -1,0 +1,157 @@
+"""The live calls view behind the operator's page (``/ui``): calls as they happen.
+
+A :class:`LiveCalls` is a small projection of the call events: the calls talking now (agent,
+where they live, how long, their turns with per-turn latency, holding phrases, cache hits,
+tools, transfers, escalations), the recently ended ones, and the latest first-sentence
+latencies for a chart. It is fed by every event a replica can see (its own calls' events with
+in-process events; the whole Redis stream in the event-driven architecture) and hands each
+open page a batch of what changed every ``interval_s``, so the cost of an open page does not
+grow with the event rate. Everything it keeps is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from typing import Any, AsyncIterator
+
+from callray.events import CallEnded, CallStarted, CallSuperseded, CallTurn, EscalationPerformed, EscalationRequested, Event
+
+MAX_CALLS = 2000  # live calls shown (the least recently active are dropped beyond)
+MAX_TURNS = 50  # turns shown per call (the newest)
+MAX_ENDED = 100  # recently ended calls shown
+MAX_LATENCIES = 500  # points of the latency chart
+MAX_PAGES = 50  # pages open at once; a page that does not keep up is dropped
+KEEPALIVE_S = 15.0
+
+
+class LiveCalls:
+    """The view (see the module docstring). Not thread-safe: one event loop."""
+
+    def __init__(self, interval_s: float = 0.25):
+        self.interval_s = interval_s
+        self.calls: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.ended: deque[dict[str, Any]] = deque(maxlen=MAX_ENDED)
+        self.latencies: deque[dict[str, Any]] = deque(maxlen=MAX_LATENCIES)
+        self._changed: set[str] = set()
+        self._new_ended: list[dict[str, Any]] = []
+        self._new_latencies: list[dict[str, Any]] = []
+        self._pages: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._wake = asyncio.Event()
+        self._publisher: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ events
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, CallEnded):
+            self._end(event)
+            return
+        call = self._call(event)
+        if isinstance(event, CallStarted):
+            call["reconnects"] += event.reconnect
+        elif isinstance(event, CallTurn):
+            turn = {"response_id": event.response_id, "kind": event.kind, "caller": event.caller_text,
+                    "agent": event.agent_text, "first_sentence_ms": event.first_sentence_ms,
+                    "complete_ms": event.complete_ms, "holding": event.budget_miss, "cache_hit": event.cache_hit,
+                    "fallback": event.fallback, "tools": list(event.tools), "action": event.action, "ts": event.ts}
+            call["turns"].append(turn)
+            del call["turns"][:-MAX_TURNS]
+            call["turn_count"] += 1
+            call["cache_hits"] += event.cache_hit
+            call["holding"] += event.budget_miss
+            call["tools"] = sorted(set(call["tools"]) | set(event.tools))
+            if event.action == "Transfer":
+                call["transferred"] = True
+            if event.first_sentence_ms is not None:
+                point = {"ts": event.ts, "first_sentence_ms": event.first_sentence_ms, "call_id": event.call_id}
+                self.latencies.append(point)
+                self._new_latencies.append(point)
+        elif isinstance(event, CallSuperseded):
+            call["superseded"] += 1
+        elif isinstance(event, (EscalationRequested, EscalationPerformed)):
+            call["escalation"] = {"rule": event.rule, "performed": isinstance(event, EscalationPerformed)
+                                  or bool((call.get("escalation") or {}).get("performed"))}
+        self._touch(event.call_id)
+
+    def _call(self, event: Event) -> dict[str, Any]:
+        call = self.calls.get(event.call_id)
+        if call is None:
+            call = self.calls[event.call_id] = {
+                "call_id": event.call_id, "agent": event.agent, "host": event.host, "started_at": event.ts,
+                "last_at": event.ts, "turns": [], "turn_count": 0, "superseded": 0, "reconnects": 0, "cache_hits": 0,
+                "holding": 0, "tools": [], "transferred": False, "escalation": None}
+            while len(self.calls) > MAX_CALLS:
+                self.calls.popitem(last=False)
+        call["last_at"] = max(call["last_at"], event.ts)
+        call["host"] = event.host or call["host"]
+        call["agent"] = event.agent or call["agent"]
+        call["started_at"] = min(call["started_at"], event.ts)
+        self.calls.move_to_end(event.call_id)
+        return call
+
+    def _end(self, event: CallEnded) -> None:
+        call = self.calls.pop(event.call_id, None) or {"call_id": event.call_id, "agent": event.agent,
+                                                       "host": event.host, "started_at": event.ts, "turn_count": 0}
+        if any(e["call_id"] == event.call_id for e in self.ended):
+            return  # Retell's webhook after our own hang-up: ended once
+        ended = {k: call.get(k) for k in ("call_id", "agent", "host", "started_at", "turn_count", "transferred",
+                                          "escalation")}
+        ended.update(ended_at=event.ts, reason=event.reason or str(event.call.get("disconnection_reason") or ""))
+        self.ended.appendleft(ended)
+        self._new_ended.append(ended)
+        self._touch(event.call_id)
+
+    def _touch(self, call_id: str) -> None:
+        self._changed.add(call_id)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ pages
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the page shows, at once (its first load)."""
+        return {"now": time.time(), "calls": list(self.calls.values()), "ended": list(self.ended),
+                "latencies": list(self.latencies)}
+
+    async def updates(self) -> AsyncIterator[dict[str, Any]]:
+        """What changed, one batch per ``interval_s`` at most, for as long as the page listens."""
+        if len(self._pages) >= MAX_PAGES:
+            raise RuntimeError(f"{MAX_PAGES} pages are open already")
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=20)
+        self._pages.add(queue)
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.get_running_loop().create_task(self._publish())
+        try:
+            while True:
+                batch = await queue.get()
+                yield batch
+                if batch.get("reload"):
+                    return
+        finally:
+            self._pages.discard(queue)
+
+    async def _publish(self) -> None:
+        while self._pages:
+            try:  # a quiet page still hears from the server, so proxies keep its stream open
+                await asyncio.wait_for(self._wake.wait(), KEEPALIVE_S)
+            except TimeoutError:
+                for page in list(self._pages):
+                    if not page.full():
+                        page.put_nowait({"now": time.time(), "keepalive": True})
+                continue
+            self._wake.clear()
+            changed, self._changed = self._changed, set()
+            batch = {"now": time.time(),
+                     "calls": [self.calls[c] for c in changed if c in self.calls],
+                     "gone": [c for c in changed if c not in self.calls],
+                     "ended": self._new_ended, "latencies": self._new_latencies}
+            self._new_ended, self._new_latencies = [], []
+            for page in list(self._pages):
+                if page.full():  # it stopped reading: free what it holds, tell it to reload
+                    while not page.empty():
+                        page.get_nowait()
+                    page.put_nowait({"reload": True})
+                    self._pages.discard(page)
+                else:
+                    page.put_nowait(batch)
+            await asyncio.sleep(self.interval_s)

@@ -1,0 +1,69 @@
+"""The live calls view: what the operator's page shows, batched and bounded."""
+
+from __future__ import annotations
+
+import asyncio
+
+from callray import live
+from callray.events import CallEnded, CallStarted, CallSuperseded, CallTurn, EscalationPerformed
+from callray.live import LiveCalls
+
+
+def turn(call_id: str, rid: int, **kw) -> CallTurn:
+    return CallTurn(call_id=call_id, seq=rid + 1, response_id=rid, agent="clinic", host="replica-a",
+                    caller_text=f"question {rid}", agent_text=f"answer {rid}", first_sentence_ms=40.0 + rid,
+                    complete_ms=90.0, **kw)
+
+
+async def test_the_view_follows_a_call_from_its_first_event_to_the_ended_list():
+    view = LiveCalls(interval_s=0.01)
+    view.handle(CallStarted(call_id="c1", seq=1, agent="clinic", host="replica-a"))
+    view.handle(turn("c1", 1, budget_miss=True, tools=["check_availability"]))
+    view.handle(CallSuperseded(call_id="c1", seq=3, response_id=2, by_response_id=3))
+    view.handle(turn("c1", 3, cache_hit=True, action="Transfer"))
+    view.handle(EscalationPerformed(call_id="c1", seq=2_000_000_000_001, rule="keywords"))
+    call = view.snapshot()["calls"][0]
+    assert call["host"] == "replica-a" and call["turn_count"] == 2 and call["superseded"] == 1
+    assert (call["holding"], call["cache_hits"], call["tools"], call["transferred"]) == (1, 1, ["check_availability"], True)
+    assert call["escalation"] == {"rule": "keywords", "performed": True}
+    assert [t["response_id"] for t in call["turns"]] == [1, 3] and len(view.snapshot()["latencies"]) == 2
+    view.handle(CallEnded(call_id="c1", seq=9, reason="agent_hangup"))
+    view.handle(CallEnded(call_id="c1", seq=1_000_000_000_001, reason="user_hangup"))  # Retell's webhook after ours
+    snap = view.snapshot()
+    assert snap["calls"] == [] and [(e["call_id"], e["reason"], e["turn_count"]) for e in snap["ended"]] == [
+        ("c1", "agent_hangup", 2)]
+
+
+async def test_pages_get_batches_of_what_changed_and_a_slow_page_is_told_to_reload():
+    view = LiveCalls(interval_s=0.01)
+    page = view.updates()
+    first = asyncio.ensure_future(anext(page))
+    await asyncio.sleep(0)
+    for rid in range(1, 6):  # five turns of two calls in one interval: one batch
+        view.handle(turn("c1", rid))
+        view.handle(turn("c2", rid))
+    batch = await asyncio.wait_for(first, 2)
+    assert sorted(c["call_id"] for c in batch["calls"]) == ["c1", "c2"] and len(batch["latencies"]) == 10
+    slow = view.updates()
+    waiting = asyncio.ensure_future(anext(slow))
+    await asyncio.sleep(0.02)
+    await waiting  # it took one batch, then stops reading
+    for rid in range(6, 40):
+        view.handle(turn("c1", rid))
+        await asyncio.sleep(0.015)
+        await asyncio.wait_for(anext(page), 2)  # the reading page keeps up
+    assert (await asyncio.wait_for(anext(slow), 2)).get("reload") is True
+
+
+async def test_everything_the_view_keeps_is_bounded():
+    view = LiveCalls()
+    for i in range(live.MAX_CALLS + 50):
+        view.handle(turn(f"c{i}", 1))
+    for rid in range(live.MAX_TURNS + 20):
+        view.handle(turn("busy", rid))
+    for i in range(live.MAX_ENDED + 30):
+        view.handle(CallEnded(call_id=f"c{i}", seq=5, reason="user_hangup"))
+    snap = view.snapshot()
+    assert len(snap["calls"]) <= live.MAX_CALLS and len(snap["ended"]) == live.MAX_ENDED
+    assert len(next(c for c in snap["calls"] if c["call_id"] == "busy")["turns"]) == live.MAX_TURNS
+    assert len(snap["latencies"]) == live.MAX_LATENCIES
