@@ -10,14 +10,27 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 
 def die_with_parent() -> None:
-    """For ``preexec_fn``: the child gets SIGTERM when the process that started it dies, even
-    if that process crashed and could not stop it (Linux; elsewhere a no-op)."""
+    """For ``preexec_fn``: the child gets SIGTERM when the thread that started it ends, even if
+    its process crashed and could not stop it (Linux; elsewhere a no-op). Start such children
+    through :func:`spawn`, whose thread lives as long as the process."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+# PR_SET_PDEATHSIG follows the starting *thread*: a child started from an asyncio worker thread
+# would be killed when the event loop's executor shuts down. One long-lived thread starts them all.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="callray-spawn")
+
+
+def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen:
+    """``subprocess.Popen`` of a child that dies with this process, from any thread."""
+    return _SPAWNER.submit(subprocess.Popen, argv, preexec_fn=die_with_parent, **kwargs).result()
 
 
 def free_port() -> int:
@@ -50,8 +63,7 @@ class RedisServer:
                 "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.fsync]
         with open(self.log_path or "/dev/null", "ab") as out:
             # its own session: a Ctrl-C reaches the owner, which then stops it in order
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=die_with_parent)
+            self.proc = spawn(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
