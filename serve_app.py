@@ -20,7 +20,7 @@ from ray.serve import Application
 
 from actors.consumers import start_consumers
 from actors.metrics import HostMetrics
-from actors.placement import DedicatedCalls, SharedCalls
+from actors.placement import DedicatedCalls
 from callray.gateway import Gateway, build_api
 from callray.replica import LocalReplica
 from callray.settings import CallraySettings
@@ -82,8 +82,7 @@ class CallGateway:
             redis = self.replica.stores.redis
             self._background.append(asyncio.create_task(self._export_metrics()))
         else:
-            remote = (DedicatedCalls if self.settings.hosts.placement == "dedicated" else SharedCalls)(
-                self.app_name, self.settings)
+            remote = DedicatedCalls(self.app_name, self.settings)
             calls, reads, redis = remote, NoReads(), None
             self._background.append(asyncio.create_task(remote.start()))  # warm pool / hosts, never before accept
         if self.settings.events.backend == "redis_streams":

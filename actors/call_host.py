@@ -1,4 +1,4 @@
-"""``CallHost``: a Ray actor hosting calls as virtual actors (dedicated and shared placement).
+"""``CallHost``: a Ray actor hosting calls as virtual actors (dedicated placement).
 
 A thin shell around :class:`callray.host.Host`: it owns the stores and the agents, starts a
 sweeper that deactivates idle calls, and exposes the host's entries as actor methods. Hosts are
@@ -42,7 +42,6 @@ class CallHost:
         self._host: Host | None = None
         self._stores: Stores | None = None
         self._starting: asyncio.Lock | None = None
-        self._sweeper: asyncio.Task | None = None
         self._consumers: dict[str, Any] = {}
 
     async def _ensure_host(self) -> Host:
@@ -65,7 +64,7 @@ class CallHost:
                                                 redis=self._stores.redis)
                 self._host.on_claimed = self._directory.notify_superseded
                 self._commands = asyncio.create_task(self._directory.serve())
-                self._sweeper = asyncio.create_task(self._sweep_forever())
+                self._sweeper = asyncio.create_task(self._sweep_forever())  # held: tasks need a reference
                 self._warmup = asyncio.create_task(self._host.warm_cache())
                 self._consumers = {}
                 if settings.events.backend == "memory":  # in-process consumers, best effort
@@ -98,25 +97,10 @@ class CallHost:
         await self._ensure_host()
         return self.name
 
-    async def configure(self, settings: dict[str, Any]) -> bool:
-        """Adopt new settings for calls activated from now on (a redeploy); live calls keep
-        the agent and stores they started with. Returns True if anything changed."""
-        if settings == self._settings_raw:
-            return False
-        previous = self._host
-        self._settings_raw = settings
-        self._host = None
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        host = await self._ensure_host()
-        if previous is not None:
-            host.calls.update(previous.calls)
-        return True
-
     async def stream(self, call_id: str, connection_id: str, agent: str | None = None,
-                     resume: bool = False) -> AsyncIterator[list[Frame] | StreamEnd]:
+                     resume: bool = False, heard_greeting: bool = True) -> AsyncIterator[list[Frame] | StreamEnd]:
         host = await self._ensure_host()
-        async for item in host.stream(call_id, connection_id, agent, resume):
+        async for item in host.stream(call_id, connection_id, agent, resume, heard_greeting):
             yield item
 
     async def deliver(self, call_id: str, connection_id: str, frame: str) -> Delivery:

@@ -41,6 +41,10 @@ class HostMetrics:
             "reconnects": metrics.Counter("callray_reconnects", "Sockets that re-joined a known call.", tag_keys=keys),
             "events_dropped": metrics.Counter("callray_events_dropped", "Events dropped by a full local buffer.",
                                               tag_keys=keys),
+            "events_trimmed_unconsumed": metrics.Counter(
+                "callray_events_trimmed_unconsumed",
+                "Events trimmed from the stream by events.max_retained before every consumer group acknowledged them.",
+                tag_keys=keys),
         }
         self._counts: Counter[str] = Counter()
         self._first_chunk: deque[float] = deque(maxlen=MAX_PENDING_SAMPLES)
@@ -73,6 +77,7 @@ class HostMetrics:
         self.connected_calls.set(stats["connected_calls"], self.tags)
         self._advance("cache_misses", sum(agent.get("misses", 0) for agent in stats.get("cache", {}).values()))
         self._advance("events_dropped", bus_stats.get("dropped", 0))
+        self._advance("events_trimmed_unconsumed", bus_stats.get("trimmed_unconsumed", 0))
 
     def _advance(self, key: str, total: float) -> None:
         """Bring a counter up to a cumulative total counted elsewhere."""

@@ -1,13 +1,8 @@
-"""Placement of calls in Ray actors, for the placements other than ``local``.
+"""``dedicated`` placement: one ``CallHost`` actor per call, for users who need process isolation.
 
-* ``dedicated``: one ``CallHost`` actor per call, for users who need process isolation. A
-  ``DedicatedPool`` actor keeps a few actors started (an actor takes 0.2-2 s to start, far
-  over a call-setup budget), hands one to each new call, and kills it when the call is
-  deactivated.
-* ``shared``: K long-lived ``CallHost`` actors, each hosting many calls, found by rendezvous
-  hashing of the call id.
-
-Either way the socket reaches its call through a :class:`RemoteLink`: two actor hops per event
+A ``DedicatedPool`` actor keeps a few actors started (an actor takes 0.2-2 s to start, far over
+a call-setup budget), hands one to each new call, and kills it when the call is deactivated.
+The socket reaches its call through a :class:`RemoteLink`: two actor hops per event
 (``deliver``, and the outbound frame stream back), which ``local`` placement does not pay.
 """
 
@@ -27,8 +22,7 @@ from actors.call_host import CallHost
 from callray.conversation import Frame, Outbox, StreamEnd
 from callray.events import Event
 from callray.host import Delivery
-from callray.placement import host_names, place
-from callray.protocol import InboundEvent, ReminderRequired, ResponseRequired, UpdateOnly
+from callray.protocol import InboundEvent, ReminderRequired, ResponseFrame, ResponseRequired, UpdateOnly
 from callray.settings import CallraySettings, GatewaySettings
 
 log = logging.getLogger("callray.placement")
@@ -59,7 +53,9 @@ class RemoteLink:
         self._attached = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._open_request: tuple[int, str] | None = None  # (response_id, frame) of the latest, not yet completed
+        self._open_spoken = False  # part of the open request's answer has gone to the socket
         self._newest_request_id = 0
+        self._heard_greeting = False  # a response 0 has gone to the socket
 
     async def attach(self, outbox: Outbox) -> None:
         self.outbox = outbox
@@ -69,11 +65,17 @@ class RemoteLink:
     async def _open(self, resume: bool) -> Any:
         """Attach to the owner's stream and forward its first batch (the acknowledgement)."""
         host = await self.owner()
-        stream = host.stream.remote(self.call_id, self.outbox.connection_id, self.agent, resume)
+        stream = host.stream.remote(self.call_id, self.outbox.connection_id, self.agent, resume, self._heard_greeting)
         first = await (await stream.__anext__())
-        if resume and self._open_request is not None:  # its answer died with the host
-            await host.deliver.remote(self.call_id, self.outbox.connection_id, self._open_request[1])
         self._put(first)
+        if resume and self._open_request is not None:  # its answer died with the host
+            if self._open_spoken:  # the caller heard part of it: close it rather than say those words twice
+                rid = self._open_request[0]
+                self._open_request = None
+                self.outbox.put(Frame(ResponseFrame(response_id=rid, content="", content_complete=True).to_json(),
+                                      rid, True))
+            else:
+                await host.deliver.remote(self.call_id, self.outbox.connection_id, self._open_request[1])
         self._attached.set()
         return stream
 
@@ -88,13 +90,22 @@ class RemoteLink:
     def _current(self, frame: Frame) -> bool:
         """False for a response to an id older than the newest request Retell sent on this
         socket (after a host restart a re-delivered older request could otherwise still be
-        answered); forgets the open request once its completing frame passes."""
+        answered). Tracks what the socket has heard: response 0 (a resume before it greets), part
+        of the open request (a resume then closes it empty), its completion or an agent_interrupt
+        (nothing to redo)."""
         if frame.response_id is None:
+            if frame.interrupt:  # the agent spoke over it: the open request is not asked again after a restart
+                self._open_request = None
             return True
+        if frame.response_id == 0:
+            self._heard_greeting = True
         if 0 < frame.response_id < self._newest_request_id:
             return False
-        if frame.complete and self._open_request is not None and frame.response_id == self._open_request[0]:
-            self._open_request = None
+        if self._open_request is not None and frame.response_id == self._open_request[0]:
+            if frame.complete:
+                self._open_request = None
+            else:
+                self._open_spoken = True
         return True
 
     async def _pump(self, stream: Any) -> None:
@@ -121,7 +132,7 @@ class RemoteLink:
 
     def deliver(self, event: InboundEvent, frame: str) -> None:
         if isinstance(event, (ResponseRequired, ReminderRequired)) and event.response_id > 0:
-            self._open_request = (event.response_id, frame)
+            self._open_request, self._open_spoken = (event.response_id, frame), False
             self._newest_request_id = max(self._newest_request_id, event.response_id)
         if isinstance(event, UpdateOnly) and self._inbound and isinstance(self._inbound[-1][0], UpdateOnly):
             self._inbound[-1] = (event, frame)  # only the newest partial transcript matters
@@ -172,37 +183,6 @@ class RemoteLink:
         self.forget()
 
 
-class SharedCalls:
-    """``shared`` placement: K named hosts, found by rendezvous hashing of the call_id."""
-
-    def __init__(self, app_name: str, settings: CallraySettings):
-        self.settings = settings
-        self.names = host_names(app_name, settings.hosts.count)
-        self._raw = settings.model_dump(mode="json")
-        self._handles: dict[str, Any] = {}
-
-    def _handle(self, name: str) -> Any:
-        handle = self._handles.get(name)
-        if handle is None:
-            handle = CallHost.options(**_host_options(self.settings, name)).remote(self._raw, name)
-            self._handles[name] = handle
-        return handle
-
-    async def owner(self, call_id: str) -> Any:
-        return self._handle(place(call_id, self.names))
-
-    async def start(self) -> None:
-        """Create (or find) every host and hand it the current settings."""
-        handles = [self._handle(name) for name in self.names]
-        await asyncio.gather(*(h.configure.remote(self._raw) for h in handles))
-
-    def link(self, call_id: str, agent: str | None) -> RemoteLink:
-        return RemoteLink(lambda: self.owner(call_id), call_id, agent, self.settings.gateway, lambda: None)
-
-    async def webhook(self, event: Event) -> None:
-        await (await self.owner(event.call_id)).webhook.remote(event)
-
-
 @ray.remote(num_cpus=0, max_restarts=-1)
 class DedicatedPool:
     """Warm actors for dedicated placement, and which call owns which actor."""
@@ -224,7 +204,25 @@ class DedicatedPool:
 
     async def _refill(self) -> None:
         while len(self.idle) < self.settings.hosts.warm_pool:
-            self.idle.append(await self._start_one())
+            raw = self._raw
+            entry = await self._start_one()
+            if raw is self._raw:
+                self.idle.append(entry)
+            else:  # started with settings a redeploy replaced meanwhile
+                ray.kill(entry[1], no_restart=True)
+
+    async def configure(self, settings: dict[str, Any]) -> int:
+        """A redeploy: calls from now on get actors with these settings. Warm actors with the
+        old ones are ended and replaced; a live call keeps its actor, and so its agent and
+        stores, until it ends. Returns how many warm actors were replaced."""
+        if settings == self._raw:
+            return 0
+        self.settings, self._raw = CallraySettings.parse(settings), settings
+        stale, self.idle = self.idle, []
+        for _, handle in stale:
+            ray.kill(handle, no_restart=True)
+        self._refill_soon()
+        return len(stale)
 
     def _refill_soon(self) -> None:
         if self._refilling is None or self._refilling.done():
@@ -277,6 +275,7 @@ class DedicatedCalls:
         return handle
 
     async def start(self) -> None:
+        await self.pool.configure.remote(self.settings.model_dump(mode="json"))  # the pool outlives deploys
         await self.pool.fill.remote()
 
     def link(self, call_id: str, agent: str | None) -> RemoteLink:

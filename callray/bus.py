@@ -8,11 +8,17 @@ cannot be decoded) move to a dead-letter stream instead of blocking the group.
 
 ``emit`` is the producer's path from a live turn: it only appends to a bounded local buffer
 (never blocks, never raises, counts drops) and a background task publishes the buffer.
+
+Retention never drops an entry a consumer group still needs: the oldest entries beyond
+``maxlen`` (kept so analytics can rebuild after a restart) are trimmed only once every group
+has acknowledged them. Only ``max_retained``, the memory bound, drops unacknowledged entries,
+and each such entry is counted (``trimmed_unconsumed``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -91,7 +97,8 @@ class _BufferedEmitter:
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._closed = False
-        self._counts = {"emitted": 0, "dropped": 0, "published": 0, "publish_errors": 0, "dead_lettered": 0}
+        self._counts = {"emitted": 0, "dropped": 0, "published": 0, "publish_errors": 0, "dead_lettered": 0,
+                        "trimmed": 0, "trimmed_unconsumed": 0, "dead_letters_trimmed": 0}
         self._last_error = ""
 
     async def _publish_many(self, events: list[Event]) -> None:
@@ -180,6 +187,67 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _check_retention(maxlen: int, max_retained: int | None) -> int:
+    max_retained = max_retained or 10 * maxlen
+    if maxlen < 1 or max_retained < maxlen:
+        raise ValueError(f"maxlen ({maxlen}) must be >= 1 and max_retained ({max_retained}) >= maxlen")
+    return max_retained
+
+
+#: How often a producer trims the stream (seconds); between trims it grows by what was published.
+TRIM_INTERVAL_S = 1.0
+
+# Trim the stream to ARGV[1] entries, removing only entries every consumer group has acked
+# (older than each group's oldest pending entry and last delivered one); then, as the memory
+# bound, to ARGV[2] entries whatever the groups, and the dead-letter stream KEYS[2] likewise.
+# Atomic, so a group cannot move between the reading of its progress and the trim. Returns
+# {trimmed, trimmed_unconsumed, dead_letters_trimmed}.
+_TRIM_SCRIPT = """
+local keep, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
+local function older(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  if tonumber(ams) ~= tonumber(bms) then return tonumber(ams) < tonumber(bms) end
+  return tonumber(aseq) < tonumber(bseq)
+end
+local function dead_trim()
+  if redis.call('EXISTS', KEYS[2]) == 1 and redis.call('XLEN', KEYS[2]) > cap then
+    return redis.call('XTRIM', KEYS[2], 'MAXLEN', cap)
+  end
+  return 0
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, dead_trim()} end
+local len = redis.call('XLEN', KEYS[1])
+if len <= keep then return {0, 0, dead_trim()} end
+local floor = nil
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+  local need
+  if tonumber(info['pending']) > 0 then
+    need = redis.call('XPENDING', KEYS[1], info['name'])[2]
+  else
+    local ms, seq = string.match(info['last-delivered-id'], '^(%d+)-(%d+)$')
+    need = ms .. '-' .. tostring(tonumber(seq) + 1)
+  end
+  if floor == nil or older(need, floor) then floor = need end
+end
+local trimmed = 0
+if floor == nil then
+  trimmed = redis.call('XTRIM', KEYS[1], 'MAXLEN', keep)
+else
+  local done = redis.call('XRANGE', KEYS[1], '-', '(' .. floor, 'COUNT', len - keep)
+  if #done > 0 then
+    local ms, seq = string.match(done[#done][1], '^(%d+)-(%d+)$')
+    trimmed = redis.call('XTRIM', KEYS[1], 'MINID', ms .. '-' .. tostring(tonumber(seq) + 1))
+  end
+end
+local forced = 0
+if redis.call('XLEN', KEYS[1]) > cap then forced = redis.call('XTRIM', KEYS[1], 'MAXLEN', cap) end
+return {trimmed, forced, dead_trim()}
+"""
+
+
 class RedisStreamBus(_BufferedEmitter):
     """At-least-once events on one Redis Stream with a consumer group per consumer kind."""
 
@@ -192,17 +260,19 @@ class RedisStreamBus(_BufferedEmitter):
         max_deliveries: int = 5,
         claim_idle_ms: int = 30_000,
         *,
+        max_retained: int | None = None,
         buffer_size: int = 10_000,
         flush_batch: int = 500,
         group_start_id: str = "0",
         owns_client: bool = False,
     ):
         super().__init__(buffer_size, flush_batch)
-        if max_deliveries < 1 or claim_idle_ms < 1 or maxlen < 1:
-            raise ValueError(
-                f"max_deliveries ({max_deliveries}), claim_idle_ms ({claim_idle_ms}) and maxlen ({maxlen}) must be >= 1"
-            )
+        if max_deliveries < 1 or claim_idle_ms < 1:
+            raise ValueError(f"max_deliveries ({max_deliveries}) and claim_idle_ms ({claim_idle_ms}) must be >= 1")
+        self.max_retained = _check_retention(maxlen, max_retained)
         self.client, self.stream, self.maxlen = client, stream, maxlen
+        self._trim = client.register_script(_TRIM_SCRIPT)
+        self._last_trim = 0.0
         self.dead_letter_stream, self.max_deliveries, self.claim_idle_ms = dead_letter_stream, max_deliveries, claim_idle_ms
         self.group_start_id, self._owns_client = group_start_id, owns_client
         self._groups: set[str] = set()
@@ -225,18 +295,39 @@ class RedisStreamBus(_BufferedEmitter):
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for event in events:
-                    pipe.xadd(self.stream, self._fields(event), maxlen=self.maxlen, approximate=True)
+                    pipe.xadd(self.stream, self._fields(event))
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"event stream {self.stream!r}: {exc}") from exc
+        if time.monotonic() - self._last_trim >= TRIM_INTERVAL_S:
+            await self._trim_quietly()
 
     async def publish(self, event: Event) -> str:
         try:
-            entry_id = await self.client.xadd(self.stream, self._fields(event), maxlen=self.maxlen, approximate=True)
+            entry_id = await self.client.xadd(self.stream, self._fields(event))
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"event stream {self.stream!r}: {exc}") from exc
         self._counts["published"] += 1
         return _text(entry_id)
+
+    async def trim(self) -> tuple[int, int, int]:
+        """Apply retention now: (trimmed, trimmed_unconsumed, dead_letters_trimmed)."""
+        self._last_trim = time.monotonic()
+        trimmed, forced, dead = (int(n) for n in await self._trim(
+            keys=[self.stream, self.dead_letter_stream], args=[self.maxlen, self.max_retained]))
+        self._counts["trimmed"] += trimmed
+        self._counts["trimmed_unconsumed"] += forced
+        self._counts["dead_letters_trimmed"] += dead
+        if forced or dead:
+            log.error("event stream %s over max_retained (%d): %d entries no consumer group had acknowledged "
+                      "and %d dead letters dropped", self.stream, self.max_retained, forced, dead)
+        return trimmed, forced, dead
+
+    async def _trim_quietly(self) -> None:
+        try:  # the batch is published: a failed trim must not make the flusher publish it again
+            await self.trim()
+        except (RedisError, OSError) as exc:
+            log.warning("event stream %s: trim failed (retried on the next publish): %r", self.stream, exc)
 
     # -- consuming -------------------------------------------------------------------------
     async def _ensure_group(self, group: str) -> None:
@@ -294,6 +385,8 @@ class RedisStreamBus(_BufferedEmitter):
         self._claim_cursor[group] = next_cursor
         if next_cursor == "0-0":  # a full pass over the pending list: rest until the next interval
             self._last_claim[group] = now
+        for entry_id in reply[2] if len(reply) > 2 else []:  # pending, but gone from the stream (max_retained)
+            await self._dead_letter(group, _text(entry_id), None, "trimmed before it was acknowledged (max_retained)")
         return await self._deliver(group, consumer, entries, counted=False)
 
     async def _delivery_counts(self, group: str, consumer: str, ids: list[str]) -> list[int]:
@@ -316,7 +409,7 @@ class RedisStreamBus(_BufferedEmitter):
                 await self._dead_letter(group, entry_id, raw, f"delivered {n} times (max_deliveries={self.max_deliveries})")
                 continue
             if raw is None:
-                await self._dead_letter(group, entry_id, raw, "no 'event' field (entry trimmed or foreign)")
+                await self._dead_letter(group, entry_id, raw, "no 'event' field (trimmed by max_retained, or foreign)")
                 continue
             try:
                 event = parse_event(raw)
@@ -367,7 +460,7 @@ class RedisStreamBus(_BufferedEmitter):
         """Move one entry to the dead-letter stream and ack it, atomically."""
         fields = {"event": raw or b"", "reason": reason, "original_id": entry_id, "group": group, "stream": self.stream}
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.dead_letter_stream, fields, maxlen=self.maxlen, approximate=True)
+            pipe.xadd(self.dead_letter_stream, fields)  # kept: only max_retained trims it, counted
             pipe.xack(self.stream, group, entry_id)
             await pipe.execute()
         self._counts["dead_lettered"] += 1
@@ -418,10 +511,12 @@ class MemoryBus(_BufferedEmitter):
         max_deliveries: int = 5,
         claim_idle_ms: int = 30_000,
         *,
+        max_retained: int | None = None,
         buffer_size: int = 10_000,
         flush_batch: int = 500,
     ):
         super().__init__(buffer_size, flush_batch)
+        self.max_retained = _check_retention(maxlen, max_retained)
         self.maxlen, self.max_deliveries, self.claim_idle_ms = maxlen, max_deliveries, claim_idle_ms
         self._log: deque[Event] = deque()
         self._first_seq = 0  # sequence number of _log[0]
@@ -438,9 +533,7 @@ class MemoryBus(_BufferedEmitter):
     async def _append(self, events: list[Event]) -> str:
         for event in events:
             self._log.append(event)
-        while len(self._log) > self.maxlen:
-            self._log.popleft()
-            self._first_seq += 1
+        self._apply_retention()
         cond = self._condition()
         async with cond:
             cond.notify_all()
@@ -464,6 +557,20 @@ class MemoryBus(_BufferedEmitter):
                 seq += 1
             async with cond:
                 await cond.wait()
+
+    def _apply_retention(self) -> None:
+        """Beyond ``maxlen``, drop entries every group has acked; beyond ``max_retained``, any (counted)."""
+        excess = len(self._log) - self.maxlen
+        if excess <= 0:
+            return
+        needed = [min(g.pending, default=g.next_seq) for g in self._groups.values()]
+        trimmable = excess if not needed else min(excess, max(0, min(needed) - self._first_seq))
+        forced = max(0, len(self._log) - trimmable - self.max_retained)
+        for _ in range(trimmable + forced):
+            self._log.popleft()
+        self._first_seq += trimmable + forced
+        self._counts["trimmed"] += trimmable
+        self._counts["trimmed_unconsumed"] += forced
 
     def _entry(self, seq: int) -> Event | None:
         index = seq - self._first_seq
@@ -532,13 +639,19 @@ async def consume(
     handler: Handler,
     *,
     stop: asyncio.Event,
+    flush: Callable[[], Awaitable[Any]] | None = None,
+    linger_s: float = 0.0,
     batch: int = 100,
     block_ms: int = 1000,
     error_backoff_s: float = 0.5,
 ) -> None:
     """Read, handle and ack until ``stop`` is set. A handler that raises leaves its entry
     unacked: it is redelivered after ``claim_idle_ms`` and dead-lettered after
-    ``max_deliveries``. Handlers must be idempotent on (call_id, seq)."""
+    ``max_deliveries``. Handlers must be idempotent on the event's identity.
+
+    ``flush`` (optional) makes a batch's effects durable before it is acked (a failure leaves
+    the whole batch unacked); ``linger_s`` waits between batches so that they grow, for a
+    consumer whose cost is per batch rather than per event."""
     while not stop.is_set():
         try:
             deliveries = await bus.read(group, consumer, batch, block_ms)
@@ -559,8 +672,18 @@ async def consume(
                     "consumer %s/%s: handler failed on %s (%s, delivery %d)",
                     group, consumer, delivery.id, delivery.event.type, delivery.deliveries,
                 )
+        if done and flush is not None:
+            try:
+                await flush()
+            except Exception:
+                log.exception("consumer %s/%s: flushing %d events failed; they come back", group, consumer, len(done))
+                done = []
         if done:
             try:
                 await bus.ack(group, done)
             except Exception as exc:  # unacked entries come back; handlers are idempotent
                 log.warning("consumer %s/%s: ack of %d entries failed: %r", group, consumer, len(done), exc)
+        if linger_s and deliveries:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(linger_s):
+                    await stop.wait()

@@ -79,6 +79,7 @@ class Frame(NamedTuple):
     text: str
     response_id: int | None = None  # response frames only
     complete: bool = False
+    interrupt: bool = False  # an agent_interrupt: whatever response was open is over
 
 
 class Outbox:
@@ -226,20 +227,24 @@ class Conversation:
 
     # ------------------------------------------------------------------ connections
 
-    async def attach(self, outbox: Outbox, *, resume: bool = False) -> Outbox:
+    async def attach(self, outbox: Outbox, *, resume: bool = False, heard_greeting: bool = True) -> Outbox:
         """Bind a socket's outbound stream; the newest socket wins.
 
-        ``resume`` re-binds the *same* socket after its host restarted: nothing is re-sent.
-        Otherwise this is a new socket: the greeting once per call, else an empty response 0.
+        ``resume`` re-binds the *same* socket after its host restarted: nothing is re-sent if
+        it ``heard_greeting`` (a response 0 reached it), else it is greeted now, whatever the
+        store says. Otherwise this is a new socket: the greeting once per call, else an empty
+        response 0.
         """
         self.last_activity = time.monotonic()
         if self.outbox is not None:
             self.outbox.close(StreamEnd.SUPERSEDED)
             self._cancel_generation()
         self.outbox = outbox
-        if resume:  # the socket heard response 0 before its host restarted
+        if resume and heard_greeting:
             self.state.greeted = True
             return self.outbox
+        if resume:  # its host died before response 0 reached this socket: Retell is still waiting for it
+            self.state.greeted = False
         if self.state.greeted:
             self._send(ResponseFrame(response_id=0, content="", content_complete=True))
             self._emit(ev.CallStarted, reconnect=True)
@@ -598,14 +603,15 @@ class Conversation:
             if isinstance(frame, ResponseFrame):
                 self.outbox.put(Frame(frame.to_json(), frame.response_id, frame.content_complete))
             else:
-                self.outbox.put(Frame(frame.to_json()))
+                self.outbox.put(Frame(frame.to_json(), interrupt=isinstance(frame, AgentInterruptFrame)))
 
     def _emit(self, cls: type, **fields: Any) -> None:
         if self.events is None:
             return
         self.state.event_seq += 1
         try:
-            self.events.emit(cls(call_id=self.call_id, seq=self.state.event_seq, agent=self.agent.name, host=self.host,
+            self.events.emit(cls(call_id=self.call_id, seq=self.state.event_seq, epoch=self.state.epoch,
+                                 agent=self.agent.name, host=self.host,
                                  **fields))
         except Exception as exc:  # an event must never fail the turn
             log.error("call %s: emitting %s failed: %r", self.call_id, cls.__name__, exc, extra={"call_id": self.call_id})

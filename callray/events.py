@@ -1,7 +1,9 @@
 """The events a call emits for background consumers (analytics, archive, escalation).
 
-Each carries ``call_id`` and a per-call sequence number ``seq`` so consumers can be
-idempotent under at-least-once delivery: (call_id, seq) identifies an event.
+Consumers are idempotent under at-least-once delivery, so an event's identity must survive
+crashes: it is (call_id, epoch, seq), where ``epoch`` is the owner epoch of the activation that
+emitted it (every activation claims a new one in the state store) and ``seq`` counts within the
+call. A host that dies before saving its counter cannot make its successor reuse an identity.
 """
 
 from __future__ import annotations
@@ -16,10 +18,17 @@ class _Event(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     call_id: str
-    seq: int = Field(ge=0, description="Per-call sequence number; (call_id, seq) is unique.")
+    seq: int = Field(ge=0, description="Per-call sequence number within the emitting activation.")
+    epoch: int = Field(default=0, ge=0, description="Owner epoch of the activation that emitted it (0: not from a "
+                                                    "call's activation, e.g. a webhook or an escalation).")
     ts: float = Field(default_factory=time.time, description="Unix time in seconds.")
     agent: str = ""
     host: str = Field(default="", description="The process (gateway replica or call actor) that held the call.")
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """The event's identity within its call: unique across crashes and activations."""
+        return self.epoch, self.seq
 
 
 class CallStarted(_Event):

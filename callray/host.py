@@ -148,12 +148,12 @@ class Host:
     # ------------------------------------------------------------------ sockets
 
     async def attach(self, call_id: str, outbox: Outbox, agent_name: str | None = None,
-                     resume: bool = False) -> Conversation:
+                     resume: bool = False, heard_greeting: bool = True) -> Conversation:
         """Bind a socket's outbox to the call (activating it); the newest socket wins."""
         live = self.calls.get(call_id)
         conversation = await (self._reclaim(live) if live is not None and not resume
                               else self.activate(call_id, agent_name))
-        await conversation.attach(outbox, resume=resume)
+        await conversation.attach(outbox, resume=resume, heard_greeting=heard_greeting)
         return conversation
 
     async def detach(self, call_id: str, connection_id: str) -> None:
@@ -169,14 +169,14 @@ class Host:
             await self.deactivate(oldest.call_id)  # memory is bounded: a reconnect re-activates it from the store
 
     async def stream(self, call_id: str, connection_id: str, agent_name: str | None = None,
-                     resume: bool = False) -> AsyncIterator[list[Frame] | StreamEnd]:
+                     resume: bool = False, heard_greeting: bool = True) -> AsyncIterator[list[Frame] | StreamEnd]:
         """For a remote gateway: attach, then yield the socket's outbound frames in batches.
 
         The first item acknowledges the attachment (it may be ``[]``: a resumed socket, or a
         greeting waiting for call_details); the last is the :class:`StreamEnd` that closed it.
         """
         outbox = Outbox(connection_id)
-        await self.attach(call_id, outbox, agent_name, resume)
+        await self.attach(call_id, outbox, agent_name, resume, heard_greeting)
         yield outbox.drain()
         async for batch in outbox.batches():
             yield batch

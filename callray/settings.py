@@ -89,8 +89,7 @@ class GatewaySettings(_Section):
 
 
 class HostsSettings(_Section):
-    placement: Literal["local", "shared", "dedicated"] = Field(default="local", description="Where a call's actor lives. local: in the gateway replica that holds its socket (no Ray call on a turn's path). dedicated: in a Ray actor of its own, from a warm pool (process isolation, ~160 MB a call). shared: in one of `count` CallHost actors.")
-    count: int = Field(default=2, ge=1, le=1024, description="shared placement: number of CallHost actors; calls are spread over them by rendezvous hashing.")
+    placement: Literal["local", "dedicated"] = Field(default="local", description="Where a call's actor lives. local: in the gateway replica that holds its socket (no Ray call on a turn's path). dedicated: in a Ray actor of its own, from a warm pool (process isolation, ~160 MB a call).")
     warm_pool: int = Field(default=4, ge=0, description="dedicated placement: actors kept started and idle.")
     namespace: str = Field(default="callray", description="Ray namespace of the named host actors.")
     idle_timeout_s: float = Field(default=3600.0, gt=0, description="A call with no event for this long is deactivated (saved and dropped from memory).")
@@ -128,11 +127,18 @@ class EventsSettings(_Section):
     backend: Literal["memory", "redis_streams"] = Field(default="memory", description="memory: each host runs the consumers in-process, best effort. redis_streams: durable, at-least-once, consumed by background actors.")
     buffer: int = Field(default=10_000, ge=1, description="Events buffered per process before new ones are dropped (and counted).")
     stream: str = Field(default="callray:events", description="redis_streams: the stream name (its dead letters go to '<stream>:dead').")
-    maxlen: int = Field(default=100_000, ge=1000, description="redis_streams: approximate stream length kept (XADD MAXLEN ~).")
+    maxlen: int = Field(default=100_000, ge=1000, description="Events kept for replay (analytics rebuilds from them after a restart); older ones are trimmed once every consumer group has acknowledged them.")
+    max_retained: int = Field(default=1_000_000, ge=1000, description="The memory bound: beyond this many events the oldest are dropped even if a consumer group has not acknowledged them, each counted (callray_events_trimmed_unconsumed) and logged. Dead letters are kept up to the same bound.")
     max_deliveries: int = Field(default=5, ge=1, description="redis_streams: after this many deliveries an event goes to the dead-letter stream.")
     claim_idle_ms: int = Field(default=30_000, ge=100, description="redis_streams: events pending this long on a dead consumer are taken over (XAUTOCLAIM).")
     archive_dir: str | None = Field(default="var/calls", description="Transcript archive directory (one JSON record per call); null disables the archive.")
     escalation: EscalationRules | None = Field(default=None, description="Escalation rules evaluated on the event stream; null disables escalation.")
+
+    @model_validator(mode="after")
+    def _retained_covers_maxlen(self) -> "EventsSettings":
+        if self.max_retained < self.maxlen:
+            raise ValueError(f"max_retained ({self.max_retained}) must be >= maxlen ({self.maxlen})")
+        return self
 
 
 class WebhookSettings(_Section):
@@ -162,6 +168,13 @@ class CallraySettings(_Section):
     events: EventsSettings = Field(default_factory=EventsSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @model_validator(mode="after")
+    def _durable_events_need_durable_state(self) -> "CallraySettings":
+        if self.events.backend == "redis_streams" and self.state.backend != "redis":
+            raise ValueError("events.backend 'redis_streams' needs state.backend 'redis': an event's identity "
+                             "rests on the call's owner epoch, which in-memory state forgets on a restart")
+        return self
 
     def configure_logging(self) -> None:
         """Apply the logging and tracing settings in this process (gateway replica or actor)."""

@@ -34,7 +34,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from callray.settings import PROJECT_DIR
 from callray.sim.local import RedisServer
 from callray.sim.report import SimResult, describe
 from callray.sim.simulator import SimConfig, run_simulation
+from harness.targets import read_json
 
 FaultKind = Literal["gateway", "consumer", "redis"]
 FAULT_KINDS: tuple[str, ...] = ("gateway", "consumer", "redis")
@@ -347,8 +347,10 @@ def _analytics_turns(target: ChaosTarget) -> int | None:
     """``overall.turns`` from the analytics endpoint (None without one)."""
     if not target.http_base or not target.stream:
         return None
-    with urllib.request.urlopen(f"{target.http_base}/analytics", timeout=30) as r:
-        return int(json.load(r)["overall"]["turns"])
+    snapshot = read_json(f"{target.http_base}/analytics")
+    if snapshot is None:
+        raise RuntimeError(f"{target.http_base}/analytics did not answer")
+    return int(snapshot["overall"]["turns"])
 
 
 async def check_events(target: ChaosTarget, result: SimResult, analytics_before: int | None,

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -83,17 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console()
     from harness.suite import run_until_interrupted
-    from harness.targets import deploy_serve_target, ray_session
+    from harness.targets import READ_TOKEN, deploy_serve_target, ray_session
 
     def run() -> dict[str, Any]:
         os.chdir(PROJECT_DIR)
-        token = secrets.token_hex(16)
         with ray_session(console) as port:
-            deployed = deploy_serve_target("single", port, namespace=f"livepage-{os.getpid()}",
-                                           overrides={"gateway": {"read_token": token}})
+            deployed = deploy_serve_target("single", port, namespace=f"livepage-{os.getpid()}")
             try:
                 replicas = [pid for kind, pid in deployed.processes() if kind.startswith("ServeReplica")]
-                return asyncio.run(measure(deployed.http_base, deployed.url, token, args.calls, args.turns, replicas))
+                return asyncio.run(measure(deployed.http_base, deployed.url, READ_TOKEN, args.calls, args.turns, replicas))
             finally:
                 deployed.teardown()
 

@@ -24,8 +24,6 @@ import shutil
 import signal
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -42,15 +40,15 @@ from harness import profile
 from harness.report import aggregate, round_stats, write_report
 from harness.targets import (
     CALLRAY_TARGETS, PEERS, REDIS_TARGETS, Deployed, Processes, deploy_serve_target, ray_session,
-    ray_worker_niceness, rss_mb, start_baseline, start_retell_demo, write_llm_agent,
+    ray_worker_niceness, read_json, rss_mb, start_baseline, start_retell_demo, write_llm_agent,
 )
 
 log = logging.getLogger("harness.suite")
 
 AgentMode = Literal["flow", "llm"]
-FLOW_TARGETS = ("floor", "baseline", "single", "distributed", "event_driven", "shared", "dedicated")
+FLOW_TARGETS = ("floor", "baseline", "single", "distributed", "event_driven", "dedicated")
 LLM_TARGETS = ("floor", "floor_token", "baseline", "retell_demo", "retell_demo_pinned", "single", "distributed",
-               "event_driven", "shared")
+               "event_driven")
 QUICK_TARGETS = ("floor", "baseline", "single", "distributed")
 DEFAULT_LEVELS = (50, 100, 200, 300)
 DEFAULT_LLM_LEVELS = (50, 100)
@@ -341,7 +339,7 @@ class ModeRun:
         server: list[float] = []
         hits = answered = 0
         for call in result.calls:
-            record = _get_json(f"{deployed.http_base}/calls/{call.call_id}", wait_s=20)
+            record = read_json(f"{deployed.http_base}/calls/{call.call_id}", wait_s=20)
             for turn in (record or {}).get("turns", []):
                 answered += 1
                 if turn.get("cache_hit"):
@@ -415,22 +413,6 @@ class ModeRun:
             with contextlib.suppress(Exception):
                 deployed.teardown()
         self.deployed.clear()
-
-
-def _get_json(url: str, wait_s: float = 0.0) -> dict[str, Any] | None:
-    """GET a JSON document, retrying a 404 for up to ``wait_s`` (archives are written after the turn)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=10) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as exc:
-            if exc.code != 404 or time.monotonic() > deadline:
-                return None
-        except OSError:
-            if time.monotonic() > deadline:
-                return None
-        time.sleep(0.5)
 
 
 # ====================================================================== the suite

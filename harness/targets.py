@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +31,7 @@ import yaml
 from rich.console import Console
 
 from callray.settings import PROJECT_DIR, CallraySettings
-from callray.sim.local import RedisServer, die_with_parent, free_port
+from callray.sim.local import RedisServer, free_port, spawn
 
 log = logging.getLogger("harness.targets")
 
@@ -37,7 +40,6 @@ CALLRAY_TARGETS: dict[str, tuple[str, str]] = {
     "single": ("config/single.yaml", "local"),
     "distributed": ("config/distributed.yaml", "local"),
     "event_driven": ("config/event_driven.yaml", "local"),
-    "shared": ("config/single.yaml", "shared"),
     "dedicated": ("config/single.yaml", "dedicated"),
 }
 FLOORS = ("floor", "floor_token")
@@ -55,7 +57,6 @@ TARGET_NOTES: dict[str, str] = {
     "single": "callray, config/single.yaml: 1 gateway replica, calls in it, state and cache in memory",
     "distributed": "callray, config/distributed.yaml: 2 gateway replicas, state and cache in Redis",
     "event_driven": "callray, config/event_driven.yaml: autoscaled gateway (1-8), Redis, Redis Streams events",
-    "shared": "callray, config/single.yaml with placement: shared (calls in 2 CallHost actors, two actor hops per event)",
     "dedicated": "callray, config/single.yaml with placement: dedicated (one Ray actor per call, warm pool)",
 }
 
@@ -121,8 +122,7 @@ class Processes:
             argv = ["nice", "-n", str(nice), *argv]
         with open(self.log_dir / f"{name}.log", "ab") as logf:
             # A new session: Ctrl-C reaches only this process, which then stops the children in order.
-            proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=die_with_parent, **kwargs)
+            proc = spawn(argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
         self.running[proc.pid] = (name, proc)
         return proc
 
@@ -227,6 +227,28 @@ def kill_namespace(namespace: str) -> None:
                 ray.kill(ray.get_actor(entry["name"], namespace=namespace), no_restart=True)
 
 
+#: The read token of every callray target the harness deploys (its /calls, /analytics and /ui).
+READ_TOKEN = secrets.token_urlsafe(24)
+
+
+def read_json(url: str, wait_s: float = 0.0) -> dict[str, Any] | None:
+    """GET a read route's JSON with the harness's token, retrying a 404 for up to ``wait_s``
+    (archives are written after the turn); None if it never came."""
+    deadline = time.monotonic() + wait_s
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {READ_TOKEN}"})
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404 or time.monotonic() > deadline:
+                return None
+        except OSError:
+            if time.monotonic() > deadline:
+                return None
+        time.sleep(0.5)
+
+
 @dataclass
 class Deployed:
     """A running target: where to call it, how to find its processes, how to stop it."""
@@ -256,6 +278,7 @@ def callray_args(target: str, *, namespace: str, redis_url: str | None, agent_fi
     args["hosts"]["namespace"] = namespace
     args["hosts"]["placement"] = placement
     args["gateway"].pop("guard", None)  # the simulator connects from loopback without the secret
+    args["gateway"]["read_token"] = READ_TOKEN
     args["webhook"]["api_key"] = ""
     if args["state"]["backend"] == "redis" or args["cache"]["backend"] == "redis" or \
             args["events"]["backend"] == "redis_streams":
@@ -279,7 +302,7 @@ def write_llm_agent(directory: Path, llm_base_url: str) -> Path:
 
 def deploy_serve_target(target: str, port: int, *, namespace: str, redis_url: str | None = None,
                         llm_base_url: str | None = None, agent_file: Path | None = None,
-                        overrides: dict[str, dict[str, Any]] | None = None, timeout_s: float = 180.0) -> Deployed:
+                        timeout_s: float = 180.0) -> Deployed:
     """Deploy ``target`` as Serve application ``target`` under ``/target``; wait until healthy."""
     from ray import serve
 
@@ -305,8 +328,6 @@ def deploy_serve_target(target: str, port: int, *, namespace: str, redis_url: st
 
         config_file = CALLRAY_TARGETS[target][0]
         args = callray_args(target, namespace=namespace, redis_url=redis_url, agent_file=agent_file)
-        for section, values in (overrides or {}).items():
-            args.setdefault(section, {}).update(values)
         settings = CallraySettings.parse(args, source=f"{config_file} (bench {target})")
         options = deployment_options(config_file)
         app = CallGateway.options(**options).bind(settings.model_dump(mode="json"))

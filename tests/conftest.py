@@ -121,12 +121,16 @@ def durable_app(serve_port, redis_server) -> str:
 
 
 @pytest.fixture(scope="session")
-def dedicated_app(serve_port) -> str:
-    """Dedicated placement: one actor per call from a warm pool of two."""
-    return deploy("dedicated", {"hosts": {"placement": "dedicated", "warm_pool": 2,
-                                          "namespace": "callray-test-dedicated"}}, serve_port)
-
-
+def dedicated_app(serve_port, fake_llm, tmp_path_factory) -> str:
+    """Dedicated placement: one actor per call from a warm pool of two; the clinic agent and
+    (at ``/assistant``) the LLM agent; the greeting waits for call_details (up to 2 s), which
+    the test client sends only when a test asks."""
+    return deploy("dedicated", {
+        "agents": {"default": "clinic", "files": {"clinic": "config/agents/clinic.yaml",
+                                                  "assistant": llm_agent_file(fake_llm, tmp_path_factory)}},
+        "hosts": {"placement": "dedicated", "warm_pool": 2, "namespace": "callray-test-dedicated"},
+        "turns": {"greeting_wait_ms": 2000},
+    }, serve_port)
 
 
 @pytest.fixture(scope="session")
@@ -170,10 +174,8 @@ def default_app(serve_port, fake_llm) -> str:
     return deploy("default", args, serve_port, env={"OPENAI_BASE_URL": fake_llm.base_url, "OPENAI_API_KEY": ""})
 
 
-@pytest.fixture(scope="session")
-def llm_app(serve_port, fake_llm, tmp_path_factory) -> str:
-    """Two agents in one deployment: the clinic flow agent and an LLM agent on the fake LLM,
-    routed by path or by Retell agent_id; the greeting waits for call_details."""
+def llm_agent_file(fake_llm, tmp_path_factory) -> str:
+    """The shipped LLM agent (config/agents/assistant_llm.yaml) on the fake LLM, without tools."""
     import yaml
 
     from callray.settings import PROJECT_DIR
@@ -184,8 +186,16 @@ def llm_app(serve_port, fake_llm, tmp_path_factory) -> str:
     data["tools"] = []
     agent_file = tmp_path_factory.mktemp("agents") / "assistant.yaml"
     agent_file.write_text(yaml.safe_dump(data))
+    return str(agent_file)
+
+
+@pytest.fixture(scope="session")
+def llm_app(serve_port, fake_llm, tmp_path_factory) -> str:
+    """Two agents in one deployment: the clinic flow agent and an LLM agent on the fake LLM,
+    routed by path or by Retell agent_id; the greeting waits for call_details."""
     return deploy("llm", {
-        "agents": {"default": "clinic", "files": {"clinic": "config/agents/clinic.yaml", "assistant": str(agent_file)},
+        "agents": {"default": "clinic", "files": {"clinic": "config/agents/clinic.yaml",
+                                                  "assistant": llm_agent_file(fake_llm, tmp_path_factory)},
                    "by_retell_agent_id": {"agent_dental_1": "assistant"}},
         "turns": {"greeting_wait_ms": 1000, "latency_budget_ms": 2000},
         "hosts": {"namespace": "callray-test-llm"},

@@ -50,7 +50,8 @@ async def until(predicate, timeout: float = 10.0) -> None:
 
 async def run_consumers(bus: EventBus, handlers: dict[str, object], done) -> None:
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(consume(bus, group, f"{group}-1", h, stop=stop, block_ms=100))
+    tasks = [asyncio.create_task(consume(bus, group, f"{group}-1", getattr(h, "handle", h), stop=stop, block_ms=100,
+                                         flush=getattr(h, "flush", None)))
              for group, h in handlers.items()]
     try:
         await until(done)
@@ -73,7 +74,7 @@ async def test_events_reach_three_groups_exactly(backend, redis_bus, tmp_path: P
     async def escalation_probe(event: Event) -> None:
         seen[(event.call_id, event.seq)] += 1
 
-    await run_consumers(bus, {"analytics": analytics.handle, "archive": archive.handle, "escalation": escalation_probe},
+    await run_consumers(bus, {"analytics": analytics, "archive": archive, "escalation": escalation_probe},
                         lambda: len(seen) == len(events) and len(list(tmp_path.glob("*.json"))) == 3
                         and analytics.snapshot()["overall"]["calls"]["ended"] == 3)
     snap = analytics.snapshot()["overall"]
@@ -244,4 +245,75 @@ async def test_memory_bus_read_waits_for_new_entries():
     bus.emit(CallStarted(call_id="a", seq=0))
     delivery = (await waiter)[0]
     assert isinstance(delivery, Delivery) and delivery.event.call_id == "a" and delivery.deliveries == 1
+    await bus.close()
+
+
+async def test_trimming_keeps_what_a_stopped_group_has_not_acked_and_counts_forced_drops(redis_url):
+    """Issue 11 §3: retention beyond maxlen never drops an entry a group still needs; only the
+    memory bound (max_retained) does, and it counts them and dead-letters the pending ones."""
+    stream = f"test:{uuid.uuid4().hex}"
+    bus = RedisStreamBus(redis_client(redis_url), stream=stream, dead_letter_stream=f"{stream}:dead", maxlen=10,
+                         max_retained=40, claim_idle_ms=60_000, owns_client=True)
+    try:
+        await bus.read("fast", "f1", block_ms=0)  # two groups exist before anything is published
+        await bus.read("stopped", "s1", block_ms=0)
+        for i in range(30):
+            await bus.publish(CallStarted(call_id=f"c{i}", seq=0))
+        fast = await bus.read("fast", "f1", count=100, block_ms=0)
+        await bus.ack("fast", [d.id for d in fast])
+        assert await bus.trim() == (0, 0, 0)  # "stopped" has read nothing: all 30 stay
+        held = await bus.read("stopped", "s1", count=5, block_ms=0)  # read, not acked
+        assert await bus.trim() == (0, 0, 0)
+        await bus.ack("stopped", [d.id for d in held[:3]])
+        assert await bus.trim() == (3, 0, 0)  # exactly the entries both groups acked
+        rest = await bus.read("stopped", "s1", count=100, block_ms=0)
+        assert [d.event.call_id for d in rest] == [f"c{i}" for i in range(5, 30)]
+        await bus.ack("stopped", [d.id for d in held + rest])
+        assert await bus.trim() == (17, 0, 0) and await bus.client.xlen(stream) == 10  # down to maxlen
+        for i in range(30, 80):
+            await bus.publish(CallStarted(call_id=f"c{i}", seq=0))
+        # the 10 acked ones go first; of the 50 nobody read, the memory bound keeps 40
+        assert await bus.trim() == (10, 10, 0)
+        assert bus.stats()["trimmed_unconsumed"] == 10
+        kept = await bus.read("fast", "f1", count=100, block_ms=0)
+        assert [d.event.call_id for d in kept] == [f"c{i}" for i in range(40, 80)]
+    finally:
+        await bus.client.delete(stream, f"{stream}:dead")
+        await bus.close()
+
+
+async def test_pending_entries_the_memory_bound_removed_are_dead_lettered_not_lost_silently(redis_url):
+    stream = f"test:{uuid.uuid4().hex}"
+    bus = RedisStreamBus(redis_client(redis_url), stream=stream, dead_letter_stream=f"{stream}:dead", maxlen=2,
+                         max_retained=4, claim_idle_ms=100, owns_client=True)
+    try:
+        for i in range(6):
+            await bus.publish(CallStarted(call_id=f"c{i}", seq=0))
+        taken = await bus.read("g", "dead-consumer", count=6, block_ms=0)  # read, then the consumer dies
+        assert len(taken) == 6
+        assert (await bus.trim())[1] == 2  # c0, c1 were pending: forced out by max_retained
+        await asyncio.sleep(0.15)
+        again = await bus.read("g", "heir", count=10, block_ms=0)
+        assert sorted(d.event.call_id for d in again) == ["c2", "c3", "c4", "c5"]
+        dead = await bus.dead_letters()
+        assert sorted(d["original_id"] for d in dead) == sorted(d.id for d in taken[:2])
+        assert all("max_retained" in d["reason"] for d in dead)
+    finally:
+        await bus.client.delete(stream, f"{stream}:dead")
+        await bus.close()
+
+
+async def test_memory_bus_trims_only_acked_entries_beyond_maxlen():
+    bus = MemoryBus(maxlen=2, max_retained=6)
+    await bus.read("g", "c", block_ms=0)
+    for i in range(5):
+        await bus.publish(CallStarted(call_id=f"c{i}", seq=0))
+    first = await bus.read("g", "c", count=2, block_ms=0)
+    await bus.ack("g", [first[0].id])
+    await bus.publish(CallStarted(call_id="c5", seq=0))
+    assert bus.stats()["trimmed"] == 1  # only c0 was acked
+    assert [d.event.call_id for d in await bus.read("g", "c", count=10, block_ms=0)] == ["c2", "c3", "c4", "c5"]
+    for i in range(6, 12):
+        await bus.publish(CallStarted(call_id=f"c{i}", seq=0))
+    assert bus.stats()["trimmed_unconsumed"] == 5  # 11 held, bound 6
     await bus.close()

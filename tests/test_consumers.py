@@ -125,13 +125,17 @@ async def test_archive_record_is_independent_of_order_and_duplicates(tmp_path: P
     in_order = TranscriptArchive(tmp_path / "a")
     for event in events:
         await in_order.handle(event)
+    await in_order.flush()
     shuffled = TranscriptArchive(tmp_path / "b")
     rng = random.Random(3)
     deliveries = events + events[:4]
     for _ in range(5):
         rng.shuffle(deliveries)
-        for event in deliveries:
+        for i, event in enumerate(deliveries):
             await shuffled.handle(event)
+            if i % 3 == 0:
+                await shuffled.flush()
+    await shuffled.flush()
     a, b = (tmp_path / "a" / "c1.json").read_bytes(), (tmp_path / "b" / "c1.json").read_bytes()
     assert a == b
     assert [p.name for p in (tmp_path / "b").iterdir()] == ["c1.json"]  # one record, no temp files left
@@ -162,8 +166,10 @@ async def test_archive_turn_for_same_response_id_replaces_and_survives_restart(t
     await archive.handle(CallTurn(call_id="c1", seq=3, response_id=2, agent_text="second try"))
     await archive.handle(CallTurn(call_id="c1", seq=2, response_id=2, agent_text="first try"))  # older, late
     await archive.handle(CallTurn(call_id="c1", seq=1, response_id=1, agent_text="one"))
+    await archive.flush()
     restarted = TranscriptArchive(tmp_path)
     await restarted.handle(CallEnded(call_id="c1", seq=9, reason="done"))
+    await restarted.flush()
     record = await restarted.get("c1")
     assert [(t["response_id"], t["agent"]) for t in record["turns"]] == [(1, "one"), (2, "second try")]
     assert record["ended"] and not record["final"]
@@ -177,9 +183,53 @@ async def test_archive_unsafe_call_ids_stay_inside_the_directory(tmp_path: Path)
     archive = TranscriptArchive(tmp_path / "arch")
     await archive.handle(CallStarted(call_id="../../etc/passwd", seq=0))
     await archive.handle(CallStarted(call_id=".hidden", seq=0))
+    await archive.flush()
     files = sorted(p.name for p in (tmp_path / "arch").iterdir())
     assert len(files) == 2 and all(p.parent == tmp_path / "arch" for p in (tmp_path / "arch").iterdir())
     assert (await archive.get("../../etc/passwd"))["call_id"] == "../../etc/passwd"
+
+
+async def test_archive_writes_each_changed_record_once_per_batch_and_a_failed_write_loses_nothing(tmp_path):
+    """The archive acks a batch only after its flush: one file write per changed call, and a
+    failed write leaves the whole batch unacked, to be applied again from what is on disk."""
+    from callray.bus import MemoryBus, consume
+
+    class Disk(TranscriptArchive):
+        writes: list[str] = []
+        broken = False
+
+        def _write(self, call_id: str, text: str) -> None:
+            if self.broken:
+                raise OSError("disk full")
+            self.writes.append(call_id)
+            super()._write(call_id, text)
+
+    archive = Disk(tmp_path)
+    bus = MemoryBus(claim_idle_ms=50)
+    for call_id in ("a", "b"):
+        for event in call_events(call_id)[:5]:
+            await bus.publish(event)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(consume(bus, "archive", "t", archive.handle, stop=stop, flush=archive.flush, block_ms=20))
+    try:
+        for _ in range(100):
+            if sorted(archive.writes) == ["a", "b"]:
+                break
+            await asyncio.sleep(0.02)
+        assert sorted(archive.writes) == ["a", "b"]  # ten events, two writes
+        archive.broken = True
+        await bus.publish(CallEnded(call_id="a", seq=5, reason="user_hangup"))
+        await asyncio.sleep(0.2)  # handled, flush failed, not acked: redelivered after claim_idle_ms
+        assert not (await TranscriptArchive(tmp_path).get("a"))["ended"]
+        archive.broken = False
+        for _ in range(100):
+            if (await TranscriptArchive(tmp_path).get("a"))["ended"]:
+                break
+            await asyncio.sleep(0.02)
+        assert (await TranscriptArchive(tmp_path).get("a"))["ended"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 5)
 
 
 # -- Escalation -----------------------------------------------------------------------------------

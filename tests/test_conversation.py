@@ -173,6 +173,19 @@ async def test_resume_sends_nothing():
     assert h.opening == [] and h.conversation.state.greeted
 
 
+async def test_resume_of_a_socket_that_never_heard_response_zero_greets_it():
+    """Issue 11 §4: the store says greeted (the old host sent it, then died before it reached
+    the socket); the same socket resumed without having heard it must get the greeting."""
+    h = Harness()
+    await h.attach("s1")
+    await asyncio.sleep(0.01)
+    stored = await h.store.load("c1")
+    assert stored.greeted
+    h.conversation = h.make(stored)
+    await h.attach("s1", resume=True, heard_greeting=False)
+    assert h.opening[0]["content"] == "Hello, this is the test agent." and h.conversation.state.greeted
+
+
 async def test_end_call_and_transfer_ride_on_the_completing_frame_once():
     h = Harness()
     await h.attach()

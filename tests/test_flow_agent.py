@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from callray.agents.base import Agent, EndCall, Speech, Transfer, Turn
-from callray.agents.flow import AgentConfigError, FlowAgent, load_flow_agent, split_phrases
+from callray.agents.flow import AgentConfigError, FlowAgent, load_flow_agent
 
 CLINIC = Path(__file__).resolve().parents[1] / "config" / "agents" / "clinic.yaml"
 
@@ -198,16 +198,14 @@ async def test_stale_or_garbage_state_is_ignored(agent: FlowAgent) -> None:
 
 async def test_cancelled_generation_leaves_state_untouched(agent: FlowAgent) -> None:
     state: dict[str, Any] = {"pending": {"intent": "book", "slot": "day"}}
-    # Answers the aside, then completes the booking: two phrases, and the pending intent clears.
+    # Answers the aside, then completes the booking (one frame), and the pending intent clears.
     gen = agent.respond(make_turn("what are your hours? Friday is fine", state))
-    first = await gen.__anext__()
-    assert first == Speech("We are open nine to five.")
-    await gen.aclose()  # superseded: the caller kept talking
+    await gen.aclose()  # superseded before it spoke: the caller kept talking
     assert state == {"pending": {"intent": "book", "slot": "day"}}
-    assert await say(agent, "what are your hours? Friday is fine", state) == (
-        "We are open nine to five. I've pencilled you in for Friday."
-    )
-    assert state == {}
+    gen = agent.respond(make_turn("what are your hours? Friday is fine", state))
+    assert await gen.__anext__() == Speech("We are open nine to five. I've pencilled you in for Friday.")
+    assert state == {}  # the state changed with the (last) output
+    await gen.aclose()
 
 
 # --------------------------------------------------------------------------- actions
@@ -247,47 +245,15 @@ async def test_reminder_speaks_the_reminder_line_without_changing_state(agent: F
 # --------------------------------------------------------------------------- chunking
 
 
-def test_split_phrases_cuts_sentences_and_long_clauses() -> None:
-    text = (
-        "We're open Monday to Friday from 8 AM to 6 PM, and until 8 PM on Thursdays. "
-        "Closed Sundays! Dr. Lee sees children, adults, and seniors; "
-        "bring your card, your ID, and a list of medications."
-    )
-    chunks = split_phrases(text)
-    assert chunks == [
-        "We're open Monday to Friday from 8 AM to 6 PM,",
-        "and until 8 PM on Thursdays.",
-        "Closed Sundays!",
-        "Dr. Lee sees children,",  # "Dr." does not end a sentence
-        "adults, and seniors;",
-        "bring your card, your ID,",
-        "and a list of medications.",
-    ]
-    assert split_phrases("Short, sweet, and simple.") == ["Short, sweet, and simple."]  # short sentences stay whole
-    assert split_phrases("") == []
-
-
-WORDS = ["word", "longer-word", "a,", "b;", "end.", "why?", "St.", "x" * 70, "3.5", "ok!", "“quoted.”"]
-
-
-@given(st.lists(st.sampled_from(WORDS), max_size=60))
-def test_split_phrases_never_splits_words_and_reproduces_text(words: list[str]) -> None:
-    text = " ".join(words)
-    chunks = split_phrases(text)
-    assert " ".join(chunks) == " ".join(text.split())
-    assert all(chunk and chunk == chunk.strip() for chunk in chunks)
-    assert [w for chunk in chunks for w in chunk.split()] == text.split()
-
-
-async def test_respond_streams_phrase_sized_chunks_that_reproduce_the_answer() -> None:
+async def test_an_answer_is_one_frame_unless_its_protection_changes() -> None:
+    """The whole answer is known at once: phrases would only add frames for the proxy."""
     agent = load_flow_agent(CLINIC)
     outputs = await collect(agent, make_turn("Do you take my insurance?"))
-    texts = [o.text for o in outputs]
-    assert len(texts) > 2
     answer = next(i.answer for i in agent.config.intents if i.name == "insurance")
-    assert "".join(texts) == " ".join(answer.split())
-    assert all(t.startswith(" ") for t in texts[1:])  # concatenation needs no separator
-    assert all(len(t) <= 80 for t in texts)
+    assert [o.text for o in outputs] == [" ".join(answer.split())]
+    goodbye = await collect(agent, make_turn("That's all, bye"))
+    speech = [o for o in goodbye if isinstance(o, Speech)]
+    assert len(speech) == 1 and speech[0].no_interruption_allowed and isinstance(goodbye[-1], EndCall)
 
 
 # --------------------------------------------------------------------------- cache keys

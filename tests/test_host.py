@@ -223,3 +223,50 @@ async def test_a_calls_state_keeps_a_window_of_turns_and_only_the_call_fields_it
     stored = await store.load("c1")
     assert [t.response_id for t in stored.turns] == [5, 6, 7]
     assert set(stored.call) == {"call_id", "agent_id", "from_number", "metadata"}
+
+
+class FlakyStore(MemoryStateStore):
+    """A memory store whose saves can be made to fail, as Redis does during an outage."""
+
+    failing = False
+
+    async def save(self, state):
+        if self.failing:
+            raise ConnectionError("store down")
+        return await super().save(state)
+
+
+async def test_events_of_a_crashed_host_and_its_successor_never_share_an_identity():
+    """Issue 11 §2: a host that dies after emitting events its checkpoint never saved must not
+    make its successor reuse their identities, or consumers drop the successor's events."""
+    from callray.consumers.analytics import Analytics
+
+    events = []
+    store = FlakyStore()
+    a = Host(SETTINGS, AGENTS, store=store, cache=MemoryResponseCache(), name="a", events=SimpleSink(events))
+    old = Outbox("socket-1")
+    conversation = await a.attach("c1", old, None)  # greeted and checkpointed
+    await asyncio.sleep(0.05)
+    store.failing = True  # the turn's event goes out, its checkpoint does not: then the host dies
+    conversation.handle(parse(request(1, "Hi, my name is Maria")))
+    await answer(old, 1)
+    store.failing = False
+    b = Host(SETTINGS, AGENTS, store=store, cache=MemoryResponseCache(), name="b", events=SimpleSink(events))
+    new = Outbox("socket-2")
+    await b.attach("c1", new, None)
+    b.calls["c1"].handle(parse(request(2, "What are your hours?")))
+    await answer(new, 2)
+    assert len({(e.call_id, e.key) for e in events}) == len(events)
+    analytics = Analytics()
+    for event in events:
+        await analytics.handle(event)
+    calls = analytics.snapshot()["overall"]["calls"]
+    assert calls["reconnects"] == 1 and analytics.snapshot()["agents"]["clinic"]["turns"] == 2
+
+
+class SimpleSink:
+    def __init__(self, into: list):
+        self.into = into
+
+    def emit(self, event) -> None:
+        self.into.append(event)

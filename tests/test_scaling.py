@@ -89,7 +89,7 @@ def make_app(serve_port, redis_server, tmp_path) -> Iterator[Any]:
             "architecture": "distributed",
             "state": {"backend": "redis", "redis_url": redis_server.url},
             "cache": {"backend": "redis"},
-            "hosts": {"count": 2, "namespace": NAMESPACE},
+            "hosts": {"namespace": NAMESPACE},
             "gateway": {"host_retry_s": 60},
             "events": {"archive_dir": str(tmp_path / f"archive-{name}")},
         })

@@ -231,6 +231,57 @@ async def test_dedicated_host_killed_mid_call_keeps_the_socket_and_answers(dedic
         await client.close()
 
 
+async def test_dedicated_host_killed_before_the_greeting_still_greets_the_socket(dedicated_app, ray_cluster):
+    """Issue 11 §4: the greeting waits for call_details; the call's actor dies meanwhile. The
+    socket never heard response 0, so the restarted actor must send it (once)."""
+    import ray
+
+    client = await RetellClient(dedicated_app, new_call_id()).connect()
+    try:
+        pool = ray.get_actor("dedicated-pool", namespace="callray-test-dedicated")
+        deadline = time.monotonic() + 10
+        while (name := await pool.assigned_to.remote(client.call_id)) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert name is not None and not client.responses(0)  # activated, greeting still waiting
+        ray.kill(ray.get_actor(name, namespace="callray-test-dedicated"), no_restart=False)
+        assert "Maple Street" in await client.complete(0, timeout=30)
+        assert len(client.responses(0)) == 1 and client.close_code is None
+        assert (await client.turn(1, "What are your hours?")).strip()
+    finally:
+        await client.close()
+
+
+STORY = "The first part goes here. The second part follows it. The third part comes next. The last part ends it."
+
+
+async def test_dedicated_host_killed_mid_answer_never_repeats_what_the_caller_heard(dedicated_app, fake_llm,
+                                                                                  ray_cluster):
+    """Issue 11 §5: the call's actor dies while an LLM answer streams. The caller heard its
+    beginning, so the answer is closed there (Retell asks again) rather than regenerated under
+    the same id, which Retell would append to what was already spoken."""
+    import ray
+    from callray.sim.fake_llm import ScriptedReply
+
+    fake_llm.state.responder = lambda body: (ScriptedReply(text=STORY, tokens_per_s=15)
+                                             if "story" in str(body["messages"][-1]) else None)
+    client = await RetellClient(dedicated_app + "/assistant", new_call_id()).connect()
+    try:
+        await client.send({"interaction_type": "call_details", "call": {"call_id": client.call_id}})
+        await client.complete(0)
+        await client.say(1, "Please tell me a story")
+        await client.wait_for(lambda f: f.get("response_id") == 1 and f.get("content"))  # the caller hears it begin
+        pool = ray.get_actor("dedicated-pool", namespace="callray-test-dedicated")
+        ray.kill(ray.get_actor(await pool.assigned_to.remote(client.call_id), namespace="callray-test-dedicated"),
+                 no_restart=False)
+        heard = await client.complete(1, timeout=30)
+        assert heard and STORY.startswith(heard.strip()) and heard.strip() != STORY  # cut short, nothing twice
+        assert len([f for f in client.responses(1) if f.get("content_complete")]) == 1
+        assert (await client.turn(2, "What are your hours?")).strip()
+    finally:
+        fake_llm.state.responder = None
+        await client.close()
+
+
 async def test_cache_is_shared_across_replicas(durable_app):
     """Pre-cached at start into Redis: every call, on either replica, is answered from the cache."""
     from tests.test_serve_events import eventually, get, http_base
@@ -273,3 +324,41 @@ async def test_dedicated_placement_full_call_and_pool_refills(dedicated_app, ray
         await asyncio.sleep(0.5)
     assert stats["assigned"] == before["assigned"] and stats["idle"] == 2 and stats["started"] > before["started"]
     assert await pool.assigned_to.remote(client.call_id) is None  # its actor went away with the call
+
+
+async def test_a_redeploy_gives_new_calls_new_settings_and_leaves_live_calls_where_they_are(ray_cluster):
+    """Issue 11 §7 for dedicated placement: the pool outlives a redeploy. New settings reach
+    every call activated afterwards; a live call keeps its actor (its agent and stores)."""
+    import copy
+
+    import ray
+
+    from actors.placement import DedicatedPool
+    from callray.settings import CallraySettings
+
+    old = CallraySettings.parse({"hosts": {"placement": "dedicated", "warm_pool": 1,
+                                           "namespace": "callray-test-redeploy"}}).model_dump(mode="json")
+    new = copy.deepcopy(old)
+    new["turns"]["latency_budget_ms"] = 650.0
+    pool = DedicatedPool.options(name="redeploy-pool", namespace="callray-test-redeploy").remote(old, "redeploy")
+
+    def budget(handle):
+        return handle.__ray_call__.remote(lambda actor: actor._settings_raw["turns"]["latency_budget_ms"])
+
+    try:
+        await pool.fill.remote()
+        live = await pool.acquire.remote("call-live")
+        await pool.fill.remote()  # a warm actor with the old settings
+        assert await pool.configure.remote(new) == 1 and await pool.configure.remote(new) == 0
+        await pool.fill.remote()
+        fresh = await pool.acquire.remote("call-new")
+        assert await budget(live) == old["turns"]["latency_budget_ms"] and await budget(fresh) == 650.0
+        assert await pool.assigned_to.remote("call-live") is not None
+    finally:
+        await pool.fill.remote()
+        idle = await pool.__ray_call__.remote(lambda actor: [h for _, h in actor.idle])
+        for handle in idle:
+            ray.kill(handle, no_restart=True)
+        for call_id in ("call-live", "call-new"):
+            await pool.release.remote(call_id)
+        ray.kill(pool, no_restart=True)

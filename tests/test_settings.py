@@ -18,11 +18,13 @@ def test_env_references_expand_with_defaults(monkeypatch):
 
 
 @pytest.mark.parametrize("args, field", [
-    ({"hosts": {"count": 0}}, "hosts.count"),
-    ({"hosts": {"placment": "shared"}}, "hosts.placment"),
+    ({"hosts": {"warm_pool": -1}}, "hosts.warm_pool"),
+    ({"hosts": {"placement": "shared"}}, "hosts.placement"),
+    ({"hosts": {"placment": "dedicated"}}, "hosts.placment"),
     ({"agents": {"default": "nobody"}}, "agents"),
     ({"gateway": {"path_prefix": "no-slash"}}, "gateway.path_prefix"),
     ({"turns": {"latency_budget_ms": -1}}, "turns.latency_budget_ms"),
+    ({"events": {"backend": "redis_streams"}}, "(root): Value error, events.backend 'redis_streams' needs state.backend"),
 ])
 def test_invalid_settings_name_the_field(args, field):
     with pytest.raises(SettingsError) as error:
@@ -35,10 +37,10 @@ def test_check_command(tmp_path, capsys):
     assert "ok" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text("applications:\n  - name: callray\n    import_path: serve_app:build_app\n"
-                   "    args:\n      hosts:\n        count: -3\n")
+                   "    args:\n      hosts:\n        warm_pool: -3\n")
     assert main(["check", str(bad)]) == 1
     out = capsys.readouterr().out.replace("\n", "")
-    assert str(bad) in out and "hosts.count" in out
+    assert str(bad) in out and "hosts.warm_pool" in out
     monkeypatch_env = {"CALLRAY_SOCKET_SECRET": "s"}
     with pytest.MonkeyPatch.context() as mp:
         for k, v in monkeypatch_env.items():

@@ -34,7 +34,6 @@ __all__ = [
     "SlotConfig",
     "SlotValue",
     "load_flow_agent",
-    "split_phrases",
 ]
 
 
@@ -46,54 +45,6 @@ _UNINTELLIGIBLE = re.compile(r"\(\s*unintelligible audio\s*\)", re.IGNORECASE)
 def _contains(haystack: str, needle: str) -> int:
     """Word-aligned position of normalised ``needle`` in normalised ``haystack``, or -1."""
     return f" {haystack} ".find(f" {needle} ")
-
-
-_ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "st", "ave", "jr", "sr", "vs", "etc", "e.g", "i.e", "a.m", "p.m"})
-_SENTENCE_END = re.compile(r"[.!?…][\"')\]]*$")
-_CLAUSE_END = re.compile(r"[,;:—–][\"')\]]*$")
-MAX_SENTENCE_CHARS = 60
-MIN_PHRASE_CHARS = 20
-
-
-def _ends_sentence(word: str) -> bool:
-    return bool(_SENTENCE_END.search(word)) and word.lower().rstrip(".") not in _ABBREVIATIONS
-
-
-def split_phrases(text: str) -> list[str]:
-    """Split ``text`` into phrase-sized chunks for streaming, only ever between words.
-
-    Sentences end at ``.``/``!``/``?``; a sentence longer than ``MAX_SENTENCE_CHARS`` is cut
-    further after commas, semicolons and colons, keeping each piece at least
-    ``MIN_PHRASE_CHARS`` long. ``" ".join(split_phrases(t)) == " ".join(t.split())``.
-    """
-    sentences: list[list[str]] = [[]]
-    for word in text.split():
-        sentences[-1].append(word)
-        if _ends_sentence(word):
-            sentences.append([])
-    chunks: list[str] = []
-    for words in sentences:
-        if not words:
-            continue
-        sentence = " ".join(words)
-        if len(sentence) <= MAX_SENTENCE_CHARS:
-            chunks.append(sentence)
-            continue
-        pieces: list[str] = []
-        current: list[str] = []
-        for word in words:
-            current.append(word)
-            if _CLAUSE_END.search(word) and len(" ".join(current)) >= MIN_PHRASE_CHARS:
-                pieces.append(" ".join(current))
-                current = []
-        if current:
-            tail = " ".join(current)
-            if pieces and len(tail) < MIN_PHRASE_CHARS:
-                pieces[-1] = f"{pieces[-1]} {tail}"
-            else:
-                pieces.append(tail)
-        chunks.extend(pieces)
-    return chunks
 
 
 # --------------------------------------------------------------------------- templates
@@ -534,11 +485,18 @@ class _Plan:
         return not self.renderer.personal
 
     def outputs(self) -> list[AgentOutput]:
+        """The answer as few frames as it can be: the whole text is known at once, so phrases
+        would only add frames for the Serve proxy to relay (its main cost per call). Lines
+        are split only where ``no_interruption_allowed`` changes."""
         out: list[AgentOutput] = []
         for text, protected in self.lines:
-            for chunk in split_phrases(text):
-                # Chunks after the first carry their leading space: concatenated they read right.
-                out.append(Speech(f" {chunk}" if out else chunk, no_interruption_allowed=protected))
+            text = " ".join(text.split())
+            if not text:
+                continue
+            if out and out[-1].no_interruption_allowed == protected:
+                out[-1] = Speech(f"{out[-1].text} {text}", no_interruption_allowed=protected)
+            else:  # a later frame carries its leading space: concatenated they read right
+                out.append(Speech(f" {text}" if out else text, no_interruption_allowed=protected))
         if self.action is not None:
             out.append(self.action)
         return out

@@ -250,7 +250,7 @@ def stream_delta(line: str) -> dict[str, Any] | None:
         return None
     try:
         chunk = json.loads(payload)
-    except ValueError as exc:
+    except ValueError:
         raise _BrokenStream(f"a stream line is not JSON: {payload[:80]!r}") from None
     if not isinstance(chunk, dict):
         raise _BrokenStream(f"a stream chunk is not an object: {payload[:80]!r}")

@@ -2,8 +2,9 @@
 idempotency rule they share.
 
 Delivery is at-least-once, so every consumer sees duplicates. An event is identified by
-(call_id, seq); ``SeenEvents`` remembers the seqs handled per call (bounded) and, once a call
-is finalised, only the call id, so late duplicates of a finished call are ignored too.
+(call_id, epoch, seq) (see :mod:`callray.events`); ``SeenEvents`` remembers the keys handled
+per call (bounded) and, once a call is finalised, only the call id, so late duplicates of a
+finished call are ignored too.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from callray.events import Event
 
 
 class SeenEvents:
-    """Bounded record of handled (call_id, seq) pairs and of finalised calls.
+    """Bounded record of handled events (call_id and key) and of finalised calls.
 
     Check with ``seen`` before handling and ``mark`` after success, so that a handler that
     fails is retried on redelivery rather than skipped.
@@ -22,31 +23,31 @@ class SeenEvents:
 
     def __init__(self, per_call: int = 4096, max_calls: int = 10_000, max_finalised: int = 100_000):
         self.per_call, self.max_calls, self.max_finalised = per_call, max_calls, max_finalised
-        self._calls: OrderedDict[str, OrderedDict[int, None]] = OrderedDict()
+        self._calls: OrderedDict[str, OrderedDict[tuple[int, int], None]] = OrderedDict()
         self._finalised: OrderedDict[str, None] = OrderedDict()
 
     def seen(self, event: Event) -> bool:
         """True for a duplicate or for any event of a finalised call."""
         if event.call_id in self._finalised:
             return True
-        seqs = self._calls.get(event.call_id)
-        return seqs is not None and event.seq in seqs
+        keys = self._calls.get(event.call_id)
+        return keys is not None and event.key in keys
 
     def mark(self, event: Event) -> None:
         if event.call_id in self._finalised:
             return
-        seqs = self._calls.get(event.call_id)
-        if seqs is None:
-            seqs = self._calls[event.call_id] = OrderedDict()
+        keys = self._calls.get(event.call_id)
+        if keys is None:
+            keys = self._calls[event.call_id] = OrderedDict()
             while len(self._calls) > self.max_calls:
                 self._calls.popitem(last=False)
         self._calls.move_to_end(event.call_id)
-        seqs[event.seq] = None
-        while len(seqs) > self.per_call:
-            seqs.popitem(last=False)
+        keys[event.key] = None
+        while len(keys) > self.per_call:
+            keys.popitem(last=False)
 
     def finalise(self, call_id: str) -> None:
-        """The call's record is complete: drop its seqs, remember only that it is done."""
+        """The call's record is complete: drop its keys, remember only that it is done."""
         self._calls.pop(call_id, None)
         self._finalised[call_id] = None
         self._finalised.move_to_end(call_id)

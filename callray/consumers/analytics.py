@@ -1,7 +1,7 @@
 """Live call analytics from the event stream: per agent and overall.
 
 Counts are exact under at-least-once delivery: turn-level events are deduped on
-(call_id, seq) and call-level facts (started, ended, analyzed) are counted once per call,
+their identity (call_id, epoch, seq) and call-level facts (started, ended, analyzed) are counted once per call,
 whichever of the call's own events or Retell's webhooks reports them first. Latencies and
 durations keep a sliding window of the latest samples for percentiles.
 """

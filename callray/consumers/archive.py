@@ -2,7 +2,7 @@
 
 The record is a function of the *set* of events seen, not of their order or count, so
 duplicates and out-of-order webhooks (``call_analyzed`` before ``call_ended``) produce the same
-file: turns are keyed by ``response_id`` (the highest seq wins), Retell's call object is
+file: turns are keyed by ``response_id`` (the latest activation's, then the highest seq, wins), Retell's call object is
 ``{**ended.call, **analyzed.call}``, times are minima. Every update is written atomically
 (temp file + ``os.replace``) before the event is acked, so a restart loses nothing.
 """
@@ -87,6 +87,8 @@ class TranscriptArchive:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.grace_s, self.cache_size = grace_s, cache_size
         self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        # Records changed since the last flush: call_id -> (the record as on disk, None if no file yet; the record)
+        self._dirty: dict[str, tuple[str | None, dict[str, Any]]] = {}
         self._ended_at_mono: dict[str, float] = {}
 
     def path(self, call_id: str) -> Path:
@@ -113,21 +115,42 @@ class TranscriptArchive:
         return json.loads(json.dumps(record)) if record is not None else None
 
     async def handle(self, event: Event) -> None:
-        record = await asyncio.to_thread(self._load, event.call_id) or _new_record(event.call_id)
-        before = _serialise(record)
+        """Apply one event to its call's record in memory; :meth:`flush` writes it."""
+        pending = self._dirty.get(event.call_id)
+        record = pending[1] if pending else self._cache.get(event.call_id)
+        if record is None:
+            record = await asyncio.to_thread(self._load, event.call_id)
+        if pending is None:  # a cached or loaded record is what the disk holds; a new one is not there yet
+            self._dirty[event.call_id] = (None, _new_record(event.call_id)) if record is None else (_serialise(record), record)
+            record = self._dirty[event.call_id][1]
         self._apply(record, event)
-        after = _serialise(record)
         self._remember(event.call_id, record)
-        if after != before or not self.path(event.call_id).exists():
-            try:
-                await asyncio.to_thread(self._write, event.call_id, after)
-            except OSError:
-                self._cache.pop(event.call_id, None)  # disk is the truth: the redelivery re-applies
-                raise
         if record["ended"] and not record["final"]:
             self._ended_at_mono.setdefault(event.call_id, time.monotonic())
         else:
             self._ended_at_mono.pop(event.call_id, None)
+
+    async def flush(self) -> None:
+        """Write every record changed since the last flush, in one hop to a thread: the
+        consumer acks its batch only after this, so what was acked is on disk."""
+        dirty, self._dirty = self._dirty, {}
+        writes = {}
+        for call_id, (before, record) in dirty.items():
+            after = _serialise(record)
+            if after != before:
+                writes[call_id] = after
+        if not writes:
+            return
+        try:
+            await asyncio.to_thread(self._write_all, writes)
+        except OSError:
+            for call_id in writes:
+                self._cache.pop(call_id, None)  # disk is the truth: the redelivery re-applies
+            raise
+
+    def _write_all(self, writes: dict[str, str]) -> None:
+        for call_id, text in writes.items():
+            self._write(call_id, text)
 
     def _apply(self, r: dict[str, Any], event: Event) -> None:
         if event.agent and not r["agent"]:
@@ -164,6 +187,7 @@ class TranscriptArchive:
         turn = {
             "response_id": event.response_id,
             "seq": event.seq,
+            "epoch": event.epoch,
             "kind": event.kind,
             "at": event.ts,
             "caller": event.caller_text,
@@ -181,7 +205,7 @@ class TranscriptArchive:
         }
         turns = {t["response_id"]: t for t in r["turns"]}
         current = turns.get(event.response_id)
-        if current is None or current["seq"] <= event.seq:
+        if current is None or (current.get("epoch", 0), current["seq"]) <= event.key:
             turns[event.response_id] = turn
         r["turns"] = [turns[k] for k in sorted(turns)]
         r["tools"] = sorted({tool for t in r["turns"] for tool in t["tools"]})

@@ -18,7 +18,7 @@ import os
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 import httpx
 import redis.asyncio as aioredis

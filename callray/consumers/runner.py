@@ -36,13 +36,18 @@ def build_consumers(events: EventsSettings, kinds: Iterable[str] = KINDS, *, com
 
 
 ARCHIVE_FINALISE_INTERVAL_S = 60.0
+#: The archive writes each changed record once per batch; lingering this long between batches
+#: turns a file write per event into at most one per call per second.
+ARCHIVE_LINGER_S = 1.0
 
 
 async def run_consumers(bus: EventBus, consumers: dict[str, Any], name: str, stop: asyncio.Event) -> None:
     """One consume loop per consumer: group = its kind, consumer = ``name`` (stable across
     restarts, so a restarted consumer first re-reads its own pending events). The archive also
     gets a periodic pass that finalises records of calls ended but never analyzed."""
-    loops = [consume(bus, kind, name, handler.handle, stop=stop) for kind, handler in consumers.items()]
+    loops = [consume(bus, kind, name, handler.handle, stop=stop, flush=getattr(handler, "flush", None),
+                     linger_s=ARCHIVE_LINGER_S if kind == "archive" else 0.0)
+             for kind, handler in consumers.items()]
     if "archive" in consumers:
         loops.append(_finalise_periodically(consumers["archive"], stop))
     await asyncio.gather(*loops)

@@ -70,6 +70,7 @@ def build_bus(settings: CallraySettings, client: aioredis.Redis | None) -> Event
             raise ValueError("events.backend redis_streams needs a Redis client")
         return RedisStreamBus(
             client, stream=events.stream, maxlen=events.maxlen, dead_letter_stream=f"{events.stream}:dead",
-            max_deliveries=events.max_deliveries, claim_idle_ms=events.claim_idle_ms, buffer_size=events.buffer)
-    return MemoryBus(max_deliveries=events.max_deliveries, claim_idle_ms=events.claim_idle_ms,
-                     buffer_size=events.buffer)
+            max_deliveries=events.max_deliveries, claim_idle_ms=events.claim_idle_ms,
+            max_retained=events.max_retained, buffer_size=events.buffer)
+    return MemoryBus(maxlen=events.maxlen, max_deliveries=events.max_deliveries, claim_idle_ms=events.claim_idle_ms,
+                     max_retained=events.max_retained, buffer_size=events.buffer)

@@ -20,6 +20,7 @@ class _Stored:
     epoch: int = 0
     owner: str | None = None
     state: str | None = None  # the CallState JSON, None until the first save
+    version: int = 0  # the stored state's version, kept apart so a save need not parse it
 
 
 #: An ended call's state is kept this long at most (a late webhook may still merge into it).
@@ -88,8 +89,7 @@ class MemoryStateStore:
         item = self._get(state.call_id)
         if item is not None and item.epoch > state.epoch:
             raise CallFencedError(state.call_id, state.epoch, item.epoch)
-        current = self._state(item)
-        found = current.version if current else 0
+        found = item.version if item is not None else 0
         if found != state.version:
             raise StaleStateError(state.call_id, state.version, found)
         state.version = found + 1
@@ -98,7 +98,7 @@ class MemoryStateStore:
             self._make_room()
             item = self._data[state.call_id] = _Stored(0.0, epoch=state.epoch)
         ttl = min(self.ttl_s, ENDED_TTL_S) if state.ended else self.ttl_s
-        item.expires, item.state = time.monotonic() + ttl, state.model_dump_json()
+        item.expires, item.state, item.version = time.monotonic() + ttl, state.model_dump_json(), state.version
         return state.version
 
     async def delete(self, call_id: str) -> None:
