@@ -434,6 +434,7 @@ class Conversation:
             queue.put_nowait(_AgentFailed(exc))
 
     def _apply_output(self, request: _Request, item: Any) -> None:
+        self._current(request)
         if isinstance(item, ToolCall):
             request.tools.append(item.name)
             self._send(ToolCallInvocationFrame(tool_call_id=item.tool_call_id, name=item.name, arguments=item.arguments))
@@ -447,7 +448,15 @@ class Conversation:
             log.warning("call %s: agent %s yielded unknown output %r", self.call_id, self.agent.name, item,
                         extra={"call_id": self.call_id})
 
+    def _current(self, request: _Request) -> None:
+        """End a generation whose request is no longer the one being answered. Cancelling it is
+        not enough: a library can swallow the cancel (redis-py's async client loses about 1 in 100
+        cancels of a GET in flight), and its frames would reach Retell after the newer answer's."""
+        if self._request is not request:
+            raise asyncio.CancelledError(f"response {request.response_id} was superseded")
+
     def _speak(self, request: _Request, speech: Speech, *, complete: bool = False) -> None:
+        self._current(request)
         text = speech.text
         if request.text and text and not text[0].isspace() and not request.text[-1][-1:].isspace():
             text = " " + text
