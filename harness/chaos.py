@@ -37,7 +37,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
@@ -46,7 +46,7 @@ from rich.table import Table
 from callray.settings import PROJECT_DIR
 from callray.sim.local import RedisServer
 from callray.sim.report import SimResult, describe
-from callray.sim.simulator import SimConfig, run_simulation
+from callray.sim.simulator import SimConfig, SimObserver, run_simulation
 from harness.targets import read_json
 
 FaultKind = Literal["gateway", "consumer", "redis"]
@@ -122,34 +122,16 @@ class SocketOpen:
     ok: bool
 
 
-class SocketLog:
-    """Every socket the simulator opens, with the time and whether it was a reconnect.
-
-    The simulator reports reconnect counts, not times; wrapping its socket opener for the
-    duration of one in-process run attributes each reconnect to the gateway fault before it
-    ."""
+class SocketLog(SimObserver):
+    """Every socket the simulator opens, with the time and whether it was a reconnect: the
+    simulator reports reconnect counts, not times; this attributes each reconnect to the
+    gateway fault before it."""
 
     def __init__(self) -> None:
         self.opens: list[SocketOpen] = []
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[SocketLog]:
-        from callray.sim import simulator
-
-        original = simulator._Call._open
-        opens = self.opens
-
-        async def recording(call: Any, reconnect: bool = False) -> Any:
-            at = time.time()
-            sock = await original(call, reconnect)
-            opens.append(SocketOpen(call.call_id, at, reconnect, sock is not None))
-            return sock
-
-        simulator._Call._open = recording
-        try:
-            yield self
-        finally:
-            simulator._Call._open = original
+    def socket_opened(self, call_id: str, at: float, reconnect: bool, ok: bool) -> None:
+        self.opens.append(SocketOpen(call_id, at, reconnect, ok))
 
 
 # ====================================================================== faults
@@ -216,25 +198,25 @@ class FaultInjector:
 async def run_chaos(target: ChaosTarget, sim: SimConfig, plan: FaultPlan,
                     console: Console | None = None) -> dict[str, Any]:
     """Drive ``sim`` against ``target`` while injecting ``plan``'s faults; returns the report."""
-    sim = sim.model_copy(update={"url": target.url, "processes": 1})  # the socket log is in-process
+    sim = sim.model_copy(update={"url": target.url})
     if sim.run_id is None:
         sim = sim.model_copy(update={"run_id": f"{random.getrandbits(32):08x}"})
     injector = FaultInjector(target, plan)
     faults: list[Fault] = []
     analytics_before = await asyncio.to_thread(_analytics_turns, target)
-    with SocketLog().installed() as sockets:
-        started = time.time()
-        sim_task = asyncio.create_task(run_simulation(sim))
-        for at, kind in plan.timeline():
-            await asyncio.wait([sim_task], timeout=max(0.0, started + at - time.time()))
-            if sim_task.done():
-                break
-            fault = await injector.inject(kind)
-            faults.append(fault)
-            if console:
-                console.log(f"fault {len(faults)}: {kind} {fault.target or ''} at {fault.at - started:.1f} s"
-                            + (f" [red]failed: {fault.error}[/]" if fault.error else ""))
-        result = await sim_task
+    sockets = SocketLog()
+    started = time.time()
+    sim_task = asyncio.create_task(run_simulation(sim, observer=sockets))
+    for at, kind in plan.timeline():
+        await asyncio.wait([sim_task], timeout=max(0.0, started + at - time.time()))
+        if sim_task.done():
+            break
+        fault = await injector.inject(kind)
+        faults.append(fault)
+        if console:
+            console.log(f"fault {len(faults)}: {kind} {fault.target or ''} at {fault.at - started:.1f} s"
+                        + (f" [red]failed: {fault.error}[/]" if fault.error else ""))
+    result = await sim_task
     events = None
     if target.stream and target.redis_url:
         events = await check_events(target, result, analytics_before)
@@ -432,6 +414,13 @@ async def _settled_groups(client: Any, stream: str, deadline: float) -> dict[str
         groups = {g["name"]: {"lag": int(g.get("lag") or 0), "pending": int(g.get("pending") or 0)}
                   for g in client.xinfo_groups(stream)}
         if all(g["lag"] == 0 and g["pending"] == 0 for g in groups.values()) or time.monotonic() > deadline:
+            for name, g in groups.items():  # what is still pending, and how often it was tried
+                if g["pending"]:
+                    g["pending_entries"] = [
+                        {"type": (client.xrange(stream, p["message_id"], p["message_id"]) or [(None, {})])[0][1]
+                         .get(b"type", b"?").decode(), "consumer": p["consumer"].decode() if isinstance(p["consumer"], bytes) else p["consumer"],
+                         "deliveries": p["times_delivered"], "idle_ms": p["time_since_delivered"]}
+                        for p in client.xpending_range(stream, name, min="-", max="+", count=10)]
             return groups
         await asyncio.sleep(1)
 

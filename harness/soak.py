@@ -2,7 +2,7 @@
 
 N concurrent calls (default 100) talk for a duration (default 30 min): each call takes its
 greeting, plays ``--turns-per-call`` caller turns with a realistic talk time between them and
-hangs up, and a new call takes its slot, so activation, passivation and the stores are
+hangs up, and a new call takes its slot, so activation, deactivation and the stores are
 exercised as well as long-lived sockets. Every ``--sample-s`` seconds it records the resident
 memory (RSS) of the gateway replicas and the call hosts, turns per second, first-sentence
 p50/p99 of the turns completed in that window, and the errors (protocol violations and
@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
@@ -38,7 +38,7 @@ from rich.table import Table
 from callray.settings import PROJECT_DIR
 from callray.sim.local import RedisServer
 from callray.sim.report import percentile
-from callray.sim.simulator import SimConfig, run_simulation
+from callray.sim.simulator import Recorder, SimConfig, SimObserver, run_simulation
 
 #: Retell reconnects up to 4 times after an abnormal close.
 RETELL_DROP_RECONNECTS = 4
@@ -59,33 +59,14 @@ class SoakOptions(BaseModel):
                                                "the plot goes next to it as .png.")
 
 
-class LiveRecorders:
-    """The simulator's recorders of an in-process run, readable while it runs.
-
-    The simulator hands its samples over only at the end; subclassing its recorder for the
-    duration of one run lets the sampler read turns, counts and errors live (the same
-    technique the chaos run uses for its socket log)."""
+class LiveRecorders(SimObserver):
+    """The simulator's recorders of an in-process run, readable while it runs."""
 
     def __init__(self) -> None:
-        self.recorders: list[Any] = []
+        self.recorders: list[Recorder] = []
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[LiveRecorders]:
-        from callray.sim import simulator
-
-        original = simulator._Recorder
-        live = self.recorders
-
-        class Recording(original):  # type: ignore[misc, valid-type]
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, **kwargs)
-                live.append(self)
-
-        simulator._Recorder = Recording
-        try:
-            yield self
-        finally:
-            simulator._Recorder = original
+    def run_started(self, recorder: Recorder) -> None:
+        self.recorders.append(recorder)
 
 
 def process_rss(app: str, namespace: str) -> dict[str, float]:
@@ -246,14 +227,13 @@ async def soak(url: str, app: str, options: SoakOptions, console: Console, tag: 
     samples: list[dict[str, Any]] = []
     live = LiveRecorders()
     done = asyncio.Event()
-    with live.installed():
-        sampler = asyncio.create_task(sample_loop(app, f"soak-{tag}", live, options, samples, console, done,
-                                                  first_ramp_s))
-        try:
-            result = await run_simulation(sim)
-        finally:
-            done.set()
-            await sampler
+    sampler = asyncio.create_task(sample_loop(app, f"soak-{tag}", live, options, samples, console, done,
+                                              first_ramp_s))
+    try:
+        result = await run_simulation(sim, observer=live)
+    finally:
+        done.set()
+        await sampler
     return {"samples": samples, "summary": soak_summary(samples, options, result), "sim": result.summary()}
 
 

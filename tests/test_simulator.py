@@ -22,7 +22,9 @@ from websockets.exceptions import ConnectionClosed
 from callray.cli import main
 from callray.sim.local import free_port
 from callray.sim.report import SimResult, describe
-from callray.sim.simulator import SimConfig, caller_token, call_url, run_simulation, validate_frame
+from callray.sim.simulator import (
+    Recorder, SimConfig, SimObserver, caller_token, call_url, run_simulation, validate_frame,
+)
 from harness.baseline_server import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +126,31 @@ async def test_processes_split_and_merge(baseline_url: str) -> None:
     assert len({c.call_id for c in result.calls}) == 4
 
 
+async def test_an_observer_watches_the_run_live_in_this_process(baseline_url: str) -> None:
+    """Chaos and soak read the run while it goes (live counts, each socket opened) through the
+    simulator's hooks; an observer keeps the run in-process even when processes > 1."""
+
+    class Watcher(SimObserver):
+        def __init__(self) -> None:
+            self.recorders: list[Recorder] = []
+            self.opens: list[tuple[str, bool, bool]] = []
+
+        def run_started(self, recorder: Recorder) -> None:
+            self.recorders.append(recorder)
+
+        def socket_opened(self, call_id: str, at: float, reconnect: bool, ok: bool) -> None:
+            assert at <= time.time()
+            self.opens.append((call_id, reconnect, ok))
+
+    watcher = Watcher()
+    result = await run_simulation(fast(baseline_url, calls=3, turns=1, processes=2, turn_timeout_s=5),
+                                  observer=watcher)
+    assert result.ok, result.summary()
+    [recorder] = watcher.recorders
+    assert recorder.counts["turns_answered"] == 3
+    assert sorted(watcher.opens) == sorted((c.call_id, False, True) for c in result.calls)
+
+
 # ------------------------------------------------------------------ each broken rule is counted
 
 
@@ -153,6 +180,19 @@ async def test_double_complete_is_counted() -> None:
         result = await run_simulation(fast(url))
     assert result.violations == {"duplicate_complete": 4}
     assert result.counts["turns_answered"] == 4
+
+
+async def test_an_answer_that_says_a_sentence_twice_is_counted() -> None:
+    """What a caller hears when an answer cut by a fault is regenerated under the same id."""
+    async def on_request(ws: ServerConnection, msg: dict[str, Any]) -> None:
+        rid = msg["response_id"]
+        await ws.send(_resp(rid, "Your visit is on Friday. ", False))
+        await ws.send(_resp(rid, "Your visit is on Friday. Anything else?", True))
+
+    async with retell_server(on_request) as url:
+        result = await run_simulation(fast(url, calls=1, turns=2))
+    assert result.violations == {"sentence_repeated": 2}
+    assert "your visit is on friday." in result.examples["sentence_repeated"][0]
 
 
 async def test_string_booleans_are_dropped_and_leave_the_turn_open() -> None:

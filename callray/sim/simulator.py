@@ -50,6 +50,7 @@ VIOLATION_KINDS: dict[str, str] = {
     "ping_unanswered": "a ping_pong not echoed with the same timestamp in time",
     "echo_missing": "expect_echo: the answer lacks the caller's own name token",
     "cross_talk": "expect_echo: the answer holds another call's name token",
+    "sentence_repeated": "one answer says the same sentence twice (e.g. regenerated after a fault)",
 }
 WARNING_KINDS: dict[str, str] = {
     "first_frame_not_config": "the first frame on a socket is not config",
@@ -61,6 +62,7 @@ WARNING_KINDS: dict[str, str] = {
 }
 
 _SENTENCE_END = re.compile(r"[.!?]")
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
 _SYLLABLES = ("ba", "de", "fi", "go", "ka", "le", "mi", "no", "pa", "re", "si", "to", "va", "ze", "lu", "ro")
 #: Caller name tokens are pronounceable surnames ending in "quist", unique per call index.
 _TOKEN_RE = re.compile(r"\b[A-Z][a-z]*quist\b")
@@ -311,12 +313,24 @@ class _Socket:
     pinger: asyncio.Task | None = None
 
 
-class _Recorder:
+class SimObserver:
+    """Hooks into an in-process run (``processes=1``), for harnesses that watch it live:
+    override what you need."""
+
+    def run_started(self, recorder: Recorder) -> None:
+        """The run's recorder, whose counters and samples grow while it runs."""
+
+    def socket_opened(self, call_id: str, at: float, reconnect: bool, ok: bool) -> None:
+        """A (re)connect that started at unix time ``at`` finished; ``ok`` if a socket opened."""
+
+
+class Recorder:
     """Counters and samples of one process's run."""
 
-    def __init__(self, config: SimConfig, progress: ProgressFn | None) -> None:
+    def __init__(self, config: SimConfig, progress: ProgressFn | None, observer: SimObserver | None = None) -> None:
         self.config = config
         self.progress = progress
+        self.observer = observer or SimObserver()
         self.t0 = time.monotonic()
         self.started_at = time.time()
         self.counts: Counter[str] = Counter()
@@ -365,7 +379,7 @@ class _Recorder:
 class _Call:
     """One simulated phone call: Retell's state for it across its sockets."""
 
-    def __init__(self, cfg: SimConfig, index: int, rec: _Recorder) -> None:
+    def __init__(self, cfg: SimConfig, index: int, rec: Recorder) -> None:
         self.cfg = cfg
         self.index = index
         self.rec = rec
@@ -557,6 +571,12 @@ class _Call:
     # ------------------------------------------------------------------ sockets
 
     async def _open(self, reconnect: bool = False) -> _Socket | None:
+        at = time.time()
+        sock = await self._connect(reconnect)
+        self.rec.observer.socket_opened(self.call_id, at, reconnect, sock is not None)
+        return sock
+
+    async def _connect(self, reconnect: bool) -> _Socket | None:
         for attempt in range(self.cfg.connect_attempts):
             if attempt:
                 await asyncio.sleep(self.cfg.connect_retry_s)
@@ -707,6 +727,7 @@ class _Call:
         if complete:
             req.status = "complete"
             req.complete_at = now
+            self._check_repeats(rid, "".join(req.parts))
             if req.first_sentence_at is None:
                 req.first_sentence_at = now
             if data.get("end_call") is True:
@@ -715,6 +736,12 @@ class _Call:
             elif data.get("transfer_number"):
                 self.rec.counts["transfers"] += 1
             req.done.set()
+
+    def _check_repeats(self, rid: int, text: str) -> None:
+        sentences = Counter(s.strip().lower() for s in _SENTENCE_SPLIT.split(text) if len(s.split()) >= 3)
+        repeated = next((s for s, n in sentences.items() if n > 1), None)
+        if repeated:
+            self._issue("sentence_repeated", f"response_id {rid}: {repeated[:60]!r}")
 
     def _check_tokens(self, content: str, expect_own: bool) -> None:
         if not self.cfg.expect_echo:
@@ -756,8 +783,10 @@ async def _lag_monitor(samples: list[float], interval: float = 0.05) -> None:
         samples.append(round((loop.time() - start - interval) * 1000, 3))
 
 
-async def _run_local(config: SimConfig, indices: list[int], progress: ProgressFn | None) -> SimResult:
-    rec = _Recorder(config, progress)
+async def _run_local(config: SimConfig, indices: list[int], progress: ProgressFn | None,
+                     observer: SimObserver | None = None) -> SimResult:
+    rec = Recorder(config, progress, observer)
+    rec.observer.run_started(rec)
     rec.counts["calls"] = len(indices)
     limit = asyncio.Semaphore(config.concurrency or len(indices) or 1)
     loop = asyncio.get_running_loop()
@@ -837,10 +866,12 @@ async def _run_processes(config: SimConfig, progress: ProgressFn | None) -> SimR
     return merged
 
 
-async def run_simulation(config: SimConfig, progress: ProgressFn | None = None) -> SimResult:
-    """Place ``config.calls`` simulated Retell calls against ``config.url`` and measure them."""
+async def run_simulation(config: SimConfig, progress: ProgressFn | None = None,
+                         observer: SimObserver | None = None) -> SimResult:
+    """Place ``config.calls`` simulated Retell calls against ``config.url`` and measure them.
+    An ``observer`` watches the run live, so it runs in this process (``processes`` is ignored)."""
     if config.run_id is None:
         config = config.model_copy(update={"run_id": secrets.token_hex(4)})
-    if config.processes > 1 and config.calls > 1:
+    if config.processes > 1 and config.calls > 1 and observer is None:
         return await _run_processes(config, progress)
-    return await _run_local(config, list(range(config.calls)), progress)
+    return await _run_local(config, list(range(config.calls)), progress, observer)
