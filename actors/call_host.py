@@ -17,7 +17,7 @@ import ray
 
 from actors.metrics import HostMetrics
 from callray.agents.registry import AgentRegistry
-from callray.bus import TappedSink
+from callray.stores.bus import TappedSink
 from callray.commands import CallCommand
 from callray.consumers.runner import build_consumers, run_consumers
 from callray.directory import CallDirectory

@@ -3,7 +3,7 @@
 Retell sends no auth header on the LLM WebSocket (protocol §1), so the route is protected by
 a secret in the URL (a path segment or a query parameter; Retell substitutes it into
 ``llm_websocket_url``) and/or by the caller's address. The gateway asks :meth:`SocketGuard.check`
-before accepting and closes (or refuses the handshake) with the verdict's code on a refusal.
+before any call state exists and closes the socket with the verdict's code on a refusal.
 
 Path shape (``path_segments`` are the segments *after* the route prefix, e.g. ``/llm-websocket``):
 
@@ -13,8 +13,7 @@ Path shape (``path_segments`` are the segments *after* the route prefix, e.g. ``
 * ``secret_in="either"``: when the query parameter is present it is checked and the path is
   left whole; otherwise the first path segment must be the secret, as for ``"path"``.
 
-Close codes (WebSocket application range 4000-4999, the HTTP status + 4000 so a handshake
-refusal can use :attr:`Verdict.http_status`):
+Close codes (WebSocket application range 4000-4999: the matching HTTP status + 4000):
 
 =====  ==========================================================
 4401   secret missing or wrong
@@ -134,11 +133,6 @@ class Verdict:
     reason: str
     segments: list[str] = field(default_factory=list)
     client: str = ""
-
-    @property
-    def http_status(self) -> int:
-        """The matching HTTP status for refusing the handshake itself (200 when allowed)."""
-        return self.code - 4000 if self.code else 200
 
 
 class SocketGuard:

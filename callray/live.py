@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Any, AsyncIterator
+
+from cachetools import LRUCache
 
 from callray.events import CallEnded, CallStarted, CallSuperseded, CallTurn, EscalationPerformed, EscalationRequested, Event
 
@@ -31,7 +33,7 @@ class LiveCalls:
 
     def __init__(self, interval_s: float = 0.25):
         self.interval_s = interval_s
-        self.calls: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.calls: LRUCache[str, dict[str, Any]] = LRUCache(MAX_CALLS)
         self.ended: deque[dict[str, Any]] = deque(maxlen=MAX_ENDED)
         self.latencies: deque[dict[str, Any]] = deque(maxlen=MAX_LATENCIES)
         self._changed: set[str] = set()
@@ -81,13 +83,10 @@ class LiveCalls:
                 "call_id": event.call_id, "agent": event.agent, "host": event.host, "started_at": event.ts,
                 "last_at": event.ts, "turns": [], "turn_count": 0, "superseded": 0, "reconnects": 0, "cache_hits": 0,
                 "holding": 0, "tools": [], "transferred": False, "escalation": None}
-            while len(self.calls) > MAX_CALLS:
-                self.calls.popitem(last=False)
         call["last_at"] = max(call["last_at"], event.ts)
         call["host"] = event.host or call["host"]
         call["agent"] = event.agent or call["agent"]
         call["started_at"] = min(call["started_at"], event.ts)
-        self.calls.move_to_end(event.call_id)
         return call
 
     def _end(self, event: CallEnded) -> None:

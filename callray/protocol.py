@@ -204,23 +204,6 @@ class ToolCallResultFrame(_Outbound):
     successful: StrictBool | None = None
 
 
-class AgentConfigUpdate(_Outbound):
-    responsiveness: float | None = Field(default=None, ge=0, le=1)
-    interruption_sensitivity: float | None = Field(default=None, ge=0, le=1)
-    reminder_trigger_ms: StrictInt | None = Field(default=None, ge=0)
-    reminder_max_count: StrictInt | None = Field(default=None, ge=0)
-
-
-class UpdateAgentFrame(_Outbound):
-    response_type: Literal["update_agent"] = "update_agent"
-    agent_config: AgentConfigUpdate
-
-
-class MetadataFrame(_Outbound):
-    response_type: Literal["metadata"] = "metadata"
-    metadata: dict[str, Any]
-
-
 OutboundFrame = Union[
     ConfigFrame,
     PingPongFrame,
@@ -228,8 +211,6 @@ OutboundFrame = Union[
     AgentInterruptFrame,
     ToolCallInvocationFrame,
     ToolCallResultFrame,
-    UpdateAgentFrame,
-    MetadataFrame,
 ]
 
 ConfigFrame.model_rebuild()

@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 from callray.agents.registry import AgentRegistry
-from callray.bus import TappedSink
+from callray.stores.bus import TappedSink
 from callray.commands import CallCommand
 from callray.consumers.runner import build_consumers, run_consumers
 from callray.directory import CallDirectory

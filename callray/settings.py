@@ -14,7 +14,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from callray.consumers.escalation import EscalationRules
 from callray import tracing
 from callray.env import SettingsError, expand_env
 from callray.guard import SocketGuardSettings
@@ -121,6 +120,51 @@ class CacheSettings(_Section):
     backend: Literal["memory", "redis"] = Field(default="memory", description="memory: per host LRU. redis: shared by all hosts.")
     ttl_s: float = Field(default=3600.0, gt=0, description="How long a cached answer lives.")
     max_entries: int = Field(default=10_000, ge=1, description="memory backend: LRU size per host.")
+
+
+class EscalationRules(_Section):
+    """When to hand a caller to a human, and how."""
+
+    human_phrases: list[str] = Field(
+        default_factory=lambda: [
+            "speak to a human", "talk to a human", "speak to a person", "talk to a person", "real person",
+            "human being", "speak to someone", "talk to someone", "speak to an agent", "representative", "operator",
+        ],
+        description="Caller phrases asking for a human (matched on normalised text at word boundaries).",
+    )
+    max_fallback_turns: int = Field(
+        default=2, ge=0,
+        description="Escalate after this many fallback turns in a row (the agent failed to answer); 0 disables.",
+    )
+    negative_phrases: list[str] = Field(
+        default_factory=lambda: ["this is useless", "not helping", "you're useless", "ridiculous", "so frustrated",
+                                 "waste of time"],
+        description="Caller phrases showing frustration (normalised, word boundaries).",
+    )
+    repeated_question: int = Field(
+        default=3, ge=0,
+        description="Escalate when the caller says the same (normalised) thing this many times; 0 disables.",
+    )
+    keywords: list[str] = Field(
+        default_factory=list,
+        description="Words or phrases that always escalate, e.g. 'lawyer', 'emergency' (normalised, word boundaries).",
+    )
+    transfer_number: str | None = Field(
+        default=None,
+        description="E.164 number to transfer the call to; without it only the notification is sent.",
+    )
+    handoff_line: str = Field(
+        default="Let me connect you with a colleague who can help.",
+        description="What the agent says before the transfer.",
+    )
+    notify_url: str | None = Field(default=None, description="Optional URL that receives a signed JSON POST per escalation.")
+    notify_secret_env: str | None = Field(
+        default="CALLRAY_ESCALATION_SECRET",
+        description="Environment variable holding the HMAC secret for X-Callray-Signature; None sends unsigned.",
+    )
+    notify_timeout_s: float = Field(default=5.0, gt=0, description="Timeout of the notification POST.")
+    caller_lines: int = Field(default=5, ge=0, description="How many recent caller lines the notification carries.")
+    claim_ttl_s: int = Field(default=7 * 86_400, gt=0, description="Lifetime of the Redis once-per-call marker.")
 
 
 class EventsSettings(_Section):

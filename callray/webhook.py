@@ -12,10 +12,10 @@ import hashlib
 import hmac
 import re
 import time
-from collections import OrderedDict
 from typing import Any
 
 import redis.asyncio as aioredis
+from cachetools import FIFOCache
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from callray.events import CallAnalyzed, CallEnded, Event
@@ -106,7 +106,7 @@ class WebhookDeduper:
 
     def __init__(self, max_entries: int = 100_000, events: frozenset[str] = LIFECYCLE_EVENTS):
         self.max_entries, self.events = max_entries, events
-        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._seen: FIFOCache[tuple[str, str], None] = FIFOCache(max_entries)
 
     async def claim(self, event: str, call_id: str) -> bool:
         if event not in self.events:
@@ -115,8 +115,6 @@ class WebhookDeduper:
         if key in self._seen:
             return False
         self._seen[key] = None
-        while len(self._seen) > self.max_entries:
-            self._seen.popitem(last=False)
         return True
 
     async def release(self, event: str, call_id: str) -> None:

@@ -37,7 +37,7 @@ from rich.table import Table
 
 from callray.agents.llm import stream_delta
 from callray.agents.registry import AgentRegistry, load_agent
-from callray.bus import RedisStreamBus, consume
+from callray.stores.bus import RedisStreamBus, consume
 from callray.consumers.analytics import Analytics
 from callray.conversation import Conversation, Outbox
 from callray.events import CallTurn

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from callray.bus import Delivery, EventBus, MemoryBus, RedisStreamBus, consume
+from callray.stores.bus import Delivery, EventBus, MemoryBus, RedisStreamBus, consume
 from callray.consumers.analytics import Analytics
 from callray.consumers.archive import TranscriptArchive
 from callray.events import CallEnded, CallStarted, CallTurn, Event

@@ -15,7 +15,8 @@ from callray.consumers import SeenEvents
 from callray.consumers.analytics import Analytics
 from callray.consumers.archive import TranscriptArchive
 from callray.commands import CallCommand
-from callray.consumers.escalation import Escalation, EscalationConfigError, EscalationRules, EscalationUndelivered
+from callray.consumers.escalation import Escalation, EscalationConfigError, EscalationUndelivered
+from callray.settings import EscalationRules
 from callray.events import (
     CallAnalyzed,
     CallEnded,
@@ -192,7 +193,7 @@ async def test_archive_unsafe_call_ids_stay_inside_the_directory(tmp_path: Path)
 async def test_archive_writes_each_changed_record_once_per_batch_and_a_failed_write_loses_nothing(tmp_path):
     """The archive acks a batch only after its flush: one file write per changed call, and a
     failed write leaves the whole batch unacked, to be applied again from what is on disk."""
-    from callray.bus import MemoryBus, consume
+    from callray.stores.bus import MemoryBus, consume
 
     class Disk(TranscriptArchive):
         writes: list[str] = []
@@ -413,7 +414,7 @@ def test_rules_describe_every_field():
 
 
 async def test_run_consumers_finalises_ended_but_never_analyzed_records(tmp_path, monkeypatch):
-    from callray.bus import MemoryBus
+    from callray.stores.bus import MemoryBus
     from callray.consumers import runner
 
     monkeypatch.setattr(runner, "ARCHIVE_FINALISE_INTERVAL_S", 0.05)

@@ -88,7 +88,6 @@ def test_implements_agent_protocol(agent: FlowAgent) -> None:
     assert isinstance(agent, Agent)
     assert (agent.name, agent.version) == ("test-flow", "1")
     assert agent.fallback_line == "Sorry, I can't help with that."
-    assert agent.reminder_line == "Are you still there?"
 
 
 def test_greeting_fills_variables_and_survives_missing_ones(agent: FlowAgent) -> None:

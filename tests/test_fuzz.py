@@ -194,7 +194,7 @@ operations = st.lists(st.one_of(
     requests, requests,
     st.tuples(st.just("update_only"), st.lists(st.sampled_from(VOCAB), max_size=2)),
     st.tuples(st.just("call_details"), st.sampled_from(["a", "b"])), st.just(("unknown",)),
-    st.just(("attach",)), st.just(("detach",)), st.just(("detach_stale",)), st.just(("passivate",)),
+    st.just(("attach",)), st.just(("detach",)), st.just(("detach_stale",)), st.just(("deactivate",)),
     st.tuples(st.just("interrupt"), st.booleans()),
     st.tuples(st.just("sleep"), st.sampled_from([0, 0, 0, 1, 5, 20])),
 ), max_size=30)
@@ -301,7 +301,7 @@ async def drive(ops: list[tuple], store: MemoryStateStore | None = None) -> None
             assert sent == (current is not None)
             if current:
                 current.log.append(("interrupt", None))
-        elif kind == "passivate":  # the host saves and drops the call; the next event re-activates it
+        elif kind == "deactivate":  # the host saves and drops the call; the next event re-activates it
             await conv.deactivate()
             conv, current = activate(await store.load("fuzz")), None
         elif kind == "sleep":

@@ -418,7 +418,7 @@ def test_cache_key_only_when_enabled_and_for_responses() -> None:
     agent = LLMAgent.from_dict({**data, "cache": True})
     assert agent.cache_key(turn("What are your HOURS?!")) == "what are your hours"
     assert agent.cache_key(turn("What are your hours?", kind="reminder")) is None
-    assert agent.fallback_line and agent.reminder_line
+    assert agent.fallback_line
 
 
 # --------------------------------------------------------------------------- config

@@ -134,10 +134,6 @@ class Agent(Protocol):
     def fallback_line(self) -> str:
         """Spoken when the agent fails or times out."""
 
-    @property
-    def reminder_line(self) -> str:
-        """Spoken when the caller went quiet and the agent has nothing better."""
-
 
 # --------------------------------------------------------------------------- helpers
 

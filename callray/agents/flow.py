@@ -566,10 +566,6 @@ class FlowAgent:
     def fallback_line(self) -> str:
         return _Renderer({}, {}, set()).render(self.config.fallback_line)
 
-    @property
-    def reminder_line(self) -> str:
-        return _Renderer({}, {}, set()).render(self.config.reminder_line)
-
     def begin_message(self, state: dict[str, Any], call: dict[str, Any]) -> str:
         return _Renderer(self._stored_slots(state), _variables(call), self._personal).render(self.config.greeting)
 

@@ -163,9 +163,6 @@ class LLMAgentConfig(BaseModel):
         default="Sorry, I'm having trouble right now. Could you say that again?",
         description="Said by the conversation when the model fails or is too slow.",
     )
-    reminder_line: str = Field(
-        default="Are you still there?", description="Said on a reminder when the model has nothing better."
-    )
     cache: bool = Field(
         default=False,
         description="Share answers between calls by normalised utterance; only for agents whose "
@@ -342,10 +339,6 @@ class LLMAgent:
     @property
     def fallback_line(self) -> str:
         return self.config.fallback_line
-
-    @property
-    def reminder_line(self) -> str:
-        return self.config.reminder_line
 
     def begin_message(self, state: dict[str, Any], call: dict[str, Any]) -> str:
         return render_template(self.config.begin_message, call_variables(call)).strip()

@@ -9,7 +9,7 @@ finished call are ignored too.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from cachetools import FIFOCache, LRUCache
 
 from callray.events import Event
 
@@ -23,8 +23,8 @@ class SeenEvents:
 
     def __init__(self, per_call: int = 4096, max_calls: int = 10_000, max_finalised: int = 100_000):
         self.per_call, self.max_calls, self.max_finalised = per_call, max_calls, max_finalised
-        self._calls: OrderedDict[str, OrderedDict[tuple[int, int], None]] = OrderedDict()
-        self._finalised: OrderedDict[str, None] = OrderedDict()
+        self._calls: LRUCache[str, FIFOCache[tuple[int, int], None]] = LRUCache(max_calls)
+        self._finalised: LRUCache[str, None] = LRUCache(max_finalised)
 
     def seen(self, event: Event) -> bool:
         """True for a duplicate or for any event of a finalised call."""
@@ -38,21 +38,13 @@ class SeenEvents:
             return
         keys = self._calls.get(event.call_id)
         if keys is None:
-            keys = self._calls[event.call_id] = OrderedDict()
-            while len(self._calls) > self.max_calls:
-                self._calls.popitem(last=False)
-        self._calls.move_to_end(event.call_id)
+            keys = self._calls[event.call_id] = FIFOCache(self.per_call)
         keys[event.key] = None
-        while len(keys) > self.per_call:
-            keys.popitem(last=False)
 
     def finalise(self, call_id: str) -> None:
         """The call's record is complete: drop its keys, remember only that it is done."""
         self._calls.pop(call_id, None)
         self._finalised[call_id] = None
-        self._finalised.move_to_end(call_id)
-        while len(self._finalised) > self.max_finalised:
-            self._finalised.popitem(last=False)
 
     def is_finalised(self, call_id: str) -> bool:
         return call_id in self._finalised

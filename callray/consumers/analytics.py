@@ -9,9 +9,11 @@ durations keep a sliding window of the latest samples for percentiles.
 from __future__ import annotations
 
 import math
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
+
+from cachetools import LRUCache
 
 from callray.consumers import SeenEvents
 from callray.events import (
@@ -124,15 +126,13 @@ class Analytics:
     def __init__(self, window: int = 2048, max_calls: int = 50_000):
         self.window, self.max_calls = window, max_calls
         self._seen = SeenEvents(max_calls=max_calls)
-        self._calls: OrderedDict[str, _Call] = OrderedDict()
+        self._calls: LRUCache[str, _Call] = LRUCache(max_calls)
         self._stats: dict[str, _Stats] = {OVERALL: _Stats(window)}
 
     def _call(self, event: Event) -> _Call:
         call = self._calls.get(event.call_id)
         if call is None:
             call = self._calls[event.call_id] = _Call()
-            while len(self._calls) > self.max_calls:
-                self._calls.popitem(last=False)
         if event.agent and not call.agent:
             call.agent = event.agent
         return call

@@ -15,9 +15,10 @@ import json
 import os
 import re
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
+
+from cachetools import LRUCache
 
 from callray.events import (
     CallAnalyzed,
@@ -86,7 +87,7 @@ class TranscriptArchive:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.grace_s, self.cache_size = grace_s, cache_size
-        self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._cache: LRUCache[str, dict[str, Any]] = LRUCache(cache_size)
         # Records changed since the last flush: call_id -> (the record as on disk, None if no file yet; the record)
         self._dirty: dict[str, tuple[str | None, dict[str, Any]]] = {}
         self._ended_at_mono: dict[str, float] = {}
@@ -106,9 +107,6 @@ class TranscriptArchive:
 
     def _remember(self, call_id: str, record: dict[str, Any]) -> None:
         self._cache[call_id] = record
-        self._cache.move_to_end(call_id)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
 
     async def get(self, call_id: str) -> dict[str, Any] | None:
         record = await asyncio.to_thread(self._load, call_id)

@@ -16,18 +16,19 @@ import json
 import logging
 import os
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import httpx
 import redis.asyncio as aioredis
-from pydantic import BaseModel, Field
+from cachetools import FIFOCache, LRUCache
 
 from callray.agents.base import normalise
 from callray.commands import CallCommand
 from callray.consumers import SeenEvents
 from callray.events import CallEnded, CallTurn, EscalationPerformed, EscalationRequested, Event
+from callray.settings import EscalationRules
 from callray.webhook import sign
 
 log = logging.getLogger(__name__)
@@ -49,51 +50,6 @@ class EscalationConfigError(ValueError):
 
 class EscalationUndelivered(RuntimeError):
     """The transfer reached no live socket of the call; the turn is redelivered to retry."""
-
-
-class EscalationRules(BaseModel):
-    """When to hand a caller to a human, and how."""
-
-    human_phrases: list[str] = Field(
-        default_factory=lambda: [
-            "speak to a human", "talk to a human", "speak to a person", "talk to a person", "real person",
-            "human being", "speak to someone", "talk to someone", "speak to an agent", "representative", "operator",
-        ],
-        description="Caller phrases asking for a human (matched on normalised text at word boundaries).",
-    )
-    max_fallback_turns: int = Field(
-        default=2, ge=0,
-        description="Escalate after this many fallback turns in a row (the agent failed to answer); 0 disables.",
-    )
-    negative_phrases: list[str] = Field(
-        default_factory=lambda: ["this is useless", "not helping", "you're useless", "ridiculous", "so frustrated",
-                                 "waste of time"],
-        description="Caller phrases showing frustration (normalised, word boundaries).",
-    )
-    repeated_question: int = Field(
-        default=3, ge=0,
-        description="Escalate when the caller says the same (normalised) thing this many times; 0 disables.",
-    )
-    keywords: list[str] = Field(
-        default_factory=list,
-        description="Words or phrases that always escalate, e.g. 'lawyer', 'emergency' (normalised, word boundaries).",
-    )
-    transfer_number: str | None = Field(
-        default=None,
-        description="E.164 number to transfer the call to; without it only the notification is sent.",
-    )
-    handoff_line: str = Field(
-        default="Let me connect you with a colleague who can help.",
-        description="What the agent says before the transfer.",
-    )
-    notify_url: str | None = Field(default=None, description="Optional URL that receives a signed JSON POST per escalation.")
-    notify_secret_env: str | None = Field(
-        default="CALLRAY_ESCALATION_SECRET",
-        description="Environment variable holding the HMAC secret for X-Callray-Signature; None sends unsigned.",
-    )
-    notify_timeout_s: float = Field(default=5.0, gt=0, description="Timeout of the notification POST.")
-    caller_lines: int = Field(default=5, ge=0, description="How many recent caller lines the notification carries.")
-    claim_ttl_s: int = Field(default=7 * 86_400, gt=0, description="Lifetime of the Redis once-per-call marker.")
 
 
 def _phrase_hit(text: str, phrases: list[str]) -> str | None:
@@ -137,17 +93,14 @@ class Escalation:
         self._http, self._owns_http = http, http is None
         self.max_calls = max_calls
         self._seen = SeenEvents(max_calls=max_calls)
-        self._calls: OrderedDict[str, _CallWatch] = OrderedDict()
-        self._escalated: OrderedDict[str, None] = OrderedDict()
+        self._calls: LRUCache[str, _CallWatch] = LRUCache(max_calls)
+        self._escalated: FIFOCache[str, None] = FIFOCache(max_calls)
         self.counts: Counter[str] = Counter()
 
     def _watch(self, call_id: str) -> _CallWatch:
         watch = self._calls.get(call_id)
         if watch is None:
             watch = self._calls[call_id] = _CallWatch(deque(maxlen=max(1, self.rules.caller_lines)))
-            while len(self._calls) > self.max_calls:
-                self._calls.popitem(last=False)
-        self._calls.move_to_end(call_id)
         return watch
 
     async def handle(self, event: Event) -> None:
@@ -193,8 +146,6 @@ class Escalation:
             if not await self.redis.set(key, b"1", nx=True, ex=self.rules.claim_ttl_s):
                 return False
         self._escalated[call_id] = None
-        while len(self._escalated) > self.max_calls:
-            self._escalated.popitem(last=False)
         return True
 
     async def _release(self, call_id: str) -> None:

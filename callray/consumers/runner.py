@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 from typing import Any, Iterable
 
-from callray.bus import EventBus, consume
+from callray.stores.bus import EventBus, consume
 from callray.consumers.analytics import Analytics
 from callray.consumers.archive import TranscriptArchive
 from callray.consumers.escalation import Command, Emit, Escalation

@@ -1,7 +1,8 @@
 """The three stores behind every architecture: call state, response cache, event sink.
 
-Each is a small interface with an in-memory backend (``memory.py``, the single-server
-architecture) and a Redis backend (``redis.py``, the distributed and event-driven ones).
+Each is a small interface with an in-memory backend (``memory.py``; for events ``bus.py``'s
+``MemoryBus``: the single-server architecture) and a Redis backend (``redis.py``; for events
+``bus.py``'s ``RedisStreamBus``: the distributed and event-driven ones).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from callray.bus import EventBus, MemoryBus
+from callray.stores.bus import EventBus, MemoryBus
 from callray.settings import CallraySettings
 from callray.stores.base import ResponseCache, StateStore
 from callray.stores.memory import MemoryResponseCache, MemoryStateStore
@@ -64,7 +64,7 @@ def build_bus(settings: CallraySettings, client: aioredis.Redis | None) -> Event
     """The event bus: Redis Streams (durable, shared; needs ``client``) or a per-process memory bus."""
     events = settings.events
     if events.backend == "redis_streams":
-        from callray.bus import RedisStreamBus
+        from callray.stores.bus import RedisStreamBus
 
         if client is None:
             raise ValueError("events.backend redis_streams needs a Redis client")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
+
+from cachetools import TTLCache
 
 from callray.stores.base import CallFencedError, CallState, Claim, StaleStateError
 
@@ -113,26 +115,17 @@ class MemoryResponseCache:
 
     def __init__(self, ttl_s: float = 3600.0, max_entries: int = 10_000):
         self.ttl_s, self.max_entries = ttl_s, max_entries
-        self._entries: OrderedDict[tuple[str, str, str], tuple[float, list[str]]] = OrderedDict()
+        self._entries: TTLCache[tuple[str, str, str], list[str]] = TTLCache(max_entries, ttl_s, timer=time.monotonic)
         self._stats: dict[str, dict[str, int]] = defaultdict(lambda: {"hits": 0, "misses": 0})
 
     async def get(self, agent: str, version: str, key: str) -> list[str] | None:
         full = (agent, version, key)
-        item = self._entries.get(full)
-        if item is None or item[0] < time.monotonic():
-            self._entries.pop(full, None)
-            self._stats[agent]["misses"] += 1
-            return None
-        self._entries.move_to_end(full)
-        self._stats[agent]["hits"] += 1
-        return list(item[1])
+        phrases = self._entries.get(full)
+        self._stats[agent]["hits" if phrases is not None else "misses"] += 1
+        return list(phrases) if phrases is not None else None
 
     async def put(self, agent: str, version: str, key: str, phrases: list[str]) -> None:
-        full = (agent, version, key)
-        self._entries[full] = (time.monotonic() + self.ttl_s, list(phrases))
-        self._entries.move_to_end(full)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._entries[(agent, version, key)] = list(phrases)
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {agent: dict(counts) for agent, counts in self._stats.items()}

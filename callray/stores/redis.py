@@ -8,7 +8,6 @@ a plain string per answer; it never raises, because a cache must never break a t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -168,8 +167,7 @@ class RedisResponseCache:
 
     The agent and version are both in the key name and in the hash, so one agent's answer is
     never served for another and a new agent version starts cold. Hits and misses are counted
-    locally (``stats``) and, batched, in one Redis hash for the whole cluster
-    (``remote_stats``).
+    per process (``stats``), which Prometheus sums across the cluster.
     """
 
     def __init__(
@@ -178,13 +176,9 @@ class RedisResponseCache:
         *,
         ttl_s: float = 3600.0,
         prefix: str = "callray:cache:",
-        stats_flush_s: float = 1.0,
     ):
-        self.client, self.ttl_s, self.prefix, self.stats_flush_s = client, ttl_s, prefix, stats_flush_s
-        self.stats_key = prefix + "stats"
+        self.client, self.ttl_s, self.prefix = client, ttl_s, prefix
         self._stats: dict[str, dict[str, int]] = defaultdict(lambda: {"hits": 0, "misses": 0, "errors": 0})
-        self._unflushed: dict[str, int] = defaultdict(int)
-        self._flusher: asyncio.Task | None = None
         self._owns_client = False
 
     @classmethod
@@ -244,58 +238,10 @@ class RedisResponseCache:
         """``{agent: {"hits", "misses", "errors"}}`` counted by this process."""
         return {agent: dict(counts) for agent, counts in self._stats.items()}
 
-    async def remote_stats(self) -> dict[str, dict[str, int]]:
-        """The cluster-wide counts (every process's flushed hits/misses/errors), per agent."""
-        await self.flush_stats()
-        try:
-            raw = await _once_more_on_reconnect(lambda: self.client.hgetall(self.stats_key))
-        except _DOWN as exc:
-            raise StoreUnavailableError(f"response cache: reading {self.stats_key} failed: {exc}") from exc
-        out: dict[str, dict[str, int]] = defaultdict(lambda: {"hits": 0, "misses": 0, "errors": 0})
-        for field, value in raw.items():
-            agent, _, kind = field.decode().rpartition(":")
-            out[agent][kind] = int(value)
-        return dict(out)
-
-    async def flush_stats(self) -> bool:
-        """Add the counts not yet sent to the shared hash; False (and kept) if Redis is down."""
-        batch, self._unflushed = self._unflushed, defaultdict(int)
-        if not batch:
-            return True
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for field, n in batch.items():
-                    pipe.hincrby(self.stats_key, field, n)
-                await pipe.execute()
-        except BaseException as exc:  # keep the counts for the next flush, also when cancelled
-            for field, n in batch.items():
-                self._unflushed[field] += n
-            if not isinstance(exc, _DOWN):
-                raise
-            return False
-        return True
-
     def _count(self, agent: str, kind: str) -> None:
         self._stats[agent][kind] += 1
-        self._unflushed[f"{agent}:{kind}"] += 1
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no running loop: a later count or close() sends it
-            return
-        if self._flusher is None or self._flusher.done() or self._flusher.get_loop() is not loop:
-            self._flusher = loop.create_task(self._flush_later())
-
-    async def _flush_later(self) -> None:
-        await asyncio.sleep(self.stats_flush_s)
-        await self.flush_stats()
 
     async def close(self) -> None:
-        """Send the last counts, then close the client if ``connect`` opened it."""
-        flusher, self._flusher = self._flusher, None
-        if flusher is not None and not flusher.done() and flusher.get_loop() is asyncio.get_running_loop():
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
-        await self.flush_stats()
+        """Close the client if ``connect`` opened it; a client passed in belongs to the caller."""
         if self._owns_client:
             await self.client.aclose()
