@@ -39,7 +39,7 @@ from callray.sim.simulator import SimConfig, call_url, run_simulation
 from harness import profile
 from harness.report import aggregate, round_stats, write_report
 from harness.targets import (
-    CALLRAY_TARGETS, PEERS, REDIS_TARGETS, Deployed, Processes, deploy_serve_target, ray_session,
+    CALLRAY_TARGETS, PEERS, REDIS_TARGETS, TARGET_NOTES, Deployed, Processes, deploy_serve_target, ray_session,
     ray_worker_niceness, read_json, rss_mb, start_baseline, start_retell_demo, write_llm_agent,
 )
 
@@ -457,6 +457,7 @@ def run_suite(options: BenchOptions, console: Console) -> tuple[dict[str, Any], 
             "llm": {"ttft_ms": options.llm_ttft_ms, "tokens_per_s": options.llm_tokens_per_s},
             "targets_run": sorted({t for m in options.agents for t in options.mode_targets(m)},
                                   key=lambda t: (FLOW_TARGETS + LLM_TARGETS).index(t)),
+            "target_notes": TARGET_NOTES,  # what each target was when measured (configs change later)
         },
         "modes": {},
     }

@@ -56,7 +56,7 @@ TARGET_NOTES: dict[str, str] = {
                           "wsproto), as its README installs it",
     "single": "callray, config/single.yaml: 1 gateway replica, calls in it, state and cache in memory",
     "distributed": "callray, config/distributed.yaml: 2 gateway replicas, state and cache in Redis",
-    "event_driven": "callray, config/event_driven.yaml: autoscaled gateway (1-8), Redis, Redis Streams events",
+    "event_driven": "callray, config/event_driven.yaml: autoscaled gateway (2-8), Redis, Redis Streams events",
     "dedicated": "callray, config/single.yaml with placement: dedicated (one Ray actor per call, warm pool)",
 }
 
