@@ -64,6 +64,8 @@ async def measure(http: str, url: str, token: str, calls: int, turns: int, repli
             await page.wait_for_selector("#page:not([hidden])")
             report["with_page"] = await _run(url, calls, turns, "open", replicas)
             delays = await page.evaluate("window.__callray_delays")
+            await page.click("tr[data-call]")  # a call's transcript beside the list, for the docs
+            await page.wait_for_timeout(500)
             report["screenshot"] = str(PROJECT_DIR / "docs" / "img" / "live-calls.png")
             await page.screenshot(path=report["screenshot"])
         finally:
