@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http", help="its HTTP base, for the webhook abuse")
     parser.add_argument("--sockets", type=int, default=20, help="abusive sockets per kind (default: 20)")
     parser.add_argument("--hold-s", type=float, default=10.0, help="how long non-readers hold on (default: 10)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="abuse the private server this many times: memory that is reused stays at the first "
+                             "round's high-water mark, a leak keeps growing (default: 1)")
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
     console = Console()
@@ -235,8 +238,10 @@ def _against_a_private_server(args: argparse.Namespace, console: Console) -> dic
                 def rss() -> float:
                     return rss_mb([pid for _, pid in deployed.processes()])
 
-                report = asyncio.run(abuse(deployed.url, deployed.http_base, sockets=args.sockets, hold_s=args.hold_s,
-                                           rss=rss))
+                rounds = [asyncio.run(abuse(deployed.url, deployed.http_base, sockets=args.sockets,
+                                            hold_s=args.hold_s, rss=rss)) for _ in range(args.rounds)]
+                report = {**rounds[0], "rss_after_each_round_mb": [r["rss_after_mb"] for r in rounds],
+                          "greeted_after_each_round_ms": [r["greeted_after_ms"] for r in rounds]}
                 report["server"] = "callray single (config/single.yaml, local placement) on a private Ray"
                 return report
             finally:
