@@ -105,7 +105,7 @@ class WebhookDeduper:
     """
 
     def __init__(self, max_entries: int = 100_000, events: frozenset[str] = LIFECYCLE_EVENTS):
-        self.max_entries, self.events = max_entries, events
+        self.events = events
         self._seen: FIFOCache[tuple[str, str], None] = FIFOCache(max_entries)
 
     async def claim(self, event: str, call_id: str) -> bool:

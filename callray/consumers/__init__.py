@@ -22,7 +22,7 @@ class SeenEvents:
     """
 
     def __init__(self, per_call: int = 4096, max_calls: int = 10_000, max_finalised: int = 100_000):
-        self.per_call, self.max_calls, self.max_finalised = per_call, max_calls, max_finalised
+        self.per_call = per_call
         self._calls: LRUCache[str, FIFOCache[tuple[int, int], None]] = LRUCache(max_calls)
         self._finalised: LRUCache[str, None] = LRUCache(max_finalised)
 

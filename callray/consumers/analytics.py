@@ -124,7 +124,7 @@ class Analytics:
     for a metrics exporter."""
 
     def __init__(self, window: int = 2048, max_calls: int = 50_000):
-        self.window, self.max_calls = window, max_calls
+        self.window = window
         self._seen = SeenEvents(max_calls=max_calls)
         self._calls: LRUCache[str, _Call] = LRUCache(max_calls)
         self._stats: dict[str, _Stats] = {OVERALL: _Stats(window)}

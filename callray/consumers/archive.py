@@ -86,7 +86,7 @@ class TranscriptArchive:
     def __init__(self, directory: str | os.PathLike[str], *, grace_s: float = 900.0, cache_size: int = 1000):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.grace_s, self.cache_size = grace_s, cache_size
+        self.grace_s = grace_s
         self._cache: LRUCache[str, dict[str, Any]] = LRUCache(cache_size)
         # Records changed since the last flush: call_id -> (the record as on disk, None if no file yet; the record)
         self._dirty: dict[str, tuple[str | None, dict[str, Any]]] = {}
@@ -102,11 +102,8 @@ class TranscriptArchive:
                 record = json.loads(self.path(call_id).read_text(encoding="utf-8"))
             except FileNotFoundError:
                 return None
-            self._remember(call_id, record)
+            self._cache[call_id] = record
         return record
-
-    def _remember(self, call_id: str, record: dict[str, Any]) -> None:
-        self._cache[call_id] = record
 
     async def get(self, call_id: str) -> dict[str, Any] | None:
         record = await asyncio.to_thread(self._load, call_id)
@@ -122,7 +119,7 @@ class TranscriptArchive:
             self._dirty[event.call_id] = (None, _new_record(event.call_id)) if record is None else (_serialise(record), record)
             record = self._dirty[event.call_id][1]
         self._apply(record, event)
-        self._remember(event.call_id, record)
+        self._cache[event.call_id] = record
         if record["ended"] and not record["final"]:
             self._ended_at_mono.setdefault(event.call_id, time.monotonic())
         else:

@@ -91,7 +91,6 @@ class Escalation:
                     f"(needed to sign notifications to {rules.notify_url!r}; set notify_secret_env: null to send unsigned)"
                 )
         self._http, self._owns_http = http, http is None
-        self.max_calls = max_calls
         self._seen = SeenEvents(max_calls=max_calls)
         self._calls: LRUCache[str, _CallWatch] = LRUCache(max_calls)
         self._escalated: FIFOCache[str, None] = FIFOCache(max_calls)

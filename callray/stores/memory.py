@@ -114,7 +114,6 @@ class MemoryResponseCache:
     """An LRU of answers with a TTL, keyed by (agent, version, key)."""
 
     def __init__(self, ttl_s: float = 3600.0, max_entries: int = 10_000):
-        self.ttl_s, self.max_entries = ttl_s, max_entries
         self._entries: TTLCache[tuple[str, str, str], list[str]] = TTLCache(max_entries, ttl_s, timer=time.monotonic)
         self._stats: dict[str, dict[str, int]] = defaultdict(lambda: {"hits": 0, "misses": 0})
 
