@@ -407,6 +407,17 @@ async def check_events(target: ChaosTarget, result: SimResult, analytics_before:
     }
 
 
+def pending_entries(client: Any, stream: str, group: str, count: int = 10) -> list[dict[str, Any]]:
+    """What ``group`` still has pending (up to ``count``): each entry's event type, its consumer,
+    how often it was delivered and how long ago. ``client`` decodes responses."""
+    out = []
+    for p in client.xpending_range(stream, group, min="-", max="+", count=count):
+        entry = client.xrange(stream, p["message_id"], p["message_id"])
+        out.append({"type": entry[0][1].get("type", "?") if entry else "(trimmed)", "consumer": p["consumer"],
+                    "deliveries": p["times_delivered"], "idle_ms": p["time_since_delivered"]})
+    return out
+
+
 async def _settled_groups(client: Any, stream: str, deadline: float) -> dict[str, dict[str, int]]:
     """Per consumer group: entries never delivered (lag) and delivered but not acknowledged
     (pending), waited on until both are 0 or the deadline passes."""
@@ -414,13 +425,9 @@ async def _settled_groups(client: Any, stream: str, deadline: float) -> dict[str
         groups = {g["name"]: {"lag": int(g.get("lag") or 0), "pending": int(g.get("pending") or 0)}
                   for g in client.xinfo_groups(stream)}
         if all(g["lag"] == 0 and g["pending"] == 0 for g in groups.values()) or time.monotonic() > deadline:
-            for name, g in groups.items():  # what is still pending, and how often it was tried
+            for name, g in groups.items():
                 if g["pending"]:
-                    g["pending_entries"] = [
-                        {"type": (client.xrange(stream, p["message_id"], p["message_id"]) or [(None, {})])[0][1]
-                         .get(b"type", b"?").decode(), "consumer": p["consumer"].decode() if isinstance(p["consumer"], bytes) else p["consumer"],
-                         "deliveries": p["times_delivered"], "idle_ms": p["time_since_delivered"]}
-                        for p in client.xpending_range(stream, name, min="-", max="+", count=10)]
+                    g["pending_entries"] = pending_entries(client, stream, name)
             return groups
         await asyncio.sleep(1)
 

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from harness.chaos import RETELL_DROP_RECONNECTS, ChaosTarget, FaultPlan, run_chaos
+from harness.chaos import RETELL_DROP_RECONNECTS, ChaosTarget, FaultPlan, pending_entries, run_chaos
 from callray.sim.simulator import SimConfig, run_simulation
 
 
@@ -97,3 +97,23 @@ async def test_calls_survive_gateway_kills_and_a_redis_restart(durable_app: str,
     assert summary["calls_dropped_for_good"] == 0, summary["dropped_by_reason"]
     assert all(not f["not_recovered"] for f in report["faults"]), report["faults"]
     assert summary["violations"] == {}, summary["examples"]
+
+
+def test_the_report_names_what_a_group_left_pending(redis_url: str) -> None:
+    """A run that ends with entries unacked says which events they are and how often they were tried."""
+    import uuid
+
+    import redis
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    stream = f"chaos-test-{uuid.uuid4().hex}"
+    try:
+        client.xadd(stream, {"type": "call.turn", "event": "{}"})
+        client.xgroup_create(stream, "escalation", id="0")
+        client.xreadgroup("escalation", "worker-1", {stream: ">"}, count=10)
+        [entry] = pending_entries(client, stream, "escalation")
+        assert (entry["type"], entry["consumer"], entry["deliveries"]) == ("call.turn", "worker-1", 1)
+        assert entry["idle_ms"] >= 0
+    finally:
+        client.delete(stream)
+        client.close()
