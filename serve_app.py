@@ -24,6 +24,7 @@ from actors.placement import DedicatedCalls
 from callray.gateway import Gateway, build_api
 from callray.replica import LocalReplica
 from callray.settings import CallraySettings
+from callray.stores.factory import open_redis
 from callray.webhook import RedisWebhookDeduper, WebhookDeduper
 
 log = logging.getLogger("callray.serve_app")
@@ -66,8 +67,8 @@ class NoReads:
 )
 @serve.ingress()  # the app is built in the replica, after the constructor: __serve_build_asgi_app__
 class CallGateway:
-    async def __init__(self, settings: dict[str, Any]):
-        self.settings = CallraySettings.parse(settings, source="CallGateway args")
+    async def __init__(self, settings: CallraySettings):
+        self.settings = settings  # validated once, by build_app
         self.settings.configure_logging()
         context = serve.get_replica_context()
         self.app_name = context.app_name
@@ -90,9 +91,7 @@ class CallGateway:
             reads = ConsumerReads(self.consumers)
             self._background.append(asyncio.create_task(self._start_consumers()))
             if redis is None:
-                from callray.stores.redis_client import connect_redis
-
-                redis = await connect_redis(self.settings.state.redis_url, "state.redis_url (REDIS_URL)")
+                redis = await open_redis(self.settings.redis)
         deduper = RedisWebhookDeduper(redis) if redis is not None else WebhookDeduper()
         self.gateway = Gateway(self.settings, calls, reads, deduper,
                                live=self.replica.live if self.replica is not None else None)
@@ -133,6 +132,6 @@ class CallGateway:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Serve application builder: validate the settings, bind the gateway."""
-    settings = CallraySettings.parse(args, source="serve application args")
-    return CallGateway.bind(settings.model_dump(mode="json"))
+    """Serve application builder: validate the settings once (environment references expanded
+    here, never again) and bind the gateway to the result; every actor gets the same object."""
+    return CallGateway.bind(CallraySettings.parse(args, source="serve application args"))

@@ -35,10 +35,9 @@ METRICS_INTERVAL_S = 5.0
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class CallHost:
-    def __init__(self, settings: dict[str, Any], name: str, release_to: str | None = None):
-        self.name = name
+    def __init__(self, settings: CallraySettings, name: str, release_to: str | None = None):
+        self.name, self.settings = name, settings
         self.release_to = release_to  # dedicated placement: the pool that gets this actor back
-        self._settings_raw = settings
         self._host: Host | None = None
         self._stores: Stores | None = None
         self._starting: asyncio.Lock | None = None
@@ -52,7 +51,7 @@ class CallHost:
             self._starting = asyncio.Lock()
         async with self._starting:
             if self._host is None:
-                settings = CallraySettings.parse(self._settings_raw, source=f"CallHost {self.name}")
+                settings = self.settings
                 settings.configure_logging()
                 self._stores = await build_stores(settings)
                 self._metrics = HostMetrics(self.name, settings.architecture)

@@ -18,9 +18,8 @@ from ray.util import metrics
 from callray.consumers.runner import build_consumers, run_consumers
 from callray.directory import CallDirectory
 from callray.settings import CallraySettings
-from callray.stores.factory import build_bus
+from callray.stores.factory import build_bus, open_redis
 from callray.stores.redis import RedisStateStore
-from callray.stores.redis_client import connect_redis
 
 log = logging.getLogger("callray.actors.consumers")
 
@@ -29,8 +28,8 @@ METRICS_INTERVAL_S = 5.0
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class EventConsumer:
-    def __init__(self, settings: dict[str, Any], app_name: str, kind: str):
-        self.settings = CallraySettings.parse(settings)
+    def __init__(self, settings: CallraySettings, app_name: str, kind: str):
+        self.settings = settings
         self.settings.configure_logging()
         self.app_name, self.kind = app_name, kind
         self.name = f"{app_name}-{kind}"
@@ -46,7 +45,7 @@ class EventConsumer:
 
     async def _start(self) -> str:
         if self.consumer is None:
-            client = await connect_redis(self.settings.state.redis_url, "state.redis_url (REDIS_URL)")
+            client = await open_redis(self.settings.redis)
             bus = build_bus(self.settings, client)
             # Escalation's way to a live call: the directory finds the owner recorded with the call.
             directory = CallDirectory(self.name, store=RedisStateStore(client, ttl_s=self.settings.state.ttl_s),
@@ -99,10 +98,9 @@ class EventConsumer:
 
 def start_consumers(app_name: str, settings: CallraySettings) -> dict[str, Any]:
     """Create (or find) the consumer actors of an event-driven deployment."""
-    raw = settings.model_dump(mode="json")
     handles = {}
     for kind in ("analytics", "archive", "escalation"):
         handles[kind] = EventConsumer.options(
             name=f"{app_name}-{kind}", namespace=settings.hosts.namespace, lifetime="detached", get_if_exists=True,
-        ).remote(raw, app_name, kind)
+        ).remote(settings, app_name, kind)
     return handles

@@ -187,9 +187,8 @@ class RemoteLink:
 class DedicatedPool:
     """Warm actors for dedicated placement, and which call owns which actor."""
 
-    def __init__(self, settings: dict[str, Any], app_name: str):
-        self.settings = CallraySettings.parse(settings)
-        self._raw, self.app_name = settings, app_name
+    def __init__(self, settings: CallraySettings, app_name: str):
+        self.settings, self.app_name = settings, app_name
         self.idle: list[tuple[str, Any]] = []
         self.assigned: dict[str, tuple[str, Any]] = {}
         self._refilling: asyncio.Task | None = None
@@ -197,27 +196,27 @@ class DedicatedPool:
 
     async def _start_one(self) -> tuple[str, Any]:
         name = f"{self.app_name}-call-{uuid.uuid4().hex[:12]}"
-        handle = CallHost.options(**_host_options(self.settings, name)).remote(self._raw, name, f"{self.app_name}-pool")
+        handle = CallHost.options(**_host_options(self.settings, name)).remote(self.settings, name, f"{self.app_name}-pool")
         await handle.ready.remote()
         self.started += 1
         return name, handle
 
     async def _refill(self) -> None:
         while len(self.idle) < self.settings.hosts.warm_pool:
-            raw = self._raw
+            settings = self.settings
             entry = await self._start_one()
-            if raw is self._raw:
+            if settings is self.settings:
                 self.idle.append(entry)
             else:  # started with settings a redeploy replaced meanwhile
                 ray.kill(entry[1], no_restart=True)
 
-    async def configure(self, settings: dict[str, Any]) -> int:
+    async def configure(self, settings: CallraySettings) -> int:
         """A redeploy: calls from now on get actors with these settings. Warm actors with the
         old ones are ended and replaced; a live call keeps its actor, and so its agent and
         stores, until it ends. Returns how many warm actors were replaced."""
-        if settings == self._raw:
+        if settings == self.settings:
             return 0
-        self.settings, self._raw = CallraySettings.parse(settings), settings
+        self.settings = settings
         stale, self.idle = self.idle, []
         for _, handle in stale:
             ray.kill(handle, no_restart=True)
@@ -265,7 +264,7 @@ class DedicatedCalls:
         self.settings = settings
         self.pool = DedicatedPool.options(
             name=f"{app_name}-pool", namespace=settings.hosts.namespace, lifetime="detached", get_if_exists=True,
-        ).remote(settings.model_dump(mode="json"), app_name)
+        ).remote(settings, app_name)
         self._owners: dict[str, Any] = {}
 
     async def owner(self, call_id: str) -> Any:
@@ -275,7 +274,7 @@ class DedicatedCalls:
         return handle
 
     async def start(self) -> None:
-        await self.pool.configure.remote(self.settings.model_dump(mode="json"))  # the pool outlives deploys
+        await self.pool.configure.remote(self.settings)  # the pool outlives deploys
         await self.pool.fill.remote()
 
     def link(self, call_id: str, agent: str | None) -> RemoteLink:

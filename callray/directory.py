@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from callray.commands import CallCommand
 from callray.host import Host
 from callray.stores.base import StateStore, StoreUnavailableError
+from callray.stores.redis_client import RECONNECT_BACKOFF
 
 log = logging.getLogger("callray.directory")
 
@@ -101,20 +102,20 @@ class CallDirectory:
         Redis restart)."""
         if self.redis is None or self.host is None:
             return
-        backoff = 0.1
+        failures = 0
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel(self.name))
-                backoff = 0.1
+                failures = 0
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None:
                         await self._apply(message["data"])
             except (*_DOWN, aioredis.RedisError) as exc:
                 log.warning("%s: command channel lost (%r); resubscribing", self.name, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await asyncio.sleep(RECONNECT_BACKOFF.compute(failures))
+                failures += 1
             finally:
                 await pubsub.aclose()
 

@@ -35,7 +35,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from callray.env import EnvSection
 
 CODE_ALLOWED = 0
 CODE_BAD_SECRET = 4401
@@ -58,10 +60,8 @@ def _parse_networks(values: list[str], field_name: str) -> list[_Network]:
     return networks
 
 
-class SocketGuardSettings(BaseModel):
+class SocketGuardSettings(EnvSection):
     """How the LLM WebSocket route is protected (``gateway.guard`` in the config file)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     secret: str | None = Field(
         default=None,

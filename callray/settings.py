@@ -2,7 +2,7 @@
 
 ``config/serve.yaml`` (and its architecture variants) hold an instance of ``CallraySettings``
 under ``applications[0].args``. Strings may use ``${VAR}`` or ``${VAR:-default}`` to read the
-environment (e.g. ``redis_url: ${REDIS_URL}``). Invalid settings fail at start with
+environment (e.g. ``url: ${REDIS_URL}``). Invalid settings fail at start with
 :class:`SettingsError`, which names the field (and the file when loaded from one).
 """
 
@@ -12,29 +12,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from callray import tracing
-from callray.env import SettingsError, expand_env
+from callray.env import EnvSection, SettingsError, describe_validation
 from callray.guard import SocketGuardSettings
-from callray.logs import configure_logging, masked_value
+from callray.logs import configure_logging
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
-class _Section(BaseModel):
-    """A settings section: unknown fields refused; ``${VAR}`` expanded in every string, the
-    defaults' included (``validate_default``), so one parse gives the final values."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _expand_env(cls, value: Any) -> Any:
-        return expand_env(value) if isinstance(value, str) else value
-
-
-class AgentsSettings(_Section):
+class AgentsSettings(EnvSection):
     default: str = Field(default="clinic", description="Agent used by the plain route /llm-websocket/{call_id}.")
     files: dict[str, str] = Field(
         default_factory=lambda: {"clinic": "config/agents/clinic.yaml"},
@@ -63,7 +51,7 @@ class AgentsSettings(_Section):
         return PROJECT_DIR / raw
 
 
-class GatewaySettings(_Section):
+class GatewaySettings(EnvSection):
     path_prefix: str = Field(default="/llm-websocket", description="WebSocket route prefix; Retell's llm_websocket_url points here.")
     max_frame_bytes: int = Field(default=1 << 20, ge=1024, description="Largest inbound frame; larger closes the socket with 1009 (the call's state is kept).")
     auto_reconnect: bool = Field(default=True, description="Ask Retell for ping_pong keepalives and reconnects (sent in the config frame).")
@@ -87,7 +75,7 @@ class GatewaySettings(_Section):
         return v
 
 
-class HostsSettings(_Section):
+class HostsSettings(EnvSection):
     placement: Literal["local", "dedicated"] = Field(default="local", description="Where a call's actor lives. local: in the gateway replica that holds its socket (no Ray call on a turn's path). dedicated: in a Ray actor of its own, from a warm pool (process isolation, ~160 MB a call).")
     warm_pool: int = Field(default=4, ge=0, description="dedicated placement: actors kept started and idle.")
     namespace: str = Field(default="callray", description="Ray namespace of the named host actors.")
@@ -97,7 +85,7 @@ class HostsSettings(_Section):
     max_concurrency: int = Field(default=10_000, ge=16, description="Concurrent actor calls per host (each connected call holds one).")
 
 
-class TurnSettings(_Section):
+class TurnSettings(EnvSection):
     latency_budget_ms: float = Field(default=800.0, gt=0, description="If no speech is ready this long after a request, a holding phrase goes out (800/500/300 for the three architectures).")
     holding_phrases: list[str] = Field(
         default_factory=lambda: ["One moment.", "Let me check that.", "Just a second.", "Sure, one moment."],
@@ -109,20 +97,35 @@ class TurnSettings(_Section):
     greeting_wait_ms: float = Field(default=0.0, ge=0, le=5000, description="Hold response 0 up to this long for call_details, so the greeting can use call data and agent_id routing applies to it (0: greet at once).")
 
 
-class StateSettings(_Section):
+class RedisSettings(EnvSection):
+    """The one Redis of a deployment: every section whose backend is Redis uses it, and so do the
+    command channel between replicas and the webhook dedupe."""
+
+    url: str = Field(default="${REDIS_URL:-redis://127.0.0.1:6379/0}", description="Redis URL (redis:// or rediss://); used only when a section's backend is Redis. Put the password in REDIS_URL, not in the file.")
+    timeout_s: float = Field(default=1.0, gt=0, le=30, description="Connect, command and pool-wait timeout: a turn never waits on Redis longer (commands are not retried; the write-behind store and the bus retry in the background).")
+    max_connections: int = Field(default=128, ge=1, description="Connections per process; beyond, a command waits up to timeout_s for one.")
+
+
+class StateSettings(EnvSection):
     backend: Literal["memory", "redis"] = Field(default="memory", description="memory: lost with the host (single architecture). redis: survives any process.")
-    redis_url: str = Field(default="${REDIS_URL:-redis://127.0.0.1:6379/0}", description="Redis for state, cache and events (when they use Redis).")
     ttl_s: float = Field(default=3600.0, gt=0, description="Call state expires this long after the last activity.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _redis_url_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "redis_url" in data:
+            raise ValueError("redis_url moved to the top-level redis section: write 'redis: {url: ...}'")
+        return data
 
-class CacheSettings(_Section):
+
+class CacheSettings(EnvSection):
     enabled: bool = Field(default=True, description="Serve repeated cacheable answers from the response cache.")
     backend: Literal["memory", "redis"] = Field(default="memory", description="memory: per host LRU. redis: shared by all hosts.")
     ttl_s: float = Field(default=3600.0, gt=0, description="How long a cached answer lives.")
     max_entries: int = Field(default=10_000, ge=1, description="memory backend: LRU size per host.")
 
 
-class EscalationRules(_Section):
+class EscalationRules(EnvSection):
     """When to hand a caller to a human, and how."""
 
     human_phrases: list[str] = Field(
@@ -167,7 +170,7 @@ class EscalationRules(_Section):
     claim_ttl_s: int = Field(default=7 * 86_400, gt=0, description="Lifetime of the Redis once-per-call marker.")
 
 
-class EventsSettings(_Section):
+class EventsSettings(EnvSection):
     backend: Literal["memory", "redis_streams"] = Field(default="memory", description="memory: each host runs the consumers in-process, best effort. redis_streams: durable, at-least-once, consumed by background actors.")
     buffer: int = Field(default=10_000, ge=1, description="Events buffered per process before new ones are dropped (and counted).")
     stream: str = Field(default="callray:events", description="redis_streams: the stream name (its dead letters go to '<stream>:dead').")
@@ -185,21 +188,21 @@ class EventsSettings(_Section):
         return self
 
 
-class WebhookSettings(_Section):
+class WebhookSettings(EnvSection):
     enabled: bool = Field(default=True, description="Serve POST /webhook for Retell's webhooks (the agent's webhook URL).")
     api_key: str = Field(default="${RETELL_API_KEY:-}", description="Retell API key that signs webhooks; empty refuses every webhook with 401.")
     tolerance_s: float = Field(default=300.0, gt=0, description="Reject signatures whose timestamp is further than this from now.")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Larger webhook bodies are refused with 413.")
 
 
-class LoggingSettings(_Section):
+class LoggingSettings(EnvSection):
     level: str = Field(default="INFO", description="Level of the callray loggers.")
     json_lines: bool = Field(default=True, description="One JSON object per line (with call_id) instead of plain text.")
     mask_pii: bool = Field(default=True, description="Mask phone numbers and caller text in logs (secrets are always masked).")
     tracing: bool = Field(default=False, description="One OpenTelemetry span per turn, sent to the process's tracer provider (OTEL_* environment).")
 
 
-class CallraySettings(_Section):
+class CallraySettings(EnvSection):
     """callray's application settings (the ``args`` of the Serve app)."""
 
     architecture: Literal["single", "distributed", "event_driven"] = Field(default="single", description="Which of the three architectures this config describes (documentation and metrics label).")
@@ -207,6 +210,7 @@ class CallraySettings(_Section):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     hosts: HostsSettings = Field(default_factory=HostsSettings)
     turns: TurnSettings = Field(default_factory=TurnSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
     state: StateSettings = Field(default_factory=StateSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     events: EventsSettings = Field(default_factory=EventsSettings)
@@ -220,6 +224,12 @@ class CallraySettings(_Section):
                              "rests on the call's owner epoch, which in-memory state forgets on a restart")
         return self
 
+    @property
+    def uses_redis(self) -> bool:
+        """Whether any section's backend is Redis (then ``redis.url`` must answer at start)."""
+        return (self.state.backend == "redis" or self.events.backend == "redis_streams"
+                or (self.cache.enabled and self.cache.backend == "redis"))
+
     def configure_logging(self) -> None:
         """Apply the logging and tracing settings in this process (gateway replica or actor)."""
         configure_logging(self.logging.level, json=self.logging.json_lines, mask_pii=self.logging.mask_pii)
@@ -227,16 +237,11 @@ class CallraySettings(_Section):
 
     @classmethod
     def parse(cls, args: dict[str, Any] | None, *, source: str = "application args") -> "CallraySettings":
-        """Validate raw args (env references expanded); errors name ``source`` and the field."""
+        """Validate raw args (env references expanded, once); errors name ``source`` and the field."""
         try:
-            return cls.model_validate(expand_env(args or {}))
-        except SettingsError as exc:
-            raise SettingsError(f"{source}: {exc}") from None
+            return cls.model_validate(args or {})
         except ValidationError as exc:
-            lines = []
-            for err in exc.errors():
-                field = ".".join(str(p) for p in err["loc"]) or "(root)"
-                lines.append(f"{source}: {field}: {err['msg']} (got {masked_value(err['loc'], err.get('input'))})")
+            lines = [f"{source}: {problem}" for problem in describe_validation(exc)]
             raise SettingsError("invalid callray settings:\n  " + "\n  ".join(lines)) from None
 
 

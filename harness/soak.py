@@ -37,8 +37,8 @@ from rich.table import Table
 
 from callray.settings import PROJECT_DIR
 from callray.sim.local import RedisServer
-from callray.sim.report import percentile
 from callray.sim.simulator import Recorder, SimConfig, SimObserver, run_simulation
+from callray.stats import percentile
 
 #: Retell reconnects up to 4 times after an abnormal close.
 RETELL_DROP_RECONNECTS = 4

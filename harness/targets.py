@@ -284,7 +284,7 @@ def callray_args(target: str, *, namespace: str, redis_url: str | None, agent_fi
             args["events"]["backend"] == "redis_streams":
         if redis_url is None:
             raise RuntimeError(f"{target} needs Redis")
-        args["state"]["redis_url"] = redis_url
+        args["redis"] = {**args.get("redis", {}), "url": redis_url}
     if agent_file is not None:
         args["agents"] = {"default": "bench_llm", "files": {"bench_llm": str(agent_file)}, "by_retell_agent_id": {}}
     return args
@@ -330,7 +330,7 @@ def deploy_serve_target(target: str, port: int, *, namespace: str, redis_url: st
         args = callray_args(target, namespace=namespace, redis_url=redis_url, agent_file=agent_file)
         settings = CallraySettings.parse(args, source=f"{config_file} (bench {target})")
         options = deployment_options(config_file)
-        app = CallGateway.options(**options).bind(settings.model_dump(mode="json"))
+        app = CallGateway.options(**options).bind(settings)
         serve.run(app, name=target, route_prefix=f"/{target}", blocking=False)
         wait_until(lambda: http_ok(f"{base}/healthz"), f"{base}/healthz", timeout_s=timeout_s)
         return Deployed(target, f"ws://127.0.0.1:{port}/{target}{settings.gateway.path_prefix}",

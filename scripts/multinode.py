@@ -211,7 +211,7 @@ def serve_config(cluster: Cluster) -> dict[str, Any]:
     app = doc["applications"][0]
     app["name"] = APP
     args = app["args"]
-    args["state"]["redis_url"] = cluster.redis_url
+    args["redis"]["url"] = cluster.redis_url
     args["hosts"].update(namespace=NAMESPACE)
     args["gateway"]["guard"]["secret"] = None  # a loopback demo: the calls connect without the socket secret
     args["events"]["archive_dir"] = str(cluster.base / "archive")

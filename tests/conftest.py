@@ -86,7 +86,7 @@ def deploy(name: str, args: dict, port: int, *, replicas: int = 1, env: dict[str
     options: dict = {"num_replicas": replicas}
     if env:
         options["ray_actor_options"] = {"num_cpus": 0.5, "runtime_env": {"env_vars": env}}
-    app = CallGateway.options(**options).bind(settings.model_dump(mode="json"))
+    app = CallGateway.options(**options).bind(settings)
     serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
     deadline = time.monotonic() + 120
     import urllib.request
@@ -112,7 +112,7 @@ def durable_app(serve_port, redis_server) -> str:
     """The distributed architecture: Redis state and cache, two gateway replicas."""
     return deploy("durable", {
         "architecture": "distributed",
-        "state": {"backend": "redis", "redis_url": redis_server.url},
+        "redis": {"url": redis_server.url}, "state": {"backend": "redis"},
         "cache": {"backend": "redis"},
         "hosts": {"namespace": "callray-test-durable"},
         "gateway": {"host_retry_s": 60},
@@ -138,7 +138,7 @@ def events_app(serve_port, redis_server, tmp_path_factory) -> str:
     """The event-driven architecture: Redis Streams feeding analytics, archive and escalation."""
     return deploy("events", {
         "architecture": "event_driven",
-        "state": {"backend": "redis", "redis_url": redis_server.url},
+        "redis": {"url": redis_server.url}, "state": {"backend": "redis"},
         "cache": {"backend": "redis"},
         "hosts": {"namespace": "callray-test-events"},
         "events": {

@@ -138,7 +138,7 @@ def test_callray_args_point_every_target_at_the_runs_redis_namespace_and_placeme
         assert settings.hosts.namespace == f"ns-{target}" and settings.hosts.placement == placement
         assert settings.agents.resolve(settings.agents.default) == agent
         if target in targets.REDIS_TARGETS:
-            assert settings.state.redis_url == "redis://127.0.0.1:1/0"
+            assert settings.redis.url == "redis://127.0.0.1:1/0"
     with pytest.raises(RuntimeError, match="needs Redis"):
         targets.callray_args("distributed", namespace="x", redis_url=None, agent_file=None)
 

@@ -154,7 +154,7 @@ def test_serve_config_follows_the_deployment_conventions(path: Path) -> None:
 
 @pytest.mark.parametrize(
     "path",
-    [p for p in SERVE_CONFIGS if "${REDIS_URL}" in str(_yaml(p)["applications"][0]["args"].get("state"))],
+    [p for p in SERVE_CONFIGS if "${REDIS_URL}" in str(_yaml(p)["applications"][0]["args"].get("redis"))],
     ids=lambda p: p.name,
 )
 def test_redis_configs_fail_at_start_naming_redis_url_when_it_is_unset(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -136,6 +136,16 @@ async def test_wrong_url_fails_at_start_naming_it():
         await RedisStateStore.connect("http://nope")
 
 
+async def test_redis_errors_never_show_the_password():
+    secret = "hunter2-s3cret"
+    for url in (f"redis://:{secret}@127.0.0.1:{unused_port()}/0", f"http://user:{secret}@nope"):
+        with pytest.raises(RedisConfigError) as err:
+            await RedisStateStore.connect(url)
+        message = str(err.value)
+        assert "redis.url" in message and url.split("@")[1] in message, message  # names the setting and the host
+        assert secret not in message, message
+
+
 async def test_state_survives_a_redis_restart(store, redis_server):
     state = new_call(latest_response_id=4)
     await store.save(state)

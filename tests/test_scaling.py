@@ -87,7 +87,7 @@ def make_app(serve_port, redis_server, tmp_path) -> Iterator[Any]:
     def make(name: str) -> ScaleApp:
         app = ScaleApp(name, serve_port, {
             "architecture": "distributed",
-            "state": {"backend": "redis", "redis_url": redis_server.url},
+            "redis": {"url": redis_server.url}, "state": {"backend": "redis"},
             "cache": {"backend": "redis"},
             "hosts": {"namespace": NAMESPACE},
             "gateway": {"host_retry_s": 60},

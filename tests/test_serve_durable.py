@@ -329,21 +329,18 @@ async def test_dedicated_placement_full_call_and_pool_refills(dedicated_app, ray
 async def test_a_redeploy_gives_new_calls_new_settings_and_leaves_live_calls_where_they_are(ray_cluster):
     """Issue 11 §7 for dedicated placement: the pool outlives a redeploy. New settings reach
     every call activated afterwards; a live call keeps its actor (its agent and stores)."""
-    import copy
-
     import ray
 
     from actors.placement import DedicatedPool
     from callray.settings import CallraySettings
 
     old = CallraySettings.parse({"hosts": {"placement": "dedicated", "warm_pool": 1,
-                                           "namespace": "callray-test-redeploy"}}).model_dump(mode="json")
-    new = copy.deepcopy(old)
-    new["turns"]["latency_budget_ms"] = 650.0
+                                           "namespace": "callray-test-redeploy"}})
+    new = old.model_copy(update={"turns": old.turns.model_copy(update={"latency_budget_ms": 650.0})}, deep=True)
     pool = DedicatedPool.options(name="redeploy-pool", namespace="callray-test-redeploy").remote(old, "redeploy")
 
     def budget(handle):
-        return handle.__ray_call__.remote(lambda actor: actor._settings_raw["turns"]["latency_budget_ms"])
+        return handle.__ray_call__.remote(lambda actor: actor.settings.turns.latency_budget_ms)
 
     try:
         await pool.fill.remote()
@@ -352,7 +349,7 @@ async def test_a_redeploy_gives_new_calls_new_settings_and_leaves_live_calls_whe
         assert await pool.configure.remote(new) == 1 and await pool.configure.remote(new) == 0
         await pool.fill.remote()
         fresh = await pool.acquire.remote("call-new")
-        assert await budget(live) == old["turns"]["latency_budget_ms"] and await budget(fresh) == 650.0
+        assert await budget(live) == old.turns.latency_budget_ms and await budget(fresh) == 650.0
         assert await pool.assigned_to.remote("call-live") is not None
     finally:
         await pool.fill.remote()

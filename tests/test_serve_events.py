@@ -22,9 +22,9 @@ def http_base(ws_url: str) -> str:
     return ws_url.replace("ws://", "http://").rsplit("/llm-websocket", 1)[0]
 
 
-def get(url: str) -> tuple[int, dict]:
+def get(url: str, token: str = READ_TOKEN) -> tuple[int, dict]:
     """GET a read route of a test deployment (with its read token)."""
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {READ_TOKEN}"})
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(request, timeout=10) as r:
             return r.status, json.loads(r.read() or b"{}")

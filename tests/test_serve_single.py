@@ -135,3 +135,23 @@ async def test_analytics_and_archive_in_process(single_app):
     assert status == 200 and [t["response_id"] for t in record["turns"]] == [1]
     status, snapshot = get(f"{base}/analytics")
     assert status == 200 and snapshot["overall"]["turns"] >= 1
+
+
+def test_settings_are_expanded_once_at_build_never_in_the_replica(serve_port, monkeypatch):
+    """An environment value that itself looks like a reference (a password with ``${`` in it)
+    reaches the replica as it is: the settings are validated once and passed down, not parsed
+    (and expanded) again in every process."""
+    from ray import serve
+
+    from tests.conftest import deploy
+    from tests.test_serve_events import get, http_base
+
+    token = "tok-${CALLRAY_TEST_NEVER_SET}-end"
+    monkeypatch.setenv("CALLRAY_TEST_DOLLAR_TOKEN", token)
+    url = deploy("dollar", {"hosts": {"namespace": "callray-test-dollar"},
+                            "gateway": {"read_token": "${CALLRAY_TEST_DOLLAR_TOKEN}"}}, serve_port)
+    try:
+        assert get(f"{http_base(url)}/analytics", token=token)[0] == 200
+        assert get(f"{http_base(url)}/analytics", token="tok--end")[0] == 401
+    finally:
+        serve.delete("dollar")

@@ -10,11 +10,30 @@ from callray.settings import CallraySettings, SettingsError, load_serve_config
 
 def test_env_references_expand_with_defaults(monkeypatch):
     monkeypatch.setenv("CALLRAY_TEST_URL", "redis://example:6379/1")
-    settings = CallraySettings.parse({"state": {"backend": "redis", "redis_url": "${CALLRAY_TEST_URL}"},
+    settings = CallraySettings.parse({"redis": {"url": "${CALLRAY_TEST_URL}"}, "state": {"backend": "redis"},
                                       "webhook": {"api_key": "${CALLRAY_TEST_UNSET:-fallback}"}})
-    assert settings.state.redis_url == "redis://example:6379/1" and settings.webhook.api_key == "fallback"
-    with pytest.raises(SettingsError, match=r"state\.redis_url: environment variable CALLRAY_TEST_UNSET is not set"):
-        CallraySettings.parse({"state": {"redis_url": "${CALLRAY_TEST_UNSET}"}})
+    assert settings.redis.url == "redis://example:6379/1" and settings.webhook.api_key == "fallback"
+    with pytest.raises(SettingsError, match=r"redis\.url: environment variable CALLRAY_TEST_UNSET is not set"):
+        CallraySettings.parse({"redis": {"url": "${CALLRAY_TEST_UNSET}"}})
+
+
+def test_what_a_variable_holds_is_taken_as_it_is_in_sections_lists_and_defaults(monkeypatch):
+    """One expansion: a secret with ``${`` in it is not expanded again (it once was, twice per
+    parse and again in every replica)."""
+    monkeypatch.setenv("CALLRAY_TEST_SECRET", "pa${CALLRAY_TEST_UNSET}ss")
+    monkeypatch.setenv("CALLRAY_READ_TOKEN", "tok${CALLRAY_TEST_UNSET}")  # read by a default
+    settings = CallraySettings.parse({"gateway": {"guard": {"secret": "${CALLRAY_TEST_SECRET}"}},
+                                      "turns": {"holding_phrases": ["${CALLRAY_TEST_SECRET}"]},
+                                      "agents": {"files": {"clinic": "${CALLRAY_TEST_SECRET}"}}})
+    assert settings.gateway.guard.secret == "pa${CALLRAY_TEST_UNSET}ss"
+    assert settings.turns.holding_phrases == ["pa${CALLRAY_TEST_UNSET}ss"]
+    assert settings.agents.files == {"clinic": "pa${CALLRAY_TEST_UNSET}ss"}
+    assert settings.gateway.read_token == "tok${CALLRAY_TEST_UNSET}"
+
+
+def test_the_old_state_redis_url_names_its_new_place():
+    with pytest.raises(SettingsError, match=r"state: .*redis_url moved to the top-level redis section"):
+        CallraySettings.parse({"state": {"backend": "redis", "redis_url": "redis://h:6379/0"}})
 
 
 @pytest.mark.parametrize("args, field", [
@@ -24,7 +43,7 @@ def test_env_references_expand_with_defaults(monkeypatch):
     ({"agents": {"default": "nobody"}}, "agents"),
     ({"gateway": {"path_prefix": "no-slash"}}, "gateway.path_prefix"),
     ({"turns": {"latency_budget_ms": -1}}, "turns.latency_budget_ms"),
-    ({"events": {"backend": "redis_streams"}}, "(root): Value error, events.backend 'redis_streams' needs state.backend"),
+    ({"events": {"backend": "redis_streams"}}, "events.backend 'redis_streams' needs state.backend"),
 ])
 def test_invalid_settings_name_the_field(args, field):
     with pytest.raises(SettingsError) as error:
@@ -56,7 +75,7 @@ SECRET = "hunter2-very-secret-value"
     {"gateway": {"guard": {"secret": f"with/slash/{SECRET}"}}},  # the guard's own check once printed it
     {"gateway": {"read_token": 12345, "guard": {"secret": ["not", "a", SECRET]}}},
     {"webhook": {"api_key": {"nested": SECRET}}},
-    {"state": {"backend": "redis", "redis_url": 7}, "cache": {"ttl_s": f"redis://:{SECRET}@host:6379"}},
+    {"redis": {"url": 7}, "cache": {"ttl_s": f"redis://:{SECRET}@host:6379"}},
 ])
 def test_a_bad_config_never_prints_a_secret(args, tmp_path, capsys):
     with pytest.raises(SettingsError) as error:

@@ -6,10 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
 
 from callray.env import SettingsError, expand_env
-from callray.logs import masked_value
 
 
 class AgentConfigError(ValueError):
@@ -19,20 +17,6 @@ class AgentConfigError(ValueError):
         self.source = source
         self.problems = problems
         super().__init__("\n".join(f"{source}: {problem}" for problem in problems))
-
-
-def describe_validation(exc: ValidationError) -> list[str]:
-    """``field.path: message`` per problem, with spelling hints for unknown fields."""
-    problems = []
-    for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"])
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "unknown field (check the spelling)"
-        elif not isinstance(error.get("input"), (dict, list)):
-            message += f" (got {masked_value(error['loc'], error.get('input'))})"
-        problems.append(f"{where}: {message}" if where else message)
-    return problems
 
 
 def read_agent_yaml(path: str | Path) -> dict[str, Any]:

@@ -21,8 +21,9 @@ from typing import Annotated, Any, AsyncIterator, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from callray.agents.config import AgentConfigError, describe_validation, read_agent_yaml
+from callray.agents.config import AgentConfigError, read_agent_yaml
 from callray.agents.base import AgentOutput, EndCall, Speech, Transfer, Turn, normalise
+from callray.env import describe_validation
 
 __all__ = [
     "AgentConfigError",

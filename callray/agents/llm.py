@@ -29,7 +29,7 @@ import httpx
 import openai
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from callray.agents.config import AgentConfigError, describe_validation, read_agent_yaml
+from callray.agents.config import AgentConfigError, read_agent_yaml
 from callray.agents.base import (
     AgentOutput,
     EndCall,
@@ -55,6 +55,7 @@ from callray.agents.tools import (
     idempotency_key,
     parse_arguments,
 )
+from callray.env import describe_validation
 
 _RETRY_STATUSES = frozenset({408, 409, 429})
 

@@ -8,7 +8,6 @@ durations keep a sliding window of the latest samples for percentiles.
 
 from __future__ import annotations
 
-import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,13 +25,14 @@ from callray.events import (
     EscalationRequested,
     Event,
 )
+from callray.stats import percentile
 
 OVERALL = "_all"
 QUANTILES = (0.5, 0.9, 0.99)
 
 
 class Window:
-    """The latest ``size`` samples; percentiles by nearest rank."""
+    """The latest ``size`` samples, for percentiles."""
 
     def __init__(self, size: int):
         self.samples: deque[float] = deque(maxlen=size)
@@ -47,8 +47,7 @@ class Window:
     def quantile(self, q: float) -> float | None:
         if not self.samples:
             return None
-        ordered = sorted(self.samples)
-        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+        return percentile(sorted(self.samples), q)
 
     def summary(self) -> dict[str, float | int | None]:
         out: dict[str, float | int | None] = {"count": self.count, "sum": round(self.total, 3)}

@@ -7,11 +7,12 @@ merged and summarised without running anything.
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from typing import Any, Iterable
 
 from pydantic import BaseModel, Field
+
+from callray.stats import percentile
 
 #: Latency metrics in the summary, in display order.
 METRICS = ("setup_ms", "holding_ms", "first_chunk_ms", "first_sentence_ms", "complete_ms", "reconnect_ms")
@@ -37,15 +38,6 @@ COUNT_KEYS = (
     "holding_phrases",
     "frames_received",
 )
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """The q-quantile (0..1) of already sorted values, linearly interpolated."""
-    if not sorted_values:
-        raise ValueError("percentile of no values")
-    pos = (len(sorted_values) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 def describe(values: Iterable[float]) -> dict[str, float | int | None]:

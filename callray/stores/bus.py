@@ -31,7 +31,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from callray.events import Event, parse_event
 from callray.stores.base import StoreUnavailableError
-from callray.stores.redis_client import connect_redis
+from callray.stores.redis_client import RECONNECT_BACKOFF, REDIS_SETTING, connect_redis
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class _BufferedEmitter:
         self._wake.set()
 
     async def _run_flusher(self) -> None:
-        backoff = 0.05
+        failures = 0
         wake = self._wake
         assert wake is not None
         while True:
@@ -140,10 +140,10 @@ class _BufferedEmitter:
                 continue
             try:
                 await self._drain_once()
-                backoff = 0.05
+                failures = 0
             except Exception:
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await asyncio.sleep(RECONNECT_BACKOFF.compute(failures))
+                failures += 1
 
     async def _drain_once(self) -> bool:
         """Publish one batch under the lock; on failure put it back (oldest first) and raise."""
@@ -283,7 +283,7 @@ class RedisStreamBus(_BufferedEmitter):
         self._max_block_ms = max(0, int(timeout * 1000) - 200) if timeout else None
 
     @classmethod
-    async def connect(cls, url: str, *, setting: str = "REDIS_URL", **kwargs: Any) -> "RedisStreamBus":
+    async def connect(cls, url: str, *, setting: str = REDIS_SETTING, **kwargs: Any) -> "RedisStreamBus":
         """Open a pooled client for ``url`` and fail at start (naming ``setting``) if Redis is down."""
         return cls(await connect_redis(url, setting), owns_client=True, **kwargs)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from callray.stores.bus import EventBus, MemoryBus
-from callray.settings import CallraySettings
+from callray.settings import CallraySettings, RedisSettings
 from callray.stores.base import ResponseCache, StateStore
 from callray.stores.memory import MemoryResponseCache, MemoryStateStore
 
@@ -29,18 +29,16 @@ class Stores:
             await self.redis.aclose()
 
 
-def uses_redis(settings: CallraySettings) -> bool:
-    return (settings.state.backend == "redis" or settings.events.backend == "redis_streams"
-            or (settings.cache.enabled and settings.cache.backend == "redis"))
+async def open_redis(settings: RedisSettings) -> aioredis.Redis:
+    """The client of the ``redis`` section; a Redis that does not answer fails here, naming it."""
+    from callray.stores.redis_client import connect_redis
+
+    return await connect_redis(settings.url, timeout_s=settings.timeout_s, max_connections=settings.max_connections)
 
 
 async def build_stores(settings: CallraySettings) -> Stores:
-    """Connect what the settings name; a Redis that does not answer fails here, naming its URL."""
-    client = None
-    if uses_redis(settings):
-        from callray.stores.redis_client import connect_redis
-
-        client = await connect_redis(settings.state.redis_url, "state.redis_url (REDIS_URL)")
+    """Connect what the settings name, on one Redis client when any of them uses Redis."""
+    client = await open_redis(settings.redis) if settings.uses_redis else None
     state: StateStore
     if settings.state.backend == "redis":
         from callray.stores.redis import RedisStateStore

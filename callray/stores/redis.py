@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from callray.stores.base import CallFencedError, CallState, Claim, StaleStateError, StoreUnavailableError
-from callray.stores.redis_client import connect_redis
+from callray.stores.redis_client import REDIS_SETTING, connect_redis
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -98,7 +98,7 @@ class RedisStateStore:
 
     @classmethod
     async def connect(
-        cls, url: str, ttl_s: float = 3600.0, *, prefix: str = "callray:call:", setting: str = "REDIS_URL"
+        cls, url: str, ttl_s: float = 3600.0, *, prefix: str = "callray:call:", setting: str = REDIS_SETTING
     ) -> RedisStateStore:
         """Open a client for ``url`` and PING it: a wrong URL fails here, naming ``setting``."""
         client = await connect_redis(url, setting)
@@ -183,7 +183,7 @@ class RedisResponseCache:
 
     @classmethod
     async def connect(
-        cls, url: str, ttl_s: float = 3600.0, *, prefix: str = "callray:cache:", setting: str = "REDIS_URL"
+        cls, url: str, ttl_s: float = 3600.0, *, prefix: str = "callray:cache:", setting: str = REDIS_SETTING
     ) -> RedisResponseCache:
         """Open a client for ``url`` and PING it: a wrong URL fails here, naming ``setting``."""
         client = await connect_redis(url, setting)

@@ -1,19 +1,33 @@
-"""One way to open Redis: pooled, with timeouts, and a start-up check that names the setting."""
+"""One way to open Redis: pooled, with timeouts, no command retries, and a start-up check that
+names the setting (never the URL's password)."""
 
 from __future__ import annotations
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import RedisError
+
+from callray.logs import mask_secrets
+
+#: The setting that holds the URL, as errors name it.
+REDIS_SETTING = "redis.url (REDIS_URL)"
+#: How a background loop (event flusher, command channel) waits between attempts while Redis
+#: is down: ``compute(failures)`` doubles from 50 ms up to 2 s.
+RECONNECT_BACKOFF = ExponentialBackoff(cap=2.0, base=0.05)
 
 
 class RedisConfigError(RuntimeError):
     """The configured Redis URL is malformed or unreachable at start."""
 
 
-def redis_client(url: str, *, timeout_s: float = 1.0, max_connections: int = 128) -> aioredis.Redis:
-    """A pooled asyncio client. Short socket timeouts: a turn must never hang on Redis. The pool
-    blocks (up to ``timeout_s``) when all connections are busy instead of failing at once, so a
-    burst of calls queues for a connection rather than losing writes."""
+def redis_client(url: str, *, timeout_s: float = 1.0, max_connections: int = 128,
+                 setting: str = REDIS_SETTING) -> aioredis.Redis:
+    """A pooled asyncio client. Short socket timeouts and no retries (redis-py's default retries
+    three times with backoff): a turn must never hang on Redis; what must survive an outage is
+    retried in the background by its owner. The pool blocks (up to ``timeout_s``) when all
+    connections are busy instead of failing at once, so a burst of calls queues for a
+    connection rather than losing writes."""
     try:
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
@@ -23,23 +37,26 @@ def redis_client(url: str, *, timeout_s: float = 1.0, max_connections: int = 128
             timeout=timeout_s,
             health_check_interval=15,
             decode_responses=False,
+            retry=Retry(NoBackoff(), 0),
         )
         return aioredis.Redis(connection_pool=pool)
     except ValueError as exc:
-        raise RedisConfigError(f"REDIS_URL {url!r} is not a valid Redis URL: {exc}") from exc
+        raise RedisConfigError(f"{setting}={mask_secrets(url)!r} is not a valid Redis URL: {exc}") from None
 
 
-async def check_redis(client: aioredis.Redis, url: str, setting: str = "REDIS_URL") -> None:
-    """Fail at start, naming the setting and the URL, when Redis does not answer PING."""
+async def check_redis(client: aioredis.Redis, url: str, setting: str = REDIS_SETTING) -> None:
+    """Fail at start, naming the setting and the URL (password masked), when Redis does not answer PING."""
     try:
         await client.ping()
     except (RedisError, OSError) as exc:
-        raise RedisConfigError(f"{setting}={url!r}: Redis does not answer ({exc.__class__.__name__}: {exc})") from exc
+        raise RedisConfigError(f"{setting}={mask_secrets(url)!r}: Redis does not answer "
+                               f"({exc.__class__.__name__}: {mask_secrets(str(exc))})") from exc
 
 
-async def connect_redis(url: str, setting: str = "REDIS_URL") -> aioredis.Redis:
-    """A client that answered PING; otherwise closed again and a RedisConfigError naming ``setting``."""
-    client = redis_client(url)
+async def connect_redis(url: str, setting: str = REDIS_SETTING, **options: float) -> aioredis.Redis:
+    """A client (``options``: those of :func:`redis_client`) that answered PING; otherwise closed
+    again and a RedisConfigError naming ``setting``."""
+    client = redis_client(url, setting=setting, **options)
     try:
         await check_redis(client, url, setting)
     except BaseException:

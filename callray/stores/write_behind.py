@@ -21,6 +21,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from redis.backoff import ExponentialBackoff
+
 from callray.stores.base import CallFencedError, CallState, Claim, StaleStateError, StateStore, StoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,9 @@ class WriteBehindStore:
     """A StateStore that defers saves while ``inner`` raises StoreUnavailableError."""
 
     def __init__(self, inner: StateStore, *, base_delay_s: float = 0.05, max_delay_s: float = 2.0):
-        self.inner, self.base_delay_s, self.max_delay_s = inner, base_delay_s, max_delay_s
+        self.inner = inner
+        self._backoff = ExponentialBackoff(cap=max_delay_s, base=base_delay_s)
+        self._failures = 0  # consecutive drains that found the store down
         self.deferred = 0  # saves answered from memory because the store was down
         self.write_retries = 0  # writes to the store that failed and will be retried
         self.written_late = 0  # deferred states that reached the store
@@ -57,7 +61,6 @@ class WriteBehindStore:
         self._entries: dict[str, _Entry] = {}
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Future | None = None
-        self._delay = base_delay_s
 
     @property
     def pending(self) -> int:
@@ -147,7 +150,7 @@ class WriteBehindStore:
         deadline = loop.time() + timeout
         while self.pending:
             self._ensure_task()
-            self._delay = self.base_delay_s
+            self._failures = 0
             if self._wake is not None and not self._wake.done():
                 self._wake.set_result(None)
             remaining = deadline - loop.time()
@@ -186,7 +189,7 @@ class WriteBehindStore:
 
     async def _drain(self) -> None:
         """Write every pending call; back off exponentially while the store is down."""
-        self._delay = self.base_delay_s
+        self._failures = 0
         while True:
             call_ids = [call_id for call_id, entry in self._entries.items() if entry.dirty is not None]
             if not call_ids:
@@ -201,10 +204,10 @@ class WriteBehindStore:
                     if (entry := self._entries.get(call_id)) is not None:
                         entry.dirty = None
             if down:
-                await self._sleep(self._delay)
-                self._delay = min(self._delay * 2, self.max_delay_s)
+                await self._sleep(self._backoff.compute(self._failures))
+                self._failures += 1
             else:
-                self._delay = self.base_delay_s
+                self._failures = 0
 
     async def _write(self, call_id: str) -> bool:
         """Try one pending call once; True when the store was unavailable."""
