@@ -29,7 +29,8 @@ from rich.table import Table
 
 from callray.sim.interactive import CallEvent, place_call
 from callray.sim.report import METRICS, SimResult
-from callray.sim.simulator import VIOLATION_KINDS, WARNING_KINDS, SimConfig, run_simulation
+from callray.sim.client import VIOLATION_KINDS, WARNING_KINDS
+from callray.sim.simulator import SimConfig, run_simulation
 
 # ---------------------------------------------------------------------------------- call
 

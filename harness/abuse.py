@@ -37,7 +37,7 @@ from typing import Any, Callable
 import websockets
 from rich.console import Console
 
-from callray.sim.simulator import call_url
+from callray.sim.client import call_url
 
 
 def _garbage(rng: random.Random, max_frame_bytes: int) -> list[str | bytes]:

@@ -35,7 +35,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from callray.settings import PROJECT_DIR
 from callray.sim.report import SimResult, describe
-from callray.sim.simulator import SimConfig, call_url, run_simulation
+from callray.sim.client import RetellClient
+from callray.sim.simulator import SimConfig, run_simulation
 from harness import profile
 from harness.report import aggregate, round_stats, write_report
 from harness.targets import (
@@ -132,32 +133,23 @@ def sim_config(deployed: Deployed, calls: int, options: BenchOptions, tag: str, 
 
 async def hold_idle_calls(url: str, n: int, prefix: str, measure: Callable[[], float]) -> dict[str, Any]:
     """Open ``n`` calls, let each take its greeting, measure with all of them open, close them."""
-    from websockets.asyncio.client import connect
-
-    opened = []
+    opened: list[RetellClient] = []
     limit = asyncio.Semaphore(20)
 
     async def open_one(i: int) -> None:
         call_id = f"{prefix}-{i}"
+        client = RetellClient(url, call_id, call_object={"call_id": call_id, "agent_id": "agent_bench",
+                                                         "call_type": "phone_call", "call_status": "ongoing"})
         async with limit:
-            ws = await connect(call_url(url, call_id), open_timeout=30, ping_interval=None, max_size=None,
-                               compression=None, proxy=None)
-            opened.append(ws)
-            while True:
-                frame = json.loads(await asyncio.wait_for(ws.recv(), 30))
-                if frame.get("response_type") == "config" and (frame.get("config") or {}).get("call_details"):
-                    await ws.send(json.dumps({"interaction_type": "call_details",
-                                              "call": {"call_id": call_id, "agent_id": "agent_bench",
-                                                       "call_type": "phone_call", "call_status": "ongoing"}}))
-                if frame.get("response_id") == 0 and frame.get("content_complete"):
-                    return
+            opened.append(await client.connect())
+            await client.complete(0, timeout=30)
 
     before = measure()
     outcomes = await asyncio.gather(*(open_one(i) for i in range(n)), return_exceptions=True)
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     await asyncio.sleep(3)  # let the servers settle (lazy allocations, GC) with every call open
     after = measure()
-    await asyncio.gather(*(asyncio.wait_for(ws.close(), 10) for ws in opened), return_exceptions=True)
+    await asyncio.gather(*(asyncio.wait_for(client.close(), 10) for client in opened), return_exceptions=True)
     held = n - len(failures)
     return {"calls": held, "failed": len(failures), "rest_mb": round(before, 1), "open_mb": round(after, 1),
             "per_call_kb": round((after - before) * 1024 / held, 1) if held else None,

@@ -29,15 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import websockets
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import websockets
-
+from callray.sim.client import RetellClient
 from callray.sim.local import RedisServer, free_port
-from tests.retell_client import RetellClient
+
+REPO = Path(__file__).resolve().parents[1]
 
 APP = "callray"
 NAMESPACE = "callray-multinode"
@@ -354,7 +352,7 @@ async def scenario(cluster: Cluster) -> list[str]:
                          "the GCS to mark node2 dead")
         log("        the GCS marked node2 dead")
         await asyncio.sleep(GRACE_S + 1)  # let the proxy close the sockets of the dead replica
-        dropped = [c for c in clients if c._reader.done()]
+        dropped = [c for c in clients if c.closed]
         log(f"        sockets closed by the server: {[c.call_id for c in dropped]} "
             f"(close codes {[c.close_code for c in dropped]})")
         if replicas_on_node2:
@@ -363,7 +361,7 @@ async def scenario(cluster: Cluster) -> list[str]:
         log("step 7: every call takes its next turn: dropped ones reconnect with the same call_id first")
         for old, name in zip(clients, NAMES):
             client, how = old, "same socket"
-            if old._reader.done():
+            if old.closed:
                 client = await reconnect(url, old.call_id)
                 client.transcript = list(old.transcript)
                 check(client.responses(0)[0]["content"] == "", f"{old.call_id}: reconnected, no second greeting")
@@ -379,7 +377,7 @@ async def scenario(cluster: Cluster) -> list[str]:
         owners = {c.call_id: await owner_replica(cluster, c.call_id) for c in clients}
         check(all(after.get(o) == "head" for o in owners.values()), "every call lives in a replica on the head")
     finally:
-        await asyncio.gather(*(c.close() for c in clients if c._reader and not c._reader.done()),
+        await asyncio.gather(*(c.close() for c in clients if not c.closed),
                              return_exceptions=True)
         ray.shutdown()
     return failures

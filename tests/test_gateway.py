@@ -23,7 +23,7 @@ from callray.replica import LocalReplica
 from callray.settings import CallraySettings
 from callray.sim.local import free_port
 from callray.webhook import sign
-from tests.retell_client import RetellClient
+from callray.sim.client import RetellClient
 
 READ_TOKEN = "read-t0ken-for-tests"
 WEBHOOK_KEY = "key_gateway_test"

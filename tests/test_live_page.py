@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.retell_client import RetellClient
+from callray.sim.client import RetellClient
 from tests.test_gateway import READ_TOKEN, gateway  # noqa: F401 - the served gateway fixture
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

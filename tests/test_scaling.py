@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.retell_client import RetellClient
+from callray.sim.client import RetellClient
 from tests.test_serve_durable import reconnect, start_call
 
 pytestmark = pytest.mark.ray
@@ -111,7 +111,7 @@ async def still_on_same_socket(clients: list[RetellClient], response_id: int) ->
     answers = await asyncio.gather(*(c.turn(response_id, "What are your opening hours?") for c in clients))
     for client, answer, seen in zip(clients, answers, before):
         assert "Monday" in answer, f"call {client.call_id}: {answer!r}"
-        assert not client._reader.done(), f"call {client.call_id}: socket closed"
+        assert not client.closed, f"call {client.call_id}: socket closed"
         assert greetings_and_configs(client) == seen == (1, 1), f"call {client.call_id}: greeted or configured again"
 
 
@@ -130,14 +130,14 @@ async def resumes_after_reconnect(app: ScaleApp, old: RetellClient, response_id:
 async def wait_for_drops(clients: list[RetellClient], timeout: float = 60) -> list[RetellClient]:
     """The calls whose socket the server closed; waits for the first, then a moment for the rest."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not any(c._reader.done() for c in clients):
+    while time.monotonic() < deadline and not any(c.closed for c in clients):
         await asyncio.sleep(0.2)
     await asyncio.sleep(GRACE_S + 1)
-    return [c for c in clients if c._reader.done()]
+    return [c for c in clients if c.closed]
 
 
 async def close_all(clients: list[RetellClient]) -> None:
-    await asyncio.gather(*(c.close() for c in clients if not c._reader.done()), return_exceptions=True)
+    await asyncio.gather(*(c.close() for c in clients if not c.closed), return_exceptions=True)
 
 
 async def test_num_replicas_up_and_down_in_place(make_app):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.retell_client import RetellClient
+from callray.sim.client import RetellClient
 from tests.test_serve_single import new_call_id
 
 pytestmark = pytest.mark.ray
@@ -51,9 +51,9 @@ async def test_gateway_replica_killed_mid_call_reconnects_and_continues(durable_
     assert len(pids) == 2
     os.kill(pids[0], signal.SIGKILL)
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not any(c._reader.done() for c in clients):
+    while time.monotonic() < deadline and not any(c.closed for c in clients):
         await asyncio.sleep(0.1)
-    dropped = [c for c in clients if c._reader.done()]
+    dropped = [c for c in clients if c.closed]
     assert dropped, "no call was on the killed replica"
     for old in dropped:
         client = await reconnect(durable_app, old.call_id)
@@ -65,7 +65,7 @@ async def test_gateway_replica_killed_mid_call_reconnects_and_continues(durable_
         finally:
             await client.close()
     for c in clients:
-        if not c._reader.done():
+        if not c.closed:
             await c.close()
 
 

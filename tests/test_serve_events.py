@@ -12,7 +12,7 @@ import pytest
 
 from callray.webhook import sign
 from tests.conftest import READ_TOKEN, WEBHOOK_KEY
-from tests.retell_client import RetellClient
+from callray.sim.client import RetellClient
 from tests.test_serve_single import new_call_id
 
 pytestmark = pytest.mark.ray

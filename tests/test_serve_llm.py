@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from tests.retell_client import RetellClient
+from callray.sim.client import RetellClient
 from tests.test_serve_single import NAMES, new_call_id
 
 pytestmark = pytest.mark.ray

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from tests.retell_client import RetellClient
+from callray.sim.client import RetellClient
 
 pytestmark = pytest.mark.ray
 
@@ -81,13 +81,13 @@ async def test_bad_frames_never_take_the_server_down(single_app):
     call_id = new_call_id()
     client = await RetellClient(single_app, call_id).connect()
     await client.complete(0)
-    await client.ws.send(b"\x00\x01binary")
-    await client.ws.send("{this is not json")
-    await client.ws.send(json.dumps({"interaction_type": "response_required", "response_id": "one"}))
-    await client.ws.send(json.dumps(["a", "list"]))
-    await client.ws.send(json.dumps({"interaction_type": "from_the_future", "x": 1}))
+    await client.send_raw(b"\x00\x01binary")
+    await client.send_raw("{this is not json")
+    await client.send_raw(json.dumps({"interaction_type": "response_required", "response_id": "one"}))
+    await client.send_raw(json.dumps(["a", "list"]))
+    await client.send_raw(json.dumps({"interaction_type": "from_the_future", "x": 1}))
     assert "Monday" in await client.turn(1, "What are your hours?")  # still up, still answering
-    await client.ws.send("x" * (1024 * 1024 + 10))  # oversize: 1009, state kept
+    await client.send_raw("x" * (1024 * 1024 + 10))  # oversize: 1009, state kept
     with pytest.raises(ConnectionError):
         await client.wait_for(lambda f: False, timeout=10)
     assert client.close_code == 1009

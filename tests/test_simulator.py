@@ -20,11 +20,10 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from callray.cli import main
+from callray.sim.client import RetellClient, call_url, validate_frame
 from callray.sim.local import free_port
 from callray.sim.report import SimResult, describe
-from callray.sim.simulator import (
-    Recorder, SimConfig, SimObserver, caller_token, call_url, run_simulation, validate_frame,
-)
+from callray.sim.simulator import Recorder, SimConfig, SimObserver, caller_token, run_simulation
 from harness.baseline_server import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -323,6 +322,25 @@ def test_validate_frame_is_strict_about_types() -> None:
         "missing_field", "missing_field"]
     assert validate_frame(json.dumps({"response_type": "tool_call_invocation", "tool_call_id": "t",
                                       "name": "book", "arguments": {"day": 1}}))[0] is None
+
+
+async def test_the_retell_client_keeps_alive_only_when_asked(baseline_url: str) -> None:
+    """The one client: a scripted test sees exactly what it sends; the simulator's and the CLI's
+    sockets answer config as Retell does."""
+    quiet, talker = RetellClient(baseline_url, "quiet-1"), RetellClient(
+        baseline_url, "talker-1", call_object={"call_id": "talker-1", "agent_id": "a1"}, ping_interval_s=0.1)
+    for client in (quiet, talker):
+        await client.connect()
+        await client.complete(0)
+    await talker.wait_for(lambda f: f["response_type"] == "ping_pong", timeout=5)
+    await asyncio.sleep(0.3)
+    await quiet.close()
+    await talker.close()
+    assert quiet.frames[0]["response_type"] == "config" and quiet.issues == [] and talker.issues == []
+    assert quiet.socket.counts["pings_sent"] == 0 and not [f for f in quiet.frames if f["response_type"] == "ping_pong"]
+    assert talker.socket.counts["pings_sent"] >= 2
+    assert talker.socket.counts["pings_answered"] >= talker.socket.counts["pings_sent"] - 1  # one may be in flight
+    assert quiet.closed and quiet.close_code == 1000
 
 
 def test_urls_tokens_and_percentiles() -> None:

@@ -1,18 +1,16 @@
 """Retell's side of the custom-LLM WebSocket, as a load and conformance tool.
 
-Written from the protocol reference (retell-protocol.md), not from callray's own code, so it
-judges any server by what goes over the wire: each simulated call opens
-``{url}/{call_id}``, waits for ``config`` and response 0, sends ``call_details``, pings every
-2 s when asked to, and plays caller turns (early requests superseded by later ones, reminders,
-``update_only`` frames, abrupt TCP drops followed by a reconnect with the same call_id). It
-measures time to first chunk, first sentence and completion, and counts every protocol
-violation by kind.
+Each simulated call opens ``{url}/{call_id}`` on a :class:`~callray.sim.client.RetellSocket`
+(which judges every frame against Retell's protocol reference, answers ``config`` with
+``call_details`` and pings every 2 s when asked to), waits for response 0 and plays caller
+turns: early requests superseded by later ones, reminders, ``update_only`` frames, abrupt TCP
+drops followed by a reconnect with the same call_id. It measures time to first chunk, first
+sentence and completion, and counts every protocol violation by kind.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import multiprocessing
 import queue as queue_mod
@@ -24,42 +22,16 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.exceptions import WebSocketException
 
+from callray.sim.client import WARNING_KINDS, RetellSocket, call_url
 from callray.sim.report import COUNT_KEYS, CallSample, SimResult, TurnSample
 
 #: progress(calls_done, turns_answered), cumulative, called from the event loop.
 ProgressFn = Callable[[int, int], None]
-
-#: Every kind the simulator counts, with what it means. Violations fail a run; warnings do not.
-VIOLATION_KINDS: dict[str, str] = {
-    "not_json": "a text frame that is not one JSON object",
-    "binary_frame": "a binary frame (Retell closes the socket with 1007)",
-    "missing_response_type": "a frame without response_type (read as a response)",
-    "missing_field": "a required field is missing (Retell drops the frame)",
-    "wrong_type": "a field has the wrong JSON type, e.g. \"true\" for true (Retell drops the frame)",
-    "no_complete": "a request got no content_complete: true within the turn timeout",
-    "duplicate_complete": "more than one content_complete: true for one response_id",
-    "content_after_complete": "content for a response_id after its content_complete: true",
-    "stale_content": "a frame for an older response_id after a frame for a newer one",
-    "unknown_response_id": "a response for an id this call never requested",
-    "ping_unanswered": "a ping_pong not echoed with the same timestamp in time",
-    "echo_missing": "expect_echo: the answer lacks the caller's own name token",
-    "cross_talk": "expect_echo: the answer holds another call's name token",
-    "sentence_repeated": "one answer says the same sentence twice (e.g. regenerated after a fault)",
-}
-WARNING_KINDS: dict[str, str] = {
-    "first_frame_not_config": "the first frame on a socket is not config",
-    "config_not_nested": "config fields sent at the top level instead of under \"config\"",
-    "null_optional_field": "an optional field sent as null instead of omitted",
-    "unknown_response_type": "a response_type the protocol does not define",
-    "greeting_repeated": "a reconnect got a non-empty response 0 (the caller hears the greeting twice)",
-    "reconnect_silent": "no frame on a reconnected socket within the turn timeout",
-}
 
 _SENTENCE_END = re.compile(r"[.!?]")
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
@@ -83,29 +55,6 @@ DEFAULT_CALLER_LINES = (
     "That works for me, please put it under {name}.",
 )
 
-# Required and optional fields with their JSON types, per response_type (protocol §1).
-_FRAME_FIELDS: dict[str, tuple[dict[str, type], dict[str, type]]] = {
-    "config": ({}, {"config": dict}),
-    "ping_pong": ({"timestamp": int}, {}),
-    "response": (
-        {"response_id": int, "content": str, "content_complete": bool},
-        {"no_interruption_allowed": bool, "end_call": bool, "transfer_number": str,
-         "show_transferee_as_caller": bool, "digit_to_press": str},
-    ),
-    "agent_interrupt": (
-        {"interrupt_id": int, "content": str, "content_complete": bool},
-        {"no_interruption_allowed": bool, "end_call": bool, "transfer_number": str, "digit_to_press": str},
-    ),
-    "tool_call_invocation": ({"tool_call_id": str, "name": str, "arguments": str}, {}),
-    "tool_call_result": ({"tool_call_id": str, "content": str}, {"successful": bool}),
-    "update_agent": ({"agent_config": dict}, {}),
-    "metadata": ({"metadata": dict}, {}),
-}
-_CONFIG_FIELDS = ("auto_reconnect", "call_details", "transcript_with_tool_calls")
-
-Issue = tuple[str, str]
-
-
 def caller_token(index: int) -> str:
     """A pronounceable surname unique to call ``index`` (e.g. ``Babadequist``)."""
     digits = []
@@ -113,82 +62,6 @@ def caller_token(index: int) -> str:
         index, d = divmod(index, len(_SYLLABLES))
         digits.append(_SYLLABLES[d])
     return "".join(reversed(digits)).capitalize() + "quist"
-
-
-def call_url(base: str, call_id: str) -> str:
-    """``{base}/{call_id}``, keeping a query string (where a URL secret may live) at the end."""
-    parts = urlsplit(base)
-    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + call_id))
-
-
-def _is_type(value: Any, expected: type) -> bool:
-    if expected is int:  # bool is an int in Python but not on the wire
-        return type(value) is int
-    if expected is bool:
-        return type(value) is bool
-    return isinstance(value, expected)
-
-
-def validate_frame(raw: str | bytes) -> tuple[dict[str, Any] | None, list[Issue]]:
-    """Judge one server frame as Retell would.
-
-    Returns the parsed object (None when Retell would drop it) and the issues found, each a
-    ``(kind, detail)`` from VIOLATION_KINDS or WARNING_KINDS. A frame without
-    ``response_type`` is returned with ``response_type`` set to ``response``, as Retell reads it.
-    """
-    if isinstance(raw, bytes):
-        return None, [("binary_frame", f"{len(raw)} bytes")]
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return None, [("not_json", raw[:80])]
-    if not isinstance(data, dict):
-        return None, [("not_json", f"a JSON {type(data).__name__}, not an object")]
-    issues: list[Issue] = []
-    rtype = data.get("response_type")
-    if rtype is None:
-        issues.append(("missing_response_type", raw[:80]))
-        data = {**data, "response_type": "response"}
-        rtype = "response"
-    elif not isinstance(rtype, str):
-        return None, [("wrong_type", f"response_type={rtype!r}")]
-    if rtype not in _FRAME_FIELDS:
-        return data, issues + [("unknown_response_type", rtype)]
-    required, optional = _FRAME_FIELDS[rtype]
-    blocking = False
-    for name, expected in required.items():
-        if name not in data:
-            issues.append(("missing_field", f"{rtype}.{name} in {raw[:80]}"))
-            blocking = True
-        elif not _is_type(data[name], expected):
-            issues.append(("wrong_type", f"{rtype}.{name}={data[name]!r} (want {expected.__name__})"))
-            blocking = True
-    for name, expected in optional.items():
-        if name in data and data[name] is None:
-            issues.append(("null_optional_field", f"{rtype}.{name}"))
-        elif name in data and not _is_type(data[name], expected):
-            issues.append(("wrong_type", f"{rtype}.{name}={data[name]!r} (want {expected.__name__})"))
-            blocking = True
-    if rtype == "response" and _is_type(data.get("response_id"), int) and data["response_id"] < 0:
-        issues.append(("wrong_type", f"response.response_id={data['response_id']} is negative"))
-        blocking = True
-    if rtype == "tool_call_invocation" and isinstance(data.get("arguments"), str):
-        try:
-            json.loads(data["arguments"])
-        except ValueError:
-            issues.append(("wrong_type", f"tool_call_invocation.arguments is not a JSON string: {data['arguments'][:60]!r}"))
-    if rtype == "config":
-        body = data.get("config")
-        if body is None:
-            body = {k: data[k] for k in _CONFIG_FIELDS if k in data}
-            if body:
-                issues.append(("config_not_nested", ", ".join(body)))
-        for name in _CONFIG_FIELDS:
-            if isinstance(body, dict) and name in body and not _is_type(body[name], bool):
-                issues.append(("wrong_type", f"config.{name}={body[name]!r} (want bool)"))
-                blocking = True
-        data = {**data, "config": body or {}}
-    return (None if blocking else data), issues
 
 
 class SimConfig(BaseModel):
@@ -294,23 +167,14 @@ class _Request:
         return "".join(self.parts)
 
 
-@dataclass
-class _Socket:
-    """One WebSocket of a call (a reconnect makes a new one)."""
+class _Socket(RetellSocket):
+    """One WebSocket of a call, with what the simulator tracks on it."""
 
-    ws: ClientConnection
-    opened_at: float
-    frames: int = 0
-    newest_rid: int = -1
-    by_us: bool = False  # we closed or aborted it: its end is not a drop
-    lost: bool = False  # the server dropped it and the call may reconnect (drop_reconnects)
-    sent_details: bool = False
-    regreeted: bool = False
-    pending_pings: dict[int, float] = field(default_factory=dict)
-    first_frame: asyncio.Event = field(default_factory=asyncio.Event)
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-    reader: asyncio.Task | None = None
-    pinger: asyncio.Task | None = None
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.newest_rid = -1
+        self.lost = False  # the server dropped it and the call may reconnect (drop_reconnects)
+        self.regreeted = False
 
 
 class SimObserver:
@@ -398,7 +262,6 @@ class _Call:
         self.reconnects = 0
         self.drop_recoveries = 0
         self.answered = 0
-        self._background: set[asyncio.Task] = set()
         self.loop = asyncio.get_running_loop()
 
     # ------------------------------------------------------------------ flow
@@ -511,12 +374,8 @@ class _Call:
 
     async def _reconnect(self) -> bool:
         """Drop the TCP connection without a close frame, then open a new socket for the call."""
-        old = self.sock
-        assert old is not None
-        self._check_pings(old)
-        old.by_us = True
-        old.ws.transport.abort()
-        await old.closed.wait()
+        assert self.sock is not None
+        await self.sock.abort()
         return await self._reopen()
 
     async def _reopen(self) -> bool:
@@ -555,18 +414,8 @@ class _Call:
             req = await again() if again else self.requests[0]
 
     async def _close(self) -> None:
-        sock = self.sock
-        if sock is None:
-            return
-        if not sock.closed.is_set():
-            self._check_pings(sock)
-            sock.by_us = True
-            try:
-                await asyncio.wait_for(sock.ws.close(1000), 5)
-            except (asyncio.TimeoutError, WebSocketException, OSError):
-                sock.ws.transport.abort()
-        if sock.reader:
-            await sock.reader
+        if self.sock is not None:
+            await self.sock.close(1000)
 
     # ------------------------------------------------------------------ sockets
 
@@ -580,45 +429,31 @@ class _Call:
         for attempt in range(self.cfg.connect_attempts):
             if attempt:
                 await asyncio.sleep(self.cfg.connect_retry_s)
-            opened_at = self.loop.time()
             try:
-                ws = await connect(
-                    self.url, open_timeout=self.cfg.connect_timeout_s, ping_interval=None, close_timeout=5,
-                    max_size=None, compression=None, proxy=None)
+                sock = await _Socket.open(
+                    self.url, open_timeout_s=self.cfg.connect_timeout_s, on_frame=self._on_frame,
+                    on_issue=self._issue, on_closed=self._on_closed, call_object=self._call_object,
+                    ping_interval_s=self.cfg.ping_interval_s, ping_timeout_s=self.cfg.ping_timeout_s,
+                    counts=self.rec.counts)
             except (OSError, asyncio.TimeoutError, WebSocketException):
                 continue
-            sock = _Socket(ws, opened_at)
-            self.requests[0] = _Request(0, "reconnect" if reconnect else "begin", sent_at=opened_at)
+            # no await since the reader started: it has not run, so response 0 is tracked first
+            self.requests[0] = _Request(0, "reconnect" if reconnect else "begin", sent_at=sock.opened_at)
             self.sock = sock
-            sock.reader = asyncio.create_task(self._read(sock))
             return sock
         return None
 
-    async def _read(self, sock: _Socket) -> None:
-        try:
-            async for raw in sock.ws:
-                self._on_frame(sock, raw)
-        except ConnectionClosed:
-            pass
-        finally:
-            sock.closed.set()
-            if sock.pinger:
-                sock.pinger.cancel()
-            if not sock.by_us:
-                code = sock.ws.close_code
-                if code in (None, 1006) and not self.end_call and self.drop_recoveries < self.cfg.drop_reconnects:
-                    sock.lost = True  # the call reconnects when it next waits on the socket
-                elif not (self.end_call and code == 1000):
-                    self._drop("connection_lost" if code in (None, 1006) else f"server_close_{code}")
+    def _on_closed(self, sock: RetellSocket) -> None:
+        if not sock.by_us:
+            code = sock.close_code
+            if code in (None, 1006) and not self.end_call and self.drop_recoveries < self.cfg.drop_reconnects:
+                sock.lost = True  # the call reconnects when it next waits on the socket
+            elif not (self.end_call and code == 1000):
+                self._drop("connection_lost" if code in (None, 1006) else f"server_close_{code}")
 
     async def _send(self, payload: dict[str, Any]) -> None:
-        sock = self.sock
-        if sock is None or sock.closed.is_set():
-            return
-        try:
-            await sock.ws.send(json.dumps(payload))
-        except ConnectionClosed:
-            pass  # the reader records how the socket ended
+        if self.sock is not None:
+            await self.sock.send(payload)  # a closed socket: its reader records how it ended
 
     async def _wait(self, what: _Request | asyncio.Event, sock: _Socket) -> bool:
         """Until the request completes (or event is set), the socket closes or the turn timeout passes."""
@@ -632,64 +467,16 @@ class _Call:
                     w.cancel()
         return event.is_set()
 
-    async def _ping(self, sock: _Socket) -> None:
-        """ping_pong every interval, as Retell does once config asked for auto_reconnect."""
-        last = 0
-        while not sock.closed.is_set():
-            await asyncio.sleep(self.cfg.ping_interval_s)
-            if sock.closed.is_set():
-                return
-            self._check_pings(sock)
-            last = max(int(time.time() * 1000), last + 1)
-            sock.pending_pings[last] = self.loop.time()
-            try:
-                await sock.ws.send(json.dumps({"interaction_type": "ping_pong", "timestamp": last}))
-            except ConnectionClosed:
-                return
-            self.rec.counts["pings_sent"] += 1
-
-    def _check_pings(self, sock: _Socket) -> None:
-        now = self.loop.time()
-        for ts, sent in list(sock.pending_pings.items()):
-            if now - sent > self.cfg.ping_timeout_s:
-                del sock.pending_pings[ts]
-                self._issue("ping_unanswered", f"timestamp {ts} not echoed within {self.cfg.ping_timeout_s} s")
-
     # ------------------------------------------------------------------ frames
 
-    def _on_frame(self, sock: _Socket, raw: str | bytes) -> None:
-        now = self.loop.time()
-        sock.frames += 1
-        self.rec.counts["frames_received"] += 1
-        sock.first_frame.set()
-        data, issues = validate_frame(raw)
-        for kind, detail in issues:
-            self._issue(kind, detail)
-        rtype = data.get("response_type") if data else None
-        if sock.frames == 1 and rtype != "config":
-            self._issue("first_frame_not_config", f"first frame: {str(raw)[:80]}")
-        if data is None:
-            return
-        if rtype == "config":
-            self._on_config(sock, data["config"])
-        elif rtype == "ping_pong":
-            if sock.pending_pings.pop(data["timestamp"], None) is not None:
-                self.rec.counts["pings_answered"] += 1
-        elif rtype == "response":
+    def _on_frame(self, sock: RetellSocket, data: dict[str, Any], now: float) -> None:
+        rtype = data["response_type"]
+        if rtype == "response":
             self._on_response(sock, data, now)
         elif rtype == "agent_interrupt":
             self.rec.counts["agent_interrupts"] += 1
         elif rtype == "tool_call_invocation":
             self.rec.counts["tool_calls"] += 1
-
-    def _on_config(self, sock: _Socket, body: dict[str, Any]) -> None:
-        if body.get("call_details") is True and not sock.sent_details:
-            sock.sent_details = True
-            task = asyncio.create_task(self._send({"interaction_type": "call_details", "call": self._call_object()}))
-            self._background.add(task)  # the loop keeps only a weak reference
-            task.add_done_callback(self._background.discard)
-        if body.get("auto_reconnect") is True and self.cfg.ping_interval_s > 0 and sock.pinger is None:
-            sock.pinger = asyncio.create_task(self._ping(sock))
 
     def _on_response(self, sock: _Socket, data: dict[str, Any], now: float) -> None:
         rid, content, complete = data["response_id"], data["content"], data["content_complete"]
