@@ -15,6 +15,7 @@ from typing import Any
 import ray
 from ray.util import metrics
 
+from actors.metrics import LATENCY_BOUNDARIES_MS
 from callray.consumers.runner import build_consumers, run_consumers
 from callray.directory import CallDirectory
 from callray.settings import CallraySettings
@@ -24,6 +25,7 @@ from callray.stores.redis import RedisStateStore
 log = logging.getLogger("callray.actors.consumers")
 
 METRICS_INTERVAL_S = 5.0
+DURATION_BOUNDARIES_S = [10, 30, 60, 120, 180, 300, 600, 900, 1800, 3600]
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -36,6 +38,7 @@ class EventConsumer:
         self.consumer: Any = None
         self._tasks: list[asyncio.Task] = []
         self._gauges: dict[str, metrics.Gauge] = {}
+        self._histograms: dict[str, metrics.Histogram] = {}
         self._lock = asyncio.Lock()
 
     async def start(self) -> str:
@@ -58,6 +61,7 @@ class EventConsumer:
             if self.kind == "analytics":  # a projection of the stream: rebuild it, duplicates are dropped
                 async for event in bus.replay():
                     await self.consumer.handle(event)
+                self.consumer.observe = self._observe  # from now on: the replay is not observed again
             self._tasks.append(asyncio.create_task(run_consumers(bus, consumers, self.name, asyncio.Event())))
             self._tasks.append(asyncio.create_task(self._export_lag(bus)))
             if self.kind == "analytics":
@@ -75,6 +79,15 @@ class EventConsumer:
                         gauge.set(float(group["lag"]), tags={"group": self.kind})
             except Exception as exc:  # metrics must never stop a consumer
                 log.warning("%s: reading the bus lag failed: %r", self.name, exc)
+
+    def _observe(self, histogram: str, agent: str, value: float) -> None:
+        """One latency sample into its Ray histogram (``ray_callray_analytics_<name>_bucket``)."""
+        if histogram not in self._histograms:
+            seconds = histogram.endswith("_seconds")
+            self._histograms[histogram] = metrics.Histogram(
+                f"callray_analytics_{histogram}", description=f"callray analytics: {histogram}, per agent",
+                boundaries=DURATION_BOUNDARIES_S if seconds else LATENCY_BOUNDARIES_MS, tag_keys=("agent",))
+        self._histograms[histogram].observe(value, tags={"agent": agent})
 
     async def _export_metrics(self) -> None:
         while True:

@@ -114,9 +114,23 @@ async def test_analytics_escalations_and_prometheus_samples():
     as_dict = {(name, tuple(sorted(labels.items()))): value for name, labels, value in samples}
     assert as_dict[("callray_escalations_requested_total", (("agent", "demo"),))] == 1.0
     assert as_dict[("callray_turns_total", (("agent", "_all"),))] == 3.0
-    assert as_dict[("callray_first_chunk_ms", (("agent", "demo"), ("quantile", "0.99")))] == 496.0
     assert as_dict[("callray_disconnections_total", (("agent", "demo"), ("reason", "user_hangup")))] == 1.0
     assert all(isinstance(v, float) and isinstance(n, str) for n, _, v in samples)
+    assert not any("quantile" in labels or "_ms" in name for name, labels, _ in samples)  # latencies: histograms
+
+
+async def test_each_new_latency_sample_is_observed_once_per_agent_for_histograms():
+    analytics, observed = Analytics(), []
+    await analytics.handle(call_events(call_id="before", agent="demo")[1])  # e.g. replayed before observe was set
+    analytics.observe = lambda histogram, agent, value: observed.append((histogram, agent, value))
+    for _ in range(2):  # at-least-once: duplicates are not observed again
+        for event in call_events():
+            await analytics.handle(event)
+    assert observed == [("first_chunk_ms", "demo", 100.0), ("first_sentence_ms", "demo", 200.0),
+                        ("first_chunk_ms", "demo", 300.0), ("first_sentence_ms", "demo", 400.0),
+                        ("first_chunk_ms", "demo", 500.0), ("first_sentence_ms", "demo", 600.0),
+                        ("call_duration_seconds", "demo", 5.0)]
+    assert analytics.snapshot()["overall"]["first_chunk_ms"]["count"] == 4  # the windows keep every sample
 
 
 # -- TranscriptArchive ----------------------------------------------------------------------------

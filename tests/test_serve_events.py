@@ -156,6 +156,16 @@ async def test_analytics_consumer_restart_rebuilds_exact_counts(events_app, ray_
     after = await eventually(recounted, timeout=60)
     assert after, (before["overall"]["turns"], get(f"{base}/analytics")[1].get("overall", {}).get("turns"))
     assert after["overall"]["calls"]["started"] == before["overall"]["calls"]["started"] + 1
+    # the restarted actor feeds its histograms with what it consumes after its replay
+    analytics = ray.get_actor("events-analytics", namespace="callray-test-events")
+    client = await RetellClient(events_app, new_call_id()).connect()
+    try:
+        await client.complete(0)
+        await client.turn(1, "Where can I park?")
+    finally:
+        await client.close()
+    histograms = await eventually(lambda: ray.get(analytics.__ray_call__.remote(lambda a: sorted(a._histograms))))
+    assert "first_chunk_ms" in histograms, histograms
 
 
 async def test_socket_secret_is_required(events_app):

@@ -3,14 +3,15 @@
 Counts are exact under at-least-once delivery: turn-level events are deduped on
 their identity (call_id, epoch, seq) and call-level facts (started, ended, analyzed) are counted once per call,
 whichever of the call's own events or Retell's webhooks reports them first. Latencies and
-durations keep a sliding window of the latest samples for percentiles.
+durations keep a sliding window of the latest samples for percentiles, and each new sample
+goes to ``observe`` (an exporter's histograms).
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from cachetools import LRUCache
 
@@ -29,6 +30,11 @@ from callray.stats import percentile
 
 OVERALL = "_all"
 QUANTILES = (0.5, 0.9, 0.99)
+#: The latency windows, by the name of their histogram (``callray_analytics_<name>``).
+SAMPLED = {"first_chunk_ms": "first_chunk_ms", "first_sentence_ms": "first_sentence_ms",
+           "call_duration_seconds": "call_duration_s"}
+#: observe(histogram, agent, value): one new sample of one agent.
+Observer = Callable[[str, str, float], None]
 
 
 class Window:
@@ -60,6 +66,7 @@ class Window:
 @dataclass
 class _Stats:
     window: int
+    agent: str
     counts: Counter[str] = field(default_factory=Counter)
     disconnections: Counter[str] = field(default_factory=Counter)
     sentiment: Counter[str] = field(default_factory=Counter)
@@ -119,14 +126,16 @@ def _call_duration_s(event: CallEnded, started_ts: float | None) -> float | None
 
 
 class Analytics:
-    """Consumes every event kind; ``snapshot()`` for the dashboard, ``prometheus_samples()``
-    for a metrics exporter."""
+    """Consumes every event kind; ``snapshot()`` for the dashboard, ``prometheus_samples()`` and
+    ``observe`` for a metrics exporter. ``observe`` is set after a replay, so an exporter's
+    histograms never count a sample twice."""
 
     def __init__(self, window: int = 2048, max_calls: int = 50_000):
         self.window = window
+        self.observe: Observer | None = None
         self._seen = SeenEvents(max_calls=max_calls)
         self._calls: LRUCache[str, _Call] = LRUCache(max_calls)
-        self._stats: dict[str, _Stats] = {OVERALL: _Stats(window)}
+        self._stats: dict[str, _Stats] = {OVERALL: _Stats(window, OVERALL)}
 
     def _call(self, event: Event) -> _Call:
         call = self._calls.get(event.call_id)
@@ -139,7 +148,7 @@ class Analytics:
     def _targets(self, call: _Call) -> tuple[_Stats, _Stats]:
         agent = call.agent or "unknown"
         if agent not in self._stats:
-            self._stats[agent] = _Stats(self.window)
+            self._stats[agent] = _Stats(self.window, agent)
         return self._stats[OVERALL], self._stats[agent]
 
     async def handle(self, event: Event) -> None:
@@ -171,9 +180,9 @@ class Analytics:
             c["fallbacks"] += event.fallback
             c["tool_calls"] += len(event.tools)
             if event.first_chunk_ms is not None:
-                s.first_chunk_ms.add(event.first_chunk_ms)
+                self._sample(s, "first_chunk_ms", event.first_chunk_ms)
             if event.first_sentence_ms is not None:
-                s.first_sentence_ms.add(event.first_sentence_ms)
+                self._sample(s, "first_sentence_ms", event.first_sentence_ms)
         elif isinstance(event, CallSuperseded):
             c["superseded"] += 1
         elif isinstance(event, EscalationRequested):
@@ -197,13 +206,18 @@ class Analytics:
                 s.counts["calls_active"] -= 1
             duration = _call_duration_s(event, call.started_ts)
             if duration is not None:
-                s.call_duration_s.add(duration)
+                self._sample(s, "call_duration_seconds", duration)
             s.disconnections[str(from_call or event.reason or "unknown")] += 1
         elif from_call and not call.reason_from_call:
             s.disconnections[call.reason] -= 1
             if s.disconnections[call.reason] <= 0:
                 del s.disconnections[call.reason]
             s.disconnections[str(from_call)] += 1
+
+    def _sample(self, s: _Stats, histogram: str, value: float) -> None:
+        getattr(s, SAMPLED[histogram]).add(value)
+        if self.observe is not None and s.agent != OVERALL:  # the overall is the sum of the agents'
+            self.observe(histogram, s.agent, value)
 
     def _update_call(self, call: _Call, event: Event) -> None:
         if isinstance(event, CallStarted) and call.started_ts is None:
@@ -226,8 +240,9 @@ class Analytics:
         }
 
     def prometheus_samples(self) -> list[tuple[str, dict[str, str], float]]:
-        """(metric, labels, value) triples; totals are cumulative (export as gauges).
-        The overall series carries ``agent="_all"``."""
+        """(metric, labels, value) triples of the counts; totals are cumulative and rebuilt by a
+        replay after a restart (so export them as gauges: a counter would count the replay
+        again). The overall series carries ``agent="_all"``. Latencies go to ``observe``."""
         out: list[tuple[str, dict[str, str], float]] = []
         for agent, s in sorted(self._stats.items()):
             base = {"agent": agent}
@@ -238,15 +253,6 @@ class Analytics:
             for name in ("turns", "reminders", "cache_hits", "budget_misses", "fallbacks", "superseded", "tool_calls",
                          "escalations_requested", "escalations_performed"):
                 out.append((f"callray_{name}_total", base, float(c[name])))
-            for metric, window in (("callray_first_chunk_ms", s.first_chunk_ms),
-                                   ("callray_first_sentence_ms", s.first_sentence_ms),
-                                   ("callray_call_duration_seconds", s.call_duration_s)):
-                for q in QUANTILES:
-                    value = window.quantile(q)
-                    if value is not None:
-                        out.append((metric, {**base, "quantile": str(q)}, float(value)))
-                out.append((f"{metric}_count", base, float(window.count)))
-                out.append((f"{metric}_sum", base, float(window.total)))
             for label, counter, metric in (("reason", s.disconnections, "callray_disconnections_total"),
                                            ("sentiment", s.sentiment, "callray_sentiment_total"),
                                            ("successful", s.success, "callray_call_success_total")):
