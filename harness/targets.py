@@ -280,11 +280,12 @@ def callray_args(target: str, *, namespace: str, redis_url: str | None, agent_fi
     args["gateway"].pop("guard", None)  # the simulator connects from loopback without the secret
     args["gateway"]["read_token"] = READ_TOKEN
     args["webhook"]["api_key"] = ""
-    if args["state"]["backend"] == "redis" or args["cache"]["backend"] == "redis" or \
-            args["events"]["backend"] == "redis_streams":
-        if redis_url is None:
-            raise RuntimeError(f"{target} needs Redis")
+    if redis_url is not None:
         args["redis"] = {**args.get("redis", {}), "url": redis_url}
+    else:
+        args.pop("redis", None)  # its ${REDIS_URL} need not be set to learn that it is not used
+        if CallraySettings.parse(args, source=config_file).uses_redis:
+            raise RuntimeError(f"{target} needs Redis")
     if agent_file is not None:
         args["agents"] = {"default": "bench_llm", "files": {"bench_llm": str(agent_file)}, "by_retell_agent_id": {}}
     return args

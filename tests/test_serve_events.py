@@ -142,12 +142,9 @@ async def test_analytics_consumer_restart_rebuilds_exact_counts(events_app, ray_
 
     before = await eventually(settled)
     ray.kill(ray.get_actor("events-analytics", namespace="callray-test-events"), no_restart=False)
-    client = await RetellClient(events_app, new_call_id()).connect()
-    try:
+    async with RetellClient(events_app, new_call_id()) as client:
         await client.complete(0)
         await client.turn(1, "What are your hours?")
-    finally:
-        await client.close()
 
     def recounted():
         status, snap = get(f"{base}/analytics")
@@ -158,12 +155,9 @@ async def test_analytics_consumer_restart_rebuilds_exact_counts(events_app, ray_
     assert after["overall"]["calls"]["started"] == before["overall"]["calls"]["started"] + 1
     # the restarted actor feeds its histograms with what it consumes after its replay
     analytics = ray.get_actor("events-analytics", namespace="callray-test-events")
-    client = await RetellClient(events_app, new_call_id()).connect()
-    try:
+    async with RetellClient(events_app, new_call_id()) as client:
         await client.complete(0)
         await client.turn(1, "Where can I park?")
-    finally:
-        await client.close()
     histograms = await eventually(lambda: ray.get(analytics.__ray_call__.remote(lambda a: sorted(a._histograms))))
     assert "first_chunk_ms" in histograms, histograms
 

@@ -124,12 +124,9 @@ async def test_analytics_and_archive_in_process(single_app):
     from tests.test_serve_events import eventually, get, http_base
 
     base = http_base(single_app)
-    client = await RetellClient(single_app, new_call_id()).connect()
-    try:
+    async with RetellClient(single_app, new_call_id()) as client:
         await client.complete(0)
         await client.turn(1, "Where can I park?")
-    finally:
-        await client.close()
     status, record = await eventually(
         lambda: (r := get(f"{base}/calls/{client.call_id}"))[0] == 200 and r[1].get("turns") and r) or (0, {})
     assert status == 200 and [t["response_id"] for t in record["turns"]] == [1]

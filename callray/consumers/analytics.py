@@ -30,9 +30,6 @@ from callray.stats import percentile
 
 OVERALL = "_all"
 QUANTILES = (0.5, 0.9, 0.99)
-#: The latency windows, by the name of their histogram (``callray_analytics_<name>``).
-SAMPLED = {"first_chunk_ms": "first_chunk_ms", "first_sentence_ms": "first_sentence_ms",
-           "call_duration_seconds": "call_duration_s"}
 #: observe(histogram, agent, value): one new sample of one agent.
 Observer = Callable[[str, str, float], None]
 
@@ -180,9 +177,9 @@ class Analytics:
             c["fallbacks"] += event.fallback
             c["tool_calls"] += len(event.tools)
             if event.first_chunk_ms is not None:
-                self._sample(s, "first_chunk_ms", event.first_chunk_ms)
+                self._sample(s, s.first_chunk_ms, "first_chunk_ms", event.first_chunk_ms)
             if event.first_sentence_ms is not None:
-                self._sample(s, "first_sentence_ms", event.first_sentence_ms)
+                self._sample(s, s.first_sentence_ms, "first_sentence_ms", event.first_sentence_ms)
         elif isinstance(event, CallSuperseded):
             c["superseded"] += 1
         elif isinstance(event, EscalationRequested):
@@ -206,7 +203,7 @@ class Analytics:
                 s.counts["calls_active"] -= 1
             duration = _call_duration_s(event, call.started_ts)
             if duration is not None:
-                self._sample(s, "call_duration_seconds", duration)
+                self._sample(s, s.call_duration_s, "call_duration_seconds", duration)
             s.disconnections[str(from_call or event.reason or "unknown")] += 1
         elif from_call and not call.reason_from_call:
             s.disconnections[call.reason] -= 1
@@ -214,8 +211,9 @@ class Analytics:
                 del s.disconnections[call.reason]
             s.disconnections[str(from_call)] += 1
 
-    def _sample(self, s: _Stats, histogram: str, value: float) -> None:
-        getattr(s, SAMPLED[histogram]).add(value)
+    def _sample(self, s: _Stats, window: Window, histogram: str, value: float) -> None:
+        """Into ``window``, and to ``observe`` as ``callray_analytics_<histogram>``."""
+        window.add(value)
         if self.observe is not None and s.agent != OVERALL:  # the overall is the sum of the agents'
             self.observe(histogram, s.agent, value)
 

@@ -302,6 +302,12 @@ class RetellClient:
             ping_interval_s=self._ping_interval_s)
         return self
 
+    async def __aenter__(self) -> RetellClient:
+        return await self.connect()
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
     @property
     def closed(self) -> bool:
         return self.socket is not None and self.socket.closed.is_set()
