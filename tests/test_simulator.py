@@ -332,8 +332,7 @@ async def test_the_retell_client_keeps_alive_only_when_asked(baseline_url: str) 
     for client in (quiet, talker):
         await client.connect()
         await client.complete(0)
-    await talker.wait_for(lambda f: f["response_type"] == "ping_pong", timeout=5)
-    await asyncio.sleep(0.3)
+    await talker.wait_for(lambda f: sum(g["response_type"] == "ping_pong" for g in talker.frames) >= 2, timeout=10)
     await quiet.close()
     await talker.close()
     assert quiet.frames[0]["response_type"] == "config" and quiet.issues == [] and talker.issues == []
