@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import copy
 import enum
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,11 +29,26 @@ from typing import Any, AsyncIterator, Callable, NamedTuple
 
 from callray import events as ev
 from callray import tracing
-from callray.agents.base import Agent, EndCall, PressDigit, Speech, ToolCall, ToolResult, Transfer, Turn
+from callray.agents.base import (
+    OUTPUT_TYPES,
+    Agent,
+    EndCall,
+    Metadata,
+    PressDigit,
+    Speech,
+    ToolCall,
+    ToolResult,
+    Transfer,
+    Turn,
+    UpdateAgent,
+    Usage,
+)
 from callray.protocol import (
+    AgentConfigBody,
     AgentInterruptFrame,
     CallDetails,
     InboundEvent,
+    MetadataFrame,
     OutboundFrame,
     ReminderRequired,
     RequestEvent,
@@ -40,6 +56,7 @@ from callray.protocol import (
     ResponseRequired,
     ToolCallInvocationFrame,
     ToolCallResultFrame,
+    UpdateAgentFrame,
 )
 from callray.settings import TurnSettings
 from callray.stores.base import CallFencedError, CallState, EventSink, ResponseCache, StaleStateError, StateStore, TurnRecord
@@ -47,6 +64,29 @@ from callray.stores.base import CallFencedError, CallState, EventSink, ResponseC
 log = logging.getLogger("callray.conversation")
 
 _SENTENCE_END = (".", "!", "?")
+#: Without a configured ``turns.greeting_wait_ms``: how long a greeting that uses call data
+#: waits for call_details (Retell sends it right after the config frame asks for it).
+GREETING_WAIT_MS = 1000.0
+
+
+DEFAULT_FALLBACK_LINE = "Sorry, I'm having trouble right now. Could you say that again?"
+
+
+class AgentOutputError(TypeError):
+    """The agent yielded something that is not an agent output (the caller hears the fallback)."""
+
+
+def checked_output(item: Any) -> Any:
+    """An agent's output as the conversation takes it: a ``str`` is ``Speech``; anything that is
+    not an output, or speech that is not text, raises ``AgentOutputError``."""
+    if isinstance(item, str):
+        return Speech(item)
+    if not isinstance(item, OUTPUT_TYPES):
+        names = ", ".join(t.__name__ for t in OUTPUT_TYPES)
+        raise AgentOutputError(f"agent yielded {type(item).__name__} {item!r:.80}; expected str or one of {names}")
+    if isinstance(item, Speech) and not isinstance(item.text, str):
+        raise AgentOutputError(f"Speech.text must be str, got {type(item.text).__name__}")
+    return item
 
 #: The fields of Retell's call object a call's state keeps (what agents, routing and the
 #: archive's own records use); the rest (transcripts, recordings) stays with Retell and the
@@ -161,6 +201,9 @@ class _Request:
     first_sentence_ms: float | None = None
     tools: list[str] = field(default_factory=list)
     action: EndCall | Transfer | PressDigit | None = None
+    side_effects: bool = False  # update_agent or metadata sent: not an answer to share
+    usage: Usage = field(default_factory=Usage)
+    error: str | None = None  # why the agent failed (its exception's type), if it did
     cache_key: str | None = None
     cache_hit: bool = False
     budget_miss: bool = False
@@ -249,11 +292,22 @@ class Conversation:
             self._send(ResponseFrame(response_id=0, content="", content_complete=True))
             self._emit(ev.CallStarted, reconnect=True)
             self._spawn(self.checkpoint())
-        elif self.settings.greeting_wait_ms and not self.state.call:
-            self._spawn(self._greet(self.outbox, wait_s=self.settings.greeting_wait_ms / 1000))
+        elif (wait_ms := self._greeting_wait_ms()) and not self.state.call:
+            self._spawn(self._greet(self.outbox, wait_s=wait_ms / 1000))
         else:
             await self._greet(self.outbox)
         return self.outbox
+
+    def _greeting_wait_ms(self) -> float:
+        """How long response 0 may wait for call_details: as configured, else only as long as
+        the greeting needs call data or the call may be routed to another agent by it."""
+        if self.settings.greeting_wait_ms is not None:
+            return self.settings.greeting_wait_ms
+        try:
+            needs_call = bool(self.agent.greeting_uses_call)
+        except Exception:  # an agent's own property: if it breaks, waiting is the safe side
+            needs_call = True
+        return GREETING_WAIT_MS if needs_call or self._route_agent is not None else 0.0
 
     async def _greet(self, outbox: Outbox, wait_s: float = 0.0) -> None:
         """Response 0, once per call; optionally after call_details (bounded wait)."""
@@ -261,9 +315,21 @@ class Conversation:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait_s):
                     await self._call_details.wait()
-        if outbox is not self.outbox or self.state.greeted:
+        if outbox is self.outbox:
+            self._say_greeting(outbox)
+
+    def _say_greeting(self, outbox: Outbox) -> None:
+        """Response 0 on ``outbox`` now, unless the call was greeted already."""
+        if self.state.greeted:
             return
-        greeting = self.agent.begin_message(self.state.agent_state, self.state.call)
+        try:
+            greeting = self.agent.begin_message(self.state.agent_state, self.state.call)
+            if not isinstance(greeting, str):
+                raise AgentOutputError(f"begin_message returned {type(greeting).__name__}, not str")
+        except Exception as exc:  # a broken greeting must not leave Retell waiting for response 0
+            log.error("call %s: agent %s: begin_message failed; the caller speaks first", self.call_id,
+                      self.agent.name, exc_info=exc, extra={"call_id": self.call_id})
+            greeting = ""
         self._send(ResponseFrame(response_id=0, content=greeting, content_complete=True))
         self.state.greeted = True
         self._emit(ev.CallStarted, reconnect=False)
@@ -325,6 +391,8 @@ class Conversation:
             state=copy.deepcopy(self.state.agent_state),
             call=self.state.call,
             tool_results=self.state.tool_results,
+            response_id=rid,
+            transcript_with_tool_calls=req.transcript_with_tool_calls,
         )
         self._request = request = _Request(rid, kind, turn, connection)
         self._generation = asyncio.create_task(self._answer(request), name=f"answer-{self.call_id}-{rid}")
@@ -355,16 +423,28 @@ class Conversation:
             raise
         except Exception as exc:  # the agent failed or timed out: speak the fallback, complete
             log.warning("call %s response %d: agent %s failed: %r", self.call_id, request.response_id,
-                        self.agent.name, exc, extra={"call_id": self.call_id})
-            request.fallback, request.action, held = True, None, Speech(self.agent.fallback_line)
+                        self.agent.name, exc, exc_info=exc, extra={"call_id": self.call_id})
+            request.fallback, request.action, held = True, None, Speech(self._fallback_line())
+            request.error = type(exc).__name__
         try:
             self._complete(request, held)
         except Exception as exc:  # the completing frame itself failed: never leave the id open
             log.error("call %s response %d: completing failed: %r", self.call_id, request.response_id, exc,
                       extra={"call_id": self.call_id})
             request.fallback, request.action = True, None
-            self._complete(request, Speech(self.agent.fallback_line))
+            request.error = request.error or type(exc).__name__
+            self._complete(request, Speech(self._fallback_line()))
         await self._finish_turn(request)
+
+    def _fallback_line(self) -> str:
+        try:
+            line = self.agent.fallback_line
+            if isinstance(line, str):
+                return line
+        except Exception:
+            log.exception("call %s: agent %s: fallback_line failed", self.call_id, self.agent.name,
+                          extra={"call_id": self.call_id})
+        return DEFAULT_FALLBACK_LINE
 
     async def _stream(self, request: _Request) -> Speech | None:
         """Send the answer's frames; return the last phrase, held back to carry completion."""
@@ -426,7 +506,7 @@ class Conversation:
         try:
             async with contextlib.aclosing(self.agent.respond(turn)) as outputs:  # closes upstream streams at once
                 async for item in outputs:
-                    queue.put_nowait(item)
+                    queue.put_nowait(checked_output(item))
             queue.put_nowait(_END)
         except asyncio.CancelledError:
             raise
@@ -444,9 +524,15 @@ class Conversation:
             current = _ACTION_RANK[type(request.action)] if request.action else 0
             if _ACTION_RANK[type(item)] > current:
                 request.action = item
-        else:
-            log.warning("call %s: agent %s yielded unknown output %r", self.call_id, self.agent.name, item,
-                        extra={"call_id": self.call_id})
+        elif isinstance(item, UpdateAgent):
+            request.side_effects = True
+            self._send(UpdateAgentFrame(agent_config=AgentConfigBody(**vars(item))))
+        elif isinstance(item, Metadata):
+            request.side_effects = True
+            self._send(MetadataFrame(metadata=item.data))
+        elif isinstance(item, Usage):
+            request.usage = Usage(request.usage.prompt_tokens + item.prompt_tokens,
+                                  request.usage.completion_tokens + item.completion_tokens)
 
     def _current(self, request: _Request) -> None:
         """End a generation whose request is no longer the one being answered. Cancelling it is
@@ -483,6 +569,9 @@ class Conversation:
             frame.end_call = True
         elif isinstance(action, Transfer):
             frame.transfer_number = action.number
+            frame.no_interruption_allowed = True  # a barge-in would cancel the transfer
+            if isinstance(frame, ResponseFrame) and action.show_transferee_as_caller is not None:
+                frame.show_transferee_as_caller = action.show_transferee_as_caller
         elif isinstance(action, PressDigit):
             frame.digit_to_press = action.digit
 
@@ -510,7 +599,11 @@ class Conversation:
         """After completion: history, agent state, action, checkpoint, event, cache fill."""
         turn = request.turn
         state_changed = turn.state != self.state.agent_state
-        self.state.agent_state = turn.state
+        if state_changed and not self._storable(turn.state):
+            state_changed = False  # the agent's change is refused; the call keeps its last good state
+        else:
+            self.state.agent_state = turn.state
+        self.state.tool_results.clear()  # answered: a later turn calls its tools afresh
         agent_text = "".join(request.text).strip()
         self.state.turns.append(TurnRecord(response_id=request.response_id, kind=request.kind,
                                            user=turn.last_user_text, agent=agent_text))
@@ -520,16 +613,33 @@ class Conversation:
         complete_ms = request.elapsed_ms()
         key = request.cache_key
         if (key and self.cache and not request.cache_hit and not request.fallback and not request.budget_miss
-                and shareable(turn, state_changed, request.tools, action)):
+                and not request.side_effects and shareable(turn, state_changed, request.tools, action)):
             await self.cache.put(self.agent.name, self.agent.version, key, [t.strip() for t in request.text])
         self._emit(
             ev.CallTurn, response_id=request.response_id, kind=request.kind, caller_text=turn.last_user_text,
             agent_text=agent_text, first_chunk_ms=request.first_chunk_ms, first_sentence_ms=request.first_sentence_ms,
             complete_ms=complete_ms, cache_hit=request.cache_hit, budget_miss=request.budget_miss,
             fallback=request.fallback, tools=request.tools,
-            action=type(action).__name__ if action else None,
+            action=type(action).__name__ if action else None, agent_error=request.error,
+            prompt_tokens=request.usage.prompt_tokens, completion_tokens=request.usage.completion_tokens,
         )
         await self.checkpoint()
+
+    def _storable(self, state: dict[str, Any]) -> bool:
+        """Whether an agent's ``turn.state`` can be saved (JSON, within ``max_agent_state_bytes``);
+        a state that cannot would fail every later checkpoint and lose the call on a restart."""
+        try:
+            size = len(json.dumps(state, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            log.error("call %s: agent %s left turn.state that is not JSON (%s); its change is dropped",
+                      self.call_id, self.agent.name, exc, extra={"call_id": self.call_id})
+            return False
+        if size > self.settings.max_agent_state_bytes:
+            log.error("call %s: agent %s left turn.state of %d bytes (turns.max_agent_state_bytes is %d); "
+                      "its change is dropped", self.call_id, self.agent.name, size,
+                      self.settings.max_agent_state_bytes, extra={"call_id": self.call_id})
+            return False
+        return True
 
     # ------------------------------------------------------------------ commands
 
@@ -609,6 +719,8 @@ class Conversation:
 
     def _send(self, frame: OutboundFrame) -> None:
         if self.outbox is not None:
+            if not self.state.greeted and not (isinstance(frame, ResponseFrame) and frame.response_id == 0):
+                self._say_greeting(self.outbox)  # response 0 comes first, even while the greeting waits
             if isinstance(frame, ResponseFrame):
                 self.outbox.put(Frame(frame.to_json(), frame.response_id, frame.content_complete))
             else:

@@ -65,12 +65,13 @@ def _sections_of(model: type[BaseModel]) -> frozenset[str]:
     return frozenset(name for name, field in model.model_fields.items() if holds_section(field.annotation))
 
 
-def describe_validation(exc: ValidationError) -> list[str]:
-    """``field.path: message`` per problem of a config file, with spelling hints for unknown
-    fields, and the value shown only masked (never a secret)."""
+def describe_validation(exc: ValidationError, prefix: str = "") -> list[str]:
+    """``field.path: message`` per problem of a config file (under ``prefix``, when the model
+    is a part of the file), with spelling hints for unknown fields, and the value shown only
+    masked (never a secret)."""
     problems = []
     for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"])
+        where = ".".join(str(part) for part in ([prefix] if prefix else []) + list(error["loc"]))
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown field (check the spelling)"

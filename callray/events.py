@@ -50,6 +50,9 @@ class CallTurn(_Event):
     fallback: bool = False
     tools: list[str] = Field(default_factory=list)
     action: str | None = None
+    agent_error: str | None = None  # the type of the exception (or bad output) that made it a fallback
+    prompt_tokens: int = 0  # LLM usage of this turn, as the provider counted it
+    completion_tokens: int = 0
 
 
 class CallSuperseded(_Event):

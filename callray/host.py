@@ -59,6 +59,9 @@ class Host:
         self.on_deactivate, self.on_claimed = on_deactivate, on_claimed
         self.store, self.cache, self.events = store, cache, events
         self.calls: dict[str, Conversation] = {}
+        # Without call_details (gateway.call_details: false) a greeting has nothing to wait for.
+        self._turns = (settings.turns if settings.gateway.call_details
+                       else settings.turns.model_copy(update={"greeting_wait_ms": 0.0}))
         self._activating: dict[str, asyncio.Future[Conversation]] = {}
         self.counters = {"activations": 0, "deactivations": 0, "dropped_events": 0, "invalid_frames": 0,
                          "taken_over": 0}
@@ -98,10 +101,11 @@ class Host:
     def _live(self, state: CallState, agent_name: str | None = None) -> Conversation:
         """The conversation of a claimed state, registered as live here."""
         agent = self.agents.get(state.agent or agent_name or self.agents.default_name)
-        conversation = Conversation(state, agent, store=self.store, settings=self.settings.turns,
+        conversation = Conversation(state, agent, store=self.store, settings=self._turns,
                                     cache=self.cache if self.settings.cache.enabled else None,
-                                    events=self.events, route_agent=self.agents.route, on_lost=self._lost,
-                                    host=self.name)
+                                    events=self.events,
+                                    route_agent=self.agents.route if self.agents.by_retell_agent_id else None,
+                                    on_lost=self._lost, host=self.name)
         self.calls[state.call_id] = conversation
         return conversation
 
@@ -236,7 +240,7 @@ class Host:
             return 0
         stored = 0
         for agent in self.agents.agents.values():
-            for question in getattr(agent, "common_questions", ()):
+            for question in agent.common_questions:
                 turn = Turn(call_id="precache", kind="response", transcript=[{"role": "user", "content": question}],
                             state={})
                 key = agent.cache_key(turn)

@@ -32,6 +32,20 @@ class Utterance(TypedDict):
     content: NotRequired[str]
 
 
+class HistoryEntry(TypedDict):
+    """One entry of Retell's ``transcript_with_tool_calls``: an utterance, or a tool call or
+    result (``role`` tells which). Word timings and other fields are skipped, as in
+    ``Utterance``."""
+
+    __pydantic_config__ = ConfigDict(extra="ignore")  # type: ignore[misc]
+    role: str
+    content: NotRequired[str]
+    tool_call_id: NotRequired[str]
+    name: NotRequired[str]
+    arguments: NotRequired[str]
+    successful: NotRequired[bool]
+
+
 class PingPong(_Inbound):
     interaction_type: Literal["ping_pong"]
     timestamp: int
@@ -55,14 +69,14 @@ class ResponseRequired(_Inbound):
     interaction_type: Literal["response_required"]
     response_id: int = Field(ge=0)
     transcript: list[Utterance] = Field(default_factory=list)
-    transcript_with_tool_calls: list[dict[str, Any]] | None = None
+    transcript_with_tool_calls: list[HistoryEntry] | None = None
 
 
 class ReminderRequired(_Inbound):
     interaction_type: Literal["reminder_required"]
     response_id: int = Field(ge=0)
     transcript: list[Utterance] = Field(default_factory=list)
-    transcript_with_tool_calls: list[dict[str, Any]] | None = None
+    transcript_with_tool_calls: list[HistoryEntry] | None = None
 
 
 class UnknownInteraction(_Inbound):
@@ -190,6 +204,27 @@ class AgentInterruptFrame(_Speech):
     interrupt_id: StrictInt
 
 
+class AgentConfigBody(_Outbound):
+    responsiveness: float | None = Field(default=None, ge=0, le=1)
+    interruption_sensitivity: float | None = Field(default=None, ge=0, le=1)
+    reminder_trigger_ms: StrictInt | None = Field(default=None, gt=0)
+    reminder_max_count: StrictInt | None = Field(default=None, ge=0)
+
+
+class UpdateAgentFrame(_Outbound):
+    """Changes how Retell runs the rest of the call; unset fields stay as they are."""
+
+    response_type: Literal["update_agent"] = "update_agent"
+    agent_config: AgentConfigBody
+
+
+class MetadataFrame(_Outbound):
+    """Any JSON object, forwarded to a web call's front end."""
+
+    response_type: Literal["metadata"] = "metadata"
+    metadata: dict[str, Any]
+
+
 class ToolCallInvocationFrame(_Outbound):
     response_type: Literal["tool_call_invocation"] = "tool_call_invocation"
     tool_call_id: StrictStr
@@ -211,14 +246,17 @@ OutboundFrame = Union[
     AgentInterruptFrame,
     ToolCallInvocationFrame,
     ToolCallResultFrame,
+    UpdateAgentFrame,
+    MetadataFrame,
 ]
 
 ConfigFrame.model_rebuild()
 
 
-def config_frame(auto_reconnect: bool = True, call_details: bool = True) -> str:
+def config_frame(auto_reconnect: bool = True, call_details: bool = True, transcript_with_tool_calls: bool = False) -> str:
     """The first frame on every socket (protocol §1, semantics 1)."""
-    return ConfigFrame(config=ConfigBody(auto_reconnect=auto_reconnect, call_details=call_details)).to_json()
+    return ConfigFrame(config=ConfigBody(auto_reconnect=auto_reconnect, call_details=call_details,
+                                         transcript_with_tool_calls=transcript_with_tool_calls)).to_json()
 
 
 def pong_frame(timestamp: int) -> str:

@@ -133,7 +133,8 @@ class SocketSession:
         """Accept at once, then live until either side closes."""
         await self.ws.accept()
         self._move(SessionState.ATTACHING)
-        self.outbox.put(Frame(config_frame(self.settings.auto_reconnect, self.settings.call_details)))
+        self.outbox.put(Frame(config_frame(self.settings.auto_reconnect, self.settings.call_details,
+                                          self.settings.transcript_with_tool_calls)))
         tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._write())]
         attaching = asyncio.create_task(self._attach())
         try:

@@ -56,6 +56,7 @@ class GatewaySettings(EnvSection):
     max_frame_bytes: int = Field(default=1 << 20, ge=1024, description="Largest inbound frame; larger closes the socket with 1009 (the call's state is kept).")
     auto_reconnect: bool = Field(default=True, description="Ask Retell for ping_pong keepalives and reconnects (sent in the config frame).")
     call_details: bool = Field(default=True, description="Ask Retell to send the call object (call_details) after connecting.")
+    transcript_with_tool_calls: bool = Field(default=True, description="Ask Retell to send the transcript with the tool calls and results in place, so an LLM agent remembers what its tools returned (each request then carries both transcripts).")
     host_retry_s: float = Field(default=30.0, gt=0, description="How long a new socket waits for its call to be activated (its state store or host restarting) before it is closed with 1011.")
     max_frames_per_s: float = Field(default=30.0, ge=1, description="Frames one socket may send per second on average (bursts of three seconds' worth); a socket that sends faster is closed with 1008. Retell sends a few per second.")
     max_queued_frames: int = Field(default=1000, ge=16, description="Outbound frames one socket may have waiting for a reader that does not read; beyond, it is closed with 1013 and what it held is freed.")
@@ -93,8 +94,9 @@ class TurnSettings(EnvSection):
         description="Short phrases said when the budget is missed; rotated per call.",
     )
     agent_timeout_s: float = Field(default=20.0, gt=0, description="A turn still unfinished after this long is completed with the agent's fallback line.")
+    max_agent_state_bytes: int = Field(default=64 * 1024, ge=1024, description="Largest turn.state an agent may keep per call (as JSON); a bigger or non-JSON state is refused for that turn (logged) and the call keeps its last good state.")
     turns_kept: int = Field(default=50, ge=1, le=10_000, description="Answered turns kept in a call's state (the newest); the transcript archive keeps every turn.")
-    greeting_wait_ms: float = Field(default=0.0, ge=0, le=5000, description="Hold response 0 up to this long for call_details, so the greeting can use call data and agent_id routing applies to it (0: greet at once).")
+    greeting_wait_ms: float | None = Field(default=None, ge=0, le=5000, description="Hold response 0 up to this long for call_details, so the greeting can use call data and agent_id routing applies to it. Unset: up to 1000 ms, only when the agent's greeting uses call data or agent_id routing is configured; 0: greet at once.")
 
 
 class RedisSettings(EnvSection):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator
 
-from callray.agents.base import AgentOutput, EndCall, PressDigit, Speech, ToolCall, ToolResult, Transfer, Turn, normalise
+from callray.agents.base import Agent, AgentOutput, EndCall, PressDigit, Speech, ToolCall, ToolResult, Transfer, Turn, normalise
 
 
-class ScriptedAgent:
+class ScriptedAgent(Agent):
     """Echoes the caller. Words in the utterance trigger behaviours:
     ``slow`` (first phrase after 0.3 s), ``hang`` (never answers), ``fail`` (raises after one
     phrase), ``bye`` (end call), ``transfer`` (transfer), ``digit`` (press 1), ``tool``
@@ -16,6 +16,7 @@ class ScriptedAgent:
 
     name = "scripted"
     version = "1"
+    greeting_uses_call = False  # its begin_message reads no call data: greet at once
 
     def __init__(self) -> None:
         self.cancelled: list[str] = []

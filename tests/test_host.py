@@ -21,7 +21,8 @@ from callray.stores.memory import MemoryResponseCache, MemoryStateStore
 from callray.stores.redis import RedisStateStore
 from callray.stores.redis_client import connect_redis
 
-SETTINGS = CallraySettings()
+# These sockets send no call_details: the clinic greets at once instead of waiting for it.
+SETTINGS = CallraySettings(turns={"greeting_wait_ms": 0})
 AGENTS = AgentRegistry.from_settings(SETTINGS.agents)
 
 
@@ -196,7 +197,7 @@ async def test_memory_that_ends_expired_ended_and_excess_calls_are_dropped():
 
 
 async def test_a_host_keeps_a_bounded_number_of_detached_calls():
-    settings = CallraySettings.parse({"hosts": {"max_detached_calls": 3}})
+    settings = CallraySettings.parse({"hosts": {"max_detached_calls": 3}, "turns": {"greeting_wait_ms": 0}})
     host = Host(settings, AGENTS, store=MemoryStateStore(), cache=MemoryResponseCache())
     for i in range(10):
         await host.attach(f"c{i}", Outbox(f"s{i}"), None)

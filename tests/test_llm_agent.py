@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from callray.agents.base import Agent, EndCall, Speech, ToolCall, ToolResult, Transfer, Turn
+from callray.agents.base import Agent, EndCall, Speech, ToolCall, ToolResult, Transfer, Turn, Usage
 from callray.agents.llm import (
     AgentConfigError,
     LLMAgent,
@@ -103,7 +103,8 @@ def turn(text: str = "I would like a cleaning", *, call_id: str = "call-1", kind
 
 
 async def collect(agent: LLMAgent, t: Turn) -> list[Any]:
-    return [out async for out in agent.respond(t)]
+    """What the agent yields, less its token counts (``test_usage_...`` checks those)."""
+    return [out async for out in agent.respond(t) if not isinstance(out, Usage)]
 
 
 def spoken(outputs: list[Any]) -> str:
@@ -123,6 +124,8 @@ async def test_phrases_stream_and_first_sentence_precedes_stream_end() -> None:
             times.append(time.monotonic())
         await agent.aclose()
     rec = fake.records[0]
+    assert isinstance(outputs[-1], Usage) and outputs[-1].completion_tokens > 0  # counted from the stream's end
+    outputs = outputs[:-1]
     assert all(isinstance(o, Speech) for o in outputs) and len(outputs) >= 4
     assert outputs[0].text == "You said cleaning Tuesday."  # a whole first sentence, alone, at its last token
     assert spoken(outputs) == "You said cleaning Tuesday. I can help with that. " + " ".join([
@@ -360,7 +363,8 @@ async def test_transfer_call_says_handoff_then_transfers() -> None:
             "enabled": True, "transfer_number": "+14155550100", "handoff_line": "Connecting you."}))
         outputs = await collect(agent, turn("a human please"))
         await agent.aclose()
-    assert outputs == [Speech("Connecting you."), Transfer("+14155550100")]
+    # uninterruptible: a caller talking over the hand-off would cancel Retell's transfer
+    assert outputs == [Speech("Connecting you.", no_interruption_allowed=True), Transfer("+14155550100")]
 
 
 # --------------------------------------------------------------------------- prompt

@@ -22,7 +22,18 @@ from typing import Annotated, Any, AsyncIterator, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from callray.agents.config import AgentConfigError, read_agent_yaml
-from callray.agents.base import AgentOutput, EndCall, Speech, Transfer, Turn, normalise
+from callray.agents.base import (
+    Agent,
+    AgentOutput,
+    EndCall,
+    Metadata,
+    Speech,
+    Transfer,
+    Turn,
+    UpdateAgent,
+    call_variables,
+    normalise,
+)
 from callray.env import describe_validation
 
 __all__ = [
@@ -272,6 +283,15 @@ class _MatchConfig(_Strict):
         )
 
 
+class AgentConfigUpdate(_Strict):
+    """What an answer may change of Retell's agent for the rest of the call (``update_agent``)."""
+
+    responsiveness: float | None = Field(default=None, ge=0, le=1, description="How quickly the agent answers a pause (0..1).")
+    interruption_sensitivity: float | None = Field(default=None, ge=0, le=1, description="How easily the caller cuts the agent off (0..1).")
+    reminder_trigger_ms: int | None = Field(default=None, gt=0, description="Silence before a reminder, in ms.")
+    reminder_max_count: int | None = Field(default=None, ge=0, description="Reminders per silence.")
+
+
 class IntentConfig(_MatchConfig):
     """Something the caller may ask, and the answer."""
 
@@ -288,6 +308,12 @@ class IntentConfig(_MatchConfig):
         default=None,
         description="Override response caching: false never caches; true caches even answers "
         "using personal slots (keyed by their values); unset decides automatically.",
+    )
+    update_agent: AgentConfigUpdate | None = Field(
+        default=None, description="Sent with the answer: how Retell runs the rest of the call (update_agent)."
+    )
+    metadata: dict[str, Any] | None = Field(
+        default=None, description="Sent with the answer: a JSON object for a web call's front end (metadata)."
     )
 
     @model_validator(mode="after")
@@ -350,8 +376,11 @@ class SlotConfig(_Strict):
 class EscalationConfig(_MatchConfig):
     """When the caller asks for a person: say a handoff line, then transfer."""
 
-    handoff_line: Template = Field(description="Spoken before the transfer.")
+    handoff_line: Template = Field(description="Spoken before the transfer; the caller cannot interrupt it "
+                                   "(talking over it would cancel the transfer).")
     transfer_number: str = Field(pattern=r"^\S+$", description="Where to transfer (E.164, e.g. +15550100200).")
+    show_transferee_as_caller: bool | None = Field(
+        default=None, description="Show the caller's number to the person the call is transferred to.")
 
 
 class GoodbyeConfig(_MatchConfig):
@@ -469,6 +498,7 @@ class _Plan:
     renderer: _Renderer
     lines: list[tuple[str, bool]] = field(default_factory=list)  # (text, no_interruption_allowed)
     action: Transfer | EndCall | None = None
+    extras: list[UpdateAgent | Metadata] = field(default_factory=list)  # sent before the answer
     cacheable: bool | None = None  # an intent's override
 
     def say(self, template: str, protected: bool = False) -> None:
@@ -489,15 +519,16 @@ class _Plan:
         """The answer as few frames as it can be: the whole text is known at once, so phrases
         would only add frames for the Serve proxy to relay (its main cost per call). Lines
         are split only where ``no_interruption_allowed`` changes."""
-        out: list[AgentOutput] = []
+        out: list[AgentOutput] = list(self.extras)
         for text, protected in self.lines:
             text = " ".join(text.split())
             if not text:
                 continue
-            if out and out[-1].no_interruption_allowed == protected:
+            if out and isinstance(out[-1], Speech) and out[-1].no_interruption_allowed == protected:
                 out[-1] = Speech(f"{out[-1].text} {text}", no_interruption_allowed=protected)
             else:  # a later frame carries its leading space: concatenated they read right
-                out.append(Speech(f" {text}" if out else text, no_interruption_allowed=protected))
+                spoken = any(isinstance(o, Speech) for o in out)
+                out.append(Speech(f" {text}" if spoken else text, no_interruption_allowed=protected))
         if self.action is not None:
             out.append(self.action)
         return out
@@ -524,12 +555,10 @@ def _last_user_text(transcript: Any) -> str:
 
 
 def _variables(call: Any) -> dict[str, str]:
-    if not isinstance(call, dict):
-        return {}
-    return Turn(call_id="", kind="response", transcript=[], state={}, call=call).variables
+    return call_variables(call) if isinstance(call, dict) else {}
 
 
-class FlowAgent:
+class FlowAgent(Agent):
     """An Agent answering from a ``FlowAgentConfig``; stateless, safe to share between calls."""
 
     def __init__(self, config: FlowAgentConfig):
@@ -569,6 +598,10 @@ class FlowAgent:
 
     def begin_message(self, state: dict[str, Any], call: dict[str, Any]) -> str:
         return _Renderer(self._stored_slots(state), _variables(call), self._personal).render(self.config.greeting)
+
+    @property
+    def greeting_uses_call(self) -> bool:
+        return bool(_template_fields(self.config.greeting) - self._slots.keys())
 
     def cache_key(self, turn: Turn) -> str | None:
         """The normalised utterance plus the state the answer depends on (pending intent,
@@ -644,6 +677,10 @@ class FlowAgent:
             plan.pending = {"intent": cfg.name, "slot": missing[0]}
             return False
         plan.say(cfg.answer)
+        if cfg.update_agent is not None:
+            plan.extras.append(UpdateAgent(**cfg.update_agent.model_dump()))
+        if cfg.metadata is not None:
+            plan.extras.append(Metadata(cfg.metadata))
         if cfg.cacheable is False or (cfg.cacheable and plan.cacheable is None):
             plan.cacheable = cfg.cacheable
         for slot in cfg.requires:  # the request is done: the next one asks afresh
@@ -681,8 +718,8 @@ class FlowAgent:
             return plan
         scores = self._index.scores(utterance)
         if cfg.escalation and _ESCALATION in scores:
-            plan.say(cfg.escalation.handoff_line)
-            plan.action = Transfer(cfg.escalation.transfer_number)
+            plan.say(cfg.escalation.handoff_line, protected=True)
+            plan.action = Transfer(cfg.escalation.transfer_number, cfg.escalation.show_transferee_as_caller)
             return plan
         if cfg.goodbye and _GOODBYE in scores:
             plan.say(cfg.goodbye.closing_line, protected=True)

@@ -23,14 +23,15 @@ import re
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal, Union
 
 import httpx
 import openai
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from callray.agents.config import AgentConfigError, read_agent_yaml
 from callray.agents.base import (
+    Agent,
     AgentOutput,
     EndCall,
     Speech,
@@ -38,22 +39,31 @@ from callray.agents.base import (
     ToolResult,
     Transfer,
     Turn,
+    Usage,
+    call_variables,
     normalise,
+    render_template,
+    uses_variables,
 )
 from callray.agents.phrases import PhraseChunker, chunk_phrases
 from callray.agents.tools import (
     END_CALL,
+    MAX_RESULT_CHARS,
     TRANSFER_CALL,
     EndCallToolConfig,
+    FunctionTool,
+    FunctionToolConfig,
+    HttpTool,
     HttpToolConfig,
     PendingToolCall,
+    Tool,
     ToolCallAccumulator,
     ToolError,
     TransferCallToolConfig,
-    call_http_tool,
     function_spec,
     idempotency_key,
     parse_arguments,
+    remember_result,
 )
 from callray.env import describe_validation
 
@@ -108,6 +118,12 @@ class ProviderConfig(BaseModel):
         return url, key
 
 
+ToolConfig = Annotated[
+    Union[Annotated[HttpToolConfig, Tag("http")], Annotated[FunctionToolConfig, Tag("function")]],
+    Discriminator(lambda v: "function" if "function" in (v if isinstance(v, dict) else vars(v)) else "http"),
+]
+
+
 class LLMAgentConfig(BaseModel):
     """An LLM agent definition (``config/agents/*.yaml`` with ``kind: llm``)."""
 
@@ -153,7 +169,10 @@ class LLMAgentConfig(BaseModel):
     phrase_flush_s: float = Field(
         default=0.25, gt=0, description="Buffered words are sent after this long without a phrase end."
     )
-    tools: list[HttpToolConfig] = Field(default_factory=list, description="HTTP tools offered to the model.")
+    tools: list[ToolConfig] = Field(
+        default_factory=list,
+        description="Tools offered to the model: an HTTP endpoint (url) or a Python function (function).",
+    )
     end_call: EndCallToolConfig = Field(
         default_factory=EndCallToolConfig, description="The built-in hang-up tool."
     )
@@ -163,6 +182,11 @@ class LLMAgentConfig(BaseModel):
     fallback_line: str = Field(
         default="Sorry, I'm having trouble right now. Could you say that again?",
         description="Said by the conversation when the model fails or is too slow.",
+    )
+    usage: bool = Field(
+        default=True,
+        description="Ask the provider for each answer's token usage (stream_options.include_usage), counted "
+        "per call; turn off for a provider that refuses the option.",
     )
     cache: bool = Field(
         default=False,
@@ -176,46 +200,13 @@ class LLMAgentConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "LLMAgentConfig":
-        names = [tool.name for tool in self.tools]
+        names = [tool.name for tool in self.tools if tool.name]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"tools: duplicate names {duplicates}")
         if self.transfer_call.enabled and not self.transfer_call.transfer_number:
             raise ValueError("transfer_call.transfer_number is required when transfer_call.enabled is true")
         return self
-
-
-# --------------------------------------------------------------------------- templates
-
-_PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}|\{(\w+)\}")
-_SPACE_BEFORE_PUNCT = re.compile(r"[ \t]+([,.!?;:])")
-_DOUBLE_SPACE = re.compile(r"[ \t]{2,}")
-
-
-def render_template(template: str, variables: dict[str, str]) -> str:
-    """Fill ``{name}`` (or Retell-style ``{{name}}``) placeholders; a missing one becomes ""
-    and the spacing around it is tidied, so a greeting never says a placeholder aloud."""
-    missing = False
-
-    def fill(match: re.Match[str]) -> str:
-        nonlocal missing
-        name = match.group(1) or match.group(2)
-        if name in variables:
-            return variables[name]
-        missing = True
-        return ""
-
-    text = _PLACEHOLDER.sub(fill, template)
-    if missing:
-        text = _DOUBLE_SPACE.sub(" ", _SPACE_BEFORE_PUNCT.sub(r"\1", text))
-    return text
-
-
-def call_variables(call: dict[str, Any]) -> dict[str, str]:
-    """Variables of a call: a few call fields, then metadata, then Retell dynamic variables."""
-    out = {k: str(call[k]) for k in ("call_id", "from_number", "to_number") if isinstance(call.get(k), str)}
-    out.update(Turn(call_id="", kind="response", transcript=[], state={}, call=call).variables)
-    return out
 
 
 # --------------------------------------------------------------------------- the agent
@@ -241,11 +232,16 @@ class _BrokenStream(Exception):
 def stream_delta(line: str) -> dict[str, Any] | None:
     """The ``choices[0].delta`` of one SSE line of a chat-completion stream (None for other
     lines). An error event raises ``_BrokenStream``, as the SDK's own stream raises APIError."""
+    return stream_chunk(line)[0]
+
+
+def stream_chunk(line: str) -> tuple[dict[str, Any] | None, Usage | None]:
+    """``stream_delta`` and, on the stream's last chunk when usage was asked for, its usage."""
     if not line.startswith("data:"):
-        return None
+        return None, None
     payload = line[5:].strip()
     if not payload or payload == "[DONE]":
-        return None
+        return None, None
     try:
         chunk = json.loads(payload)
     except ValueError:
@@ -257,7 +253,11 @@ def stream_delta(line: str) -> dict[str, Any] | None:
         raise _BrokenStream(str(error.get("message") if isinstance(error, dict) else error))
     choices = chunk.get("choices")
     delta = choices[0].get("delta") if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
-    return delta if isinstance(delta, dict) else None
+    usage = chunk.get("usage")
+    if isinstance(usage, dict):
+        tokens = {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens")}
+        usage = Usage(**{k: v for k, v in tokens.items() if type(v) is int})
+    return (delta if isinstance(delta, dict) else None), (usage if isinstance(usage, Usage) else None)
 
 
 def _retry_same_provider(exc: BaseException) -> bool:
@@ -277,8 +277,8 @@ def _describe(exc: BaseException) -> str:
 _FAILOVER_ERRORS = (openai.APIError, TimeoutError, _EmptyCompletion, _BrokenStream)
 
 
-class LLMAgent:
-    """An OpenAI-compatible streaming agent implementing the ``Agent`` protocol."""
+class LLMAgent(Agent):
+    """An OpenAI-compatible streaming agent."""
 
     def __init__(self, config: LLMAgentConfig, *, source: str = "<config>") -> None:
         self.config = config
@@ -306,8 +306,8 @@ class LLMAgent:
             )
             self._providers.append(_Provider(f"{provider.model} at {base_url}", provider.model, client))
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=config.connect_timeout_s))
-        self._http_tools = {tool.name: tool for tool in config.tools}
-        specs = [function_spec(t.name, t.description, t.parameters) for t in config.tools]
+        self._tools = self._build_tools(source)
+        specs = [tool.spec() for tool in self._tools.values()]
         if config.end_call.enabled:
             specs.append(function_spec(END_CALL, config.end_call.description, {"type": "object", "properties": {}}))
         if config.transfer_call.enabled:
@@ -315,6 +315,23 @@ class LLMAgent:
                 function_spec(TRANSFER_CALL, config.transfer_call.description, {"type": "object", "properties": {}})
             )
         self._tool_specs = specs
+        self._stream_options = {"stream_options": {"include_usage": True}} if config.usage else {}
+
+    def _build_tools(self, source: str) -> dict[str, Tool]:
+        """The configured tools by name; a function tool is imported now, so a wrong path or
+        signature fails at start naming the field."""
+        beside = Path(source).parent if source != "<config>" else None
+        tools: dict[str, Tool] = {}
+        for index, config in enumerate(self.config.tools):
+            try:
+                tool: Tool = (HttpTool(config, self._http) if isinstance(config, HttpToolConfig)
+                              else FunctionTool(config, beside))
+            except ValueError as exc:
+                raise AgentConfigError(source, [f"tools.{index}.function: {exc}"]) from None
+            if tool.name in tools:
+                raise AgentConfigError(source, [f"tools.{index}: duplicate tool name {tool.name!r}"])
+            tools[tool.name] = tool
+        return tools
 
     # ------------------------------------------------------------------ construction
 
@@ -344,6 +361,10 @@ class LLMAgent:
     def begin_message(self, state: dict[str, Any], call: dict[str, Any]) -> str:
         return render_template(self.config.begin_message, call_variables(call)).strip()
 
+    @property
+    def greeting_uses_call(self) -> bool:
+        return uses_variables(self.config.begin_message)
+
     def cache_key(self, turn: Turn) -> str | None:
         if not self.config.cache or turn.kind != "response":
             return None
@@ -357,6 +378,8 @@ class LLMAgent:
             async with aclosing(self._complete(messages, offer_tools, acc)) as phrases:
                 async for phrase in phrases:
                     yield Speech(phrase)
+            if acc.usage is not None:
+                yield acc.usage
             calls = acc.calls() if offer_tools else []
             if not calls:
                 return
@@ -368,9 +391,10 @@ class LLMAgent:
                 yield EndCall()
                 return
             if TRANSFER_CALL in names and self.config.transfer_call.enabled:
-                if self.config.transfer_call.handoff_line:
-                    yield Speech(self.config.transfer_call.handoff_line)
-                yield Transfer(str(self.config.transfer_call.transfer_number))
+                transfer = self.config.transfer_call
+                if transfer.handoff_line:  # talking over it would cancel the transfer
+                    yield Speech(transfer.handoff_line, no_interruption_allowed=True)
+                yield Transfer(str(transfer.transfer_number), transfer.show_transferee_as_caller)
                 return
             messages.append(_assistant_tool_message(acc.text, calls))
             async for output in self._run_tools(turn, calls, messages):
@@ -379,26 +403,25 @@ class LLMAgent:
     # ------------------------------------------------------------------ prompt
 
     def build_messages(self, turn: Turn) -> list[dict[str, Any]]:
-        """System prompt, then the newest transcript turns within ``history_chars``."""
-        variables = call_variables(turn.call)
+        """System prompt, then the newest history within ``history_chars``: the caller's and
+        the agent's lines, and the tools called earlier with their results in place."""
         history: list[dict[str, Any]] = []
         budget = self.config.history_chars
-        for entry in reversed(turn.transcript):
-            role = {"agent": "assistant", "user": "user"}.get(str(entry.get("role")))
-            content = str(entry.get("content") or "").strip()
-            if role is None or not content:
-                continue
-            if len(content) > budget:
-                if not history:  # the newest utterance is always sent, cut to the budget
-                    history.append({"role": role, "content": content[-budget:]})
+        for message in reversed(history_messages(turn.history)):
+            size = len(message.get("content") or "") + sum(
+                len(c["function"]["arguments"]) for c in message.get("tool_calls", ()))
+            if size > budget:
+                if not history and message.get("content") and not message.get("tool_calls"):
+                    # the newest line is always sent, cut to the budget
+                    history.append({**message, "content": message["content"][-budget:]})
                 break
-            budget -= len(content)
-            history.append({"role": role, "content": content})
+            budget -= size
+            history.append(message)
         history.reverse()
         messages: list[dict[str, Any]] = [
-            {"role": "system", "content": render_template(self.config.system_prompt, variables)}
+            {"role": "system", "content": render_template(self.config.system_prompt, call_variables(turn.call))}
         ]
-        messages.extend(history)
+        messages.extend(paired_tool_messages(history))
         if turn.kind == "reminder":
             messages.append({"role": "system", "content": self.config.reminder_prompt})
         return messages
@@ -459,6 +482,7 @@ class LLMAgent:
                     temperature=self.config.temperature,
                     max_tokens=self.config.max_tokens,
                     stream=True,
+                    **self._stream_options,
                     **extra,
                 ) as response:
                     lines = aiter(response.iter_lines())
@@ -469,7 +493,9 @@ class LLMAgent:
                             break
                         except Exception as exc:  # the transport's error: the connection broke mid-stream
                             raise _BrokenStream(f"{type(exc).__name__}: {exc}") from exc
-                        delta = stream_delta(line)
+                        delta, usage = stream_chunk(line)
+                        if usage is not None:
+                            acc.usage = usage
                         if delta is None:
                             continue
                         content, tool_calls = delta.get("content"), delta.get("tool_calls")
@@ -493,11 +519,11 @@ class LLMAgent:
     async def _run_tools(
         self, turn: Turn, calls: list[PendingToolCall], messages: list[dict[str, Any]]
     ) -> AsyncIterator[AgentOutput]:
-        """Run the step's HTTP tools concurrently; tell the model their results."""
-        prepared: list[tuple[PendingToolCall, HttpToolConfig | None, dict[str, Any] | None, str | None, str]] = []
+        """Run the step's tools concurrently; tell the model their results."""
+        prepared: list[tuple[PendingToolCall, Tool | None, dict[str, Any] | None, str | None, str]] = []
         holding: str | None = None
         for call in calls:
-            tool = self._http_tools.get(call.name)
+            tool = self._tools.get(call.name)
             arguments: dict[str, Any] | None = None
             key: str | None = None
             error = ""
@@ -527,21 +553,63 @@ class LLMAgent:
     async def _run_one(
         self,
         turn: Turn,
-        tool: HttpToolConfig | None,
+        tool: Tool | None,
         arguments: dict[str, Any] | None,
         key: str | None,
         error: str,
     ) -> tuple[str, bool]:
         if error or tool is None or arguments is None or key is None:
             return error or "tool unavailable", False
-        if key in turn.tool_results:
+        if key in turn.tool_results:  # a re-asked request of the same turn: the tool already acted
             return str(turn.tool_results[key]), True
         try:
-            content = await call_http_tool(self._http, tool, arguments, key, turn.call_id)
+            content = await tool.run(arguments, key, turn)
         except ToolError as exc:
             return str(exc), False
-        turn.tool_results[key] = content
+        remember_result(turn.tool_results, key, content)
         return content, True
+
+
+def history_messages(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Retell's transcript (with tool calls, when it sent them) as chat messages: consecutive
+    tool invocations become one assistant message, each result a tool message."""
+    messages: list[dict[str, Any]] = []
+    for entry in history:
+        role = entry.get("role")
+        if role in ("agent", "user"):
+            content = str(entry.get("content") or "").strip()
+            if content:
+                messages.append({"role": "assistant" if role == "agent" else "user", "content": content})
+        elif role == "tool_call_invocation" and entry.get("tool_call_id"):
+            call = {"id": str(entry["tool_call_id"]), "type": "function",
+                    "function": {"name": str(entry.get("name") or ""), "arguments": str(entry.get("arguments") or "{}")}}
+            if messages and messages[-1].get("tool_calls") and messages[-1]["content"] is None:
+                messages[-1]["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif role == "tool_call_result" and entry.get("tool_call_id"):
+            messages.append({"role": "tool", "tool_call_id": str(entry["tool_call_id"]),
+                             "content": str(entry.get("content") or "")[:MAX_RESULT_CHARS]})
+    return messages
+
+
+def paired_tool_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep only tool calls whose results are there and results whose calls are there: the
+    chat API refuses either alone (a history cut by the budget, a superseded request)."""
+    answered = {m["tool_call_id"] for m in messages if m["role"] == "tool"}
+    out: list[dict[str, Any]] = []
+    asked: set[str] = set()
+    for message in messages:
+        if message.get("tool_calls"):
+            calls = [c for c in message["tool_calls"] if c["id"] in answered]
+            if not calls:
+                continue
+            asked.update(c["id"] for c in calls)
+            message = {**message, "tool_calls": calls}
+        elif message["role"] == "tool" and message["tool_call_id"] not in asked:
+            continue
+        out.append(message)
+    return out
 
 
 def _assistant_tool_message(text: str, calls: list[PendingToolCall]) -> dict[str, Any]:

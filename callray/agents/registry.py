@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from callray.agents.base import Agent
 from callray.agents.config import AgentConfigError, read_agent_yaml
 from callray.settings import AgentsSettings
+
+log = logging.getLogger("callray.agents")
 
 
 def load_agent(path: str | Path) -> Agent:
@@ -22,7 +25,11 @@ def load_agent(path: str | Path) -> Agent:
         from callray.agents.llm import LLMAgent
 
         return LLMAgent.from_dict(data, source=str(path))
-    raise AgentConfigError(str(path), [f"kind: unknown agent kind {kind!r}; expected 'flow' or 'llm'"])
+    if kind == "python":
+        from callray.agents.python import load_python_agent
+
+        return load_python_agent(data, source=str(path))
+    raise AgentConfigError(str(path), [f"kind: unknown agent kind {kind!r}; expected 'flow', 'llm' or 'python'"])
 
 
 class AgentRegistry:
@@ -53,9 +60,10 @@ class AgentRegistry:
     async def aclose(self) -> None:
         """Close what the agents hold open (an LLM agent's pooled provider connections)."""
         for agent in self.agents.values():
-            close = getattr(agent, "aclose", None)
-            if close is not None:
-                await close()
+            try:
+                await agent.aclose()
+            except Exception:  # one agent's broken close must not keep the others open
+                log.exception("agent %s: aclose failed", agent.name)
 
     def route(self, call: dict[str, Any]) -> Agent | None:
         """The agent mapped to the call's Retell ``agent_id``, if any."""

@@ -1,27 +1,38 @@
 """Tools of the LLM agent: their config, their OpenAI specs, streamed tool-call assembly and
-idempotent HTTP execution.
+idempotent execution, over HTTP or as a Python function.
 
 Retell may discard a response and ask again (a superseded request), so a tool the model calls
-twice for the same request must not act twice: every HTTP call carries an ``Idempotency-Key``
+twice for the same request must not act twice: every call carries an ``Idempotency-Key``
 derived from the call, the tool and its canonical arguments, and the agent reuses a result it
-already has for that key.
+already has for that key until the turn is answered; a later turn calls again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import inspect
 import json
+import logging
 import re
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic_core import to_jsonable_python
+
+from callray.agents.base import Turn, Usage
+from callray.agents.python import ImportPathError, import_object
+
+log = logging.getLogger("callray.tools")
 
 END_CALL = "end_call"
 TRANSFER_CALL = "transfer_call"
 BUILTIN_TOOLS = frozenset({END_CALL, TRANSFER_CALL})
 MAX_RESULT_CHARS = 4000  # what a tool may add to the prompt
+MAX_KEPT_RESULTS = 32  # results of one unanswered turn kept for a re-asked request
 
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -29,10 +40,28 @@ _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # --------------------------------------------------------------------------- config
 
 
-class HttpToolConfig(BaseModel):
-    """A tool the model may call; the agent POSTs the arguments as JSON to ``url``."""
+def _check_name(value: str | None) -> str | None:
+    if value is not None and not _TOOL_NAME.match(value):
+        raise ValueError(f"tool name {value!r} must match {_TOOL_NAME.pattern}")
+    if value in BUILTIN_TOOLS:
+        raise ValueError(f"tool name {value!r} is reserved for the built-in tool")
+    return value
+
+
+class _ToolConfig(BaseModel):
+    """What every tool has, wherever it runs."""
 
     model_config = ConfigDict(extra="forbid")
+
+    timeout_s: float = Field(default=5.0, gt=0, description="Give up on the tool after this many seconds.")
+    holding_line: str | None = Field(
+        default=None,
+        description="Said before calling the tool (e.g. 'One moment while I check.'); none if empty.",
+    )
+
+
+class HttpToolConfig(_ToolConfig):
+    """A tool the model may call; the agent POSTs the arguments as JSON to ``url``."""
 
     name: str = Field(description="Function name shown to the model (letters, digits, _ and -).")
     description: str = Field(description="When and why the model should call it, in one or two sentences.")
@@ -41,20 +70,8 @@ class HttpToolConfig(BaseModel):
         description="JSON schema of the arguments object (OpenAI function-calling format).",
     )
     url: str = Field(description="Endpoint receiving POST <arguments JSON> with an Idempotency-Key header.")
-    timeout_s: float = Field(default=5.0, gt=0, description="Give up on the endpoint after this many seconds.")
-    holding_line: str | None = Field(
-        default=None,
-        description="Said before calling the endpoint (e.g. 'One moment while I check.'); none if empty.",
-    )
 
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, value: str) -> str:
-        if not _TOOL_NAME.match(value):
-            raise ValueError(f"tool name {value!r} must match {_TOOL_NAME.pattern}")
-        if value in BUILTIN_TOOLS:
-            raise ValueError(f"tool name {value!r} is reserved for the built-in tool")
-        return value
+    _valid_name = field_validator("name")(_check_name)
 
     @field_validator("url")
     @classmethod
@@ -97,8 +114,11 @@ class TransferCallToolConfig(BaseModel):
     )
     handoff_line: str = Field(
         default="Let me transfer you to a colleague. Please hold.",
-        description="Said before the transfer; empty to say nothing more.",
+        description="Said before the transfer, uninterruptible (talking over it would cancel the transfer); "
+        "empty to say nothing more.",
     )
+    show_transferee_as_caller: bool | None = Field(
+        default=None, description="Show the caller's number to the person the call is transferred to.")
 
     @field_validator("transfer_number")
     @classmethod
@@ -106,6 +126,19 @@ class TransferCallToolConfig(BaseModel):
         if value is not None and not re.fullmatch(r"\+?[0-9]{3,20}", value):
             raise ValueError(f"transfer_number {value!r} must be digits with an optional leading +")
         return value
+
+
+class FunctionToolConfig(_ToolConfig):
+    """A Python function the model may call: its JSON schema comes from its signature (a
+    parameter annotated ``Turn`` receives the turn and is not shown to the model)."""
+
+    function: str = Field(description="Import path 'module:function'; the module is found beside the agent "
+                          "file first, then on sys.path. Sync functions run in a thread, async ones are awaited.")
+    name: str | None = Field(default=None, description="Name shown to the model; default: the function's name.")
+    description: str | None = Field(default=None, description="When and why the model should call it; "
+                                    "default: the function's docstring.")
+
+    _valid_name = field_validator("name")(_check_name)
 
 
 def function_spec(name: str, description: str, parameters: dict[str, Any]) -> dict[str, Any]:
@@ -135,11 +168,13 @@ class ToolCallAccumulator:
     def __init__(self) -> None:
         self._text: list[str] = []
         self._calls: dict[int, dict[str, Any]] = {}
+        self.usage: Usage | None = None  # the provider's count, from the stream's last chunk
 
     def reset(self) -> None:
         """Forget everything (a failed attempt is retried from scratch)."""
         self._text.clear()
         self._calls.clear()
+        self.usage = None
 
     @property
     def text(self) -> str:
@@ -213,26 +248,127 @@ def parse_arguments(raw: str) -> dict[str, Any]:
     return value
 
 
-async def call_http_tool(
-    client: httpx.AsyncClient, tool: HttpToolConfig, arguments: dict[str, Any], key: str, call_id: str
-) -> str:
-    """POST the arguments to the tool's URL; return the result text for the model."""
+class Tool(Protocol):
+    """A tool as the LLM agent runs it."""
+
+    name: str
+    holding_line: str | None
+
+    def spec(self) -> dict[str, Any]:
+        """The OpenAI ``tools`` entry."""
+
+    async def run(self, arguments: dict[str, Any], key: str, turn: Turn) -> str:
+        """The result text for the model; ``ToolError`` when the tool failed."""
+
+
+class HttpTool:
+    """A tool behind an HTTP endpoint (``HttpToolConfig``)."""
+
+    def __init__(self, config: HttpToolConfig, client: httpx.AsyncClient):
+        self.config, self.client = config, client
+        self.name, self.holding_line = config.name, config.holding_line
+
+    def spec(self) -> dict[str, Any]:
+        return function_spec(self.name, self.config.description, self.config.parameters)
+
+    async def run(self, arguments: dict[str, Any], key: str, turn: Turn) -> str:
+        """POST the arguments to the tool's URL; return the result text for the model."""
+        tool = self.config
+        try:
+            response = await self.client.post(
+                tool.url,
+                content=canonical_json(arguments).encode("utf-8"),
+                headers={"Content-Type": "application/json", "Idempotency-Key": key, "X-Call-Id": turn.call_id},
+                timeout=tool.timeout_s,
+            )
+        except httpx.TimeoutException:
+            raise ToolError(f"{tool.name} did not answer within {tool.timeout_s} s") from None
+        except httpx.HTTPError as exc:
+            raise ToolError(f"{tool.name} could not be reached: {type(exc).__name__}") from None
+        if response.status_code >= 300:
+            raise ToolError(f"{tool.name} failed with HTTP {response.status_code}: {response.text[:200]}")
+        text = response.text
+        try:
+            text = canonical_json(response.json())
+        except ValueError:
+            pass
+        return text[:MAX_RESULT_CHARS]
+
+
+class FunctionTool:
+    """A tool that is a Python function (``FunctionToolConfig``), checked when the agent loads."""
+
+    def __init__(self, config: FunctionToolConfig, beside: Path | None):
+        try:
+            fn = import_object(config.function, beside)
+        except ImportPathError as exc:
+            raise ValueError(str(exc)) from None
+        if not callable(fn):
+            raise ValueError(f"{config.function} is not callable")
+        self.config, self.fn = config, fn
+        self.name = _check_name(config.name or getattr(fn, "__name__", "")) or ""
+        self.holding_line = config.holding_line
+        self.description = config.description or inspect.getdoc(fn) or ""
+        if not self.description:
+            raise ValueError(f"{config.function} has no docstring: give the tool a description")
+        self.turn_param, self.arguments = _signature_model(fn, self.name)
+
+    def spec(self) -> dict[str, Any]:
+        schema = self.arguments.model_json_schema()
+        schema.pop("title", None)
+        return function_spec(self.name, self.description, schema)
+
+    async def run(self, arguments: dict[str, Any], key: str, turn: Turn) -> str:
+        try:
+            kwargs = dict(self.arguments.model_validate(arguments))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}" for e in exc.errors())
+            raise ToolError(f"invalid arguments for {self.name}: {problems}") from None
+        if self.turn_param:
+            kwargs[self.turn_param] = turn
+        try:
+            async with asyncio.timeout(self.config.timeout_s):
+                if inspect.iscoroutinefunction(self.fn):
+                    result = await self.fn(**kwargs)
+                else:  # a blocking function must not stall every call of the replica
+                    result = await asyncio.to_thread(self.fn, **kwargs)
+        except TimeoutError:
+            raise ToolError(f"{self.name} did not finish within {self.config.timeout_s} s") from None
+        except Exception as exc:
+            log.warning("call %s: tool %s raised", turn.call_id, self.name, exc_info=exc, extra={"call_id": turn.call_id})
+            raise ToolError(f"{self.name} failed: {type(exc).__name__}: {exc}") from None
+        text = result if isinstance(result, str) else canonical_json(to_jsonable_python(result, fallback=str))
+        return text[:MAX_RESULT_CHARS]
+
+
+def _signature_model(fn: Callable[..., Any], name: str) -> tuple[str | None, type[BaseModel]]:
+    """The parameter that receives the ``Turn`` (if any) and a model of the others."""
+    fields: dict[str, Any] = {}
+    turn_param = None
     try:
-        response = await client.post(
-            tool.url,
-            content=canonical_json(arguments).encode("utf-8"),
-            headers={"Content-Type": "application/json", "Idempotency-Key": key, "X-Call-Id": call_id},
-            timeout=tool.timeout_s,
-        )
-    except httpx.TimeoutException:
-        raise ToolError(f"{tool.name} did not answer within {tool.timeout_s} s") from None
-    except httpx.HTTPError as exc:
-        raise ToolError(f"{tool.name} could not be reached: {type(exc).__name__}") from None
-    if response.status_code >= 300:
-        raise ToolError(f"{tool.name} failed with HTTP {response.status_code}: {response.text[:200]}")
-    text = response.text
+        signature = inspect.signature(fn, eval_str=True)  # annotations written as strings resolve too
+    except (NameError, TypeError, ValueError) as exc:
+        raise ValueError(f"{name}: cannot read its signature: {exc}") from None
+    for param in signature.parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise ValueError(f"{name}: *args and **kwargs cannot be described to the model")
+        annotation = param.annotation
+        if annotation is Turn:
+            turn_param = param.name
+            continue
+        if annotation is inspect.Parameter.empty:
+            annotation = Any
+        fields[param.name] = (annotation, ... if param.default is inspect.Parameter.empty else param.default)
+    model = create_model(f"{name}_arguments", __config__=ConfigDict(extra="forbid"), **fields)
     try:
-        text = canonical_json(response.json())
-    except ValueError:
-        pass
-    return text[:MAX_RESULT_CHARS]
+        model.model_json_schema()
+    except Exception as exc:
+        raise ValueError(f"{name}: its parameters have no JSON schema: {exc}") from None
+    return turn_param, model
+
+
+def remember_result(results: dict[str, Any], key: str, content: str) -> None:
+    """Keep a result for a re-asked request, the oldest dropped beyond ``MAX_KEPT_RESULTS``."""
+    results[key] = content
+    while len(results) > MAX_KEPT_RESULTS:
+        del results[next(iter(results))]
