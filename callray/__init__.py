@@ -26,8 +26,9 @@ from callray.agents.base import (
     UpdateAgent,
     Usage,
 )
+from callray.agents.phrases import chunk_phrases as phrases
 
 __all__ = [
     "Agent", "AgentOutput", "EndCall", "Metadata", "PressDigit", "Speech", "ToolCall", "ToolExchange",
-    "ToolResult", "Transfer", "Turn", "UpdateAgent", "Usage",
+    "ToolResult", "Transfer", "Turn", "UpdateAgent", "Usage", "phrases",
 ]

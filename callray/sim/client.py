@@ -280,18 +280,25 @@ class RetellSocket:
 
 class RetellClient:
     """A scripted caller: keeps every frame and every issue, waits for frames by predicate, and
-    plays turns with a growing transcript. Keepalives and call_details are off unless asked
-    for, so a test sees exactly what it sends."""
+    plays turns with a growing transcript. Keepalives are off unless asked for, so a test sees
+    exactly what it sends. Like Retell, it answers a config asking for call_details, with
+    ``call_object`` (default: just the call id; ``call_details=False`` never answers). When the
+    server asks for ``transcript_with_tool_calls``, each request carries one, with the tool
+    frames the server sent in place."""
 
     def __init__(self, base_url: str, call_id: str, *, call_object: dict[str, Any] | None = None,
-                 ping_interval_s: float = 0.0):
+                 call_details: bool = True, ping_interval_s: float = 0.0):
         self.url = call_url(base_url, call_id)
         self.call_id = call_id
         self.frames: list[dict[str, Any]] = []
         self.issues: list[Issue] = []
         self.transcript: list[dict[str, str]] = []
         self.socket: RetellSocket | None = None
+        if call_details and call_object is None:
+            call_object = {"call_id": call_id}
         self._call_object, self._ping_interval_s = call_object, ping_interval_s
+        self.history: list[dict[str, Any]] = []  # transcript_with_tool_calls
+        self.wants_history = False
         self._waiters: list[asyncio.Future] = []
 
     async def connect(self, open_timeout_s: float = 30.0) -> RetellClient:
@@ -318,6 +325,11 @@ class RetellClient:
 
     def _on_frame(self, _: RetellSocket, frame: dict[str, Any], __: float) -> None:
         self.frames.append(frame)
+        kind = frame.get("response_type")
+        if kind == "config":
+            self.wants_history = frame["config"].get("transcript_with_tool_calls") is True
+        elif kind in ("tool_call_invocation", "tool_call_result"):
+            self.history.append({"role": kind, **{k: v for k, v in frame.items() if k != "response_type"}})
         self._wake()
 
     def _on_issue(self, kind: str, detail: str) -> None:
@@ -363,13 +375,21 @@ class RetellClient:
 
     async def say(self, response_id: int, text: str, kind: str = "response_required") -> None:
         if text:
-            self.transcript.append({"role": "user", "content": text})
-        await self.send({"interaction_type": kind, "response_id": response_id, "transcript": list(self.transcript)})
+            self.hear("user", text)
+        request = {"interaction_type": kind, "response_id": response_id, "transcript": list(self.transcript)}
+        if self.wants_history:
+            request["transcript_with_tool_calls"] = list(self.history)
+        await self.send(request)
+
+    def hear(self, role: str, text: str) -> None:
+        """Add an utterance to the transcript (and to the one with tool calls)."""
+        self.transcript.append({"role": role, "content": text})
+        self.history.append({"role": role, "content": text})
 
     async def turn(self, response_id: int, text: str, kind: str = "response_required") -> str:
         await self.say(response_id, text, kind)
         answer = await self.complete(response_id)
-        self.transcript.append({"role": "agent", "content": answer})
+        self.hear("agent", answer)
         return answer
 
     async def close(self, code: int = 1000) -> None:
