@@ -109,9 +109,12 @@ def single_app(serve_port) -> str:
 
 @pytest.fixture(scope="session")
 def durable_app(serve_port, redis_server) -> str:
-    """The distributed architecture: Redis state and cache, two gateway replicas."""
+    """The distributed architecture: Redis state and cache, two gateway replicas; the clinic
+    agent and (at ``/echo``) the Python agent of examples/echo, loaded from its folder."""
     return deploy("durable", {
         "architecture": "distributed",
+        "agents": {"default": "clinic", "files": {"clinic": "config/agents/clinic.yaml",
+                                                  "echo": "examples/echo/echo.yaml"}},
         "redis": {"url": redis_server.url}, "state": {"backend": "redis"},
         "cache": {"backend": "redis"},
         "hosts": {"namespace": "callray-test-durable"},

@@ -1,0 +1,55 @@
+"""A Python agent from a folder (examples/echo) on Serve, two replicas with Redis state: Retell's
+contract holds for user code as for callray's own agents, and its state follows the call."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from callray.sim.client import RetellClient
+from tests.test_serve_durable import owner_of, replicas_running
+from tests.test_serve_single import new_call_id
+
+pytestmark = pytest.mark.ray
+
+
+async def test_a_python_agent_from_a_folder_keeps_retells_contract_and_its_state_across_replicas(
+        durable_app, redis_server):
+    url = durable_app + "/echo"
+    await replicas_running("durable", 2)
+    for _ in range(12):  # Serve picks the replica; retry until the reconnect lands on the other one
+        first = await RetellClient(url, new_call_id()).connect()
+        assert await first.complete(0) == "Hi, I'm the echo agent. Say something!"
+        assert await first.turn(1, "hello") == "You said: hello. That was message 1."
+        # supersede: the caller kept talking, Retell asks again before the first answer is spoken
+        await first.say(2, "I want")
+        first.transcript[-1]["content"] = "I want a table"
+        answer = await first.turn(3, "")
+        # a superseded answer's change to turn.state is dropped with it: only answered turns count
+        answered = [f["response_id"] for f in first.frames if f.get("content_complete")]
+        n = 3 if 2 in answered else 2
+        assert answered in ([0, 1, 3], [0, 1, 2, 3]) and answer == f"You said: I want a table. That was message {n}."
+        reminder = await first.turn(4, "", kind="reminder_required")
+        assert reminder == f"You said: I want a table. That was message {n + 1}."
+        owner = await owner_of(redis_server.url, first.call_id)
+        second = await RetellClient(url, first.call_id).connect()  # the reconnect after a dropped socket
+        assert await second.complete(0) == ""  # never greeted twice
+        if (await owner_of(redis_server.url, first.call_id))[0] != owner[0]:
+            break
+        await second.close()
+        await first.close()
+    else:
+        raise AssertionError("twelve reconnects all landed on the replica that held the call")
+    try:
+        second.transcript = list(first.transcript)
+        answer = await second.turn(5, "still there? bye")
+        assert answer == f"You said: still there? bye. That was message {n + 2}."  # the count moved with the call
+        assert second.responses(5)[-1]["end_call"] is True
+        for client in (first, second):
+            completes = [f["response_id"] for f in client.frames if f.get("content_complete")]
+            assert len(completes) == len(set(completes))
+            assert not [i for i in client.issues if i[0] not in ("first_frame_not_config",)], client.issues
+    finally:
+        await second.close()
+        await asyncio.sleep(0)
