@@ -39,6 +39,12 @@ class HostMetrics:
             "budget_misses": metrics.Counter("callray_budget_misses", "Turns that needed a holding phrase.",
                                              tag_keys=keys),
             "reconnects": metrics.Counter("callray_reconnects", "Sockets that re-joined a known call.", tag_keys=keys),
+            "agent_errors": metrics.Counter("callray_agent_errors", "Turns whose agent raised, hung or yielded "
+                                            "something unusable (the caller heard the fallback line).", tag_keys=keys),
+            "prompt_tokens": metrics.Counter("callray_llm_prompt_tokens", "LLM prompt tokens, as providers counted them.",
+                                             tag_keys=keys),
+            "completion_tokens": metrics.Counter("callray_llm_completion_tokens",
+                                                 "LLM completion tokens, as providers counted them.", tag_keys=keys),
             "events_dropped": metrics.Counter("callray_events_dropped", "Events dropped by a full local buffer.",
                                               tag_keys=keys),
             "events_trimmed_unconsumed": metrics.Counter(
@@ -57,6 +63,9 @@ class HostMetrics:
             self._counts["turns"] += 1
             self._counts["cache_hits"] += event.cache_hit
             self._counts["budget_misses"] += event.budget_miss
+            self._counts["agent_errors"] += event.agent_error is not None
+            self._counts["prompt_tokens"] += event.prompt_tokens
+            self._counts["completion_tokens"] += event.completion_tokens
             if event.first_chunk_ms is not None:
                 self._first_chunk.append(event.first_chunk_ms)
             if event.first_sentence_ms is not None:

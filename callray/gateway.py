@@ -22,6 +22,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 
 from callray.events import Event
 from callray.guard import SocketGuard
+from callray.inbound import InboundCalls
 from callray.live import LiveCalls
 from callray.session import CallLink, SocketSession
 from callray.settings import CallraySettings
@@ -65,6 +66,7 @@ class Gateway:
         self.settings, self.calls, self.reads, self.live = settings, calls, reads, live
         self.guard = SocketGuard(settings.gateway.guard)
         self.deduper = deduper or WebhookDeduper()
+        self.inbound_calls = InboundCalls(settings.inbound)
         self.prefix = settings.gateway.path_prefix.strip("/").split("/")
         self._warned_open = False
 
@@ -143,10 +145,9 @@ class Gateway:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def webhook(self, request: Request) -> Response:
-        """Retell's signed webhook: verify over the raw bytes, dedupe, hand the event over, and
-        only then answer 204; a hand-over that fails answers 503 (and forgets the dedupe claim)
-        so that Retell's retry comes and is processed."""
+    async def _signed_body(self, request: Request) -> bytes:
+        """The raw body of a webhook, once its signature is verified (404 when webhooks are
+        off, 401 when the signature is missing or wrong)."""
         settings = self.settings.webhook
         if not settings.enabled:
             raise HTTPException(404, "webhooks are disabled (webhook.enabled: false)")
@@ -156,10 +157,29 @@ class Gateway:
         try:
             verify_signature(raw, request.headers.get(SIGNATURE_HEADER), settings.api_key,
                              now_ms=int(time.time() * 1000), tolerance_ms=int(settings.tolerance_s * 1000))
-            webhook = parse_webhook(raw)
-            event = to_bus_event(webhook)
         except WebhookAuthError as exc:
             raise HTTPException(401, exc.reason) from None
+        return raw
+
+    async def inbound(self, request: Request) -> dict[str, Any]:
+        """Retell's inbound call webhook: the overrides and variables for a ringing call."""
+        raw = await self._signed_body(request)
+        try:
+            payload = json.loads(raw).get("call_inbound")
+        except (ValueError, AttributeError):
+            payload = None
+        if not isinstance(payload, dict):
+            raise HTTPException(400, "expected {\"event\": \"call_inbound\", \"call_inbound\": {...}}")
+        return {"call_inbound": await self.inbound_calls.answer(payload)}
+
+    async def webhook(self, request: Request) -> Response:
+        """Retell's signed webhook: verify over the raw bytes, dedupe, hand the event over, and
+        only then answer 204; a hand-over that fails answers 503 (and forgets the dedupe claim)
+        so that Retell's retry comes and is processed."""
+        raw = await self._signed_body(request)
+        try:
+            webhook = parse_webhook(raw)
+            event = to_bus_event(webhook)
         except WebhookPayloadError as exc:
             raise HTTPException(400, str(exc)) from None
         call_id = webhook.call_id
@@ -189,6 +209,10 @@ def build_api() -> FastAPI:
     @api.post("/webhook")
     async def webhook(request: Request) -> Response:
         return await gateway(request.app).webhook(request)
+
+    @api.post("/webhook/inbound")
+    async def inbound(request: Request) -> dict[str, Any]:
+        return await gateway(request.app).inbound(request)
 
     @api.get("/analytics")
     async def analytics(request: Request) -> dict[str, Any]:

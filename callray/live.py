@@ -62,6 +62,8 @@ class LiveCalls:
             call["turn_count"] += 1
             call["cache_hits"] += event.cache_hit
             call["holding"] += event.budget_miss
+            call["tokens"] += event.prompt_tokens + event.completion_tokens
+            call["agent_errors"] += event.agent_error is not None
             call["tools"] = sorted(set(call["tools"]) | set(event.tools))
             if event.action == "Transfer":
                 call["transferred"] = True
@@ -82,7 +84,7 @@ class LiveCalls:
             call = self.calls[event.call_id] = {
                 "call_id": event.call_id, "agent": event.agent, "host": event.host, "started_at": event.ts,
                 "last_at": event.ts, "turns": [], "turn_count": 0, "superseded": 0, "reconnects": 0, "cache_hits": 0,
-                "holding": 0, "tools": [], "transferred": False, "escalation": None}
+                "holding": 0, "tools": [], "transferred": False, "escalation": None, "tokens": 0, "agent_errors": 0}
         call["last_at"] = max(call["last_at"], event.ts)
         call["host"] = event.host or call["host"]
         call["agent"] = event.agent or call["agent"]
@@ -95,7 +97,7 @@ class LiveCalls:
         if any(e["call_id"] == event.call_id for e in self.ended):
             return  # Retell's webhook after our own hang-up: ended once
         ended = {k: call.get(k) for k in ("call_id", "agent", "host", "started_at", "turn_count", "transferred",
-                                          "escalation")}
+                                          "escalation", "tokens")}
         ended.update(ended_at=event.ts, reason=event.reason or str(event.call.get("disconnection_reason") or ""))
         self.ended.appendleft(ended)
         self._new_ended.append(ended)

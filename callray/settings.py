@@ -197,6 +197,24 @@ class WebhookSettings(EnvSection):
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Larger webhook bodies are refused with 413.")
 
 
+class InboundAnswer(EnvSection):
+    """What callray answers Retell's inbound webhook for one call (every field optional)."""
+
+    override_agent_id: str | None = Field(default=None, description="The Retell agent that takes the call instead of the number's own.")
+    override_agent_version: int | None = Field(default=None, ge=0, description="The version of that agent.")
+    dynamic_variables: dict[str, str] = Field(default_factory=dict, description="Variables for the call's prompts and greeting (the agent reads them as turn.variables).")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Kept with the call object.")
+
+
+class InboundSettings(EnvSection):
+    """Retell's inbound call webhook (POST /webhook/inbound): set it as the phone number's
+    inbound webhook URL. Signed like the other webhooks (webhook.api_key)."""
+
+    numbers: dict[str, InboundAnswer] = Field(default_factory=dict, description="Dialled number (E.164) -> the answer for calls to it.")
+    hook: str | None = Field(default=None, description="Python hook 'module:function' (found in the working directory, then on sys.path) called with the webhook's call_inbound object; what it returns (a mapping of InboundAnswer's fields, or None) is laid over the table's answer.")
+    timeout_s: float = Field(default=2.0, gt=0, le=8, description="A hook slower than this is ignored (logged): Retell drops a call whose webhook takes 10 s.")
+
+
 class LoggingSettings(EnvSection):
     level: str = Field(default="INFO", description="Level of the callray loggers.")
     json_lines: bool = Field(default=True, description="One JSON object per line (with call_id) instead of plain text.")
@@ -217,6 +235,7 @@ class CallraySettings(EnvSection):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     events: EventsSettings = Field(default_factory=EventsSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    inbound: InboundSettings = Field(default_factory=InboundSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @model_validator(mode="after")

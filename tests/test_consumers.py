@@ -42,9 +42,11 @@ def call_events(call_id: str = "c1", agent: str = "demo") -> list[Event]:
                  first_chunk_ms=100.0, first_sentence_ms=200.0, cache_hit=True),
         CallSuperseded(call_id=call_id, seq=2, agent=agent, ts=102.0, response_id=2, by_response_id=3),
         CallTurn(call_id=call_id, seq=3, agent=agent, ts=103.0, response_id=3, caller_text="book a table",
-                 agent_text="done", first_chunk_ms=300.0, first_sentence_ms=400.0, tools=["book"], budget_miss=True),
+                 agent_text="done", first_chunk_ms=300.0, first_sentence_ms=400.0, tools=["book"], budget_miss=True,
+                 prompt_tokens=120, completion_tokens=15),
         CallTurn(call_id=call_id, seq=4, agent=agent, ts=104.0, response_id=4, caller_text="bye", agent_text="bye",
-                 first_chunk_ms=500.0, first_sentence_ms=600.0, fallback=True, action="end_call"),
+                 first_chunk_ms=500.0, first_sentence_ms=600.0, fallback=True, action="end_call",
+                 agent_error="RuntimeError"),
         CallEnded(call_id=call_id, seq=5, agent=agent, ts=105.0, reason="agent closed"),
         CallEnded(call_id=call_id, seq=WEBHOOK_SEQ["call_ended"], reason="user_hangup",
                   call={**RETELL_ENDED, "call_id": call_id}),
@@ -78,6 +80,7 @@ async def test_analytics_counts_are_exact_under_duplicates_and_reordering():
     assert overall["calls"] == {"active": 0, "started": 2, "ended": 2, "reconnects": 0}
     assert demo["turns"] == 3 and demo["cache_hits"] == 1 and demo["cache_hit_rate"] == pytest.approx(1 / 3, abs=1e-3)
     assert demo["budget_misses"] == 1 and demo["fallbacks"] == 1 and demo["tool_calls"] == 1
+    assert demo["agent_errors"] == 1 and demo["llm_tokens"] == {"prompt": 120, "completion": 15}
     assert demo["superseded"] == 1 and demo["supersede_rate"] == pytest.approx(1 / 3, abs=1e-3)
     assert demo["first_chunk_ms"] == {"count": 3, "sum": 900.0, "p50": 300.0, "p90": 460.0, "p99": 496.0}  # interpolated (callray.stats)
     assert demo["first_sentence_ms"]["p50"] == 400.0

@@ -256,3 +256,63 @@ async def test_the_abuse_run_leaves_a_server_that_greets_new_calls_at_once(gatew
     assert report["greeted_after_ms"] > 0  # greeted_in_ms fails unless a fresh call hears a non-empty greeting
     held = [c for c in gateway.replica.host.calls.values() if c.connected]
     assert not [c.call_id for c in held if c.call_id.startswith("abuse-")]  # nothing abusive is still held
+
+
+# --------------------------------------------------------------------------- inbound call webhook
+
+
+@pytest.fixture(scope="module")
+def inbound_gateway(tmp_path_factory) -> Iterator[Served]:
+    with Served({
+        "webhook": {"api_key": WEBHOOK_KEY},
+        "events": {"archive_dir": str(tmp_path_factory.mktemp("archive-inbound"))},
+        "inbound": {"hook": "tests.inbound_hook:answer", "timeout_s": 0.3, "numbers": {
+            "+15557770000": {"override_agent_id": "agent_dental", "dynamic_variables": {"office": "Main St"}}}},
+    }) as served:
+        yield served
+
+
+def post_inbound(served: Served, payload: dict, *, signed: bool = True) -> tuple[int, dict, float]:
+    body = json.dumps({"event": "call_inbound", "call_inbound": payload}).encode()
+    headers = {"content-type": "application/json"}
+    if signed:
+        headers["x-retell-signature"] = sign(body, WEBHOOK_KEY)
+    request = urllib.request.Request(f"{served.http}/webhook/inbound", data=body, headers=headers)
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, json.loads(r.read()), time.monotonic() - started
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}"), time.monotonic() - started
+
+
+@pytest.mark.parametrize("caller, expected", [
+    ("+15550000001", {"override_agent_id": "agent_dental", "dynamic_variables": {"customer_name": "Ada"},
+                      "metadata": {"crm_id": "42"}}),  # the hook's answer over the table's
+    ("+15550000009", {"override_agent_id": "agent_dental", "dynamic_variables": {"office": "Main St"}}),  # hook: None
+    ("+15550000002", {"override_agent_id": "agent_dental", "dynamic_variables": {"office": "Main St"}}),  # raises
+    ("+15550000003", {"override_agent_id": "agent_dental", "dynamic_variables": {"office": "Main St"}}),  # too slow
+    ("+15550000004", {"override_agent_id": "agent_dental", "dynamic_variables": {"office": "Main St"}}),  # garbage
+])
+async def test_the_inbound_webhook_answers_from_the_table_and_the_hook_and_never_fails_the_call(
+        inbound_gateway, caller, expected):
+    status, body, took = await asyncio.to_thread(
+        post_inbound, inbound_gateway, {"agent_id": "agent_x", "from_number": caller, "to_number": "+15557770000"})
+    assert status == 200 and body == {"call_inbound": expected}
+    assert took < 5  # a slow hook is cut off at inbound.timeout_s, far inside Retell's 10 s
+
+
+async def test_the_inbound_webhook_is_signed_like_the_others(inbound_gateway):
+    payload = {"from_number": "+15550000001", "to_number": "+15550001111"}
+    status, _, _ = await asyncio.to_thread(post_inbound, inbound_gateway, payload, signed=False)
+    assert status == 401
+    status, body, _ = await asyncio.to_thread(post_inbound, inbound_gateway, payload)
+    assert status == 200 and body["call_inbound"]["dynamic_variables"] == {"customer_name": "Ada"}
+
+
+def test_an_inbound_hook_that_cannot_be_imported_fails_at_start_naming_the_field():
+    from callray.env import SettingsError
+    from callray.inbound import InboundCalls
+
+    with pytest.raises(SettingsError, match="inbound.hook: module 'tests.inbound_hook' has no 'missing'"):
+        InboundCalls(CallraySettings.parse({"inbound": {"hook": "tests.inbound_hook:missing"}}).inbound)

@@ -88,6 +88,8 @@ class _Stats:
             "cache_hit_rate": round(c["cache_hits"] / turns, 4) if turns else None,
             "budget_misses": c["budget_misses"],
             "fallbacks": c["fallbacks"],
+            "agent_errors": c["agent_errors"],
+            "llm_tokens": {"prompt": c["prompt_tokens"], "completion": c["completion_tokens"]},
             "superseded": c["superseded"],
             "supersede_rate": round(c["superseded"] / turns, 4) if turns else None,
             "tool_calls": c["tool_calls"],
@@ -175,6 +177,9 @@ class Analytics:
             c["cache_hits"] += event.cache_hit
             c["budget_misses"] += event.budget_miss
             c["fallbacks"] += event.fallback
+            c["agent_errors"] += event.agent_error is not None
+            c["prompt_tokens"] += event.prompt_tokens
+            c["completion_tokens"] += event.completion_tokens
             c["tool_calls"] += len(event.tools)
             if event.first_chunk_ms is not None:
                 self._sample(s, s.first_chunk_ms, "first_chunk_ms", event.first_chunk_ms)
@@ -248,8 +253,9 @@ class Analytics:
             for name in ("active", "started", "ended", "reconnects"):
                 metric = "callray_calls_active" if name == "active" else f"callray_calls_{name}_total"
                 out.append((metric, base, float(c[f"calls_{name}"])))
-            for name in ("turns", "reminders", "cache_hits", "budget_misses", "fallbacks", "superseded", "tool_calls",
-                         "escalations_requested", "escalations_performed"):
+            for name in ("turns", "reminders", "cache_hits", "budget_misses", "fallbacks", "agent_errors", "superseded",
+                         "tool_calls", "escalations_requested", "escalations_performed", "prompt_tokens",
+                         "completion_tokens"):
                 out.append((f"callray_{name}_total", base, float(c[name])))
             for label, counter, metric in (("reason", s.disconnections, "callray_disconnections_total"),
                                            ("sentiment", s.sentiment, "callray_sentiment_total"),
