@@ -21,7 +21,7 @@ from harness.targets import TARGET_NOTES
 BUDGETS_MS: dict[str, float] = {"single": 800.0, "distributed": 500.0, "event_driven": 300.0}
 LATENCY_METRICS = ("setup_ms", "holding_ms", "first_chunk_ms", "first_sentence_ms", "complete_ms")
 SAMPLE_METRICS = ("setup_ms", "first_chunk_ms", "first_sentence_ms")
-CALLRAY = ("single", "distributed", "event_driven", "dedicated")
+CALLRAY = ("single", "python", "distributed", "event_driven", "dedicated")
 
 
 # ====================================================================== measured numbers

@@ -47,7 +47,7 @@ from harness.targets import (
 log = logging.getLogger("harness.suite")
 
 AgentMode = Literal["flow", "llm"]
-FLOW_TARGETS = ("floor", "baseline", "single", "distributed", "event_driven", "dedicated")
+FLOW_TARGETS = ("floor", "baseline", "single", "python", "distributed", "event_driven", "dedicated")
 LLM_TARGETS = ("floor", "floor_token", "baseline", "retell_demo", "retell_demo_pinned", "single", "distributed",
                "event_driven")
 QUICK_TARGETS = ("floor", "baseline", "single", "distributed")

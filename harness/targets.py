@@ -41,7 +41,10 @@ CALLRAY_TARGETS: dict[str, tuple[str, str]] = {
     "distributed": ("config/distributed.yaml", "local"),
     "event_driven": ("config/event_driven.yaml", "local"),
     "dedicated": ("config/single.yaml", "dedicated"),
+    "python": ("config/single.yaml", "local"),
 }
+#: callray targets that answer with another agent than their config file's default.
+TARGET_AGENTS: dict[str, str] = {"python": "examples/echo/echo.yaml"}
 FLOORS = ("floor", "floor_token")
 PEERS = ("baseline", "retell_demo", "retell_demo_pinned")
 REDIS_TARGETS = ("distributed", "event_driven")
@@ -58,6 +61,7 @@ TARGET_NOTES: dict[str, str] = {
     "distributed": "callray, config/distributed.yaml: 2 gateway replicas, state and cache in Redis",
     "event_driven": "callray, config/event_driven.yaml: autoscaled gateway (2-8), Redis, Redis Streams events",
     "dedicated": "callray, config/single.yaml with placement: dedicated (one Ray actor per call, warm pool)",
+    "python": "callray, config/single.yaml answering with a Python agent (examples/echo, kind: python)",
 }
 
 
@@ -288,6 +292,9 @@ def callray_args(target: str, *, namespace: str, redis_url: str | None, agent_fi
             raise RuntimeError(f"{target} needs Redis")
     if agent_file is not None:
         args["agents"] = {"default": "bench_llm", "files": {"bench_llm": str(agent_file)}, "by_retell_agent_id": {}}
+    elif target in TARGET_AGENTS:
+        args["agents"] = {"default": target, "files": {target: str(PROJECT_DIR / TARGET_AGENTS[target])},
+                          "by_retell_agent_id": {}}
     return args
 
 
