@@ -4,6 +4,7 @@
     callray sim URL --calls N --turns T [...]                            load + conformance test
     callray fake-llm ...                                                 OpenAI-compatible fake LLM
     callray check CONFIG                                                 validate a Serve config
+    callray test SUITE... [--url URL]                                    scenario suites for an agent
     callray bench [...]                                                  the benchmark suite
     callray chaos [...]                                                  fault injection under live calls
     callray soak [...]                                                   a long run: memory, drift, errors
@@ -258,8 +259,36 @@ def public_without_secret(doc: dict[str, Any], settings: Any) -> str | None:
             "gateway.guard.secret and no allow_ips: anyone who reaches it can talk to the agent")
 
 
+def _add_test(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("test", help="run scenario suites against an agent (docs/testing.md)",
+                       description="Play each scenario of the suite files (or folders of them) as Retell would and "
+                                   "check what the agent says and does. Without --url, callray for --config is "
+                                   "started in this process and stopped after. Exit 1 if a scenario failed.")
+    p.add_argument("paths", nargs="+", type=Path, help="suite files or folders of them")
+    p.add_argument("--url", help="a running server's LLM WebSocket base, e.g. ws://HOST:8000/llm-websocket")
+    p.add_argument("--config", type=Path, default=Path("config/serve.yaml"),
+                   help="without --url: the Serve config to start (default: config/serve.yaml)")
+    p.add_argument("--repeat", type=int, default=1, help="play every scenario N times and report pass rates")
+    p.add_argument("--concurrency", type=int, default=8, help="scenarios played at once (default 8)")
+    p.add_argument("--junit", type=Path, metavar="FILE", help="write JUnit XML for CI systems")
+    p.add_argument("--webhook-url", help="with --url: where webhook steps POST (e.g. http://HOST:8000/webhook)")
+    p.add_argument("--webhook-key", help="with --url: the key that signs webhook steps (default: RETELL_API_KEY)")
+    p.set_defaults(handler=_cmd_test)
+
+
+def _cmd_test(args: argparse.Namespace) -> int:
+    from callray.scenarios.command import run_tests
+
+    if args.repeat < 1 or args.concurrency < 1:
+        Console().print("[red]--repeat and --concurrency must be at least 1[/]")
+        return 2
+    return run_tests(args.paths, url=args.url, config=args.config, repeat=args.repeat, concurrency=args.concurrency,
+                     junit=args.junit, webhook_url=args.webhook_url, webhook_key=args.webhook_key)
+
+
 #: Subcommand registrars, in help order (each adds a parser with set_defaults(handler=...)).
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_call, _add_sim, _add_fake_llm, _add_check]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_call, _add_sim, _add_fake_llm, _add_check,
+                                                                _add_test]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -15,13 +14,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import uvicorn
 import websockets
 
-from callray.gateway import Gateway, build_api
-from callray.replica import LocalReplica
+from callray.scenarios.server import LocalServer
 from callray.settings import CallraySettings
-from callray.sim.local import free_port
 from callray.webhook import sign
 from callray.sim.client import RetellClient
 
@@ -29,53 +25,11 @@ READ_TOKEN = "read-t0ken-for-tests"
 WEBHOOK_KEY = "key_gateway_test"
 
 
-class Served:
-    """A gateway app served by uvicorn in a thread, with its own event loop."""
+class Served(LocalServer):
+    """The gateway of ``args`` served in this process (``callray.scenarios.server``)."""
 
     def __init__(self, args: dict[str, Any]):
-        self.settings = CallraySettings.parse(args)
-        self.port = free_port()
-        self.started = threading.Event()
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.server: uvicorn.Server | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self.loop = asyncio.get_running_loop()
-            self.replica = await LocalReplica.start(self.settings, "gw-test")
-            app = build_api()
-            app.state.gateway = Gateway(self.settings, self.replica, self.replica, live=self.replica.live)
-            self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                        lifespan="off"))
-            serving = asyncio.create_task(self.server.serve())
-            while not self.server.started:
-                await asyncio.sleep(0.02)
-            self.started.set()
-            await serving
-            await self.replica.close()
-
-        asyncio.run(main())
-
-    def __enter__(self) -> "Served":
-        self.thread.start()
-        assert self.started.wait(20), "gateway did not start"
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/llm-websocket"
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def on_loop(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+        super().__init__(CallraySettings.parse(args))
 
 
 @pytest.fixture(scope="module")

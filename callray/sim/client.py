@@ -291,6 +291,7 @@ class RetellClient:
         self.url = call_url(base_url, call_id)
         self.call_id = call_id
         self.frames: list[dict[str, Any]] = []
+        self.arrived: list[float] = []  # the loop time each frame arrived
         self.issues: list[Issue] = []
         self.transcript: list[dict[str, str]] = []
         self.socket: RetellSocket | None = None
@@ -323,8 +324,9 @@ class RetellClient:
     def close_code(self) -> int | None:
         return self.socket.close_code if self.closed else None
 
-    def _on_frame(self, _: RetellSocket, frame: dict[str, Any], __: float) -> None:
+    def _on_frame(self, _: RetellSocket, frame: dict[str, Any], received_at: float) -> None:
         self.frames.append(frame)
+        self.arrived.append(received_at)
         kind = frame.get("response_type")
         if kind == "config":
             self.wants_history = frame["config"].get("transcript_with_tool_calls") is True

@@ -1,0 +1,1 @@
+"""Scenario suites for an agent: ``callray test`` (see docs/testing.md)."""
