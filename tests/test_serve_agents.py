@@ -3,12 +3,10 @@ contract holds for user code as for callray's own agents, and its state follows 
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from callray.sim.client import RetellClient
-from tests.test_serve_durable import owner_of, replicas_running
+from tests.test_serve_durable import reconnected_on_the_other_replica, replicas_running
 from tests.test_serve_single import new_call_id
 
 pytestmark = pytest.mark.ray
@@ -18,7 +16,10 @@ async def test_a_python_agent_from_a_folder_keeps_retells_contract_and_its_state
         durable_app, redis_server):
     url = durable_app + "/echo"
     await replicas_running("durable", 2)
-    for _ in range(12):  # Serve picks the replica; retry until the reconnect lands on the other one
+    n = 0
+
+    async def start() -> RetellClient:
+        nonlocal n
         first = await RetellClient(url, new_call_id()).connect()
         assert await first.complete(0) == "Hi, I'm the echo agent. Say something!"
         assert await first.turn(1, "hello") == "You said: hello. That was message 1."
@@ -32,15 +33,9 @@ async def test_a_python_agent_from_a_folder_keeps_retells_contract_and_its_state
         assert answered in ([0, 1, 3], [0, 1, 2, 3]) and answer == f"You said: I want a table. That was message {n}."
         reminder = await first.turn(4, "", kind="reminder_required")
         assert reminder == f"You said: I want a table. That was message {n + 1}."
-        owner = await owner_of(redis_server.url, first.call_id)
-        second = await RetellClient(url, first.call_id).connect()  # the reconnect after a dropped socket
-        assert await second.complete(0) == ""  # never greeted twice
-        if (await owner_of(redis_server.url, first.call_id))[0] != owner[0]:
-            break
-        await second.close()
-        await first.close()
-    else:
-        raise AssertionError("twelve reconnects all landed on the replica that held the call")
+        return first
+
+    first, second, _, _ = await reconnected_on_the_other_replica(url, redis_server.url, start)
     try:
         second.transcript = list(first.transcript)
         answer = await second.turn(5, "still there? bye")
@@ -52,4 +47,3 @@ async def test_a_python_agent_from_a_folder_keeps_retells_contract_and_its_state
             assert not [i for i in client.issues if i[0] not in ("first_frame_not_config",)], client.issues
     finally:
         await second.close()
-        await asyncio.sleep(0)
