@@ -30,6 +30,7 @@ from typing import Any, AsyncIterator, Callable, NamedTuple
 from callray import events as ev
 from callray import tracing
 from callray.agents.base import (
+    FALLBACK_LINE,
     OUTPUT_TYPES,
     Agent,
     EndCall,
@@ -67,9 +68,6 @@ _SENTENCE_END = (".", "!", "?")
 #: Without a configured ``turns.greeting_wait_ms``: how long a greeting that uses call data
 #: waits for call_details (Retell sends it right after the config frame asks for it).
 GREETING_WAIT_MS = 1000.0
-
-
-DEFAULT_FALLBACK_LINE = "Sorry, I'm having trouble right now. Could you say that again?"
 
 
 class AgentOutputError(TypeError):
@@ -444,7 +442,7 @@ class Conversation:
         except Exception:
             log.exception("call %s: agent %s: fallback_line failed", self.call_id, self.agent.name,
                           extra={"call_id": self.call_id})
-        return DEFAULT_FALLBACK_LINE
+        return FALLBACK_LINE
 
     async def _stream(self, request: _Request) -> Speech | None:
         """Send the answer's frames; return the last phrase, held back to carry completion."""

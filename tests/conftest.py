@@ -107,14 +107,37 @@ def single_app(serve_port) -> str:
     return deploy("single", {"hosts": {"namespace": "callray-test-single"}}, serve_port)
 
 
+SHOP_TOOLS = (
+    "def lookup_order(order_id: str) -> dict:\n"
+    "    \"\"\"Find an order by its number.\"\"\"\n"
+    "    return {\"order\": order_id, \"status\": \"shipped\"}\n"
+)
+
+
+def shop_agent_file(fake_llm, tmp_path_factory) -> str:
+    """An LLM agent (model ``shop-model`` on the fake LLM) with a Python function tool beside it."""
+    import yaml
+
+    folder = tmp_path_factory.mktemp("shop-agent")
+    (folder / "shop_tools.py").write_text(SHOP_TOOLS)
+    (folder / "shop.yaml").write_text(yaml.safe_dump({
+        "kind": "llm", "name": "shop", "system_prompt": "You are a shop assistant.",
+        "providers": [{"base_url": fake_llm.base_url, "model": "shop-model", "api_key_env": "CALLRAY_TEST_NO_KEY",
+                       "api_key_fallback": "fake-key"}],
+        "tools": [{"function": "shop_tools:lookup_order"}]}))
+    return str(folder / "shop.yaml")
+
+
 @pytest.fixture(scope="session")
-def durable_app(serve_port, redis_server) -> str:
+def durable_app(serve_port, redis_server, fake_llm, tmp_path_factory) -> str:
     """The distributed architecture: Redis state and cache, two gateway replicas; the clinic
-    agent and (at ``/echo``) the Python agent of examples/echo, loaded from its folder."""
+    agent, (at ``/echo``) the Python agent of examples/echo loaded from its folder, and (at
+    ``/shop``) an LLM agent with a Python function tool."""
     return deploy("durable", {
         "architecture": "distributed",
         "agents": {"default": "clinic", "files": {"clinic": "config/agents/clinic.yaml",
-                                                  "echo": "examples/echo/echo.yaml"}},
+                                                  "echo": "examples/echo/echo.yaml",
+                                                  "shop": shop_agent_file(fake_llm, tmp_path_factory)}},
         "redis": {"url": redis_server.url}, "state": {"backend": "redis"},
         "cache": {"backend": "redis"},
         "hosts": {"namespace": "callray-test-durable"},

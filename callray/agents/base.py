@@ -213,6 +213,10 @@ def uses_variables(template: str) -> bool:
     return _PLACEHOLDER.search(template) is not None
 
 
+#: What the caller hears when an agent fails and has no fallback line of its own.
+FALLBACK_LINE = "Sorry, I'm having trouble right now. Could you say that again?"
+
+
 class Agent:
     """What every agent is: subclass it and write ``respond``; the rest has defaults.
 
@@ -231,7 +235,7 @@ class Agent:
     name: str = ""  # set to the agent's configured name when loaded
     version: str = "1"  # part of the response cache's keys: bump it when answers change
     greeting: str = ""  # response 0; {variable} placeholders come from the call; "" lets the caller speak first
-    fallback_line: str = "Sorry, I'm having trouble right now. Could you say that again?"
+    fallback_line: str = FALLBACK_LINE
     common_questions: Sequence[str] = ()  # answered at start into the response cache (needs cache_key)
     Options: ClassVar[type[BaseModel] | None] = None
 

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from callray.agents.config import AgentConfigError, read_agent_yaml
 from callray.agents.base import (
+    FALLBACK_LINE,
     Agent,
     AgentOutput,
     EndCall,
@@ -180,7 +181,7 @@ class LLMAgentConfig(BaseModel):
         default_factory=TransferCallToolConfig, description="The built-in call-transfer tool."
     )
     fallback_line: str = Field(
-        default="Sorry, I'm having trouble right now. Could you say that again?",
+        default=FALLBACK_LINE,
         description="Said by the conversation when the model fails or is too slow.",
     )
     usage: bool = Field(

@@ -29,10 +29,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _listed(value: Any) -> Any:
-    return [value] if isinstance(value, str) else value
-
-
 class Says(_Strict):
     """What an answer's text must (not) hold; matching ignores case. A plain string in a
     suite means ``contains``."""
@@ -43,7 +39,10 @@ class Says(_Strict):
     regex: str | None = Field(default=None, description="The answer matches this regular expression (re.search).")
     empty: bool | None = Field(default=None, description="The answer is (or is not) empty.")
 
-    _lists = field_validator("contains", "not_contains", "one_of", mode="before")(classmethod(lambda cls, v: _listed(v)))
+    @field_validator("contains", "not_contains", "one_of", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="before")
     @classmethod
