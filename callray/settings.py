@@ -53,7 +53,7 @@ class AgentsSettings(EnvSection):
 
 class GatewaySettings(EnvSection):
     path_prefix: str = Field(default="/llm-websocket", description="WebSocket route prefix; Retell's llm_websocket_url points here.")
-    max_frame_bytes: int = Field(default=1 << 20, ge=1024, description="Largest inbound frame; larger closes the socket with 1009 (the call's state is kept).")
+    max_frame_bytes: int = Field(default=8 << 20, ge=1024, le=16 << 20, description="Largest inbound frame; larger closes the socket with 1009 (the call's state is kept). Retell resends the whole transcript with word timings on every event, twice with transcript_with_tool_calls: about 2 MB after two hours of continuous talk, so the default leaves four times that (Serve's proxy takes up to 16 MiB).")
     auto_reconnect: bool = Field(default=True, description="Ask Retell for ping_pong keepalives and reconnects (sent in the config frame).")
     call_details: bool = Field(default=True, description="Ask Retell to send the call object (call_details) after connecting.")
     transcript_with_tool_calls: bool = Field(default=True, description="Ask Retell to send the transcript with the tool calls and results in place, so an LLM agent remembers what its tools returned (each request then carries both transcripts).")

@@ -37,7 +37,11 @@ from typing import Any, Callable
 import websockets
 from rich.console import Console
 
+from callray.settings import GatewaySettings
 from callray.sim.client import call_url
+
+#: The server's limit the garbage frames go just over and far over (callray's default).
+MAX_FRAME_BYTES = GatewaySettings.model_fields["max_frame_bytes"].default
 
 
 def _garbage(rng: random.Random, max_frame_bytes: int) -> list[str | bytes]:
@@ -182,7 +186,7 @@ async def greeted_in_ms(url: str) -> float:
     raise AssertionError("no greeting")
 
 
-async def abuse(url: str, http: str, *, sockets: int = 20, hold_s: float = 10.0, max_frame_bytes: int = 1 << 20,
+async def abuse(url: str, http: str, *, sockets: int = 20, hold_s: float = 10.0, max_frame_bytes: int = MAX_FRAME_BYTES,
                 seed: int = 1, rss: Callable[[], float] | None = None) -> dict[str, Any]:
     """Every kind of abuse at once, then the server's health. Returns the report."""
     report: dict[str, Any] = {"sockets_per_kind": sockets}

@@ -199,7 +199,8 @@ async def test_the_abuse_run_leaves_a_server_that_greets_new_calls_at_once(gatew
     """The short version of ``python -m harness.abuse``: every kind of abuse at once."""
     from harness.abuse import abuse
 
-    report = await abuse(gateway.ws, gateway.http, sockets=4, hold_s=2.0, max_frame_bytes=1 << 20)
+    report = await abuse(gateway.ws, gateway.http, sockets=4, hold_s=2.0,
+                         max_frame_bytes=gateway.settings.gateway.max_frame_bytes)
     outcomes = report["outcomes"]
     assert outcomes.get("flood closed 1008") == 1
     assert sum(v for k, v in outcomes.items() if k.startswith("bad id")) == 5
@@ -270,3 +271,33 @@ def test_an_inbound_hook_that_cannot_be_imported_fails_at_start_naming_the_field
 
     with pytest.raises(SettingsError, match="inbound.hook: module 'tests.inbound_hook' has no 'missing'"):
         InboundCalls(CallraySettings.parse({"inbound": {"hook": "tests.inbound_hook:missing"}}).inbound)
+
+
+# --------------------------------------------------------------------------- long calls
+
+
+def two_hour_transcript() -> list[dict[str, Any]]:
+    """What Retell resends after two hours of continuous talk: turns of 20 words, 160 words a
+    minute, each word with its call-relative timings."""
+    entries, t = [], 0.0
+    for turn in range(int(120 * 160 / 20)):
+        words = []
+        for i in range(20):
+            words.append({"word": f"word{i}", "start": round(t, 3), "end": round(t + 0.3, 3)})
+            t += 60 / 160
+        entries.append({"role": "user" if turn % 2 else "agent", "content": " ".join(w["word"] for w in words),
+                        "words": words})
+    entries[-1]["content"] = "What are your hours?"
+    return entries
+
+
+async def test_a_two_hour_call_with_both_transcripts_fits_the_frame_limit(gateway):
+    transcript = two_hour_transcript()
+    frame = json.dumps({"interaction_type": "response_required", "response_id": 1, "transcript": transcript,
+                        "transcript_with_tool_calls": transcript})
+    assert 1 << 20 < len(frame) < gateway.settings.gateway.max_frame_bytes  # the old 1 MiB limit ended this call
+    async with RetellClient(gateway.ws, "call-two-hours") as client:
+        await client.complete(0)
+        await client.send_raw(frame)
+        assert "Monday to Friday" in await client.complete(1)
+        assert not client.closed
