@@ -173,9 +173,9 @@ class Gateway:
         return {"call_inbound": await self.inbound_calls.answer(payload)}
 
     async def webhook(self, request: Request) -> Response:
-        """Retell's signed webhook: verify over the raw bytes, dedupe, hand the event over, and
-        only then answer 204; a hand-over that fails answers 503 (and forgets the dedupe claim)
-        so that Retell's retry comes and is processed."""
+        """Retell's signed webhook: verify over the raw bytes, hand the event over unless it was
+        before, and only then answer 204; a hand-over that fails answers 503 so that Retell's
+        retry comes, and nothing marks it seen before it was handed over."""
         raw = await self._signed_body(request)
         try:
             webhook = parse_webhook(raw)
@@ -183,15 +183,29 @@ class Gateway:
         except WebhookPayloadError as exc:
             raise HTTPException(400, str(exc)) from None
         call_id = webhook.call_id
-        if event is not None and call_id and await self.deduper.claim(webhook.event, call_id):
+        if event is not None and call_id and not await self._seen(webhook.event, call_id):
             try:
                 await self.calls.webhook(event)
             except Exception as exc:
-                await self.deduper.release(webhook.event, call_id)
                 log.error("call %s: webhook %s not handed over: %r", call_id, webhook.event, exc,
                           extra={"call_id": call_id})
                 raise HTTPException(503, f"{webhook.event} for call {call_id} not handed over; retry") from None
+            try:
+                await self.deduper.remember(webhook.event, call_id)
+            except Exception as exc:  # handed over already: a retry is dropped by the consumers instead
+                log.warning("call %s: webhook %s not remembered: %r", call_id, webhook.event, exc,
+                            extra={"call_id": call_id})
         return Response(status_code=204)
+
+    async def _seen(self, event: str, call_id: str) -> bool:
+        """Whether this lifecycle webhook was handed over before; unknown (the dedupe store is
+        down) counts as not seen: handing it over twice is harmless, losing it is not."""
+        try:
+            return await self.deduper.seen(event, call_id)
+        except Exception as exc:
+            log.warning("call %s: webhook dedupe unavailable (%r); handing %s over", call_id, exc, event,
+                        extra={"call_id": call_id})
+            return False
 
 
 def build_api() -> FastAPI:

@@ -3,7 +3,8 @@
 Retell signs each POST with ``x-retell-signature: v=<unix ms>,d=<hex>`` where the digest is
 HMAC-SHA256(key=API key, message=raw body text + decimal timestamp). The digest covers the
 bytes *as received*: re-serialised JSON (``\\/``, ``\\u00e9``, spacing) does not verify.
-Retell retries until it gets a 2xx, so lifecycle events are deduped on (event, call_id).
+Retell retries until it gets a 2xx, so lifecycle events are deduped on (event, call_id), after
+they were handed over.
 """
 
 from __future__ import annotations
@@ -99,30 +100,28 @@ def parse_webhook(raw_body: bytes | str) -> WebhookEvent:
 class WebhookDeduper:
     """In-process dedupe of lifecycle events on (event, call_id); bounded, oldest forgotten.
 
-    ``claim`` before publishing (True = first time), ``release`` if publishing failed so
-    Retell's retry is processed. Events outside ``events`` are never deduped
-    (``transcript_updated`` legitimately repeats).
+    A webhook is handed over first and remembered only after: ``seen`` before, ``remember``
+    once the hand-over succeeded. Nothing is claimed ahead, so a hand-over that fails, is
+    cancelled or dies with its replica leaves no mark, and Retell's retry is processed. Two
+    deliveries racing may both be handed over: harmless, since the event's identity
+    (call_id, its fixed webhook seq) makes consumers drop the second. Events outside
+    ``events`` are never deduped (``transcript_updated`` legitimately repeats).
     """
 
     def __init__(self, max_entries: int = 100_000, events: frozenset[str] = LIFECYCLE_EVENTS):
         self.events = events
         self._seen: FIFOCache[tuple[str, str], None] = FIFOCache(max_entries)
 
-    async def claim(self, event: str, call_id: str) -> bool:
-        if event not in self.events:
-            return True
-        key = (event, call_id)
-        if key in self._seen:
-            return False
-        self._seen[key] = None
-        return True
+    async def seen(self, event: str, call_id: str) -> bool:
+        return event in self.events and (event, call_id) in self._seen
 
-    async def release(self, event: str, call_id: str) -> None:
-        self._seen.pop((event, call_id), None)
+    async def remember(self, event: str, call_id: str) -> None:
+        if event in self.events:
+            self._seen[(event, call_id)] = None
 
 
 class RedisWebhookDeduper:
-    """The same dedupe shared by all gateway replicas: ``SET NX`` with a TTL."""
+    """The same dedupe shared by all gateway replicas: a key with a TTL per (event, call_id)."""
 
     def __init__(
         self,
@@ -137,13 +136,12 @@ class RedisWebhookDeduper:
     def _key(self, event: str, call_id: str) -> str:
         return f"{self.prefix}{event}:{call_id}"
 
-    async def claim(self, event: str, call_id: str) -> bool:
-        if event not in self.events:
-            return True
-        return bool(await self.client.set(self._key(event, call_id), b"1", nx=True, ex=self.ttl_s))
+    async def seen(self, event: str, call_id: str) -> bool:
+        return event in self.events and bool(await self.client.exists(self._key(event, call_id)))
 
-    async def release(self, event: str, call_id: str) -> None:
-        await self.client.delete(self._key(event, call_id))
+    async def remember(self, event: str, call_id: str) -> None:
+        if event in self.events:
+            await self.client.set(self._key(event, call_id), b"1", ex=self.ttl_s)
 
 
 def to_bus_event(webhook: WebhookEvent, seq: int | None = None, *, agent: str = "") -> Event | None:

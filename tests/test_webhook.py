@@ -3,6 +3,8 @@ lenient parsing, replay dedupe and the mapping onto bus events."""
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import time
 import uuid
@@ -119,26 +121,70 @@ def test_to_bus_event_maps_lifecycle_events():
 
 async def test_memory_deduper_drops_replays_of_lifecycle_events_only():
     dedupe = WebhookDeduper(max_entries=2)
-    assert await dedupe.claim("call_ended", "c1") is True
-    assert await dedupe.claim("call_ended", "c1") is False  # Retell's retry
-    assert await dedupe.claim("call_analyzed", "c1") is True
-    assert await dedupe.claim("transcript_updated", "c1") is True
-    assert await dedupe.claim("transcript_updated", "c1") is True  # legitimately repeats
-    await dedupe.release("call_analyzed", "c1")  # publishing failed: let the retry through
-    assert await dedupe.claim("call_analyzed", "c1") is True
+    assert not await dedupe.seen("call_ended", "c1")
+    await dedupe.remember("call_ended", "c1")  # handed over
+    assert await dedupe.seen("call_ended", "c1")  # Retell's retry
+    assert not await dedupe.seen("call_analyzed", "c1")  # not handed over yet: a retry goes through
+    await dedupe.remember("transcript_updated", "c1")
+    assert not await dedupe.seen("transcript_updated", "c1")  # legitimately repeats
 
 
 async def test_redis_deduper_is_shared_between_replicas(redis_url):
     client = redis_client(redis_url)
     prefix = f"test:{uuid.uuid4().hex}:"
     a, b = RedisWebhookDeduper(client, prefix=prefix, ttl_s=60), RedisWebhookDeduper(client, prefix=prefix, ttl_s=60)
-    assert await a.claim("call_ended", "c1") is True
-    assert await b.claim("call_ended", "c1") is False
+    assert not await b.seen("call_ended", "c1")
+    await a.remember("call_ended", "c1")
+    assert await b.seen("call_ended", "c1")
     assert 0 < await client.ttl(f"{prefix}call_ended:c1") <= 60
-    await b.release("call_ended", "c1")
-    assert await a.claim("call_ended", "c1") is True
     await client.delete(f"{prefix}call_ended:c1")
     await client.aclose()
+
+
+async def test_a_webhook_whose_hand_over_was_cancelled_is_processed_on_retell_s_retry():
+    """Serve cancels the handler when Retell's 10 s timeout closes the connection: the retry
+    must be handed over, not answered 204 from a claim the cancelled attempt left behind."""
+    from starlette.requests import Request
+
+    from callray.gateway import Gateway
+    from callray.settings import CallraySettings
+
+    class SlowThenFine:
+        def __init__(self) -> None:
+            self.handed: list = []
+            self.first = True
+
+        async def webhook(self, event) -> None:
+            if self.first:
+                self.first = False
+                await asyncio.sleep(3600)  # the bus is slow; Retell gives up and Serve cancels us
+            self.handed.append(event)
+
+    calls = SlowThenFine()
+    gateway = Gateway(CallraySettings(webhook={"api_key": KEY}), calls, calls)
+    body = b'{"event":"call_ended","call":{"call_id":"c-cancel","disconnection_reason":"user_hangup"}}'
+
+    def request() -> Request:
+        sent = {"done": False}
+
+        async def receive():
+            if sent["done"]:
+                return {"type": "http.disconnect"}
+            sent["done"] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return Request({"type": "http", "method": "POST", "path": "/webhook", "headers": [
+            (b"x-retell-signature", sign(body, KEY).encode()), (b"content-length", str(len(body)).encode())]}, receive)
+
+    first = asyncio.create_task(gateway.webhook(request()))
+    await asyncio.sleep(0.05)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert (await gateway.webhook(request())).status_code == 204
+    assert [e.call_id for e in calls.handed] == ["c-cancel"]  # the retry was handed over
+    assert (await gateway.webhook(request())).status_code == 204
+    assert len(calls.handed) == 1  # and the next retry is deduped
 
 
 def test_default_clock_accepts_fresh_signatures():
