@@ -36,9 +36,11 @@ class LiveCalls:
         self.calls: LRUCache[str, dict[str, Any]] = LRUCache(MAX_CALLS)
         self.ended: deque[dict[str, Any]] = deque(maxlen=MAX_ENDED)
         self.latencies: deque[dict[str, Any]] = deque(maxlen=MAX_LATENCIES)
+        # What changed since the last batch: kept only while a page listens (a page's first load
+        # is the snapshot), and bounded like what it refers to.
         self._changed: set[str] = set()
-        self._new_ended: list[dict[str, Any]] = []
-        self._new_latencies: list[dict[str, Any]] = []
+        self._new_ended: deque[dict[str, Any]] = deque(maxlen=MAX_ENDED)
+        self._new_latencies: deque[dict[str, Any]] = deque(maxlen=MAX_LATENCIES)
         self._pages: set[asyncio.Queue[dict[str, Any]]] = set()
         self._wake = asyncio.Event()
         self._publisher: asyncio.Task | None = None
@@ -70,7 +72,8 @@ class LiveCalls:
             if event.first_sentence_ms is not None:
                 point = {"ts": event.ts, "first_sentence_ms": event.first_sentence_ms, "call_id": event.call_id}
                 self.latencies.append(point)
-                self._new_latencies.append(point)
+                if self._pages:
+                    self._new_latencies.append(point)
         elif isinstance(event, CallSuperseded):
             call["superseded"] += 1
         elif isinstance(event, (EscalationRequested, EscalationPerformed)):
@@ -100,12 +103,14 @@ class LiveCalls:
                                           "escalation", "tokens")}
         ended.update(ended_at=event.ts, reason=event.reason or str(event.call.get("disconnection_reason") or ""))
         self.ended.appendleft(ended)
-        self._new_ended.append(ended)
+        if self._pages:
+            self._new_ended.append(ended)
         self._touch(event.call_id)
 
     def _touch(self, call_id: str) -> None:
-        self._changed.add(call_id)
-        self._wake.set()
+        if self._pages:  # the publisher takes it every interval_s
+            self._changed.add(call_id)
+            self._wake.set()
 
     # ------------------------------------------------------------------ pages
 
@@ -145,8 +150,9 @@ class LiveCalls:
             batch = {"now": time.time(),
                      "calls": [self.calls[c] for c in changed if c in self.calls],
                      "gone": [c for c in changed if c not in self.calls],
-                     "ended": self._new_ended, "latencies": self._new_latencies}
-            self._new_ended, self._new_latencies = [], []
+                     "ended": list(self._new_ended), "latencies": list(self._new_latencies)}
+            self._new_ended.clear()
+            self._new_latencies.clear()
             for page in list(self._pages):
                 if page.full():  # it stopped reading: free what it holds, tell it to reload
                     while not page.empty():

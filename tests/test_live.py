@@ -67,3 +67,14 @@ async def test_everything_the_view_keeps_is_bounded():
     assert len(snap["calls"]) <= live.MAX_CALLS and len(snap["ended"]) == live.MAX_ENDED
     assert len(next(c for c in snap["calls"] if c["call_id"] == "busy")["turns"]) == live.MAX_TURNS
     assert len(snap["latencies"]) == live.MAX_LATENCIES
+
+
+async def test_with_no_page_open_nothing_waits_to_be_sent():
+    """200k turns with nobody watching: the view holds its bounded snapshot and no backlog
+    (before, every change waited for a page that never came: ~58 MB, sent whole to the first)."""
+    view = LiveCalls()
+    for i in range(200_000):
+        view.handle(turn(f"c{i % 3000}", i))
+    for i in range(500):
+        view.handle(CallEnded(call_id=f"c{i}", seq=5, reason="user_hangup"))
+    assert not view._changed and not view._new_latencies and not view._new_ended
