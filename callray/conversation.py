@@ -612,7 +612,8 @@ class Conversation:
         key = request.cache_key
         if (key and self.cache and not request.cache_hit and not request.fallback and not request.budget_miss
                 and not request.side_effects and shareable(turn, state_changed, request.tools, action)):
-            await self.cache.put(self.agent.name, self.agent.version, key, [t.strip() for t in request.text])
+            # in the background: the checkpoint below must not wait on the cache
+            self._spawn(self.cache.put(self.agent.name, self.agent.version, key, [t.strip() for t in request.text]))
         self._emit(
             ev.CallTurn, response_id=request.response_id, kind=request.kind, caller_text=turn.last_user_text,
             agent_text=agent_text, first_chunk_ms=request.first_chunk_ms, first_sentence_ms=request.first_sentence_ms,

@@ -125,6 +125,8 @@ class CacheSettings(EnvSection):
     backend: Literal["memory", "redis"] = Field(default="memory", description="memory: per host LRU. redis: shared by all hosts.")
     ttl_s: float = Field(default=3600.0, gt=0, description="How long a cached answer lives.")
     max_entries: int = Field(default=10_000, ge=1, description="memory backend: LRU size per host.")
+    lookup_deadline_ms: float = Field(default=50.0, gt=0, le=1000, description="redis backend: a lookup slower than this counts as a miss and the turn goes on (a healthy Redis answers in a few ms); the cache is then skipped for cooldown_s.")
+    cooldown_s: float = Field(default=5.0, gt=0, description="redis backend: how long the cache is skipped after a lookup missed its deadline.")
 
 
 class EscalationRules(EnvSection):

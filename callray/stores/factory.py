@@ -50,9 +50,12 @@ async def build_stores(settings: CallraySettings) -> Stores:
     cache: ResponseCache | None = None
     if settings.cache.enabled:
         if settings.cache.backend == "redis":
+            from callray.stores.deadline import DeadlineCache
             from callray.stores.redis import RedisResponseCache
 
-            cache = RedisResponseCache(client, ttl_s=settings.cache.ttl_s)
+            cache = DeadlineCache(RedisResponseCache(client, ttl_s=settings.cache.ttl_s),
+                                  lookup_deadline_s=settings.cache.lookup_deadline_ms / 1000,
+                                  cooldown_s=settings.cache.cooldown_s)
         else:
             cache = MemoryResponseCache(ttl_s=settings.cache.ttl_s, max_entries=settings.cache.max_entries)
     return Stores(state, cache, build_bus(settings, client), client)
