@@ -708,7 +708,11 @@ class Conversation:
                 self.lose()
             except StaleStateError as exc:
                 log.warning("call %s: %s; reloading the newer state", self.call_id, exc, extra={"call_id": self.call_id})
-                newer = await self.store.load(self.call_id)
+                try:
+                    newer = await self.store.load(self.call_id)
+                except Exception as load_exc:  # the store went away meanwhile: keep what we have
+                    log.error("call %s: reloading failed: %r", self.call_id, load_exc, extra={"call_id": self.call_id})
+                    return
                 if newer is not None:
                     self.state = newer
             except Exception as exc:  # a store outage must never break a call

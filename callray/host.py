@@ -100,7 +100,13 @@ class Host:
 
     def _live(self, state: CallState, agent_name: str | None = None) -> Conversation:
         """The conversation of a claimed state, registered as live here."""
-        agent = self.agents.get(state.agent or agent_name or self.agents.default_name)
+        name = state.agent or agent_name or self.agents.default_name
+        try:
+            agent = self.agents.get(name)
+        except KeyError:  # renamed or removed by a redeploy: the call goes on with the default agent
+            log.error("call %s: agent %r is not configured any more; the default agent %r takes the call",
+                      state.call_id, name, self.agents.default_name, extra={"call_id": state.call_id})
+            agent = self.agents.get(None)
         conversation = Conversation(state, agent, store=self.store, settings=self._turns,
                                     cache=self.cache if self.settings.cache.enabled else None,
                                     events=self.events,

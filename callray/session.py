@@ -158,6 +158,8 @@ class SocketSession:
             try:
                 await self.link.attach(self.outbox)
                 break
+            except asyncio.CancelledError:
+                raise
             except self.link.retryable as exc:
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > self.settings.host_retry_s:
@@ -166,6 +168,10 @@ class SocketSession:
                     self.outbox.close(StreamEnd.UNAVAILABLE)
                     return
                 await asyncio.sleep(0.2)
+            except Exception as exc:  # not worth retrying: never leave the socket silent
+                log.error("call %s: activation failed", self.call_id, exc_info=exc, extra={"call_id": self.call_id})
+                self.outbox.close(StreamEnd.UNAVAILABLE)
+                return
         if self.state is not SessionState.ATTACHING:
             return
         self._move(SessionState.LIVE)

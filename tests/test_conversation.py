@@ -375,3 +375,25 @@ async def test_one_span_per_turn_when_tracing_is_on():
     (span,) = exporter.get_finished_spans()
     assert span.name == "callray.turn" and span.attributes["response_id"] == 1
     assert span.attributes["first_chunk_ms"] >= 0 and span.attributes["cache_hit"] is False
+
+
+async def test_a_stale_save_whose_reload_fails_keeps_the_call_in_memory():
+    """The store went away between the refused save and the reload: checkpoint must not raise
+    (on deactivation it would have lost the call's save path)."""
+    from callray.stores.base import StaleStateError, StoreUnavailableError
+
+    class Flaky(MemoryStateStore):
+        async def save(self, state):
+            raise StaleStateError(state.call_id, state.version, state.version + 1)
+
+        async def load(self, call_id):
+            raise StoreUnavailableError("redis is down")
+
+    h = Harness()
+    h.store = Flaky()
+    h.conversation = h.make()
+    await h.attach()
+    before = h.conversation.state
+    await h.conversation.checkpoint()  # no exception
+    assert h.conversation.state is before
+    await h.conversation.deactivate()

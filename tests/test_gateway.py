@@ -301,3 +301,40 @@ async def test_a_two_hour_call_with_both_transcripts_fits_the_frame_limit(gatewa
         await client.send_raw(frame)
         assert "Monday to Friday" in await client.complete(1)
         assert not client.closed
+
+
+# --------------------------------------------------------------------------- activation failures
+
+
+async def test_a_call_whose_agent_was_renamed_goes_on_with_the_default_agent(gateway):
+    """A redeploy renamed the agent a live call was saved with: the reconnect used to leave the
+    socket silent (KeyError in the unwatched activation); the default agent takes the call."""
+    from callray.stores.base import CallState
+
+    state = CallState(call_id="call-renamed", agent="retired_agent", greeted=True, latest_response_id=3)
+    gateway.on_loop(gateway.replica.stores.state.save(state))
+    async with RetellClient(gateway.ws, "call-renamed") as client:
+        assert await client.complete(0, timeout=5) == ""  # greeted before: not again
+        assert "Monday to Friday" in await client.turn(4, "What are your hours?")
+
+
+@pytest.fixture(scope="module")
+def redis_gateway(tmp_path_factory, redis_server) -> Iterator[Served]:
+    with Served({"state": {"backend": "redis"}, "redis": {"url": redis_server.url},
+                 "events": {"archive_dir": str(tmp_path_factory.mktemp("archive-redis"))}}) as served:
+        yield served
+
+
+async def test_a_stored_state_that_no_longer_decodes_closes_the_socket_instead_of_leaving_it_silent(
+        redis_gateway, redis_server):
+    from callray.stores.redis_client import redis_client
+
+    client = redis_client(redis_server.url)
+    await client.hset("callray:call:call-garbled", mapping={"v": 3, "e": 1, "s": b"{not json"})
+    try:
+        async with RetellClient(redis_gateway.ws, "call-garbled") as caller:
+            assert await closed_with(caller) == 1011  # the error is logged with its traceback
+            assert not caller.responses(0)
+    finally:
+        await client.delete("callray:call:call-garbled")
+        await client.aclose()
