@@ -36,6 +36,7 @@ class EventConsumer:
         self.app_name, self.kind = app_name, kind
         self.name = f"{app_name}-{kind}"
         self.consumer: Any = None
+        self._disabled = False
         self._tasks: list[asyncio.Task] = []
         self._gauges: dict[str, metrics.Gauge] = {}
         self._histograms: dict[str, metrics.Histogram] = {}
@@ -47,25 +48,42 @@ class EventConsumer:
             return await self._start()
 
     async def _start(self) -> str:
-        if self.consumer is None:
-            client = await open_redis(self.settings.redis)
+        """Consume unless already consuming. Everything is built aside and kept only once it
+        all worked, so a start that fails (Redis down, a replay that breaks) leaves nothing
+        half-made, and the next ``start`` (Serve's health check calls it) tries again; so does
+        a consume loop that died."""
+        if self._disabled:
+            return f"{self.name}: disabled by settings"
+        if self.consumer is not None and self._tasks and not self._tasks[0].done():
+            return self.name
+        for task in self._tasks:
+            task.cancel()
+        self._tasks, self.consumer = [], None
+        client = await open_redis(self.settings.redis)
+        try:
             bus = build_bus(self.settings, client)
             # Escalation's way to a live call: the directory finds the owner recorded with the call.
             directory = CallDirectory(self.name, store=RedisStateStore(client, ttl_s=self.settings.state.ttl_s),
                                       redis=client)
             consumers = build_consumers(self.settings.events, [self.kind], command=directory.send, emit=bus.emit,
                                         redis=client)
-            self.consumer = consumers.get(self.kind)
-            if self.consumer is None:
+            consumer = consumers.get(self.kind)
+            if consumer is None:
+                self._disabled = True
+                await client.aclose()
                 return f"{self.name}: disabled by settings"
             if self.kind == "analytics":  # a projection of the stream: rebuild it, duplicates are dropped
                 async for event in bus.replay():
-                    await self.consumer.handle(event)
-                self.consumer.observe = self._observe  # from now on: the replay is not observed again
-            self._tasks.append(asyncio.create_task(run_consumers(bus, consumers, self.name, asyncio.Event())))
-            self._tasks.append(asyncio.create_task(self._export_lag(bus)))
-            if self.kind == "analytics":
-                self._tasks.append(asyncio.create_task(self._export_metrics()))
+                    await consumer.handle(event)
+                consumer.observe = self._observe  # from now on: the replay is not observed again
+        except BaseException:
+            await client.aclose()
+            raise
+        self.consumer = consumer
+        self._tasks.append(asyncio.create_task(run_consumers(bus, consumers, self.name, asyncio.Event())))
+        self._tasks.append(asyncio.create_task(self._export_lag(bus)))
+        if self.kind == "analytics":
+            self._tasks.append(asyncio.create_task(self._export_metrics()))
         return self.name
 
     async def _export_lag(self, bus: Any) -> None:
