@@ -646,6 +646,9 @@ class Conversation:
         """Speak now (``agent_interrupt``), cancelling any in-flight response. False if no socket."""
         if self.outbox is None:
             return False
+        pending = self.state.pending_action
+        if transfer_number and pending == {"type": "Transfer", "number": transfer_number}:
+            return True  # this transfer is under way already (an escalation acted twice): say nothing again
         self._cancel_generation()
         self.state.interrupt_id += 1
         frame = AgentInterruptFrame(interrupt_id=self.state.interrupt_id, content=line, content_complete=True,

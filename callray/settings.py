@@ -171,7 +171,7 @@ class EscalationRules(EnvSection):
     )
     notify_timeout_s: float = Field(default=5.0, gt=0, description="Timeout of the notification POST.")
     caller_lines: int = Field(default=5, ge=0, description="How many recent caller lines the notification carries.")
-    claim_ttl_s: int = Field(default=7 * 86_400, gt=0, description="Lifetime of the Redis once-per-call marker.")
+    claim_ttl_s: int = Field(default=7 * 86_400, gt=0, description="Lifetime of the Redis marker that a call was escalated (written after the transfer).")
 
 
 class EventsSettings(EnvSection):

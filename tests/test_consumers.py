@@ -449,3 +449,39 @@ async def test_run_consumers_finalises_ended_but_never_analyzed_records(tmp_path
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
+
+
+async def test_an_escalation_cut_off_mid_transfer_happens_on_redelivery(redis_url):
+    """The consumer died while its transfer command was in flight. Before, a Redis claim taken
+    ahead of the command outlived it (7 days), and the redelivered turn was never escalated."""
+    import asyncio
+
+    client = redis_client(redis_url)
+    call_id = f"c-{uuid.uuid4().hex}"
+    rules = EscalationRules(transfer_number="+1")
+
+    class DiesMidCommand(Commands):
+        async def __call__(self, call_id: str, command: CallCommand) -> bool:
+            raise asyncio.CancelledError  # the actor is being torn down
+
+    with pytest.raises(asyncio.CancelledError):
+        await Escalation(rules, DiesMidCommand(), redis=client).handle(turn(call_id, 1, "operator"))
+    commands = Commands()
+    restarted = Escalation(rules, commands, redis=client)  # its successor gets the unacked turn again
+    await restarted.handle(turn(call_id, 1, "operator"))
+    assert commands.sent == [(call_id, transfer("+1", rules.handoff_line))]
+    assert await client.exists(f"callray:escalated:{call_id}") == 1  # recorded after the transfer
+    await client.delete(f"callray:escalated:{call_id}")
+    await client.aclose()
+
+
+async def test_a_redelivered_turn_is_not_counted_twice():
+    commands = Commands(undelivered=1)
+    escalation = Escalation(EscalationRules(repeated_question=2, transfer_number="+1"), commands)
+    await escalation.handle(turn("c1", 1, "where is my refund"))
+    second = turn("c1", 2, "where is my refund")
+    with pytest.raises(EscalationUndelivered):
+        await escalation.handle(second)
+    await escalation.handle(second)  # redelivered: escalates now, counted once
+    assert len(commands.sent) == 1
+    assert escalation._calls["c1"].repeats["where is my refund"] == 2

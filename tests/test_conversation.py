@@ -397,3 +397,13 @@ async def test_a_stale_save_whose_reload_fails_keeps_the_call_in_memory():
     await h.conversation.checkpoint()  # no exception
     assert h.conversation.state is before
     await h.conversation.deactivate()
+
+
+async def test_a_transfer_command_repeated_for_a_call_already_transferring_says_nothing_again():
+    """Escalation acts before it records, so a transfer can arrive twice: once is spoken."""
+    h = Harness()
+    await h.attach()
+    assert h.conversation.interrupt("Connecting you.", transfer_number="+15550009999")
+    assert h.conversation.interrupt("Connecting you.", transfer_number="+15550009999")
+    interrupts = [f for f in h.drain() if f["response_type"] == "agent_interrupt"]
+    assert len(interrupts) == 1 and interrupts[0]["transfer_number"] == "+15550009999"

@@ -1,13 +1,14 @@
 """Escalation: watch each call's turns and hand the caller to a human when a rule fires.
 
-On a hit the consumer (1) claims the call's one escalation (``SET NX`` in Redis when a
-client is given, so duplicates, restarts and several consumers cannot escalate twice),
-(2) sends a transfer command to the live call through an injected callable, and (3) POSTs a
-signed JSON notification. If the command fails, or reaches no live socket, the claim is
-released and an error raised, so the bus redelivers the turn and the escalation is retried (a
-turn that keeps failing ends in the dead-letter stream, counted); ``escalation.performed`` is
-emitted only for a transfer that happened. A failed notification is only logged (the caller has
-already been transferred).
+On a hit the consumer (1) sends a transfer command to the live call through an injected
+callable, (2) records the call's one escalation (in Redis when a client is given, so
+duplicates, restarts and several consumers do not escalate it again) and (3) POSTs a signed
+JSON notification. It acts before it records, so a consumer that dies half-way leaves the turn
+unacknowledged and the escalation happens on redelivery; acting twice is harmless, because a
+call already being transferred to the number ignores the second command. If the command fails,
+or reaches no live socket, an error is raised so the bus redelivers the turn (a turn that keeps
+failing ends in the dead-letter stream, counted); ``escalation.performed`` is emitted only for a
+transfer that happened. A failed notification is only logged (the caller was transferred).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class _CallWatch:
     caller_lines: deque[str]
     fallback_streak: int = 0
     repeats: Counter[str] = field(default_factory=Counter)
+    counted: tuple[int, int] | None = None  # (epoch, seq) of the last turn counted in
 
 
 class Escalation:
@@ -119,14 +121,17 @@ class Escalation:
         self._seen.mark(event)
 
     def _evaluate(self, watch: _CallWatch, turn: CallTurn) -> tuple[str, str] | None:
-        """Update the call's counters with this turn; (rule, reason) of the first rule that fires."""
+        """Update the call's counters with this turn (once: a turn redelivered after a failed
+        escalation is not counted again); (rule, reason) of the first rule that fires."""
         rules = self.rules
         text = normalise(turn.caller_text)
-        if turn.caller_text:
-            watch.caller_lines.append(turn.caller_text)
-        watch.fallback_streak = watch.fallback_streak + 1 if turn.fallback else 0
-        if turn.kind == "response" and text not in _IGNORED_CALLER_TEXT:
-            watch.repeats[text] += 1
+        if watch.counted != (turn.epoch, turn.seq):
+            watch.counted = (turn.epoch, turn.seq)
+            if turn.caller_text:
+                watch.caller_lines.append(turn.caller_text)
+            watch.fallback_streak = watch.fallback_streak + 1 if turn.fallback else 0
+            if turn.kind == "response" and text not in _IGNORED_CALLER_TEXT:
+                watch.repeats[text] += 1
         if (phrase := _phrase_hit(text, rules.human_phrases)) is not None:
             return "human_phrases", f"caller asked for a human ({phrase!r})"
         if (phrase := _phrase_hit(text, rules.keywords)) is not None:
@@ -139,22 +144,26 @@ class Escalation:
             return "repeated_question", f"caller said {turn.caller_text!r} {watch.repeats[text]} times"
         return None
 
-    async def _claim(self, call_id: str) -> bool:
-        if self.redis is not None:
-            key = f"callray:escalated:{call_id}"
-            if not await self.redis.set(key, b"1", nx=True, ex=self.rules.claim_ttl_s):
-                return False
-        self._escalated[call_id] = None
-        return True
+    def _key(self, call_id: str) -> str:
+        return f"callray:escalated:{call_id}"
 
-    async def _release(self, call_id: str) -> None:
-        self._escalated.pop(call_id, None)
+    async def _recorded(self, call_id: str) -> bool:
+        """Whether the call was escalated already (by this consumer, a previous life or another)."""
+        if call_id in self._escalated:
+            return True
+        return self.redis is not None and bool(await self.redis.exists(self._key(call_id)))
+
+    async def _record(self, call_id: str) -> None:
         if self.redis is not None:
-            await self.redis.delete(f"callray:escalated:{call_id}")
+            await self.redis.set(self._key(call_id), b"1", ex=self.rules.claim_ttl_s)
+        self._escalated[call_id] = None
 
     async def _escalate(self, turn: CallTurn, watch: _CallWatch, rule: str, reason: str) -> None:
-        if not await self._claim(turn.call_id):
-            self._escalated[turn.call_id] = None  # another consumer (or a previous life) did it
+        """Act, then record: nothing is claimed before the transfer, so a consumer that dies
+        half-way leaves the turn to be redelivered and acted on. Acting twice is harmless: a call
+        already being transferred to the number ignores the second command."""
+        if await self._recorded(turn.call_id):
+            self._escalated[turn.call_id] = None
             return
         self._emit(EscalationRequested(call_id=turn.call_id, seq=ESCALATION_SEQ_BASE, agent=turn.agent, rule=rule,
                                        reason=reason))
@@ -164,13 +173,12 @@ class Escalation:
                 delivered = await self.command(turn.call_id, CallCommand(kind="transfer", number=number,
                                                                          line=self.rules.handoff_line))
             except Exception:
-                await self._release(turn.call_id)
                 self.counts["command_failed"] += 1
                 raise
             if not delivered:
-                await self._release(turn.call_id)
                 self.counts["command_undelivered"] += 1
                 raise EscalationUndelivered(f"call {turn.call_id}: no live socket took the transfer ({rule})")
+        await self._record(turn.call_id)
         self.counts["escalated"] += 1
         self.counts[f"rule:{rule}"] += 1
         await self._notify(turn, watch, rule, reason)
