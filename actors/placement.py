@@ -253,6 +253,11 @@ class DedicatedPool:
         entry = self.assigned.get(call_id)
         return entry[0] if entry else None
 
+    async def holder(self, call_id: str) -> Any:
+        """The call's actor if it has one, else None (never starts or assigns one)."""
+        entry = self.assigned.get(call_id)
+        return entry[1] if entry else None
+
     async def stats(self) -> dict[str, int]:
         return {"idle": len(self.idle), "assigned": len(self.assigned), "started": self.started}
 
@@ -266,6 +271,7 @@ class DedicatedCalls:
             name=f"{app_name}-pool", namespace=settings.hosts.namespace, lifetime="detached", get_if_exists=True,
         ).remote(settings, app_name)
         self._owners: dict[str, Any] = {}
+        self._redis_bus: Any = None
 
     async def owner(self, call_id: str) -> Any:
         handle = self._owners.get(call_id)
@@ -282,4 +288,23 @@ class DedicatedCalls:
                           lambda: self._owners.pop(call_id, None))
 
     async def webhook(self, event: Event) -> None:
-        await (await self.owner(event.call_id)).webhook.remote(event)
+        """A webhook reaches the call's own actor, which publishes it and ends the call. A call
+        with no actor (it ended and was released, or never connected here) gets none: a call
+        actor is ~150 MB, and a webhook for any call id must not buy one. Its event then goes to
+        the Redis stream when events are durable; with in-process events (best effort) the
+        consumers it would have reached lived in that actor, so it is logged and dropped."""
+        holder = self._owners.get(event.call_id) or await self.pool.holder.remote(event.call_id)
+        if holder is not None:
+            await holder.webhook.remote(event)
+        elif self.settings.events.backend == "redis_streams":
+            await (await self._bus()).publish(event)
+        else:
+            log.info("call %s: %s for a call with no live actor; events are in-process (best effort): dropped",
+                     event.call_id, event.type, extra={"call_id": event.call_id})
+
+    async def _bus(self) -> Any:
+        if self._redis_bus is None:
+            from callray.stores.factory import build_bus, open_redis
+
+            self._redis_bus = build_bus(self.settings, await open_redis(self.settings.redis))
+        return self._redis_bus

@@ -156,6 +156,7 @@ def dedicated_app(serve_port, fake_llm, tmp_path_factory) -> str:
                                                   "assistant": llm_agent_file(fake_llm, tmp_path_factory)}},
         "hosts": {"placement": "dedicated", "warm_pool": 2, "namespace": "callray-test-dedicated"},
         "turns": {"greeting_wait_ms": 2000},
+        "webhook": {"api_key": WEBHOOK_KEY},
     }, serve_port)
 
 

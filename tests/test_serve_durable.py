@@ -391,3 +391,24 @@ async def test_a_redeploy_gives_new_calls_new_settings_and_leaves_live_calls_whe
         for call_id in ("call-live", "call-new"):
             await pool.release.remote(call_id)
         ray.kill(pool, no_restart=True)
+
+
+async def test_a_webhook_for_a_call_without_an_actor_does_not_start_one(dedicated_app, ray_cluster):
+    """Dedicated placement: a signed webhook for any call id used to acquire a call actor
+    (~150 MB) that nobody released."""
+    import json
+    import ray
+
+    from callray.webhook import sign
+    from tests.conftest import WEBHOOK_KEY
+    from tests.test_serve_events import post_webhook
+
+    pool = ray.get_actor("dedicated-pool", namespace="callray-test-dedicated")
+    before = await pool.stats.remote()
+    base = dedicated_app.rsplit("/llm-websocket", 1)[0].replace("ws://", "http://")
+    for i in range(3):
+        body = json.dumps({"event": "call_ended", "call": {"call_id": f"never-here-{i}-{new_call_id()}",
+                                                           "disconnection_reason": "user_hangup"}}).encode()
+        assert await asyncio.to_thread(post_webhook, base, body, sign(body, WEBHOOK_KEY)) == 204
+    after = await pool.stats.remote()
+    assert after["assigned"] == before["assigned"] and after["started"] == before["started"]
