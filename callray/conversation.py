@@ -702,24 +702,35 @@ class Conversation:
     async def checkpoint(self) -> None:
         """Write the state; saves of one call are serialised (versions are compare-and-set)."""
         async with self._save_lock:
-            if self.lost:
-                return
+            while not self.lost and await self._save():
+                pass
+
+    async def _save(self) -> bool:
+        """One save; True when it must be sent again: it went out under an epoch that this
+        activation itself replaced meanwhile (a reconnect claimed the call here), so its refusal
+        is no takeover."""
+        epoch = self.state.epoch
+        try:
+            await self.store.save(self.state)
+        except CallFencedError as exc:
+            if self.state.epoch > epoch:
+                log.info("call %s: a save under epoch %d met this activation's own epoch %d; saving again",
+                         self.call_id, epoch, self.state.epoch, extra={"call_id": self.call_id})
+                return True
+            log.warning("call %s: %s; dropping it", self.call_id, exc, extra={"call_id": self.call_id})
+            self.lose()
+        except StaleStateError as exc:
+            log.warning("call %s: %s; reloading the newer state", self.call_id, exc, extra={"call_id": self.call_id})
             try:
-                await self.store.save(self.state)
-            except CallFencedError as exc:
-                log.warning("call %s: %s; dropping it", self.call_id, exc, extra={"call_id": self.call_id})
-                self.lose()
-            except StaleStateError as exc:
-                log.warning("call %s: %s; reloading the newer state", self.call_id, exc, extra={"call_id": self.call_id})
-                try:
-                    newer = await self.store.load(self.call_id)
-                except Exception as load_exc:  # the store went away meanwhile: keep what we have
-                    log.error("call %s: reloading failed: %r", self.call_id, load_exc, extra={"call_id": self.call_id})
-                    return
-                if newer is not None:
-                    self.state = newer
-            except Exception as exc:  # a store outage must never break a call
-                log.error("call %s: checkpoint failed: %r", self.call_id, exc, extra={"call_id": self.call_id})
+                newer = await self.store.load(self.call_id)
+            except Exception as load_exc:  # the store went away meanwhile: keep what we have
+                log.error("call %s: reloading failed: %r", self.call_id, load_exc, extra={"call_id": self.call_id})
+                return False
+            if newer is not None:
+                self.state = newer
+        except Exception as exc:  # a store outage must never break a call
+            log.error("call %s: checkpoint failed: %r", self.call_id, exc, extra={"call_id": self.call_id})
+        return False
 
     # ------------------------------------------------------------------ plumbing
 

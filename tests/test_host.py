@@ -271,3 +271,39 @@ class SimpleSink:
 
     def emit(self, event) -> None:
         self.into.append(event)
+
+
+class SlowSaves(MemoryStateStore):
+    """Saves reach the store a while after they were sent, as on a busy Redis."""
+
+    def __init__(self, delay_s: float):
+        super().__init__()
+        self.delay_s = delay_s
+
+    async def save(self, state):
+        sent = state.model_copy(deep=True)  # what went on the wire
+        await asyncio.sleep(self.delay_s)
+        version = await super().save(sent)
+        state.version, state.updated_at = sent.version, sent.updated_at
+        return version
+
+
+async def test_a_reconnect_to_the_same_replica_while_a_save_is_in_flight_keeps_the_new_socket():
+    """The reconnect's claim bumps the owner epoch; the save sent before it then arrives under the
+    old epoch and is refused. That refusal is this activation's own doing, not a takeover: the
+    new socket used to be closed with 4001 (Retell ends the call on it)."""
+    host = Host(SETTINGS, AGENTS, store=SlowSaves(0.1), cache=MemoryResponseCache())
+    first = Outbox("s1")
+    await host.attach("c1", first)
+    await asyncio.sleep(0.02)  # the greeting's checkpoint is on its way
+    second = Outbox("s2")
+    conversation = await host.attach("c1", second)  # the reconnect, on this replica
+    assert first.close_reason is StreamEnd.SUPERSEDED
+    await asyncio.sleep(0.4)  # the late save is refused, and saved again under the new epoch
+    assert not second.closed and host.calls.get("c1") is conversation and not conversation.lost
+    second.drain()
+    await host.deliver("c1", "s2", request(1, "What are your hours?"))
+    assert "Monday to Friday" in await answer(second, 1)
+    await asyncio.sleep(0.3)
+    stored = await host.store.load("c1")
+    assert stored is not None and stored.greeted and stored.turns[-1].response_id == 1  # its saves land
