@@ -30,14 +30,18 @@ from callray.stores.base import StoreUnavailableError
 
 log = logging.getLogger("callray.session")
 
-# Close codes (RFC 6455 + application range). 1000 is reserved for a deliberate hang-up.
+# The close-code policy (docs/reliability.md). Retell ends a live call on any close frame but
+# 1000 (which means the agent hung up) and reconnects only after an abnormal closure. So a
+# condition the call can survive (a drain, a deactivation, a call that cannot be activated now)
+# ends the socket with no close frame at all: the handler returns and the server drops the
+# connection, which Retell sees as 1006, as when a replica dies. Close frames are sent only for
+# what must not come back: a socket superseded by a newer one of the same call, and abuse.
+# callray never sends 1000 or 1011.
 CLOSE_FLOOD = 1008  # policy violation: more frames per second than gateway.max_frames_per_s
-CLOSE_TOO_BIG = 1009
-CLOSE_UNAVAILABLE = 1011
+CLOSE_TOO_BIG = 1009  # a frame over gateway.max_frame_bytes (Retell's own traffic stays far below)
 CLOSE_NOT_READING = 1013  # try again later: the client let gateway.max_queued_frames pile up
 CLOSE_SUPERSEDED = 4001  # a newer socket of the same call took over
-CLOSE_CODES = {StreamEnd.SUPERSEDED: CLOSE_SUPERSEDED, StreamEnd.DEACTIVATED: CLOSE_UNAVAILABLE,
-               StreamEnd.UNAVAILABLE: CLOSE_UNAVAILABLE, StreamEnd.OVERFLOW: CLOSE_NOT_READING}
+CLOSE_CODES = {StreamEnd.SUPERSEDED: CLOSE_SUPERSEDED, StreamEnd.OVERFLOW: CLOSE_NOT_READING}
 #: A socket may send this many seconds' worth of frames at once (gateway.max_frames_per_s).
 BURST_S = 3.0
 #: Seconds a close frame may take to leave; a client that does not read gets no longer.
@@ -225,20 +229,22 @@ class SocketSession:
         except (WebSocketDisconnect, RuntimeError, OSError):
             return  # the socket is gone; the reader sees it too
         reason = self.outbox.close_reason
-        if reason in CLOSE_CODES:
+        if reason is not None and reason is not StreamEnd.DETACHED:
             (log.warning if reason is StreamEnd.OVERFLOW else log.info)(
                 "call %s: closing socket (%s)", self.call_id, reason.value, extra={"call_id": self.call_id})
-            self._closing(CLOSE_CODES[reason])
+            self._closing(CLOSE_CODES.get(reason))  # none: dropped, and Retell reconnects
 
     # ------------------------------------------------------------------ teardown
 
     async def _close_socket(self) -> None:
-        """Send the close frame, but never wait long for it: a client that does not read would
-        hold the session (and its memory) forever."""
-        if self.ws.client_state == WebSocketState.CONNECTED and self.ws.application_state == WebSocketState.CONNECTED:
+        """Send the close frame if there is one to send (else the connection is dropped when the
+        handler returns), but never wait long for it: a client that does not read would hold
+        the session (and its memory) forever."""
+        if (self.close_code is not None and self.ws.client_state == WebSocketState.CONNECTED
+                and self.ws.application_state == WebSocketState.CONNECTED):
             try:
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                    await self.ws.close(code=self.close_code or CLOSE_UNAVAILABLE)
+                    await self.ws.close(code=self.close_code)
             except (RuntimeError, OSError, TimeoutError):
                 pass
         self._move(SessionState.CLOSED)

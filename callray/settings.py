@@ -57,7 +57,7 @@ class GatewaySettings(EnvSection):
     auto_reconnect: bool = Field(default=True, description="Ask Retell for ping_pong keepalives and reconnects (sent in the config frame).")
     call_details: bool = Field(default=True, description="Ask Retell to send the call object (call_details) after connecting.")
     transcript_with_tool_calls: bool = Field(default=True, description="Ask Retell to send the transcript with the tool calls and results in place, so an LLM agent remembers what its tools returned (each request then carries both transcripts).")
-    host_retry_s: float = Field(default=30.0, gt=0, description="How long a new socket waits for its call to be activated (its state store or host restarting) before it is closed with 1011.")
+    host_retry_s: float = Field(default=30.0, gt=0, description="How long a new socket waits for its call to be activated (its state store or host restarting) before the connection is dropped without a close frame (Retell reconnects, as after a replica's death).")
     max_frames_per_s: float = Field(default=30.0, ge=1, description="Frames one socket may send per second on average (bursts of three seconds' worth); a socket that sends faster is closed with 1008. Retell sends a few per second.")
     max_queued_frames: int = Field(default=1000, ge=16, description="Outbound frames one socket may have waiting for a reader that does not read; beyond, it is closed with 1013 and what it held is freed.")
     read_token: str | None = Field(default="${CALLRAY_READ_TOKEN:-}", description="Bearer token of the read routes (GET /calls/{id}, /analytics, /ui), which serve callers' words and numbers. Unset or empty: those routes are off (404), never open.")

@@ -325,7 +325,7 @@ def redis_gateway(tmp_path_factory, redis_server) -> Iterator[Served]:
         yield served
 
 
-async def test_a_stored_state_that_no_longer_decodes_closes_the_socket_instead_of_leaving_it_silent(
+async def test_a_stored_state_that_no_longer_decodes_drops_the_socket_instead_of_leaving_it_silent(
         redis_gateway, redis_server):
     from callray.stores.redis_client import redis_client
 
@@ -333,8 +333,50 @@ async def test_a_stored_state_that_no_longer_decodes_closes_the_socket_instead_o
     await client.hset("callray:call:call-garbled", mapping={"v": 3, "e": 1, "s": b"{not json"})
     try:
         async with RetellClient(redis_gateway.ws, "call-garbled") as caller:
-            assert await closed_with(caller) == 1011  # the error is logged with its traceback
+            assert await closed_with(caller) == 1006  # dropped, as a dead replica's: Retell reconnects
             assert not caller.responses(0)
     finally:
         await client.delete("callray:call:call-garbled")
         await client.aclose()
+
+
+async def test_a_call_that_cannot_be_activated_in_time_is_dropped_so_retell_reconnects(tmp_path):
+    """Its state store is down for longer than gateway.host_retry_s: a close frame (1011 before)
+    would end the call; an abnormal closure makes Retell reconnect, and the call goes on."""
+    from callray.sim.local import RedisServer
+
+    redis = RedisServer(tmp_path / "redis", appendonly=False)
+    redis.start()
+    try:
+        with Served({"state": {"backend": "redis"}, "redis": {"url": redis.url, "timeout_s": 0.2},
+                     "gateway": {"host_retry_s": 0.5}, "events": {"archive_dir": str(tmp_path / "archive")}}) as served:
+            redis.stop()
+            async with RetellClient(served.ws, "call-store-down") as caller:
+                assert await closed_with(caller) == 1006
+            redis.start()
+            async with RetellClient(served.ws, "call-store-down") as caller:  # Retell's reconnect
+                assert "Maple Street" in await caller.complete(0, timeout=10)
+    finally:
+        redis.stop()
+
+
+def test_callray_sends_no_close_code_that_ends_a_live_call():
+    """The close-code policy over every place that closes a socket: refusals before a call
+    exists use 4xxx, abuse 1008/1009/1013, a superseded socket 4001; never 1000 or 1011."""
+    import ast
+
+    from callray import session
+    from callray.settings import PROJECT_DIR
+
+    allowed = {1008, 1009, 1013, 4001}
+    assert set(session.CLOSE_CODES.values()) | {session.CLOSE_FLOOD, session.CLOSE_TOO_BIG} <= allowed
+    found = []
+    server_side = [p for p in (PROJECT_DIR / "callray").rglob("*.py") if "sim" not in p.parts]  # sim/ is Retell's side
+    for path in [*server_side, *(PROJECT_DIR / "actors").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "close":
+                for arg in [*node.args, *(k.value for k in node.keywords if k.arg == "code")]:
+                    if isinstance(arg, ast.Constant) and isinstance(arg.value, int):
+                        found.append((path.name, arg.value))
+    assert found and all(code >= 4000 or code in allowed for _, code in found), found
+    assert not any(code in (1000, 1011) for _, code in found)
