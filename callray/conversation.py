@@ -65,6 +65,8 @@ from callray.stores.base import CallFencedError, CallState, EventSink, ResponseC
 log = logging.getLogger("callray.conversation")
 
 _SENTENCE_END = (".", "!", "?")
+#: Saves of one checkpoint, at most (a save refused by the call's own late write is sent again).
+MAX_SAVE_ATTEMPTS = 4
 #: Without a configured ``turns.greeting_wait_ms``: how long a greeting that uses call data
 #: waits for call_details (Retell sends it right after the config frame asks for it).
 GREETING_WAIT_MS = 1000.0
@@ -702,13 +704,18 @@ class Conversation:
     async def checkpoint(self) -> None:
         """Write the state; saves of one call are serialised (versions are compare-and-set)."""
         async with self._save_lock:
-            while not self.lost and await self._save():
-                pass
+            for _ in range(MAX_SAVE_ATTEMPTS):
+                if self.lost or not await self._save():
+                    return
+            log.error("call %s: not saved after %d attempts", self.call_id, MAX_SAVE_ATTEMPTS,
+                      extra={"call_id": self.call_id})
 
     async def _save(self) -> bool:
-        """One save; True when it must be sent again: it went out under an epoch that this
-        activation itself replaced meanwhile (a reconnect claimed the call here), so its refusal
-        is no takeover."""
+        """One save; True when it must be sent again, because its refusal was no other writer's
+        doing: it went out under an epoch this activation itself replaced meanwhile (a reconnect
+        claimed the call here), or the store holds a version of this activation's own that
+        landed late (a stall). The live state is never replaced by a stored one: under its owner
+        epoch a call has no other writer, and a newer activation elsewhere fences this one off."""
         epoch = self.state.epoch
         try:
             await self.store.save(self.state)
@@ -720,14 +727,10 @@ class Conversation:
             log.warning("call %s: %s; dropping it", self.call_id, exc, extra={"call_id": self.call_id})
             self.lose()
         except StaleStateError as exc:
-            log.warning("call %s: %s; reloading the newer state", self.call_id, exc, extra={"call_id": self.call_id})
-            try:
-                newer = await self.store.load(self.call_id)
-            except Exception as load_exc:  # the store went away meanwhile: keep what we have
-                log.error("call %s: reloading failed: %r", self.call_id, load_exc, extra={"call_id": self.call_id})
-                return False
-            if newer is not None:
-                self.state = newer
+            log.warning("call %s: %s (a save of its own that landed late); saving the live state over it",
+                        self.call_id, exc, extra={"call_id": self.call_id})
+            self.state.version = exc.found or 0
+            return True
         except Exception as exc:  # a store outage must never break a call
             log.error("call %s: checkpoint failed: %r", self.call_id, exc, extra={"call_id": self.call_id})
         return False

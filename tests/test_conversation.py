@@ -377,9 +377,10 @@ async def test_one_span_per_turn_when_tracing_is_on():
     assert span.attributes["first_chunk_ms"] >= 0 and span.attributes["cache_hit"] is False
 
 
-async def test_a_stale_save_whose_reload_fails_keeps_the_call_in_memory():
-    """The store went away between the refused save and the reload: checkpoint must not raise
-    (on deactivation it would have lost the call's save path)."""
+async def test_a_save_refused_again_and_again_keeps_the_call_in_memory():
+    """The store keeps refusing the save as stale and cannot be read: checkpoint gives up after a
+    few attempts without raising (on deactivation it would have lost the call's save path) and
+    never replaces the live state."""
     from callray.stores.base import StaleStateError, StoreUnavailableError
 
     class Flaky(MemoryStateStore):

@@ -85,3 +85,61 @@ async def test_a_turn_is_answered_at_once_while_the_cache_s_redis_is_frozen(froz
     assert "Hold on." not in answer
     await conversation.deactivate()
     await stores.close()
+
+
+async def test_a_redis_stall_never_rewinds_a_live_call(frozen_redis):
+    """Redis frozen mid-call: saves time out and are kept by the write-behind store; one of them
+    lands late when Redis wakes, so the delayed write finds a version it did not expect. That
+    used to be taken for another writer: the conversation reloaded the stored (older) state and
+    went back in time: its memory, latest_response_id and event seq (reused ids, dropped by the
+    consumers as duplicates). Under its own owner epoch a call has no other writer: it keeps its
+    state and saves it again."""
+    from callray.stores.redis import RedisStateStore
+    from callray.stores.write_behind import WriteBehindStore
+
+    server, freeze = frozen_redis
+    client = redis_client(server.url, timeout_s=0.2)
+    store = WriteBehindStore(RedisStateStore(client))
+    events = []
+
+    class Sink:
+        def emit(self, event) -> None:
+            events.append(event)
+
+    settings = TurnSettings(latency_budget_ms=2000, agent_timeout_s=5, greeting_wait_ms=0)
+    claim = await store.claim("rewind", "host-a")
+    state = CallState(call_id="rewind", agent="scripted", epoch=claim.epoch)
+    conversation = Conversation(state, ScriptedAgent(), store=store, settings=settings, events=Sink())
+    outbox = await conversation.attach(Outbox("s1"))
+
+    async def turn(rid: int, text: str) -> None:
+        """Ask and wait for the answer; its checkpoint may still be on its way, as in a live call
+        where the caller speaks again before a slow save returns."""
+        conversation.handle(parse_event({"interaction_type": "response_required", "response_id": rid,
+                                         "transcript": [{"role": "user", "content": text}]}))
+        async with asyncio.timeout(10):
+            async for frame in outbox.frames():
+                if frame.response_id == rid and frame.complete:
+                    break
+
+    await turn(1, "remember alpha")
+    await asyncio.sleep(0.1)
+    freeze()
+    await turn(2, "remember beta")   # its save hangs on the frozen Redis...
+    await turn(3, "remember gamma")  # ... while the next turn changes the live state
+    await asyncio.sleep(0.5)
+    await turn(5, "remember delta")
+    await asyncio.sleep(0.5)
+    os.kill(server.proc.pid, signal.SIGCONT)
+    await store.flush(timeout=5)
+    await turn(6, "hello again")
+    await asyncio.sleep(0.3)
+    assert conversation.state.agent_state["memory"] == "delta"  # not rewound
+    assert conversation.state.latest_response_id == 6
+    seqs = [(e.epoch, e.seq) for e in events]
+    assert len(seqs) == len(set(seqs))  # no event identity reused
+    await conversation.checkpoint()
+    stored = await RedisStateStore(client).load("rewind")
+    assert stored.agent_state["memory"] == "delta" and stored.turns[-1].response_id == 6
+    await conversation.deactivate()
+    await store.close()
