@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 
+from callray.settings import CallraySettings
 from callray.sim.client import RetellClient
 
 pytestmark = pytest.mark.ray
@@ -87,7 +88,7 @@ async def test_bad_frames_never_take_the_server_down(single_app):
     await client.send_raw(json.dumps(["a", "list"]))
     await client.send_raw(json.dumps({"interaction_type": "from_the_future", "x": 1}))
     assert "Monday" in await client.turn(1, "What are your hours?")  # still up, still answering
-    await client.send_raw("x" * (1024 * 1024 + 10))  # oversize: 1009, state kept
+    await client.send_raw("x" * (CallraySettings().gateway.max_frame_bytes + 10))  # oversize: 1009, state kept
     with pytest.raises(ConnectionError):
         await client.wait_for(lambda f: False, timeout=10)
     assert client.close_code == 1009
