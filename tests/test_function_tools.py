@@ -216,3 +216,13 @@ async def test_tool_results_reach_the_next_turn_and_a_re_asked_request_reuses_th
         assert sys.modules[module].CALLS == [("A-17", "c1")] * 2  # a later turn asks the tool afresh
         await host.close()
         await host.agents.aclose()
+
+
+def test_two_tools_of_one_name_are_refused_at_start(tmp_path):
+    with running_fake_llm(FakeLLMSettings()) as fake:
+        path, module = agent_with_tools(tmp_path, fake)
+        data = yaml.safe_load(path.read_text())
+        data["tools"] = [{"function": f"{module}:lookup_order"},
+                         {"name": "lookup_order", "description": "d", "url": "http://127.0.0.1:9/x"}]
+        with pytest.raises(AgentConfigError, match="tools.1: duplicate tool name 'lookup_order'"):
+            LLMAgent.from_dict(data, source=str(path))

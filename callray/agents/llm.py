@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,10 +200,7 @@ class LLMAgentConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "LLMAgentConfig":
-        names = [tool.name for tool in self.tools if tool.name]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"tools: duplicate names {duplicates}")
+        # duplicate tool names are refused when the tools are built (a function's name is its own)
         if self.transfer_call.enabled and not self.transfer_call.transfer_number:
             raise ValueError("transfer_call.transfer_number is required when transfer_call.enabled is true")
         return self
