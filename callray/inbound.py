@@ -10,16 +10,14 @@ an error.
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import logging
 from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
 
-from callray.agents.python import ImportPathError, import_object
-from callray.env import SettingsError
+from callray.agents.python import ImportPathError, call_user_code, import_object
+from callray.env import SettingsError, describe_validation
 from callray.settings import InboundAnswer, InboundSettings
 
 log = logging.getLogger("callray.inbound")
@@ -50,11 +48,7 @@ class InboundCalls:
     async def _ask_hook(self, payload: dict[str, Any], answer: InboundAnswer) -> InboundAnswer:
         number = str(payload.get("from_number") or "")
         try:
-            async with asyncio.timeout(self.settings.timeout_s):
-                if inspect.iscoroutinefunction(self.hook):
-                    result = await self.hook(payload)
-                else:
-                    result = await asyncio.to_thread(self.hook, payload)
+            result = await call_user_code(self.hook, payload, timeout_s=self.settings.timeout_s)
             if result is None:
                 return answer
             if isinstance(result, BaseModel):
@@ -65,7 +59,7 @@ class InboundCalls:
                       self.settings.timeout_s, number)
         except ValidationError as exc:
             log.error("inbound hook returned an unusable answer (caller %s): %s", number,
-                      "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+                      "; ".join(describe_validation(exc)))
         except Exception as exc:
             log.error("inbound hook failed (caller %s): ringing on without it", number, exc_info=exc)
         return answer

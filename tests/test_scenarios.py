@@ -117,8 +117,7 @@ async def test_verdicts_repeat_and_a_failure_fits_one_screen(tmp_path):
 
 
 async def test_a_running_server_is_tested_by_url(tmp_path):
-    settings = local_settings(PROJECT_DIR / "config/serve.yaml")
-    settings = settings.model_copy(update={"events": settings.events.model_copy(update={"archive_dir": str(tmp_path)})})
+    settings = local_settings(PROJECT_DIR / "config/serve.yaml", str(tmp_path))
     with LocalServer(settings) as server:
         out = Console(record=True, width=200)
         code = await _run([SUITES / "clinic.yaml"], url=server.ws, webhook_url=f"{server.http}/webhook",

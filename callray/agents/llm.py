@@ -571,22 +571,25 @@ def history_messages(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Retell's transcript (with tool calls, when it sent them) as chat messages: consecutive
     tool invocations become one assistant message, each result a tool message."""
     messages: list[dict[str, Any]] = []
+    invoked: list[PendingToolCall] = []
     for entry in history:
         role = entry.get("role")
+        if role == "tool_call_invocation" and entry.get("tool_call_id"):
+            invoked.append(PendingToolCall(str(entry["tool_call_id"]), str(entry.get("name") or ""),
+                                           str(entry.get("arguments") or "")))
+            continue
+        if invoked and role in ("agent", "user", "tool_call_result"):  # other roles (node_transition) pass
+            messages.append(_assistant_tool_message("", invoked))
+            invoked = []
         if role in ("agent", "user"):
             content = str(entry.get("content") or "").strip()
             if content:
                 messages.append({"role": "assistant" if role == "agent" else "user", "content": content})
-        elif role == "tool_call_invocation" and entry.get("tool_call_id"):
-            call = {"id": str(entry["tool_call_id"]), "type": "function",
-                    "function": {"name": str(entry.get("name") or ""), "arguments": str(entry.get("arguments") or "{}")}}
-            if messages and messages[-1].get("tool_calls") and messages[-1]["content"] is None:
-                messages[-1]["tool_calls"].append(call)
-            else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif role == "tool_call_result" and entry.get("tool_call_id"):
             messages.append({"role": "tool", "tool_call_id": str(entry["tool_call_id"]),
                              "content": str(entry.get("content") or "")[:MAX_RESULT_CHARS]})
+    if invoked:
+        messages.append(_assistant_tool_message("", invoked))
     return messages
 
 

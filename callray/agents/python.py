@@ -8,6 +8,7 @@ Python function tools (``function: "tools:lookup_order"``).
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import re
@@ -64,6 +65,15 @@ def import_object(spec: str, beside: Path | None) -> Any:
     return target
 
 
+async def call_user_code(fn: Any, *args: Any, timeout_s: float, **kwargs: Any) -> Any:
+    """Call a user's function (a tool, an inbound hook) within ``timeout_s``: an async one is
+    awaited, a sync one runs in a thread so it cannot stall every call of the replica."""
+    async with asyncio.timeout(timeout_s):
+        if inspect.iscoroutinefunction(fn):
+            return await fn(*args, **kwargs)
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+
 class PythonAgentConfig(BaseModel):
     """A Python agent definition (an agent YAML with ``kind: python``)."""
 
@@ -101,17 +111,16 @@ def load_python_agent(data: dict[str, Any], source: str) -> Agent:
 
 
 def _construct(cls: type[Agent], config: PythonAgentConfig, source: str) -> Agent:
-    options_model = cls.Options
+    """``cls(options)`` with the options validated by its ``Options`` model, or ``cls(**options)``."""
+    args: tuple[Any, ...] = ()
+    kwargs = config.options
+    if cls.Options is not None:
+        try:
+            args, kwargs = (cls.Options.model_validate(config.options),), {}
+        except ValidationError as exc:
+            raise AgentConfigError(source, describe_validation(exc, prefix="options")) from None
     try:
-        if options_model is not None:
-            try:
-                options = options_model.model_validate(config.options)
-            except ValidationError as exc:
-                raise AgentConfigError(source, describe_validation(exc, prefix="options")) from None
-            return cls(options)
-        return cls(**config.options)
-    except AgentConfigError:
-        raise
+        return cls(*args, **kwargs)
     except TypeError as exc:
         raise AgentConfigError(source, [f"options: {config.class_}: {exc}"]) from None
     except Exception as exc:

@@ -9,7 +9,6 @@ already has for that key until the turn is answered; a later turn calls again.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import inspect
 import json
@@ -24,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic_core import to_jsonable_python
 
 from callray.agents.base import Turn, Usage
-from callray.agents.python import ImportPathError, import_object
+from callray.agents.python import ImportPathError, call_user_code, import_object
+from callray.env import describe_validation
 
 log = logging.getLogger("callray.tools")
 
@@ -322,16 +322,11 @@ class FunctionTool:
         try:
             kwargs = dict(self.arguments.model_validate(arguments))
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}" for e in exc.errors())
-            raise ToolError(f"invalid arguments for {self.name}: {problems}") from None
+            raise ToolError(f"invalid arguments for {self.name}: {'; '.join(describe_validation(exc))}") from None
         if self.turn_param:
             kwargs[self.turn_param] = turn
         try:
-            async with asyncio.timeout(self.config.timeout_s):
-                if inspect.iscoroutinefunction(self.fn):
-                    result = await self.fn(**kwargs)
-                else:  # a blocking function must not stall every call of the replica
-                    result = await asyncio.to_thread(self.fn, **kwargs)
+            result = await call_user_code(self.fn, timeout_s=self.config.timeout_s, **kwargs)
         except TimeoutError:
             raise ToolError(f"{self.name} did not finish within {self.config.timeout_s} s") from None
         except Exception as exc:

@@ -32,13 +32,14 @@ def _suite_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def local_settings(config: Path) -> CallraySettings:
+def local_settings(config: Path, archive_dir: str) -> CallraySettings:
     """The config's settings as a local test run serves them: no socket secret (the runner
-    connects from loopback), a webhook key of the run's own, the archive in a scratch folder."""
+    connects from loopback), a webhook key of the run's own, the archive in ``archive_dir``."""
     _, settings = load_serve_config(config)
     update = {
         "gateway": settings.gateway.model_copy(update={"guard": type(settings.gateway.guard)()}),
         "webhook": settings.webhook.model_copy(update={"api_key": settings.webhook.api_key or secrets.token_hex(16)}),
+        "events": settings.events.model_copy(update={"archive_dir": archive_dir}),
     }
     return settings.model_copy(update=update)
 
@@ -49,9 +50,8 @@ def _target(url: str | None, config: Path, webhook_url: str | None, webhook_key:
     if url is not None:
         yield Target(url, webhook_url, webhook_key or os.environ.get("RETELL_API_KEY") or None), None
         return
-    settings = local_settings(config)
     with tempfile.TemporaryDirectory(prefix="callray-test-") as scratch:
-        settings = settings.model_copy(update={"events": settings.events.model_copy(update={"archive_dir": scratch})})
+        settings = local_settings(config, scratch)
         started = time.monotonic()
         with LocalServer(settings) as server:
             console.print(f"[dim]callray for {config} on {server.ws} (started in {time.monotonic() - started:.1f} s)[/]")

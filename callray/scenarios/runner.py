@@ -73,12 +73,11 @@ class _Call:
 
     def __init__(self, target: Target, suite: Suite, scenario: Scenario, result: ScenarioResult):
         self.target, self.suite, self.scenario, self.result = target, suite, scenario, result
-        route = target.ws_url.rstrip("/") + (f"/{suite.agent}" if suite.agent else "")
-        self.url = route
+        self.url = target.ws_url.rstrip("/") + (f"/{suite.agent}" if suite.agent else "")
         self.call_object = {**scenario.call, "call_id": result.call_id, "call_status": "ongoing"}
         if scenario.variables:
             self.call_object["retell_llm_dynamic_variables"] = dict(scenario.variables)
-        self.client = RetellClient(route, result.call_id, call_object=self.call_object)
+        self.client = RetellClient(self.url, result.call_id, call_object=self.call_object)
         self.next_id = 1
 
     async def play(self) -> None:
