@@ -10,7 +10,8 @@ async def answer(call_inbound: dict) -> dict | None:
     if caller == "+15550000002":
         raise RuntimeError("the CRM is down")
     if caller == "+15550000003":
-        await asyncio.sleep(5)  # slower than inbound.timeout_s
+        await asyncio.sleep(5)  # slower than inbound.timeout_s: this answer must never be used
+        return {"dynamic_variables": {"customer_name": "Too Late"}}
     if caller == "+15550000004":
         return {"dynamic_variables": "not a mapping"}
     return None

@@ -124,3 +124,16 @@ async def test_a_running_server_is_tested_by_url(tmp_path):
                           webhook_key=settings.webhook.api_key, console=out)
     assert code == 0, out.export_text()
     assert "callray for" not in out.export_text()  # nothing was started for it
+
+
+async def test_a_missed_latency_budget_fails_its_step_and_reports_the_measured_time(tmp_path):
+    """A budget no answer can meet (a microsecond): the verdict does not depend on how fast the
+    machine is, and the report names the budget and what was measured."""
+    suite = tmp_path / "budget.yaml"
+    suite.write_text(yaml.safe_dump({"agent": "clinic", "scenarios": [
+        {"name": "impossible budget", "steps": [{"say": "What are your hours?", "expect": {"first_sentence_ms": 0.001}}]},
+    ]}))
+    out = Console(record=True, width=200)
+    code = await _run([suite], config=PROJECT_DIR / "config/serve.yaml", console=out)
+    text = out.export_text()
+    assert code == 1 and re.search(r"first sentence after \d+ ms; budget 0 ms", text), text
