@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, NamedTuple
 
 from callray import events as ev
+from callray.events import Event
 from callray import tracing
 from callray.agents.base import (
     FALLBACK_LINE,
@@ -65,6 +66,8 @@ from callray.stores.base import CallFencedError, CallState, EventSink, ResponseC
 log = logging.getLogger("callray.conversation")
 
 _SENTENCE_END = (".", "!", "?")
+#: Events kept for the next checkpoint, at most (a store down for long drops the oldest, logged).
+MAX_UNSAVED_EVENTS = 1000
 #: Saves of one checkpoint, at most (a save refused by the call's own late write is sent again).
 MAX_SAVE_ATTEMPTS = 4
 #: Without a configured ``turns.greeting_wait_ms``: how long a greeting that uses call data
@@ -263,6 +266,9 @@ class Conversation:
         self._call_details = asyncio.Event()
         self._on_lost = on_lost
         self.lost = False  # a newer activation owns the call: nothing more is sent or written
+        # Events not yet written, when the store writes them with the state (the outbox): the
+        # store empties this list as its writes land, so a crash loses no event of a saved turn.
+        self.unsaved_events: list[Event] | None = [] if store.carries_events else None
 
     @property
     def call_id(self) -> str:
@@ -718,7 +724,7 @@ class Conversation:
         epoch a call has no other writer, and a newer activation elsewhere fences this one off."""
         epoch = self.state.epoch
         try:
-            await self.store.save(self.state)
+            await self.store.save(self.state, self.unsaved_events)
         except CallFencedError as exc:
             if self.state.epoch > epoch:
                 log.info("call %s: a save under epoch %d met this activation's own epoch %d; saving again",
@@ -747,13 +753,20 @@ class Conversation:
                 self.outbox.put(Frame(frame.to_json(), interrupt=isinstance(frame, AgentInterruptFrame)))
 
     def _emit(self, cls: type, **fields: Any) -> None:
-        if self.events is None:
+        if self.events is None and self.unsaved_events is None:
             return
         self.state.event_seq += 1
         try:
-            self.events.emit(cls(call_id=self.call_id, seq=self.state.event_seq, epoch=self.state.epoch,
-                                 agent=self.agent.name, host=self.host,
-                                 **fields))
+            event = cls(call_id=self.call_id, seq=self.state.event_seq, epoch=self.state.epoch,
+                        agent=self.agent.name, host=self.host, **fields)
+            if self.unsaved_events is not None:
+                if len(self.unsaved_events) >= MAX_UNSAVED_EVENTS:
+                    dropped = self.unsaved_events.pop(0)
+                    log.error("call %s: %d events wait for a checkpoint; dropping %s (seq %d)", self.call_id,
+                              MAX_UNSAVED_EVENTS, dropped.type, dropped.seq, extra={"call_id": self.call_id})
+                self.unsaved_events.append(event)
+            if self.events is not None:
+                self.events.emit(event)
         except Exception as exc:  # an event must never fail the turn
             log.error("call %s: emitting %s failed: %r", self.call_id, cls.__name__, exc, extra={"call_id": self.call_id})
 

@@ -30,6 +30,7 @@ from callray.events import CallEnded, Event
 from callray.protocol import ProtocolError, parse_frame
 from callray.settings import CallraySettings
 from callray.stores.base import CallState, EventSink, ResponseCache, StateStore, StoreUnavailableError
+from callray.stores.bus import TappedSink
 
 log = logging.getLogger("callray.host")
 
@@ -58,6 +59,11 @@ class Host:
         self.settings, self.agents, self.name = settings, agents, name
         self.on_deactivate, self.on_claimed = on_deactivate, on_claimed
         self.store, self.cache, self.events = store, cache, events
+        # A store that carries events writes a call's events with its checkpoint: the calls'
+        # events then only pass the observer (metrics) here, and are not published twice.
+        self._call_events = events
+        if store.carries_events:
+            self._call_events = events.observer() if isinstance(events, TappedSink) else None
         self.calls: dict[str, Conversation] = {}
         # Without call_details (gateway.call_details: false) a greeting has nothing to wait for.
         self._turns = (settings.turns if settings.gateway.call_details
@@ -109,7 +115,7 @@ class Host:
             agent = self.agents.get(None)
         conversation = Conversation(state, agent, store=self.store, settings=self._turns,
                                     cache=self.cache if self.settings.cache.enabled else None,
-                                    events=self.events,
+                                    events=self._call_events,
                                     route_agent=self.agents.route if self.agents.by_retell_agent_id else None,
                                     on_lost=self._lost, host=self.name)
         self.calls[state.call_id] = conversation

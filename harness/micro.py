@@ -70,14 +70,15 @@ class TimedStore:
 
     def __init__(self, inner: Any):
         self.inner, self.save_ms = inner, []
+        self.carries_events = inner.carries_events
 
     async def load(self, call_id: str) -> Any:
         return await self.inner.load(call_id)
 
-    async def save(self, state: CallState) -> int:
+    async def save(self, state: CallState, events: list | None = None) -> int:
         start = time.perf_counter()
         try:
-            return await self.inner.save(state)
+            return await self.inner.save(state, events)
         finally:
             self.save_ms.append((time.perf_counter() - start) * 1000)
 

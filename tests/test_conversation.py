@@ -384,7 +384,7 @@ async def test_a_save_refused_again_and_again_keeps_the_call_in_memory():
     from callray.stores.base import StaleStateError, StoreUnavailableError
 
     class Flaky(MemoryStateStore):
-        async def save(self, state):
+        async def save(self, state, events=None):
             raise StaleStateError(state.call_id, state.version, state.version + 1)
 
         async def load(self, call_id):

@@ -231,10 +231,10 @@ class RoundTripStore(MemoryStateStore):
     """Saves like a network store: the write is applied, then the reply travels back, so other
     tasks run (and cancellations land) while a save is in flight."""
 
-    async def save(self, state: CallState) -> int:
+    async def save(self, state: CallState, events=None) -> int:
         sent = state.model_copy(deep=True)
         await asyncio.sleep(0)  # request in flight
-        version = await super().save(sent)
+        version = await super().save(sent, events)
         await asyncio.sleep(0)  # reply in flight
         state.version, state.updated_at = sent.version, sent.updated_at
         return version

@@ -231,10 +231,10 @@ class FlakyStore(MemoryStateStore):
 
     failing = False
 
-    async def save(self, state):
+    async def save(self, state, events=None):
         if self.failing:
             raise ConnectionError("store down")
-        return await super().save(state)
+        return await super().save(state, events)
 
 
 async def test_events_of_a_crashed_host_and_its_successor_never_share_an_identity():
@@ -280,10 +280,10 @@ class SlowSaves(MemoryStateStore):
         super().__init__()
         self.delay_s = delay_s
 
-    async def save(self, state):
+    async def save(self, state, events=None):
         sent = state.model_copy(deep=True)  # what went on the wire
         await asyncio.sleep(self.delay_s)
-        version = await super().save(sent)
+        version = await super().save(sent, events)
         state.version, state.updated_at = sent.version, sent.updated_at
         return version
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from callray.conversation import Conversation, Outbox
+from callray.events import parse_event as parse_stored
 from callray.protocol import parse_event
 from callray.settings import CallraySettings, TurnSettings
 from callray.sim.local import RedisServer
@@ -93,13 +94,14 @@ async def test_a_redis_stall_never_rewinds_a_live_call(frozen_redis):
     used to be taken for another writer: the conversation reloaded the stored (older) state and
     went back in time: its memory, latest_response_id and event seq (reused ids, dropped by the
     consumers as duplicates). Under its own owner epoch a call has no other writer: it keeps its
-    state and saves it again."""
+    state and saves it again. Its events wait with its unwritten state and reach the stream
+    once each when Redis wakes, even those of the save whose reply was lost."""
     from callray.stores.redis import RedisStateStore
     from callray.stores.write_behind import WriteBehindStore
 
     server, freeze = frozen_redis
     client = redis_client(server.url, timeout_s=0.2)
-    store = WriteBehindStore(RedisStateStore(client))
+    store = WriteBehindStore(RedisStateStore(client, stream="callray:stall-events"))
     events = []
 
     class Sink:
@@ -141,5 +143,8 @@ async def test_a_redis_stall_never_rewinds_a_live_call(frozen_redis):
     await conversation.checkpoint()
     stored = await RedisStateStore(client).load("rewind")
     assert stored.agent_state["memory"] == "delta" and stored.turns[-1].response_id == 6
+    written = [parse_stored(fields[b"event"]) for _, fields in await client.xrange("callray:stall-events")]
+    assert [(e.epoch, e.seq) for e in written] == seqs  # every event once, in order
+    assert [e.response_id for e in written if e.type == "call.turn"] == [1, 2, 3, 5, 6]
     await conversation.deactivate()
     await store.close()

@@ -36,10 +36,10 @@ class FlakyStore(MemoryStateStore):
             raise StoreUnavailableError("flaky store is down")
         return await super().load(call_id)
 
-    async def save(self, state: CallState) -> int:
+    async def save(self, state: CallState, events=None) -> int:
         if self.down:
             raise StoreUnavailableError("flaky store is down")
-        version = await super().save(state)
+        version = await super().save(state, events)
         if self.lose_replies:
             raise StoreUnavailableError("flaky store: the write landed but the reply was lost")
         return version

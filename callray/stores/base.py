@@ -90,11 +90,19 @@ class StateStore(Protocol):
     async def owner(self, call_id: str) -> tuple[str, int] | None:
         """Who holds the call now: (owner, epoch), or None if no activation ever claimed it."""
 
-    async def save(self, state: CallState) -> int:
+    #: Whether ``save`` writes a call's events to the event stream together with its state
+    #: (a transactional outbox: both land or neither).
+    carries_events: bool
+
+    async def save(self, state: CallState, events: list[Event] | None = None) -> int:
         """Compare-and-set on ``state.version`` and ``state.epoch``: store it as version + 1,
         set ``state.version`` to the new version and return it. Raises CallFencedError when a
         newer epoch holds the call, StaleStateError when the store holds another version,
-        StoreUnavailableError when the backend is down."""
+        StoreUnavailableError when the backend is down.
+
+        ``events`` (a store that ``carries_events``): the owner's list of the call's events not
+        yet written, in ``seq`` order. The write writes them with the state and removes them from
+        the list, then or when a deferred write lands; one written before is not written again."""
 
     async def delete(self, call_id: str) -> None: ...
 

@@ -6,8 +6,10 @@ re-read after a restart or taken over from dead consumers, and entries that keep
 cannot be decoded) move to a dead-letter stream instead of blocking the group.
 ``MemoryBus`` (single and distributed architectures) has the same API in process memory.
 
-``emit`` is the producer's path from a live turn: it only appends to a bounded local buffer
-(never blocks, never raises, counts drops) and a background task publishes the buffer.
+``emit`` only appends to a bounded local buffer (never blocks, never raises, counts drops) and
+a background task publishes the buffer. With Redis state a live call's events do not take this
+path: the script that writes the call's checkpoint appends them to the stream (the outbox, in
+``stores/redis.py``); webhooks, escalations and the memory bus do.
 
 Retention never drops an entry a consumer group still needs: the oldest entries beyond
 ``maxlen`` (kept so analytics can rebuild after a restart) are trimmed only once every group
@@ -75,14 +77,20 @@ class EventBus(Protocol):
 class TappedSink:
     """An event sink that shows each event to ``observe`` (metrics) on its way to ``inner``."""
 
-    def __init__(self, inner: Any, observe: Callable[[Event], None]):
+    def __init__(self, inner: Any | None, observe: Callable[[Event], None]):
         self.inner, self.observe = inner, observe
 
     def emit(self, event: Event) -> None:
         try:
             self.observe(event)
         finally:
-            self.inner.emit(event)
+            if self.inner is not None:
+                self.inner.emit(event)
+
+    def observer(self) -> TappedSink:
+        """A sink that only observes: for events that reach the bus another way (with the
+        call's checkpoint, when the state store carries them)."""
+        return TappedSink(None, self.observe)
 
 
 class _BufferedEmitter:
@@ -470,9 +478,12 @@ class RedisStreamBus(_BufferedEmitter):
         if not ids:
             return 0
         try:
-            return int(await self.client.xack(self.stream, group, *ids))
+            acked = int(await self.client.xack(self.stream, group, *ids))
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"event stream {self.stream!r}: {exc}") from exc
+        if time.monotonic() - self._last_trim >= TRIM_INTERVAL_S:  # calls' events come by their checkpoints,
+            await self._trim_quietly()  # not through publish: consumers keep the stream trimmed too
+        return acked
 
     async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
         """The oldest dead-lettered entries (for operators and tests)."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from callray.stores.bus import EventBus, MemoryBus
+from callray.stores.bus import EventBus, MemoryBus, RedisStreamBus
 from callray.settings import CallraySettings, RedisSettings
 from callray.stores.base import ResponseCache, StateStore
 from callray.stores.memory import MemoryResponseCache, MemoryStateStore
@@ -39,12 +39,15 @@ async def open_redis(settings: RedisSettings) -> aioredis.Redis:
 async def build_stores(settings: CallraySettings) -> Stores:
     """Connect what the settings name, on one Redis client when any of them uses Redis."""
     client = await open_redis(settings.redis) if settings.uses_redis else None
+    events = build_bus(settings, client)
     state: StateStore
     if settings.state.backend == "redis":
         from callray.stores.redis import RedisStateStore
         from callray.stores.write_behind import WriteBehindStore
 
-        state = WriteBehindStore(RedisStateStore(client, ttl_s=settings.state.ttl_s))
+        # the outbox: with a Redis Stream bus, a call's events are written with its checkpoint
+        stream = {"stream": events.stream, "stream_max": events.max_retained} if isinstance(events, RedisStreamBus) else {}
+        state = WriteBehindStore(RedisStateStore(client, ttl_s=settings.state.ttl_s, **stream))
     else:
         state = MemoryStateStore(ttl_s=settings.state.ttl_s)
     cache: ResponseCache | None = None
@@ -58,15 +61,13 @@ async def build_stores(settings: CallraySettings) -> Stores:
                                   cooldown_s=settings.cache.cooldown_s)
         else:
             cache = MemoryResponseCache(ttl_s=settings.cache.ttl_s, max_entries=settings.cache.max_entries)
-    return Stores(state, cache, build_bus(settings, client), client)
+    return Stores(state, cache, events, client)
 
 
 def build_bus(settings: CallraySettings, client: aioredis.Redis | None) -> EventBus:
     """The event bus: Redis Streams (durable, shared; needs ``client``) or a per-process memory bus."""
     events = settings.events
     if events.backend == "redis_streams":
-        from callray.stores.bus import RedisStreamBus
-
         if client is None:
             raise ValueError("events.backend redis_streams needs a Redis client")
         return RedisStreamBus(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from cachetools import TTLCache
 
+from callray.events import Event
 from callray.stores.base import CallFencedError, CallState, Claim, StaleStateError
 
 
@@ -34,8 +35,10 @@ class MemoryStateStore:
 
     Bounded: entries expire ``ttl_s`` after their last write (an ended call after at most
     ``ENDED_TTL_S``), ``sweep`` removes expired ones, and past ``max_calls`` entries the ones
-    closest to expiry are dropped.
+    closest to expiry are dropped. Events go to the in-process bus, not with the state.
     """
+
+    carries_events = False
 
     def __init__(self, ttl_s: float = 3600.0, max_calls: int = 100_000):
         self.ttl_s, self.max_calls = ttl_s, max_calls
@@ -87,7 +90,7 @@ class MemoryStateStore:
         item = self._get(call_id)
         return (item.owner, item.epoch) if item is not None and item.owner is not None else None
 
-    async def save(self, state: CallState) -> int:
+    async def save(self, state: CallState, events: list[Event] | None = None) -> int:
         item = self._get(state.call_id)
         if item is not None and item.epoch > state.epoch:
             raise CallFencedError(state.call_id, state.epoch, item.epoch)

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from callray.events import Event
 from callray.stores.base import CallFencedError, CallState, Claim, StaleStateError, StoreUnavailableError
 from callray.stores.redis_client import REDIS_SETTING, connect_redis
 
@@ -29,12 +30,16 @@ T = TypeVar("T")
 # Failures that mean "Redis cannot serve this now" (refused, reset, timed out, loading...).
 _DOWN = (RedisError, OSError, asyncio.TimeoutError)
 
-# KEYS[1] call key; ARGV[1] expected version, ARGV[2] JSON, ARGV[3] TTL ms, ARGV[4] owner epoch.
-# Returns {1, new_version} when written, {0, found_version} when stale (0 = no such call) and
-# {-1, stored_epoch} when a newer activation holds the call (fenced).
+# KEYS[1] call key, KEYS[2] the event stream (when events are carried); ARGV[1] expected
+# version, ARGV[2] JSON, ARGV[3] TTL ms, ARGV[4] owner epoch, ARGV[5] the stream's hard length
+# bound, then (seq, type, event JSON) per event. Returns {1, new_version} when written, {0, found_version} when stale (0 = no such call)
+# and {-1, stored_epoch} when a newer activation holds the call (fenced).
 # A replay of the exact write that already landed (a retry after a lost reply) succeeds again.
+# The events are appended to the stream by the same script that writes the state, so a crash
+# loses both or neither; ``q`` is the highest seq appended, and an event at or below it (sent
+# again with a later save after an earlier one's reply was lost) is not appended twice.
 _CAS_SAVE = """
-local cur = redis.call('HMGET', KEYS[1], 'v', 's', 'e')
+local cur = redis.call('HMGET', KEYS[1], 'v', 's', 'e', 'q')
 local epoch = tonumber(cur[3] or '0')
 if epoch > tonumber(ARGV[4]) then
   return {-1, epoch}
@@ -48,7 +53,15 @@ end
 if found ~= expected then
   return {0, found}
 end
-redis.call('HSET', KEYS[1], 'v', found + 1, 's', ARGV[2], 'e', ARGV[4])
+local appended = tonumber(cur[4] or '0')
+for i = 6, #ARGV, 3 do
+  local seq = tonumber(ARGV[i])
+  if seq > appended then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'type', ARGV[i + 1], 'event', ARGV[i + 2])
+    appended = seq
+  end
+end
+redis.call('HSET', KEYS[1], 'v', found + 1, 's', ARGV[2], 'e', ARGV[4], 'q', appended)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {1, found + 1}
 """
@@ -86,12 +99,20 @@ async def _once_more_on_reconnect(command: Callable[[], Awaitable[T]]) -> T:
 class RedisStateStore:
     """Versioned call state in Redis with the same compare-and-set and epoch rules as
     MemoryStateStore: a hash per call with ``v`` (version), ``s`` (the CallState JSON), ``e``
-    (owner epoch) and ``o`` (owner). Every save and claim refreshes the key's TTL, so a call
-    expires ``ttl_s`` after its last activity.
+    (owner epoch), ``o`` (owner) and ``q`` (the last event seq appended). Every save and claim
+    refreshes the key's TTL, so a call expires ``ttl_s`` after its last activity.
+
+    With ``stream`` set, a save appends the call's events to that Redis Stream in the same
+    script (the event-driven architecture's outbox); the bus's consumers read them from there and
+    trim it. ``stream_max`` bounds the stream even when no consumer runs (the bus's
+    ``max_retained``; approximate, as Redis trims whole nodes).
     """
 
-    def __init__(self, client: aioredis.Redis, *, ttl_s: float = 3600.0, prefix: str = "callray:call:"):
-        self.client, self.ttl_s, self.prefix = client, ttl_s, prefix
+    def __init__(self, client: aioredis.Redis, *, ttl_s: float = 3600.0, prefix: str = "callray:call:",
+                 stream: str | None = None, stream_max: int = 1_000_000):
+        self.client, self.ttl_s, self.prefix, self.stream = client, ttl_s, prefix, stream
+        self.stream_max = stream_max
+        self.events_appended = 0  # events this process sent with a save that landed
         self._save_script = client.register_script(_CAS_SAVE)
         self._claim_script = client.register_script(_CLAIM)
         self._owns_client = False
@@ -105,6 +126,10 @@ class RedisStateStore:
         store = cls(client, ttl_s=ttl_s, prefix=prefix)
         store._owns_client = True
         return store
+
+    @property
+    def carries_events(self) -> bool:
+        return self.stream is not None
 
     def key(self, call_id: str) -> str:
         return self.prefix + call_id
@@ -133,16 +158,25 @@ class RedisStateStore:
         owner, epoch = await self._run("owner lookup", call_id, lambda: self.client.hmget(key, "o", "e"))
         return (owner.decode(), int(epoch or 0)) if owner else None
 
-    async def save(self, state: CallState) -> int:
+    async def save(self, state: CallState, events: list[Event] | None = None) -> int:
         new_version, now = state.version + 1, time.time()
         payload = state.model_copy(update={"version": new_version, "updated_at": now}).model_dump_json()
-        args = [state.version, payload, _ms(self.ttl_s), state.epoch]
-        key = self.key(state.call_id)
-        written, found = await self._run("save", state.call_id, lambda: self._save_script(keys=[key], args=args))
+        args: list[str | int] = [state.version, payload, _ms(self.ttl_s), state.epoch]
+        keys = [self.key(state.call_id)]
+        sent = list(events) if self.stream is not None and events else []
+        if sent:
+            keys.append(self.stream)
+            args.append(self.stream_max)
+            for event in sent:
+                args += [event.seq, event.type, event.model_dump_json()]
+        written, found = await self._run("save", state.call_id, lambda: self._save_script(keys=keys, args=args))
         if written == -1:
             raise CallFencedError(state.call_id, state.epoch, int(found))
         if not written:
             raise StaleStateError(state.call_id, state.version, int(found))
+        if sent:
+            self.events_appended += len(sent)
+            events[:] = [event for event in events if event.seq > sent[-1].seq]  # more may have come meanwhile
         state.version, state.updated_at = new_version, now
         return new_version
 

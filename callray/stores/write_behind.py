@@ -9,6 +9,9 @@ when the first unsaved change happened (``stored``), so if another host took the
 the meantime, the delayed write loses and this host's next save raises StaleStateError. While a
 call's store version lags behind the version its owner holds (``local``), the wrapper translates
 between the two; the owner never sees the difference.
+
+A call's events (for a store that ``carries_events``) wait with its unwritten state: the owner's
+list of them is kept with the entry and handed to the write that lands, which empties it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 
 from redis.backoff import ExponentialBackoff
 
+from callray.events import Event
 from callray.stores.base import CallFencedError, CallState, Claim, StaleStateError, StateStore, StoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,7 @@ class _Entry:
     stored: int  # the version the store holds: the delayed write compares against it
     local: int  # the version the owner holds (the last one returned by save)
     dirty: CallState | None = None  # the latest state not yet written
+    events: list[Event] = field(default_factory=list)  # the owner's unwritten events (see save)
     unknown: deque[str] = field(default_factory=lambda: deque(maxlen=_UNKNOWN_OUTCOMES))
     lost_to: int | None = None  # another writer won: the store version (or owner epoch) it holds
     fenced: bool = False  # ... and it won because a newer activation claimed the call
@@ -61,6 +66,10 @@ class WriteBehindStore:
         self._entries: dict[str, _Entry] = {}
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Future | None = None
+
+    @property
+    def carries_events(self) -> bool:
+        return self.inner.carries_events
 
     @property
     def pending(self) -> int:
@@ -108,7 +117,7 @@ class WriteBehindStore:
     async def owner(self, call_id: str) -> tuple[str, int] | None:
         return await self.inner.owner(call_id)
 
-    async def save(self, state: CallState) -> int:
+    async def save(self, state: CallState, events: list[Event] | None = None) -> int:
         call_id = state.call_id
         entry = self._entries.get(call_id)
         if entry is not None:
@@ -120,16 +129,16 @@ class WriteBehindStore:
             if state.version != entry.local:
                 raise StaleStateError(call_id, state.version, entry.local)
             if entry.dirty is not None:  # a write is queued: replace it with this newer state
-                return self._defer(entry, state)
+                return self._defer(entry, state, events)
         attempt = state.model_copy(update={"version": entry.stored if entry else state.version})
         try:
-            version = await self.inner.save(attempt)
+            version = await self.inner.save(attempt, events)
         except StoreUnavailableError:
             self.write_retries += 1
             if entry is None:
                 entry = self._entries[call_id] = _Entry(stored=state.version, local=state.version)
             entry.unknown.append(_fingerprint(state))
-            return self._defer(entry, state)
+            return self._defer(entry, state, events)
         except CallFencedError:
             self._entries.pop(call_id, None)
             raise
@@ -173,7 +182,9 @@ class WriteBehindStore:
                 await task
         await self.inner.close()
 
-    def _defer(self, entry: _Entry, state: CallState) -> int:
+    def _defer(self, entry: _Entry, state: CallState, events: list[Event] | None) -> int:
+        if events is not None:
+            entry.events = events
         entry.local += 1
         state.version, state.updated_at = entry.local, time.time()
         entry.dirty = state.model_copy(deep=True)
@@ -216,7 +227,7 @@ class WriteBehindStore:
             return False
         latest = entry.dirty
         try:
-            version = await self.inner.save(latest.model_copy(update={"version": entry.stored}))
+            version = await self.inner.save(latest.model_copy(update={"version": entry.stored}), entry.events)
         except StoreUnavailableError:
             self.write_retries += 1
             entry.unknown.append(_fingerprint(latest))
