@@ -16,9 +16,10 @@ class CallCommand(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["transfer", "say", "end_call", "ended", "superseded"] = Field(
+    kind: Literal["transfer", "say", "end_call", "ended", "superseded", "release"] = Field(
         description="transfer / say / end_call: speak ``line`` now (agent_interrupt), then act. "
-        "ended: Retell reported the call over (webhook). superseded: a newer activation holds the call.")
+        "ended: Retell reported the call over (webhook). superseded: a newer activation holds the call. "
+        "release: a new socket of the call is activating elsewhere; save the call and let it go.")
     line: str = Field(default="", description="What the agent says (transfer, say, end_call).")
     number: str = Field(default="", description="transfer: where to (E.164).")
     reason: str = Field(default="", description="ended: Retell's disconnection reason.")

@@ -685,12 +685,12 @@ class Conversation:
             if emit:
                 self._emit(ev.CallEnded, reason=reason, call=self.state.call)
 
-    async def deactivate(self) -> None:
-        """Stop work, close the stream, write the state for the next activation (unless a newer
-        activation owns the call: then it is only dropped)."""
+    async def deactivate(self, end: StreamEnd = StreamEnd.DEACTIVATED) -> None:
+        """Stop work, close the stream (``end`` says why), write the state for the next
+        activation (unless a newer activation owns the call: then it is only dropped)."""
         self._cancel_generation()
         if self.outbox is not None:
-            self.outbox.close(StreamEnd.DEACTIVATED)
+            self.outbox.close(end)
             self.outbox = None
         await asyncio.gather(*self._background, return_exceptions=True)  # let in-flight saves land
         await self.checkpoint()

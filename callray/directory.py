@@ -34,9 +34,9 @@ class CallDirectory:
     """Delivers commands to the activation that owns a call (see the module docstring)."""
 
     def __init__(self, name: str, host: Host | None = None, *, store: StateStore | None = None,
-                 redis: aioredis.Redis | None = None, reply_timeout_s: float = 2.0):
+                 redis: aioredis.Redis | None = None, reply_timeout_s: float = 2.0, handover_timeout_s: float = 1.0):
         self.name, self.host, self.store, self.redis = name, host, store, redis
-        self.reply_timeout_s = reply_timeout_s
+        self.reply_timeout_s, self.handover_timeout_s = reply_timeout_s, handover_timeout_s
         self.counts = {"local": 0, "remote": 0, "unreachable": 0, "served": 0}
         self._notifying: set[asyncio.Task] = set()
 
@@ -44,8 +44,9 @@ class CallDirectory:
     def channel(owner: str) -> str:
         return f"callray:owner:{owner}"
 
-    async def send(self, call_id: str, command: CallCommand) -> bool:
-        """Apply ``command`` where the call lives; True when that activation took it."""
+    async def send(self, call_id: str, command: CallCommand, *, timeout_s: float | None = None) -> bool:
+        """Apply ``command`` where the call lives; True when that activation took it (within
+        ``timeout_s``, by default ``reply_timeout_s``)."""
         if self.host is not None and call_id in self.host.calls:
             self.counts["local"] += 1
             return await self.host.command(call_id, command)
@@ -58,7 +59,12 @@ class CallDirectory:
             return False
         if owner is None or owner[0] == self.name:
             return False  # never activated, or it was ours and is not live any more
-        return await self._publish(owner[0], call_id, command, wait=True)
+        return await self._publish(owner[0], call_id, command, wait=True, timeout_s=timeout_s)
+
+    async def release(self, call_id: str) -> bool:
+        """Ask the process that held ``call_id`` to save it and let it go (before this one claims
+        it); True when it did. A process that is gone, or holds nothing, answers at once."""
+        return await self.send(call_id, CallCommand(kind="release"), timeout_s=self.handover_timeout_s)
 
     def notify_superseded(self, call_id: str, previous_owner: str, epoch: int) -> None:
         """Tell the previous owner at once that a newer activation holds the call (its next
@@ -70,7 +76,8 @@ class CallDirectory:
         self._notifying.add(task)
         task.add_done_callback(self._notifying.discard)
 
-    async def _publish(self, owner: str, call_id: str, command: CallCommand, *, wait: bool) -> bool:
+    async def _publish(self, owner: str, call_id: str, command: CallCommand, *, wait: bool,
+                       timeout_s: float | None = None) -> bool:
         reply_to = f"callray:reply:{uuid.uuid4().hex}" if wait else None
         message = json.dumps({"call_id": call_id, "command": command.model_dump(mode="json"), "reply_to": reply_to})
         try:
@@ -81,16 +88,16 @@ class CallDirectory:
             self.counts["remote"] += 1
             if reply_to is None:
                 return True
-            return await self._reply(reply_to)
+            return await self._reply(reply_to, self.reply_timeout_s if timeout_s is None else timeout_s)
         except (*_DOWN, aioredis.RedisError) as exc:
             log.warning("call %s: command %s to %s failed: %r", call_id, command.kind, owner, exc,
                         extra={"call_id": call_id})
             return False
 
-    async def _reply(self, key: str) -> bool:
+    async def _reply(self, key: str, timeout_s: float) -> bool:
         """The owner's answer. BLPOP in slices shorter than the client's socket timeout."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.reply_timeout_s
+        deadline = loop.time() + timeout_s
         while (left := deadline - loop.time()) > 0:
             answer = await self.redis.blpop([key], timeout=min(0.5, max(left, 0.01)))
             if answer is not None:

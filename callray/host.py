@@ -50,7 +50,10 @@ OnClaimed = Callable[[str, str, int], None]
 class Host:
     """Activation, delivery, commands and deactivation for the calls placed on one host.
 
-    ``name`` is recorded in the store as the owner of every call activated here.
+    ``name`` is recorded in the store as the owner of every call activated here. Before it claims
+    a call, ``release_elsewhere`` (set with a directory) asks the call's previous owner to save
+    it and let it go: a reconnect that lands here while that owner's last checkpoint is in
+    flight would otherwise fence that checkpoint off and lose the turn it saves.
     """
 
     def __init__(self, settings: CallraySettings, agents: AgentRegistry, *, store: StateStore,
@@ -58,6 +61,7 @@ class Host:
                  on_deactivate: Callable[[str], Awaitable[None]] | None = None, on_claimed: OnClaimed | None = None):
         self.settings, self.agents, self.name = settings, agents, name
         self.on_deactivate, self.on_claimed = on_deactivate, on_claimed
+        self.release_elsewhere: Callable[[str], Awaitable[bool]] | None = None
         self.store, self.cache, self.events = store, cache, events
         # A store that carries events writes a call's events with its checkpoint: the calls'
         # events then only pass the observer (metrics) here, and are not published twice.
@@ -96,6 +100,8 @@ class Host:
             del self._activating[call_id]
 
     async def _claim(self, call_id: str, agent_name: str | None) -> Conversation:
+        if self.release_elsewhere is not None:  # its last checkpoint lands before our claim fences it off
+            await self.release_elsewhere(call_id)
         claim = await self.store.claim(call_id, self.name)
         if claim.previous_owner not in (None, self.name) and self.on_claimed is not None:
             self.on_claimed(call_id, claim.previous_owner, claim.epoch)
@@ -148,14 +154,15 @@ class Host:
             del self.calls[conversation.call_id]
         conversation.lose()
 
-    async def deactivate(self, call_id: str) -> bool:
-        """Save and drop a call from memory (its next socket re-activates it)."""
+    async def deactivate(self, call_id: str, end: StreamEnd = StreamEnd.DEACTIVATED) -> bool:
+        """Save and drop a call from memory (its next socket re-activates it); a socket still
+        attached is closed as ``end`` says."""
         conversation = self.calls.pop(call_id, None)
         if conversation is None:
             return False
         if conversation.ended and not conversation.state.ended:  # the agent hung up
             conversation.end("agent_hangup")
-        await conversation.deactivate()
+        await conversation.deactivate(end)
         self.counters["deactivations"] += 1
         if self.on_deactivate is not None:
             await self.on_deactivate(call_id)
@@ -226,6 +233,8 @@ class Host:
             if conversation.state.epoch < command.epoch:
                 self._lost(conversation)
             return True
+        if command.kind == "release":  # a newer socket of the call is activating elsewhere
+            return await self.deactivate(call_id, StreamEnd.SUPERSEDED)
         if command.kind == "ended":
             conversation.end(command.reason, command.call, emit=False)
             if conversation.connected:

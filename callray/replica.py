@@ -50,8 +50,11 @@ class LocalReplica:
         agents = AgentRegistry.from_settings(settings.agents)
         sink = TappedSink(stores.events, observe) if observe is not None else stores.events
         host = Host(settings, agents, store=stores.state, cache=stores.cache, events=sink, name=name)
-        directory = CallDirectory(name, host, store=stores.state, redis=stores.redis)
+        directory = CallDirectory(name, host, store=stores.state, redis=stores.redis,
+                                  handover_timeout_s=settings.hosts.handover_timeout_s)
         host.on_claimed = directory.notify_superseded
+        if stores.redis is not None:  # other replicas may hold the call: they hand it over first
+            host.release_elsewhere = directory.release
         consumers: dict[str, Any] = {}
         if settings.events.backend == "memory":  # in-process consumers, best effort
             consumers = build_consumers(settings.events, command=directory.send, emit=stores.events.emit)

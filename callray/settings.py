@@ -84,6 +84,7 @@ class HostsSettings(EnvSection):
     detached_timeout_s: float = Field(default=300.0, gt=0, description="A call with no socket for this long is deactivated.")
     max_detached_calls: int = Field(default=10_000, ge=1, description="Calls without a socket one process keeps in memory (for a reconnect) at most; beyond, the longest-detached is deactivated at once.")
     max_concurrency: int = Field(default=10_000, ge=16, description="Concurrent actor calls per host (each connected call holds one).")
+    handover_timeout_s: float = Field(default=1.0, gt=0, le=10, description="local placement with Redis: a call activating on one replica first asks the replica that held it to save it and let it go, so the last turn's checkpoint lands before the new claim fences it off; the claim goes ahead after this long without an answer (that replica hung).")
 
 
 class TurnSettings(EnvSection):

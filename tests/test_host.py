@@ -178,6 +178,49 @@ async def test_directory_sends_commands_to_the_owning_replica_through_redis(redi
         await client.aclose()
 
 
+class SlowRedisSaves(RedisStateStore):
+    """A replica whose saves reach Redis a while after they were sent (a busy Redis, a slow link)."""
+
+    async def save(self, state, events=None):
+        await asyncio.sleep(0.3)
+        return await super().save(state, events)
+
+
+async def test_a_reconnect_to_another_replica_while_the_last_checkpoint_is_in_flight_keeps_that_turn(redis_url):
+    """Retell reconnects to replica B just after replica A answered a turn, while A's checkpoint
+    of it is still on its way. B's claim used to fence that checkpoint off: the turn was lost
+    (the agent forgot it). Now B first asks A to hand the call over: A saves it and lets it go,
+    then B claims it with the turn."""
+    client = await connect_redis(redis_url)
+    prefix = f"test-handover-{uuid.uuid4().hex}:"
+    names = [f"replica-{uuid.uuid4().hex[:6]}" for _ in range(2)]
+    stores = [SlowRedisSaves(client, prefix=prefix), RedisStateStore(client, prefix=prefix)]
+    hosts = [make_host(store, name) for store, name in zip(stores, names)]
+    directories = [CallDirectory(name, host, store=host.store, redis=client) for name, host in zip(names, hosts)]
+    for host, directory in zip(hosts, directories):
+        host.on_claimed, host.release_elsewhere = directory.notify_superseded, directory.release
+    serving = [asyncio.create_task(d.serve()) for d in directories]
+    try:
+        await asyncio.sleep(0.2)  # both subscribed
+        old = Outbox("s1")
+        await hosts[0].attach("c1", old)
+        await asyncio.sleep(0.5)  # the greeting is saved
+        await hosts[0].deliver("c1", "s1", request(1, "What are your hours?"))
+        assert "Monday to Friday" in await answer(old, 1)  # A's checkpoint of turn 1 is now in flight
+
+        new = Outbox("s2")
+        conversation = await hosts[1].attach("c1", new)  # the reconnect, on replica B
+        assert [t.response_id for t in conversation.state.turns] == [1]
+        assert old.close_reason is StreamEnd.SUPERSEDED and "c1" not in hosts[0].calls  # 4001, as on one replica
+        assert texts(new.drain())[0]["content"] == ""  # response 0 of a resumed call: no second greeting
+        assert directories[0].counts["served"] >= 1
+    finally:
+        for task in serving:
+            task.cancel()
+        await asyncio.gather(*serving, return_exceptions=True)
+        await client.aclose()
+
+
 async def test_memory_that_ends_expired_ended_and_excess_calls_are_dropped():
     """The in-memory store sweeps expired calls, keeps an ended call briefly, and has a cap."""
     from callray.stores.base import CallState
