@@ -44,13 +44,14 @@ from rich.console import Console
 from rich.table import Table
 
 from callray.settings import PROJECT_DIR
+from callray.stats import percentile
 from callray.sim.local import RedisServer
 from callray.sim.report import SimResult, describe
 from callray.sim.simulator import SimConfig, SimObserver, run_simulation
 from harness.targets import read_json
 
-FaultKind = Literal["gateway", "consumer", "redis"]
-FAULT_KINDS: tuple[str, ...] = ("gateway", "consumer", "redis")
+FaultKind = Literal["gateway", "consumer", "redis", "stall"]
+FAULT_KINDS: tuple[str, ...] = ("gateway", "consumer", "redis", "stall")
 CONSUMER_KINDS = ("analytics", "archive", "escalation")
 #: Retell reconnects up to 4 times after an abnormal close (retell-protocol.md §1).
 RETELL_DROP_RECONNECTS = 4
@@ -64,6 +65,8 @@ class FaultPlan(BaseModel):
     gateway_every_s: float = Field(15.0, ge=0, description="SIGKILL a gateway replica process this often (0: never).")
     consumer_every_s: float = Field(0.0, ge=0, description="Kill an event consumer actor this often (event-driven).")
     redis_every_s: float = Field(0.0, ge=0, description="Restart Redis (stop, start, same port) this often.")
+    stall_every_s: float = Field(0.0, ge=0, description="Freeze Redis (SIGSTOP, then SIGCONT) this often.")
+    stall_s: float = Field(10.0, gt=0, description="Seconds Redis stays frozen in a stall.")
     first_after_s: float = Field(4.0, ge=0, description="No fault before this many seconds into the run.")
     until_s: float = Field(60.0, gt=0, description="No fault after this many seconds into the run.")
     redis_down_s: float = Field(1.0, ge=0, description="Seconds Redis stays down on a restart.")
@@ -89,6 +92,8 @@ class FaultPlan(BaseModel):
 
 
 class Restartable(Protocol):
+    proc: Any  # the server process (SIGSTOPped in a stall)
+
     def restart(self, down_s: float = 0.0) -> None: ...
 
 
@@ -103,6 +108,20 @@ class ChaosTarget:
     redis_url: str | None = None  # event-driven: read the stream to find lost or duplicated events
     stream: str | None = None
     http_base: str | None = None  # event-driven: GET {http_base}/analytics
+
+
+def chaos_target(name: str, deployed: Any, namespace: str, redis: RedisServer,
+                 agent_file: Path | None = None) -> ChaosTarget:
+    """The handles to hurt the deployed callray target ``name`` and to read what it recorded."""
+    from callray.settings import CallraySettings
+    from harness.targets import CALLRAY_TARGETS, callray_args
+
+    settings = CallraySettings.parse(callray_args(name, namespace=namespace, redis_url=redis.url, agent_file=agent_file),
+                                     source=CALLRAY_TARGETS[name][0])
+    event_driven = settings.events.backend == "redis_streams"
+    return ChaosTarget(url=deployed.url, app=name, namespace=namespace, redis=redis,
+                       redis_url=redis.url if event_driven else None,
+                       stream=settings.events.stream if event_driven else None, http_base=deployed.http_base)
 
 
 @dataclass
@@ -191,6 +210,19 @@ class FaultInjector:
         self.target.redis.restart(self.plan.redis_down_s)
         return "redis-server"
 
+    def _stall(self) -> str:
+        """Freeze Redis for ``stall_s``: connections stay open and nothing answers (a stalled
+        host, a paused VM), the case a restart does not show."""
+        if self.target.redis is None:
+            raise RuntimeError("this target has no Redis of its own to freeze")
+        pid = self.target.redis.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(self.plan.stall_s)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        return f"redis-server frozen {self.plan.stall_s:g} s"
+
 
 # ====================================================================== the run
 
@@ -246,7 +278,7 @@ def _affected(fault: Fault, faults: list[Fault], result: SimResult, opens: list[
         later = [f.at for f in faults if f.kind == "gateway" and f.at > fault.at]
         until = min(later, default=float("inf"))
         return sorted({o.call_id for o in opens if o.reconnect and fault.at <= o.at < until})
-    if fault.kind == "redis":
+    if fault.kind in ("redis", "stall"):
         return call_ids
     return []
 
@@ -271,12 +303,24 @@ def fault_recovery(fault: Fault, faults: list[Fault], result: SimResult, opens: 
             unrecovered.append(call_id)  # live at the fault and never answered again
     inflight = [t for t in result.turns if t.call in hit
                 and result.started_at + t.t_s < fault.at < result.started_at + t.t_s + t.complete_ms / 1000]
+    during = None
+    if fault.kind == "stall":  # what the callers heard while Redis was frozen
+        window = [t for t in result.turns if fault.at <= result.started_at + t.t_s <= fault.at + fault.took_s]
+        during = {"turns": len(window),
+                  "first_speech_ms": describe([min(x for x in (t.holding_ms, t.first_chunk_ms) if x is not None)
+                                               for t in window if t.holding_ms is not None or t.first_chunk_ms is not None]),
+                  "first_chunk_ms": describe([t.first_chunk_ms for t in window if t.first_chunk_ms is not None])}
     return {
         "kind": fault.kind, "t_s": round(fault.at - result.started_at, 2), "target": fault.target,
         "error": fault.error, "affected_calls": len(times) + len(unrecovered), "recovered": len(times),
         "not_recovered": unrecovered,
         "recovery_s": {"p50": round(statistics.median(times), 3) if times else None,
+                       "p99": round(percentile(sorted(times), 0.99), 3) if times else None,
                        "max": round(max(times), 3) if times else None},
+        "recovery_times_s": [round(t, 3) for t in times],
+        "inflight_recovery_s": sorted(round(result.started_at + t.t_s + t.complete_ms / 1000 - fault.at, 3)
+                                      for t in inflight),
+        "during": during,
         "inflight_turns": len(inflight),
         "inflight_complete_ms_max": round(max((t.complete_ms for t in inflight), default=0), 1) or None,
     }
@@ -290,6 +334,8 @@ def chaos_report(result: SimResult, faults: list[Fault], opens: list[SocketOpen]
     planned = result.config.get("turns", 0)
     per_fault = [fault_recovery(f, faults, result, opens, target) for f in faults]
     recovery = [f["recovery_s"]["max"] for f in per_fault if f["recovery_s"]["max"] is not None]
+    gateway_recovery = sorted(t for f in per_fault if f["kind"] == "gateway" for t in f["recovery_times_s"])
+    interrupted = sorted(t for f in per_fault if f["kind"] == "gateway" for t in f["inflight_recovery_s"])
     lost = sent - answered
     summary = {
         "ok": lost == 0 and not result.dropped and not (events and (events["lost"] or events["unconsumed"])),
@@ -306,6 +352,10 @@ def chaos_report(result: SimResult, faults: list[Fault], opens: list[SocketOpen]
         "faults_failed": sum(1 for f in faults if f.error),
         "recovery_s_max": round(max(recovery), 3) if recovery else None,
         "recovery_s_p50_of_faults": round(statistics.median(recovery), 3) if recovery else None,
+        # per call a replica kill dropped: the kill -> its next answered turn (the caller's talk time included)
+        "turn_recovery_s_after_replica_kills": describe(gateway_recovery),
+        # per turn a kill cut (asked before it, answered after it on the new socket): the kill -> its answer
+        "interrupted_turn_recovery_s": describe(interrupted),
         "violations": result.violations,
         "warnings": result.warnings,
         "examples": result.examples,
@@ -457,6 +507,10 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             ("turns lost", s["turns_lost"]), ("calls dropped for good", s["calls_dropped_for_good"]),
             ("reconnects", s["reconnects"]), ("faults injected", ", ".join(f"{k} {v}" for k, v in s["faults"].items())),
             ("recovery max (s)", _fmt(s["recovery_s_max"])),
+            ("kill -> next answered turn p50 / p99 (s)", f"{_fmt(s['turn_recovery_s_after_replica_kills']['p50'])} / "
+                                                          f"{_fmt(s['turn_recovery_s_after_replica_kills']['p99'])}"),
+            ("kill -> cut turn answered p50 / p99 (s)", f"{_fmt(s['interrupted_turn_recovery_s']['p50'])} / "
+                                                         f"{_fmt(s['interrupted_turn_recovery_s']['p99'])}"),
             ("first sentence p50 / p99 (ms)", f"{_fmt(s['latency_ms']['first_sentence_ms']['p50'])} / "
                                               f"{_fmt(s['latency_ms']['first_sentence_ms']['p99'])}"),
             ("violations", json.dumps(s["violations"]) if s["violations"] else "none")]
@@ -465,6 +519,11 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         rows += [("events lost (heard, no call.turn)", ev["lost"]), ("events republished (deduped)", ev["republished"]),
                  ("turns emitted twice", ev["turns_emitted_twice"]),
                  ("analytics missing", _fmt(ev["analytics_missing"])), ("unconsumed at end", ev["unconsumed"])]
+    for f in report["faults"]:
+        if f.get("during"):
+            speech = f["during"]["first_speech_ms"]
+            rows.append((f"during the stall at {f['t_s']:.0f} s: turns, first speech p50 / p99 (ms)",
+                         f"{f['during']['turns']}, {_fmt(speech['p50'])} / {_fmt(speech['p99'])}"))
     for k, v in rows:
         style = "red" if k in ("turns lost", "calls dropped for good", "events lost (heard, no call.turn)",
                                "unconsumed at end") and v else ""
@@ -503,8 +562,7 @@ class ChaosOptions(BaseModel):
 
 def run_standalone(options: ChaosOptions, console: Console) -> dict[str, Any]:
     """Start Redis, Ray and Serve, deploy the target, run the chaos, stop everything."""
-    from callray.settings import CallraySettings
-    from harness.targets import CALLRAY_TARGETS, Processes, callray_args, deploy_serve_target, ray_session, write_llm_agent
+    from harness.targets import CALLRAY_TARGETS, Processes, deploy_serve_target, ray_session, write_llm_agent
 
     tag = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     tmp = Path(tempfile.mkdtemp(prefix="callray-chaos-"))
@@ -525,17 +583,10 @@ def run_standalone(options: ChaosOptions, console: Console) -> dict[str, Any]:
             console.log(f"fake LLM at {llm_url} (TTFT {options.llm_ttft_ms:.0f} ms, {options.llm_tokens_per_s:.0f} tokens/s)")
         with ray_session(console) as serve_port:
             namespace = f"bench-{tag}-{options.target}-{options.agent}"
-            args = callray_args(options.target, namespace=namespace, redis_url=redis.url, agent_file=agent_file)
-            config_file = CALLRAY_TARGETS[options.target][0]
-            settings = CallraySettings.parse(args, source=config_file)
-            console.log(f"deploying {options.target} ({config_file})")
+            console.log(f"deploying {options.target} ({CALLRAY_TARGETS[options.target][0]})")
             deployed = deploy_serve_target(options.target, serve_port, namespace=namespace, redis_url=redis.url,
                                            llm_base_url=llm_url, agent_file=agent_file)
-            event_driven = settings.events.backend == "redis_streams"
-            target = ChaosTarget(url=deployed.url, app=options.target, namespace=namespace, redis=redis,
-                                 redis_url=redis.url if event_driven else None,
-                                 stream=settings.events.stream if event_driven else None,
-                                 http_base=f"http://127.0.0.1:{serve_port}/{options.target}")
+            target = chaos_target(options.target, deployed, namespace, redis, agent_file)
             warm = asyncio.run(run_simulation(SimConfig(url=deployed.url, calls=4, turns=1, think_s=0.2,
                                                         call_id_prefix=f"warm-{tag}")))
             if warm.counts.get("calls_completed", 0) == 0:
@@ -580,6 +631,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kill an event consumer actor every N s (default: 10 for event_driven, else never)")
     parser.add_argument("--redis-every", type=float, default=20.0, help="restart Redis every N s (0: never)")
     parser.add_argument("--redis-down-s", type=float, default=1.0, help="seconds Redis stays down (default: 1)")
+    parser.add_argument("--stall-every", type=float, default=0.0, help="freeze Redis (SIGSTOP) every N s (0: never)")
+    parser.add_argument("--stall-s", type=float, default=10.0, help="seconds Redis stays frozen (default: 10)")
     parser.add_argument("--agent", choices=("flow", "llm"), default="flow",
                         help="flow agent (default) or the LLM agent on the fake LLM (400 ms to first token, 30 tokens/s), "
                              "so faults land mid-generation")
@@ -591,7 +644,8 @@ def options_from_args(args: argparse.Namespace) -> ChaosOptions:
     duration = args.turns * args.think_s  # the calls' talk time: faults stop a little before they end
     consumer = args.consumer_every if args.consumer_every is not None else (10.0 if args.target == "event_driven" else 0)
     plan = FaultPlan(gateway_every_s=args.gateway_every, consumer_every_s=consumer,
-                     redis_every_s=args.redis_every, redis_down_s=args.redis_down_s, until_s=max(5.0, duration * 0.8),
+                     redis_every_s=args.redis_every, redis_down_s=args.redis_down_s, stall_every_s=args.stall_every,
+                     stall_s=args.stall_s, until_s=max(5.0, duration * 0.8),
                      seed=args.seed)
     return ChaosOptions(target=args.target, calls=args.calls, turns=args.turns, think_s=args.think_s, plan=plan,
                         agent=args.agent, out=args.out)

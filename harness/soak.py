@@ -10,6 +10,11 @@ dropped calls) so far. The report gives memory growth per call-hour (MB), the er
 latency drift (p99 of the last window against the first), as JSON plus a PNG plot of RSS and
 p99 over time.
 
+``--faults`` adds the reliability plan: Redis frozen for 10 s at a fifth of the run, restarted
+at two fifths, a gateway replica SIGKILLed at a half and at seven tenths. The report then has
+each fault's recovery (as ``callray chaos`` reports it) and, for the event-driven target,
+whether every turn a caller heard reached the event stream and its call's archived record.
+
 ``python -m harness.soak --minutes 2`` is the quick version. Everything it starts (a private
 local Ray with Serve on a free port, a private redis-server) is stopped on every exit path.
 """
@@ -37,7 +42,9 @@ from rich.table import Table
 
 from callray.settings import PROJECT_DIR
 from callray.sim.local import RedisServer
-from callray.sim.simulator import Recorder, SimConfig, SimObserver, run_simulation
+from callray.sim.simulator import Recorder, SimConfig, run_simulation
+from harness.chaos import (ChaosTarget, Fault, FaultInjector, FaultPlan, SocketLog, chaos_report, chaos_target,
+                           check_events)
 from callray.stats import percentile
 
 #: Retell reconnects up to 4 times after an abnormal close.
@@ -55,14 +62,18 @@ class SoakOptions(BaseModel):
     turns_per_call: int = Field(20, ge=1, description="Caller turns before a call hangs up and a new one starts.")
     think_s: float = Field(4.0, ge=0, description="Mean caller talk time before each request (uniform 0.5x-1.5x).")
     sample_s: float = Field(30.0, gt=0, description="Seconds between samples.")
+    faults: bool = Field(False, description="Inject the reliability plan: a 10 s Redis stall, a Redis restart and "
+                                            "two gateway replica kills (see the module docstring).")
     out: Path | None = Field(None, description="Report JSON (default: bench/results/soak-<target>-<time>.json); "
                                                "the plot goes next to it as .png.")
 
 
-class LiveRecorders(SimObserver):
-    """The simulator's recorders of an in-process run, readable while it runs."""
+class LiveRecorders(SocketLog):
+    """The simulator's recorders of an in-process run, readable while it runs, and the sockets
+    it opened (for the faults' recovery)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.recorders: list[Recorder] = []
 
     def run_started(self, recorder: Recorder) -> None:
@@ -186,8 +197,9 @@ def soak_summary(samples: list[dict[str, Any]], options: SoakOptions, result: An
     }
 
 
-def write_plot(samples: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """RSS (gateway replicas, hosts, both) and first-sentence p50/p99 over time."""
+def write_plot(samples: list[dict[str, Any]], path: Path, title: str,
+               faults: list[dict[str, Any]] = ()) -> Path:
+    """RSS (gateway replicas, hosts, both) and first-sentence p50/p99 over time, faults marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,6 +219,11 @@ def write_plot(samples: list[dict[str, Any]], path: Path, title: str) -> Path:
     bottom.set_xlabel("minutes")
     bottom.grid(True, alpha=0.3)
     bottom.legend(fontsize=8)
+    for fault in faults:
+        for axis in (top, bottom):
+            axis.axvline(fault["t_s"] / 60, color="red", alpha=0.4, linestyle="--")
+        top.annotate(fault["kind"], (fault["t_s"] / 60, 0.98), xycoords=("data", "axes fraction"), fontsize=7,
+                     color="red", va="top", rotation=90)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -214,8 +231,47 @@ def write_plot(samples: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
-async def soak(url: str, app: str, options: SoakOptions, console: Console, tag: str) -> dict[str, Any]:
-    """Run the calls and the sampler side by side; returns samples and summary."""
+def fault_plan(minutes: float) -> FaultPlan:
+    """The reliability plan over a run of ``minutes``: stall, restart, two replica kills."""
+    run_s = minutes * 60
+    return FaultPlan(schedule=[(0.2 * run_s, "stall"), (0.4 * run_s, "redis"), (0.5 * run_s, "gateway"),
+                               (0.7 * run_s, "gateway")], stall_s=10.0, redis_down_s=1.0)
+
+
+async def inject_faults(target: ChaosTarget, plan: FaultPlan, faults: list[Fault], console: Console) -> None:
+    """Inject ``plan``'s faults at their times (seconds from now), recording each in ``faults``."""
+    injector, started = FaultInjector(target, plan), time.time()
+    for at, kind in plan.timeline():
+        await asyncio.sleep(max(0.0, started + at - time.time()))
+        fault = await injector.inject(kind)
+        faults.append(fault)
+        console.log(f"fault {len(faults)}: {kind} {fault.target or ''} at {fault.at - started:.0f} s"
+                    + (f" [red]failed: {fault.error}[/]" if fault.error else ""))
+
+
+def archive_gaps(target: ChaosTarget, result: Any) -> dict[str, Any]:
+    """Every call's archived record (``GET /calls/{id}``) against the turns its caller heard."""
+    from harness.targets import read_json
+
+    heard: dict[str, set[int]] = defaultdict(set)
+    ids = {c.call: c.call_id for c in result.calls}
+    for t in result.turns:
+        heard[ids[t.call]].add(t.response_id)
+    missing_records, incomplete = [], []
+    for call_id, rids in sorted(heard.items()):
+        record = read_json(f"{target.http_base}/calls/{call_id}", wait_s=5)
+        if record is None:
+            missing_records.append(call_id)
+        elif rids - {t["response_id"] for t in record["turns"]}:
+            incomplete.append(f"{call_id}: {sorted(rids - {t['response_id'] for t in record['turns']})[:5]}")
+    return {"calls": len(heard), "records_missing": len(missing_records), "records_incomplete": len(incomplete),
+            "examples": (missing_records + incomplete)[:5]}
+
+
+async def soak(url: str, app: str, options: SoakOptions, console: Console, tag: str,
+               target: ChaosTarget | None = None) -> dict[str, Any]:
+    """Run the calls and the sampler (and, with ``target``, the faults) side by side; returns
+    samples and summary."""
     call_s = max(1.0, options.turns_per_call * (options.think_s + 0.2))
     per_slot = math.ceil(options.minutes * 60 / call_s) + 2
     total = options.calls * per_slot  # more than can finish: duration_s ends the run
@@ -229,12 +285,26 @@ async def soak(url: str, app: str, options: SoakOptions, console: Console, tag: 
     done = asyncio.Event()
     sampler = asyncio.create_task(sample_loop(app, f"soak-{tag}", live, options, samples, console, done,
                                               first_ramp_s))
+    plan, faults = fault_plan(options.minutes) if target is not None else None, []
+    injecting = asyncio.create_task(inject_faults(target, plan, faults, console)) if plan else None
     try:
         result = await run_simulation(sim, observer=live)
     finally:
         done.set()
         await sampler
-    return {"samples": samples, "summary": soak_summary(samples, options, result), "sim": result.summary()}
+        if injecting is not None:
+            injecting.cancel()
+            await asyncio.gather(injecting, return_exceptions=True)
+    report = {"samples": samples, "summary": soak_summary(samples, options, result), "sim": result.summary()}
+    if plan is not None:
+        events = await check_events(target, result, None) if target.stream else None
+        chaos = chaos_report(result, faults, live.opens, target, plan, events)
+        report["faults"] = {"summary": chaos["summary"], "per_fault": chaos["faults"], "events": events,
+                            "archive": await asyncio.to_thread(archive_gaps, target, result) if target.stream else None}
+        archive = report["faults"]["archive"]
+        report["summary"]["ok"] = (report["summary"]["ok"] and chaos["summary"]["ok"]
+                                   and not (archive and (archive["records_missing"] or archive["records_incomplete"])))
+    return report
 
 
 def run_standalone(options: SoakOptions, console: Console) -> dict[str, Any]:
@@ -256,13 +326,14 @@ def run_standalone(options: SoakOptions, console: Console) -> dict[str, Any]:
         console.log(f"private redis-server at {redis.url}")
         with ray_session(console) as serve_port:
             deployed = deploy_serve_target(options.target, serve_port, namespace=f"soak-{tag}", redis_url=redis.url)
+            target = chaos_target(options.target, deployed, f"soak-{tag}", redis) if options.faults else None
             warm = asyncio.run(run_simulation(_Sim(url=deployed.url, calls=8, turns=1, think_s=0.2,
                                                    call_id_prefix=f"warm-{tag}")))
             if warm.counts.get("calls_completed", 0) == 0:
                 raise RuntimeError(f"warm-up: no call completed ({warm.dropped}, {warm.violations})")
             console.log(f"soak: {options.calls} calls for {options.minutes:g} min, {options.turns_per_call} turns per "
                         f"call, talk time ~{options.think_s:g} s, a sample every {options.sample_s:g} s")
-            report = asyncio.run(soak(deployed.url, options.target, options, console, tag))
+            report = asyncio.run(soak(deployed.url, options.target, options, console, tag, target))
             deployed.teardown()
             deployed = None
         ok = True
@@ -279,8 +350,9 @@ def run_standalone(options: SoakOptions, console: Console) -> dict[str, Any]:
     report.update(started_at=tag, options=options.model_dump(mode="json"), machine=machine_info())
     out = options.out or PROJECT_DIR / "bench" / "results" / f"soak-{options.target}-{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot = write_plot(report["samples"], out.with_suffix(".png"),
-                      f"soak: {options.target}, {options.calls} calls, {options.minutes:g} min")
+    title = f"soak: {options.target}, {options.calls} calls, {options.minutes:g} min" + (" with faults" if options.faults else "")
+    plot = write_plot(report["samples"], out.with_suffix(".png"), title,
+                      faults=report.get("faults", {}).get("per_fault", []))
     report["plot"] = str(plot)
     out.write_text(json.dumps(report, indent=2))
     report["path"] = str(out)
@@ -306,6 +378,19 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                   f"{d['last_window_p99_ms']} ms "
                   f"(x{d['ratio']}); errors: {s['errors']['total']} {s['errors']['violations'] or ''} "
                   f"{s['errors']['dropped'] or ''}")
+    if report.get("faults"):
+        f, events, archive = report["faults"]["summary"], report["faults"]["events"], report["faults"]["archive"]
+        cut = f["interrupted_turn_recovery_s"]
+        console.print(f"faults {f['faults']}: turns lost {f['turns_lost']}, calls dropped {f['calls_dropped_for_good']}, "
+                      f"turns cut by a kill answered after p50/p99 {cut['p50']}/{cut['p99']} s"
+                      + (f"; events lost {events['lost']}, unconsumed {events['unconsumed']}" if events else "")
+                      + (f"; archived records missing {archive['records_missing']}, incomplete "
+                         f"{archive['records_incomplete']} of {archive['calls']}" if archive else ""))
+        for fault in report["faults"]["per_fault"]:
+            if fault.get("during"):
+                speech = fault["during"]["first_speech_ms"]
+                console.print(f"during the {fault['target']} at {fault['t_s']:.0f} s: {fault['during']['turns']} turns, "
+                              f"first speech p50/p99 {speech['p50']}/{speech['p99']} ms")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -316,6 +401,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turns-per-call", type=int, default=20, help="turns before a call hangs up (default: 20)")
     parser.add_argument("--think-s", type=float, default=4.0, help="mean caller talk time per turn (default: 4)")
     parser.add_argument("--sample-s", type=float, help="seconds between samples (default: 30; 15 below 5 minutes)")
+    parser.add_argument("--faults", action="store_true",
+                        help="a 10 s Redis stall, a Redis restart and two gateway replica kills during the run")
     parser.add_argument("--out", type=Path, help="report JSON (default: bench/results/soak-<target>-<time>.json)")
 
 
@@ -326,7 +413,8 @@ def run_command(args: argparse.Namespace) -> int:
     console = Console()
     options = SoakOptions(target=args.target, calls=args.calls, minutes=args.minutes,
                           turns_per_call=args.turns_per_call, think_s=args.think_s,
-                          sample_s=args.sample_s or (15.0 if args.minutes < 5 else 30.0), out=args.out)
+                          sample_s=args.sample_s or (15.0 if args.minutes < 5 else 30.0), faults=args.faults,
+                          out=args.out)
     report = run_until_interrupted(lambda: run_standalone(options, console), console)
     if report is None:
         return 130
