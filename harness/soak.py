@@ -2,8 +2,9 @@
 
 N concurrent calls (default 100) talk for a duration (default 30 min): each call takes its
 greeting, plays ``--turns-per-call`` caller turns with a realistic talk time between them and
-hangs up, and a new call takes its slot, so activation, deactivation and the stores are
-exercised as well as long-lived sockets. Every ``--sample-s`` seconds it records the resident
+hangs up (and Retell's signed ``call_ended`` webhook follows, as in production), and a new call
+takes its slot, so activation, deactivation and the stores are exercised as well as long-lived
+sockets. Every ``--sample-s`` seconds it records the resident
 memory (RSS) of the gateway replicas and the call hosts, turns per second, first-sentence
 p50/p99 of the turns completed in that window, and the errors (protocol violations and
 dropped calls) so far. The report gives memory growth per call-hour (MB), the errors, and the
@@ -28,6 +29,7 @@ import datetime as dt
 import json
 import math
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -269,7 +271,7 @@ def archive_gaps(target: ChaosTarget, result: Any) -> dict[str, Any]:
 
 
 async def soak(url: str, app: str, options: SoakOptions, console: Console, tag: str,
-               target: ChaosTarget | None = None) -> dict[str, Any]:
+               target: ChaosTarget | None = None, webhook: tuple[str, str] | None = None) -> dict[str, Any]:
     """Run the calls and the sampler (and, with ``target``, the faults) side by side; returns
     samples and summary."""
     call_s = max(1.0, options.turns_per_call * (options.think_s + 0.2))
@@ -279,7 +281,8 @@ async def soak(url: str, app: str, options: SoakOptions, console: Console, tag: 
     sim = SimConfig(url=url, calls=total, concurrency=options.calls, turns=options.turns_per_call,
                     think_s=options.think_s, ramp_s=first_ramp_s * total / options.calls, supersede_rate=0.1,
                     reminder_rate=0.05, drop_reconnects=RETELL_DROP_RECONNECTS, duration_s=options.minutes * 60,
-                    turn_timeout_s=20.0, seed=11, call_id_prefix=f"soak-{tag}")
+                    turn_timeout_s=20.0, seed=11, call_id_prefix=f"soak-{tag}",
+                    webhook_url=webhook and webhook[0], webhook_key=webhook and webhook[1])
     samples: list[dict[str, Any]] = []
     live = LiveRecorders()
     done = asyncio.Event()
@@ -325,7 +328,9 @@ def run_standalone(options: SoakOptions, console: Console) -> dict[str, Any]:
         redis.start()
         console.log(f"private redis-server at {redis.url}")
         with ray_session(console) as serve_port:
-            deployed = deploy_serve_target(options.target, serve_port, namespace=f"soak-{tag}", redis_url=redis.url)
+            webhook_key = secrets.token_hex(16)  # Retell's call_ended after every call, as in production
+            deployed = deploy_serve_target(options.target, serve_port, namespace=f"soak-{tag}", redis_url=redis.url,
+                                           webhook_key=webhook_key)
             target = chaos_target(options.target, deployed, f"soak-{tag}", redis) if options.faults else None
             warm = asyncio.run(run_simulation(_Sim(url=deployed.url, calls=8, turns=1, think_s=0.2,
                                                    call_id_prefix=f"warm-{tag}")))
@@ -333,7 +338,8 @@ def run_standalone(options: SoakOptions, console: Console) -> dict[str, Any]:
                 raise RuntimeError(f"warm-up: no call completed ({warm.dropped}, {warm.violations})")
             console.log(f"soak: {options.calls} calls for {options.minutes:g} min, {options.turns_per_call} turns per "
                         f"call, talk time ~{options.think_s:g} s, a sample every {options.sample_s:g} s")
-            report = asyncio.run(soak(deployed.url, options.target, options, console, tag, target))
+            report = asyncio.run(soak(deployed.url, options.target, options, console, tag, target,
+                                      webhook=(f"{deployed.http_base}/webhook", webhook_key)))
             deployed.teardown()
             deployed = None
         ok = True

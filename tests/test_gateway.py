@@ -380,3 +380,24 @@ def test_callray_sends_no_close_code_that_ends_a_live_call():
                         found.append((path.name, arg.value))
     assert found and all(code >= 4000 or code in allowed for _, code in found), found
     assert not any(code in (1000, 1011) for _, code in found)
+
+
+async def test_the_simulator_sends_retell_s_call_ended_webhook_and_the_call_ends(gateway: Served) -> None:
+    """As Retell does after every call (the soak relies on it: without it finished calls would
+    wait in memory and in the live view until their timeouts)."""
+    from callray.sim.simulator import SimConfig, run_simulation
+
+    result = await run_simulation(SimConfig(url=gateway.ws, calls=2, turns=1, think_s=0.05, call_id_prefix="hangup",
+                                            webhook_url=f"{gateway.http}/webhook", webhook_key=WEBHOOK_KEY))
+    assert result.counts["webhooks_sent"] == 2 and not result.counts.get("webhooks_refused")
+    for call in result.calls:
+        deadline = time.monotonic() + 10
+        while True:  # the archive applies events in batches, a second apart
+            status, record = await asyncio.to_thread(get, f"{gateway.http}/calls/{call.call_id}", READ_TOKEN)
+            if status == 200 and record["ended"] or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert record["ended"] and record["end_reason"] == "user_hangup"
+    refused = await run_simulation(SimConfig(url=gateway.ws, calls=1, turns=0, call_id_prefix="badkey",
+                                             webhook_url=f"{gateway.http}/webhook", webhook_key="not-the-key"))
+    assert refused.counts["webhooks_refused"] == 1  # a wrong key is counted, not taken

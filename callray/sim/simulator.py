@@ -11,6 +11,7 @@ sentence and completion, and counts every protocol violation by kind.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import multiprocessing
 import queue as queue_mod
@@ -112,6 +113,9 @@ class SimConfig(BaseModel):
                                        "(e.g. callray's turns.holding_phrases): a chunk that is one of them, before "
                                        "any other content, is timed as holding_ms, not as the answer's first chunk "
                                        "or first sentence.")
+    webhook_url: str | None = Field(None, description="After each call, POST Retell's signed call_ended webhook here "
+                                                      "(e.g. http://host:8000/webhook), as Retell does.")
+    webhook_key: str | None = Field(None, description="The key that signs it (the server's webhook.api_key).")
     call_id_prefix: str = Field("sim", description="Call ids are '{prefix}-{run_id}-{index}'.")
     run_id: str | None = Field(None, description="Tag making call ids unique per run (default: random).")
     seed: int | None = Field(None, description="Seed for the callers' choices (default: random).")
@@ -291,6 +295,8 @@ class _Call:
                 await self._turn(turn, reconnect=turn == reconnect_turn)
             await self._close()
         ended = f"dropped:{self.dropped}" if self.dropped else ("end_call" if self.end_call else "completed")
+        if self.cfg.webhook_url and sock is not None:
+            await self._call_ended(t_open)
         if not self.dropped:
             self.rec.counts["calls_completed"] += 1
         self.rec.calls.append(CallSample(
@@ -416,6 +422,26 @@ class _Call:
     async def _close(self) -> None:
         if self.sock is not None:
             await self.sock.close(1000)
+
+    async def _call_ended(self, t_open: float) -> None:
+        """Retell's ``call_ended`` webhook for this call, signed with ``webhook_key``."""
+        import httpx
+
+        from callray.webhook import SIGNATURE_HEADER, sign
+
+        now_ms = int(time.time() * 1000)
+        reason = ("error_llm_websocket_lost_connection" if self.dropped
+                  else "agent_hangup" if self.end_call else "user_hangup")
+        body = json.dumps({"event": "call_ended", "call": {
+            "call_id": self.call_id, "call_status": "ended", "disconnection_reason": reason,
+            "start_timestamp": now_ms - int((self.loop.time() - t_open) * 1000), "end_timestamp": now_ms}}).encode()
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                response = await client.post(self.cfg.webhook_url, content=body, headers={
+                    "content-type": "application/json", SIGNATURE_HEADER: sign(body, self.cfg.webhook_key or "")})
+            self.rec.counts["webhooks_sent" if response.status_code == 204 else "webhooks_refused"] += 1
+        except httpx.HTTPError:
+            self.rec.counts["webhooks_failed"] += 1
 
     # ------------------------------------------------------------------ sockets
 
