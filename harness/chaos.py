@@ -469,10 +469,14 @@ def pending_entries(client: Any, stream: str, group: str, count: int = 10) -> li
 
 
 async def _settled_groups(client: Any, stream: str, deadline: float) -> dict[str, dict[str, int]]:
-    """Per consumer group: entries never delivered (lag) and delivered but not acknowledged
-    (pending), waited on until both are 0 or the deadline passes."""
+    """Per consumer group: entries never delivered (``lag``: counted after the group's last
+    delivered id, not Redis's own ``lag`` counter, which can drift after a restart) and
+    delivered but not acknowledged (``pending``), waited on until both are 0 or the deadline."""
     while True:
-        groups = {g["name"]: {"lag": int(g.get("lag") or 0), "pending": int(g.get("pending") or 0)}
+        last = client.xinfo_stream(stream)["last-generated-id"]
+        groups = {g["name"]: {"lag": 0 if g["last-delivered-id"] == last else
+                              len(client.xrange(stream, min="(" + g["last-delivered-id"], count=1_000_000)),
+                              "redis_lag": g.get("lag"), "pending": int(g.get("pending") or 0)}
                   for g in client.xinfo_groups(stream)}
         if all(g["lag"] == 0 and g["pending"] == 0 for g in groups.values()) or time.monotonic() > deadline:
             for name, g in groups.items():
