@@ -67,7 +67,7 @@ class CallHost:
                 self._warmup = asyncio.create_task(self._host.warm_cache())
                 self._consumers = {}
                 if settings.events.backend == "memory":  # in-process consumers, best effort
-                    self._consumers = build_consumers(settings.events, command=self._directory.send,
+                    self._consumers = build_consumers(settings, command=self._directory.send,
                                                       emit=self._stores.events.emit)
                     self._consuming = asyncio.create_task(
                         run_consumers(self._stores.events, self._consumers, self.name, asyncio.Event()))

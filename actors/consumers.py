@@ -65,7 +65,7 @@ class EventConsumer:
             # Escalation's way to a live call: the directory finds the owner recorded with the call.
             directory = CallDirectory(self.name, store=RedisStateStore(client, ttl_s=self.settings.state.ttl_s),
                                       redis=client)
-            consumers = build_consumers(self.settings.events, [self.kind], command=directory.send, emit=bus.emit,
+            consumers = build_consumers(self.settings, [self.kind], command=directory.send, emit=bus.emit,
                                         redis=client)
             consumer = consumers.get(self.kind)
             if consumer is None:
@@ -82,7 +82,7 @@ class EventConsumer:
         self.consumer = consumer
         self._tasks.append(asyncio.create_task(run_consumers(bus, consumers, self.name, asyncio.Event())))
         self._tasks.append(asyncio.create_task(self._export_lag(bus)))
-        if self.kind == "analytics":
+        if self.kind in ("analytics", "archive"):
             self._tasks.append(asyncio.create_task(self._export_metrics()))
         return self.name
 
@@ -111,7 +111,8 @@ class EventConsumer:
         while True:
             await asyncio.sleep(METRICS_INTERVAL_S)
             for sample, labels, value in self.consumer.prometheus_samples():
-                name = "callray_analytics_" + sample.removeprefix("callray_")  # apart from the hosts' own metrics
+                name = ("callray_analytics_" + sample.removeprefix("callray_")  # apart from the hosts' own metrics
+                        if self.kind == "analytics" else sample)
                 gauge = self._gauges.get(name)
                 if gauge is None:
                     gauge = self._gauges[name] = metrics.Gauge(name, description=f"callray analytics: {name}",

@@ -57,7 +57,7 @@ class LocalReplica:
             host.release_elsewhere = directory.release
         consumers: dict[str, Any] = {}
         if settings.events.backend == "memory":  # in-process consumers, best effort
-            consumers = build_consumers(settings.events, command=directory.send, emit=stores.events.emit)
+            consumers = build_consumers(settings, command=directory.send, emit=stores.events.emit)
         replica = cls(settings, name, stores, host, directory, consumers)
         replica._run(directory.serve(), "command channel")
         replica._run(replica._sweep_forever(), "idle sweep")

@@ -183,13 +183,39 @@ class EventsSettings(EnvSection):
     max_retained: int = Field(default=1_000_000, ge=1000, description="The memory bound: beyond this many events the oldest are dropped even if a consumer group has not acknowledged them, each counted (callray_events_trimmed_unconsumed) and logged. Dead letters are kept up to the same bound.")
     max_deliveries: int = Field(default=5, ge=1, description="redis_streams: after this many deliveries an event goes to the dead-letter stream.")
     claim_idle_ms: int = Field(default=30_000, ge=100, description="redis_streams: events pending this long on a dead consumer are taken over (XAUTOCLAIM).")
-    archive_dir: str | None = Field(default="var/calls", description="Transcript archive directory (one JSON record per call); null disables the archive.")
     escalation: EscalationRules | None = Field(default=None, description="Escalation rules evaluated on the event stream; null disables escalation.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _archive_dir_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "archive_dir" in data:
+            raise ValueError("archive_dir moved to the top-level archive section: write 'archive: {backend: files, "
+                             "dir: ...}' (or 'backend: none' for no archive)")
+        return data
 
     @model_validator(mode="after")
     def _retained_covers_maxlen(self) -> "EventsSettings":
         if self.max_retained < self.maxlen:
             raise ValueError(f"max_retained ({self.max_retained}) must be >= maxlen ({self.maxlen})")
+        return self
+
+
+class ArchiveSettings(EnvSection):
+    """Where each call's record (turns, timings, Retell's call object) is kept after the call
+    (GET /calls/{call_id}, the live page's ended calls)."""
+
+    backend: Literal["files", "postgres", "none"] = Field(default="files", description="files: one JSON file per call in 'dir', on the node that runs the archive (one machine). postgres: a PostgreSQL database every node shares (a cluster). none: no archive.")
+    dir: str = Field(default="var/calls", description="files: the directory.")
+    database_url: str = Field(default="${DATABASE_URL:-}", description="postgres: postgresql://user@host:port/database. Put the password in DATABASE_URL, not in the file.")
+    pool_size: int = Field(default=4, ge=1, le=100, description="postgres: connections per archive process.")
+    timeout_s: float = Field(default=5.0, gt=0, le=60, description="postgres: a connect or query slower than this fails; the events stay pending in the stream and the write is retried.")
+    retention_days: float | None = Field(default=None, gt=0, description="Records of calls that ended longer ago than this are deleted by a purge once an hour (counted); null keeps them.")
+
+    @model_validator(mode="after")
+    def _postgres_needs_a_url(self) -> "ArchiveSettings":
+        if self.backend == "postgres" and not self.database_url:
+            raise ValueError("archive.backend 'postgres' needs archive.database_url: set DATABASE_URL "
+                             "(postgresql://user:password@host:5432/database)")
         return self
 
 
@@ -237,6 +263,7 @@ class CallraySettings(EnvSection):
     state: StateSettings = Field(default_factory=StateSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     events: EventsSettings = Field(default_factory=EventsSettings)
+    archive: ArchiveSettings = Field(default_factory=ArchiveSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     inbound: InboundSettings = Field(default_factory=InboundSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

@@ -286,6 +286,7 @@ def callray_args(target: str, *, namespace: str, redis_url: str | None, agent_fi
     args["gateway"].pop("guard", None)  # the simulator connects from loopback without the secret
     args["gateway"]["read_token"] = READ_TOKEN
     args["webhook"]["api_key"] = webhook_key
+    args["archive"] = {"backend": "files", "dir": "var/calls"}  # the benchmarks measure the turn path
     if redis_url is not None:
         args["redis"] = {**args.get("redis", {}), "url": redis_url}
     else:

@@ -212,7 +212,7 @@ def serve_config(cluster: Cluster) -> dict[str, Any]:
     args["redis"]["url"] = cluster.redis_url
     args["hosts"].update(namespace=NAMESPACE)
     args["gateway"]["guard"]["secret"] = None  # a loopback demo: the calls connect without the socket secret
-    args["events"]["archive_dir"] = str(cluster.base / "archive")
+    args["archive"] = {"backend": "files", "dir": str(cluster.base / "archive")}  # one machine: files do
     args["logging"]["level"] = "WARNING"
     gateway = next(d for d in app["deployments"] if d["name"] == "CallGateway")
     gateway.update(num_replicas=2, max_replicas_per_node=1, graceful_shutdown_timeout_s=GRACE_S)

@@ -32,6 +32,42 @@ def redis_url(redis_server) -> str:
     return redis_server.url
 
 
+# --------------------------------------------------------------------------- PostgreSQL
+
+#: The PostgreSQL a test session uses: the machine's own (.ci/run makes sure one runs on
+#: 127.0.0.1:5432), or the server CALLRAY_TEST_DATABASE_URL names. Each session creates a
+#: database of its own there and drops it at the end.
+TEST_POSTGRES = os.environ.get("CALLRAY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A fresh database on the session's PostgreSQL; its URL."""
+    import asyncio
+    import uuid
+
+    import asyncpg
+
+    name = f"callray_test_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        try:
+            conn = await asyncpg.connect(TEST_POSTGRES, timeout=10)
+        except (OSError, asyncpg.PostgresError) as exc:
+            pytest.fail(f"PostgreSQL at {TEST_POSTGRES} is not reachable ({exc!r}): start it (.ci/run does) "
+                        f"or set CALLRAY_TEST_DATABASE_URL")
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f"CREATE DATABASE {name}"))
+    try:
+        yield TEST_POSTGRES.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
 # --------------------------------------------------------------------------- Ray and Serve
 
 
@@ -79,9 +115,9 @@ def deploy(name: str, args: dict, port: int, *, replicas: int = 1, env: dict[str
     from serve_app import CallGateway, CallraySettings
 
     args.setdefault("gateway", {}).setdefault("read_token", READ_TOKEN)
-    if "archive_dir" not in args.setdefault("events", {}):
-        args["events"]["archive_dir"] = tempfile.mkdtemp(prefix=f"callray-archive-{name}-")
-        ARCHIVE_DIRS.append(args["events"]["archive_dir"])
+    if "archive" not in args:
+        args["archive"] = {"backend": "files", "dir": tempfile.mkdtemp(prefix=f"callray-archive-{name}-")}
+        ARCHIVE_DIRS.append(args["archive"]["dir"])
     settings = CallraySettings.parse(args)
     options: dict = {"num_replicas": replicas}
     if env:
@@ -170,10 +206,10 @@ def events_app(serve_port, redis_server, tmp_path_factory) -> str:
         "hosts": {"namespace": "callray-test-events"},
         "events": {
             "backend": "redis_streams", "stream": "callray:test-events", "claim_idle_ms": 1000,
-            "archive_dir": str(tmp_path_factory.mktemp("archive")),
             "escalation": {"keywords": ["lawyer"], "transfer_number": "+15550009999",
                            "handoff_line": "Let me get a colleague for you.", "max_fallback_turns": 0},
         },
+        "archive": {"backend": "files", "dir": str(tmp_path_factory.mktemp("archive"))},
         "webhook": {"api_key": WEBHOOK_KEY},
         "gateway": {"guard": {"secret": SOCKET_SECRET, "secret_in": "either", "allow_ips": ["127.0.0.0/8"]}},
     }, serve_port) + f"/{SOCKET_SECRET}"
@@ -197,7 +233,7 @@ def default_app(serve_port, fake_llm) -> str:
 
     args = yaml.safe_load((PROJECT_DIR / "config/serve.yaml").read_text())["applications"][0]["args"]
     args["hosts"]["namespace"] = "callray-test-default"
-    args["events"].pop("archive_dir")
+    args.pop("archive")
     return deploy("default", args, serve_port, env={"OPENAI_BASE_URL": fake_llm.base_url, "OPENAI_API_KEY": ""})
 
 

@@ -13,6 +13,7 @@ import pytest
 from callray.stores.bus import Delivery, EventBus, MemoryBus, RedisStreamBus, consume
 from callray.consumers.analytics import Analytics
 from callray.consumers.archive import TranscriptArchive
+from callray.consumers.archive_files import FileRecords
 from callray.events import CallEnded, CallStarted, CallTurn, Event
 from callray.stores.redis_client import RedisConfigError, redis_client
 from callray.sim.local import free_port
@@ -69,7 +70,7 @@ async def test_events_reach_three_groups_exactly(backend, redis_bus, tmp_path: P
     await bus.flush()
     assert bus.stats()["published"] == len(events) and bus.stats()["dropped"] == 0
 
-    analytics, archive, seen = Analytics(), TranscriptArchive(tmp_path), Counter()
+    analytics, archive, seen = Analytics(), TranscriptArchive(FileRecords(tmp_path)), Counter()
 
     async def escalation_probe(event: Event) -> None:
         seen[(event.call_id, event.seq)] += 1

@@ -25,7 +25,7 @@ async def test_an_analytics_actor_whose_replay_failed_consumes_after_the_next_st
     client = redis_client(redis_server.url)
     await client.set(stream, "not a stream")  # the replay's XRANGE fails with WRONGTYPE
     settings = CallraySettings(redis={"url": redis_server.url}, state={"backend": "redis"},
-                               events={"backend": "redis_streams", "stream": stream, "archive_dir": None})
+                               events={"backend": "redis_streams", "stream": stream}, archive={"backend": "none"})
     actor = EventConsumer.options(namespace="callray-test-replay").remote(settings, "replay", "analytics")
     try:
         with pytest.raises(ray.exceptions.RayTaskError, match="WRONGTYPE"):

@@ -14,6 +14,7 @@ import pytest
 from callray.consumers import SeenEvents
 from callray.consumers.analytics import Analytics
 from callray.consumers.archive import TranscriptArchive
+from callray.consumers.archive_files import FileRecords
 from callray.commands import CallCommand
 from callray.consumers.escalation import Escalation, EscalationConfigError, EscalationUndelivered
 from callray.settings import EscalationRules
@@ -140,11 +141,11 @@ async def test_each_new_latency_sample_is_observed_once_per_agent_for_histograms
 
 async def test_archive_record_is_independent_of_order_and_duplicates(tmp_path: Path):
     events = call_events()
-    in_order = TranscriptArchive(tmp_path / "a")
+    in_order = TranscriptArchive(FileRecords(tmp_path / "a"))
     for event in events:
         await in_order.handle(event)
     await in_order.flush()
-    shuffled = TranscriptArchive(tmp_path / "b")
+    shuffled = TranscriptArchive(FileRecords(tmp_path / "b"))
     rng = random.Random(3)
     deliveries = events + events[:4]
     for _ in range(5):
@@ -166,13 +167,15 @@ async def test_archive_record_is_independent_of_order_and_duplicates(tmp_path: P
 
 
 async def test_archive_analyzed_before_ended_still_completes(tmp_path: Path):
-    archive = TranscriptArchive(tmp_path)
+    archive = TranscriptArchive(FileRecords(tmp_path))
     analyzed = {"call_id": "c1", "call_analysis": {"call_summary": "ok"}, "call_status": "ended", "transcript": "full"}
     await archive.handle(CallAnalyzed(call_id="c1", seq=WEBHOOK_SEQ["call_analyzed"], call=analyzed))
+    await archive.flush()
     assert not (await archive.get("c1"))["final"]
     ended = {"call_id": "c1", "call_status": "ongoing", "transcript": "partial", "end_timestamp": 5000,
              "disconnection_reason": "agent_hangup"}
     await archive.handle(CallEnded(call_id="c1", seq=WEBHOOK_SEQ["call_ended"], call=ended))
+    await archive.flush()
     record = await archive.get("c1")
     assert record["final"] and record["end_reason"] == "agent_hangup"
     assert record["call"]["transcript"] == "full" and record["call"]["call_status"] == "ended"  # analyzed wins
@@ -180,12 +183,12 @@ async def test_archive_analyzed_before_ended_still_completes(tmp_path: Path):
 
 
 async def test_archive_turn_for_same_response_id_replaces_and_survives_restart(tmp_path: Path):
-    archive = TranscriptArchive(tmp_path)
+    archive = TranscriptArchive(FileRecords(tmp_path))
     await archive.handle(CallTurn(call_id="c1", seq=3, response_id=2, agent_text="second try"))
     await archive.handle(CallTurn(call_id="c1", seq=2, response_id=2, agent_text="first try"))  # older, late
     await archive.handle(CallTurn(call_id="c1", seq=1, response_id=1, agent_text="one"))
     await archive.flush()
-    restarted = TranscriptArchive(tmp_path)
+    restarted = TranscriptArchive(FileRecords(tmp_path))
     await restarted.handle(CallEnded(call_id="c1", seq=9, reason="done"))
     await restarted.flush()
     record = await restarted.get("c1")
@@ -193,12 +196,12 @@ async def test_archive_turn_for_same_response_id_replaces_and_survives_restart(t
     assert record["ended"] and not record["final"]
     restarted.grace_s = 0
     assert await restarted.finalise_stale() == ["c1"]
-    assert (await TranscriptArchive(tmp_path).get("c1"))["final"]
+    assert (await TranscriptArchive(FileRecords(tmp_path)).get("c1"))["final"]
     assert await restarted.get("never") is None
 
 
 async def test_archive_unsafe_call_ids_stay_inside_the_directory(tmp_path: Path):
-    archive = TranscriptArchive(tmp_path / "arch")
+    archive = TranscriptArchive(FileRecords(tmp_path / "arch"))
     await archive.handle(CallStarted(call_id="../../etc/passwd", seq=0))
     await archive.handle(CallStarted(call_id=".hidden", seq=0))
     await archive.flush()
@@ -208,11 +211,12 @@ async def test_archive_unsafe_call_ids_stay_inside_the_directory(tmp_path: Path)
 
 
 async def test_archive_writes_each_changed_record_once_per_batch_and_a_failed_write_loses_nothing(tmp_path):
-    """The archive acks a batch only after its flush: one file write per changed call, and a
-    failed write leaves the whole batch unacked, to be applied again from what is on disk."""
+    """The archive acks a batch only after its flush: one file write per changed call. A failed
+    write is the disk's failure, not the events': the consumer retries it before reading more
+    (the batch unacked meanwhile), applied again from what is on disk."""
     from callray.stores.bus import MemoryBus, consume
 
-    class Disk(TranscriptArchive):
+    class Disk(FileRecords):
         writes: list[str] = []
         broken = False
 
@@ -222,7 +226,8 @@ async def test_archive_writes_each_changed_record_once_per_batch_and_a_failed_wr
             self.writes.append(call_id)
             super()._write(call_id, text)
 
-    archive = Disk(tmp_path)
+    disk = Disk(tmp_path)
+    archive = TranscriptArchive(disk)
     bus = MemoryBus(claim_idle_ms=50)
     for call_id in ("a", "b"):
         for event in call_events(call_id)[:5]:
@@ -231,20 +236,21 @@ async def test_archive_writes_each_changed_record_once_per_batch_and_a_failed_wr
     loop = asyncio.create_task(consume(bus, "archive", "t", archive.handle, stop=stop, flush=archive.flush, block_ms=20))
     try:
         for _ in range(100):
-            if sorted(archive.writes) == ["a", "b"]:
+            if sorted(disk.writes) == ["a", "b"]:
                 break
             await asyncio.sleep(0.02)
-        assert sorted(archive.writes) == ["a", "b"]  # ten events, two writes
-        archive.broken = True
+        assert sorted(disk.writes) == ["a", "b"]  # ten events, two writes
+        disk.broken = True
         await bus.publish(CallEnded(call_id="a", seq=5, reason="user_hangup"))
-        await asyncio.sleep(0.2)  # handled, flush failed, not acked: redelivered after claim_idle_ms
-        assert not (await TranscriptArchive(tmp_path).get("a"))["ended"]
-        archive.broken = False
+        await asyncio.sleep(0.2)  # handled, its flush failed and is being retried, nothing acked
+        assert not (await TranscriptArchive(FileRecords(tmp_path)).get("a"))["ended"]
+        assert bus.stats()["dead_lettered"] == 0
+        disk.broken = False
         for _ in range(100):
-            if (await TranscriptArchive(tmp_path).get("a"))["ended"]:
+            if (await TranscriptArchive(FileRecords(tmp_path)).get("a"))["ended"]:
                 break
             await asyncio.sleep(0.02)
-        assert (await TranscriptArchive(tmp_path).get("a"))["ended"]
+        assert (await TranscriptArchive(FileRecords(tmp_path)).get("a"))["ended"]
     finally:
         stop.set()
         await asyncio.wait_for(loop, 5)
@@ -436,7 +442,7 @@ async def test_run_consumers_finalises_ended_but_never_analyzed_records(tmp_path
 
     monkeypatch.setattr(runner, "ARCHIVE_FINALISE_INTERVAL_S", 0.05)
     bus, stop = MemoryBus(), asyncio.Event()
-    archive = TranscriptArchive(tmp_path, grace_s=0.0)
+    archive = TranscriptArchive(FileRecords(tmp_path), grace_s=0.0)
     task = asyncio.create_task(runner.run_consumers(bus, {"archive": archive}, "t", stop))
     try:
         await bus.publish(CallEnded(call_id="never-analyzed", seq=1, reason="user_hangup"))

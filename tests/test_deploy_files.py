@@ -45,6 +45,7 @@ def _yaml(path: Path) -> Any:
 def env(monkeypatch: pytest.MonkeyPatch) -> None:
     """The variables the configs reference; nothing connects to them here."""
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://callray@127.0.0.1:1/callray")
     monkeypatch.setenv("RETELL_API_KEY", "key_test")
     monkeypatch.setenv("CALLRAY_SOCKET_SECRET", "test-secret")
 
@@ -159,9 +160,25 @@ def test_serve_config_follows_the_deployment_conventions(path: Path) -> None:
 )
 def test_redis_configs_fail_at_start_naming_redis_url_when_it_is_unset(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("DATABASE_URL", "postgresql://callray@127.0.0.1:1/callray")
     monkeypatch.setenv("CALLRAY_SOCKET_SECRET", "test-secret")
     with pytest.raises(SettingsError, match="REDIS_URL"):
         load_serve_config(path)
+
+
+@pytest.mark.parametrize("path", [p for p in SERVE_CONFIGS if (p.name in ("distributed.yaml", "event_driven.yaml"))],
+                         ids=lambda p: p.name)
+def test_cluster_configs_keep_records_in_postgres_and_fail_naming_database_url_when_it_is_unset(
+        path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a cluster a file archive would live on one node: the cluster configs use PostgreSQL."""
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("CALLRAY_SOCKET_SECRET", "test-secret")
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    with pytest.raises(SettingsError, match="DATABASE_URL"):
+        load_serve_config(path)
+    monkeypatch.setenv("DATABASE_URL", "postgresql://callray@127.0.0.1:1/callray")
+    _, settings = load_serve_config(path)
+    assert settings.archive.backend == "postgres" and settings.archive.retention_days == 90
 
 
 # ---------------------------------------------------------------------------- k8s/rayservice.yaml

@@ -38,7 +38,7 @@ def gateway(tmp_path_factory) -> Iterator[Served]:
         "gateway": {"read_token": READ_TOKEN, "max_frames_per_s": 20, "max_queued_frames": 200,
                     "max_frame_bytes": 1 << 20},  # the abuse run's garbage goes just over and 4x over it
         "webhook": {"api_key": WEBHOOK_KEY, "max_body_bytes": 4096},
-        "events": {"archive_dir": str(tmp_path_factory.mktemp("archive"))},
+        "archive": {"dir": str(tmp_path_factory.mktemp("archive"))},
     }) as served:
         yield served
 
@@ -46,7 +46,7 @@ def gateway(tmp_path_factory) -> Iterator[Served]:
 @pytest.fixture(scope="module")
 def closed_gateway(tmp_path_factory) -> Iterator[Served]:
     """No read token configured: the read routes do not exist."""
-    with Served({"events": {"archive_dir": str(tmp_path_factory.mktemp("archive-closed"))}}) as served:
+    with Served({"archive": {"dir": str(tmp_path_factory.mktemp("archive-closed"))}}) as served:
         yield served
 
 
@@ -128,7 +128,7 @@ async def test_a_flooding_socket_is_closed_with_1008_and_its_call_freed(gateway)
 def unthrottled_gateway(tmp_path_factory) -> Iterator[Served]:
     """No frame-rate limit worth the name, and room for 16 queued frames per socket."""
     with Served({"gateway": {"max_frames_per_s": 100_000, "max_queued_frames": 16},
-                 "events": {"archive_dir": str(tmp_path_factory.mktemp("archive-slow"))}}) as served:
+                 "archive": {"dir": str(tmp_path_factory.mktemp("archive-slow"))}}) as served:
         yield served
 
 
@@ -221,7 +221,7 @@ async def test_the_abuse_run_leaves_a_server_that_greets_new_calls_at_once(gatew
 def inbound_gateway(tmp_path_factory) -> Iterator[Served]:
     with Served({
         "webhook": {"api_key": WEBHOOK_KEY},
-        "events": {"archive_dir": str(tmp_path_factory.mktemp("archive-inbound"))},
+        "archive": {"dir": str(tmp_path_factory.mktemp("archive-inbound"))},
         "inbound": {"hook": "tests.inbound_hook:answer", "timeout_s": 0.3, "numbers": {
             "+15557770000": {"override_agent_id": "agent_dental", "dynamic_variables": {"office": "Main St"}}}},
     }) as served:
@@ -321,7 +321,7 @@ async def test_a_call_whose_agent_was_renamed_goes_on_with_the_default_agent(gat
 @pytest.fixture(scope="module")
 def redis_gateway(tmp_path_factory, redis_server) -> Iterator[Served]:
     with Served({"state": {"backend": "redis"}, "redis": {"url": redis_server.url},
-                 "events": {"archive_dir": str(tmp_path_factory.mktemp("archive-redis"))}}) as served:
+                 "archive": {"dir": str(tmp_path_factory.mktemp("archive-redis"))}}) as served:
         yield served
 
 
@@ -349,7 +349,7 @@ async def test_a_call_that_cannot_be_activated_in_time_is_dropped_so_retell_reco
     redis.start()
     try:
         with Served({"state": {"backend": "redis"}, "redis": {"url": redis.url, "timeout_s": 0.2},
-                     "gateway": {"host_retry_s": 0.5}, "events": {"archive_dir": str(tmp_path / "archive")}}) as served:
+                     "gateway": {"host_retry_s": 0.5}, "archive": {"dir": str(tmp_path / "archive")}}) as served:
             redis.stop()
             async with RetellClient(served.ws, "call-store-down") as caller:
                 assert await closed_with(caller) == 1006

@@ -68,7 +68,7 @@ async def test_a_turn_s_event_is_in_the_stream_once_its_checkpoint_is_even_if_th
     Before, it was dropped. Metrics still see every event once, and nothing is published twice."""
     stream = f"callray:test-outbox:{uuid.uuid4().hex}"
     settings = CallraySettings(redis={"url": redis_url}, state={"backend": "redis"},
-                               events={"backend": "redis_streams", "stream": stream, "archive_dir": None},
+                               events={"backend": "redis_streams", "stream": stream}, archive={"backend": "none"},
                                turns={"greeting_wait_ms": 0})
     stores = await build_stores(settings)
     assert stores.state.carries_events

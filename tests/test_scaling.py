@@ -91,7 +91,7 @@ def make_app(serve_port, redis_server, tmp_path) -> Iterator[Any]:
             "cache": {"backend": "redis"},
             "hosts": {"namespace": NAMESPACE},
             "gateway": {"host_retry_s": 60},
-            "events": {"archive_dir": str(tmp_path / f"archive-{name}")},
+            "archive": {"dir": str(tmp_path / f"archive-{name}")},
         })
         apps.append(app)
         return app

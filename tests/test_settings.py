@@ -106,6 +106,7 @@ def test_check_warns_about_sockets_served_beyond_this_machine_without_a_secret(t
 def test_every_shipped_config_but_the_laptop_one_requires_the_socket_secret(monkeypatch):
     monkeypatch.delenv("CALLRAY_SOCKET_SECRET", raising=False)
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://callray@127.0.0.1:1/callray")
     for path in ("config/single.yaml", "config/distributed.yaml", "config/event_driven.yaml"):
         with pytest.raises(SettingsError, match="CALLRAY_SOCKET_SECRET"):
             load_serve_config(path)

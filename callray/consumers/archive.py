@@ -1,228 +1,117 @@
-"""Transcript archive: one complete JSON record per call, ``<directory>/<call_id>.json``.
+"""The transcript archive consumer: every call's record, kept by a backend.
 
-The record is a function of the *set* of events seen, not of their order or count, so
-duplicates and out-of-order webhooks (``call_analyzed`` before ``call_ended``) produce the same
-file: turns are keyed by ``response_id`` (the latest activation's, then the highest seq, wins), Retell's call object is
-``{**ended.call, **analyzed.call}``, times are minima. Every update is written atomically
-(temp file + ``os.replace``) before the event is acked, so a restart loses nothing.
+Events are gathered per call as they are handled and folded into the stored records once per
+batch (``flush``), before the batch is acknowledged: what was acked is stored. The record is a
+function of the set of events (``record.py``), so redelivery and reordering change nothing.
+Backends: ``FileRecords`` (one JSON file per call on this node: a laptop) and
+``PostgresRecords`` (a database every node shares: a cluster).
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import json
-import os
-import re
 import time
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from cachetools import LRUCache
-
-from callray.events import (
-    CallAnalyzed,
-    CallEnded,
-    CallStarted,
-    CallSuperseded,
-    CallTurn,
-    EscalationPerformed,
-    EscalationRequested,
-    Event,
-)
-
-_SAFE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,150}")
+from callray.events import Event
+from callray.settings import ArchiveSettings
 
 
-def record_filename(call_id: str) -> str:
-    """A file name for any call id: itself when safe, else a sanitised form plus a hash."""
-    if _SAFE.fullmatch(call_id):
-        return f"{call_id}.json"
-    digest = hashlib.sha256(call_id.encode()).hexdigest()[:16]
-    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', call_id)[:100]}-{digest}.json"
+class ArchiveRecords(Protocol):
+    async def update(self, events: dict[str, list[Event]]) -> list[dict[str, Any]]:
+        """Fold each call's events into its stored record (atomically per call); returns the
+        updated records."""
 
+    async def get(self, call_id: str) -> dict[str, Any] | None: ...
 
-def _min(a: float | None, b: float | None) -> float | None:
-    return b if a is None else a if b is None else min(a, b)
+    async def finalise(self, call_ids: list[str]) -> None:
+        """Mark these records final."""
 
+    async def purge(self, ended_before: float) -> int:
+        """Delete records of calls ended (or last written) before this unix time; how many."""
 
-def _new_record(call_id: str) -> dict[str, Any]:
-    return {
-        "call_id": call_id,
-        "agent": "",
-        "started_at": None,
-        "reconnected": False,
-        "ended_at": None,
-        "end_reason": "",
-        "ended": False,
-        "analyzed": False,
-        "final": False,
-        "turns": [],
-        "superseded": [],
-        "tools": [],
-        "escalation": None,
-        "call": {},
-        "call_key_rank": {},
-    }
-
-
-def _merge_call(r: dict[str, Any], call: dict[str, Any], rank: int) -> None:
-    """Merge a call object key by key; a key keeps the value from its highest-ranked source
-    (analyzed 3 > Retell's ended 2 > our own 1), so arrival order does not matter."""
-    ranks = r["call_key_rank"]
-    for key, value in call.items():
-        if ranks.get(key, 0) <= rank:
-            r["call"][key], ranks[key] = value, rank
+    async def close(self) -> None: ...
 
 
 class TranscriptArchive:
-    """Consumer that keeps each call's record on disk; ``get(call_id)`` reads it back.
+    """Consumer that keeps each call's record in ``records``; ``get(call_id)`` reads it back.
 
     A record is ``final`` once both ``call.ended`` and ``call.analyzed`` arrived, or
-    ``grace_s`` after ``call.ended`` when ``finalise_stale()`` runs (analysis is optional
-    in Retell). Updates after that are still merged.
+    ``grace_s`` after ``call.ended`` when ``finalise_stale()`` runs (analysis is optional in
+    Retell). With ``retention_s``, ``purge()`` deletes records of calls ended longer ago.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, grace_s: float = 900.0, cache_size: int = 1000):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.grace_s = grace_s
-        self._cache: LRUCache[str, dict[str, Any]] = LRUCache(cache_size)
-        # Records changed since the last flush: call_id -> (the record as on disk, None if no file yet; the record)
-        self._dirty: dict[str, tuple[str | None, dict[str, Any]]] = {}
+    def __init__(self, records: ArchiveRecords, *, grace_s: float = 900.0, retention_s: float | None = None):
+        self.records, self.grace_s, self.retention_s = records, grace_s, retention_s
+        self._pending: dict[str, list[Event]] = {}
         self._ended_at_mono: dict[str, float] = {}
-
-    def path(self, call_id: str) -> Path:
-        return self.directory / record_filename(call_id)
-
-    def _load(self, call_id: str) -> dict[str, Any] | None:
-        record = self._cache.get(call_id)
-        if record is None:
-            try:
-                record = json.loads(self.path(call_id).read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                return None
-            self._cache[call_id] = record
-        return record
-
-    async def get(self, call_id: str) -> dict[str, Any] | None:
-        record = await asyncio.to_thread(self._load, call_id)
-        return json.loads(json.dumps(record)) if record is not None else None
+        self.counts = {"flushes": 0, "events": 0, "finalised": 0, "purged": 0}
 
     async def handle(self, event: Event) -> None:
-        """Apply one event to its call's record in memory; :meth:`flush` writes it."""
-        pending = self._dirty.get(event.call_id)
-        record = pending[1] if pending else self._cache.get(event.call_id)
-        if record is None:
-            record = await asyncio.to_thread(self._load, event.call_id)
-        if pending is None:  # a cached or loaded record is what the disk holds; a new one is not there yet
-            self._dirty[event.call_id] = (None, _new_record(event.call_id)) if record is None else (_serialise(record), record)
-            record = self._dirty[event.call_id][1]
-        self._apply(record, event)
-        self._cache[event.call_id] = record
-        if record["ended"] and not record["final"]:
-            self._ended_at_mono.setdefault(event.call_id, time.monotonic())
-        else:
-            self._ended_at_mono.pop(event.call_id, None)
+        """Gather one event; :meth:`flush` stores it."""
+        self._pending.setdefault(event.call_id, []).append(event)
 
     async def flush(self) -> None:
-        """Write every record changed since the last flush, in one hop to a thread: the
-        consumer acks its batch only after this, so what was acked is on disk."""
-        dirty, self._dirty = self._dirty, {}
-        writes = {}
-        for call_id, (before, record) in dirty.items():
-            after = _serialise(record)
-            if after != before:
-                writes[call_id] = after
-        if not writes:
+        """Store every event gathered since the last flush. On failure they stay gathered, for
+        the next flush (the consumer retries it before reading more)."""
+        pending, self._pending = self._pending, {}
+        if not pending:
             return
         try:
-            await asyncio.to_thread(self._write_all, writes)
-        except OSError:
-            for call_id in writes:
-                self._cache.pop(call_id, None)  # disk is the truth: the redelivery re-applies
+            records = await self.records.update(pending)
+        except BaseException:
+            for call_id, events in pending.items():
+                self._pending[call_id] = events + self._pending.get(call_id, [])
             raise
-
-    def _write_all(self, writes: dict[str, str]) -> None:
-        for call_id, text in writes.items():
-            self._write(call_id, text)
-
-    def _apply(self, r: dict[str, Any], event: Event) -> None:
-        if event.agent and not r["agent"]:
-            r["agent"] = event.agent
-        if isinstance(event, CallStarted):
-            r["started_at"] = _min(r["started_at"], event.ts)
-            r["reconnected"] = r["reconnected"] or event.reconnect
-        elif isinstance(event, CallTurn):
-            self._apply_turn(r, event)
-        elif isinstance(event, CallSuperseded):
-            r["superseded"] = sorted(set(r["superseded"]) | {event.response_id})
-        elif isinstance(event, (EscalationRequested, EscalationPerformed)):
-            escalation = r["escalation"] or {"rule": event.rule}
-            if isinstance(event, EscalationRequested):
-                escalation.update(rule=event.rule, reason=event.reason, requested_at=_min(escalation.get("requested_at"), event.ts))
+        self.counts["flushes"] += 1
+        self.counts["events"] += sum(len(events) for events in pending.values())
+        for record in records:
+            if record["ended"] and not record["final"]:
+                self._ended_at_mono.setdefault(record["call_id"], time.monotonic())
             else:
-                escalation.update(performed=True, transfer_number=event.transfer_number)
-            r["escalation"] = escalation
-        elif isinstance(event, CallEnded):
-            r["ended"] = True
-            end_ms = event.call.get("end_timestamp")
-            ended_at = end_ms / 1000 if isinstance(end_ms, (int, float)) else event.ts
-            r["ended_at"] = _min(r["ended_at"], ended_at)
-            r["end_reason"] = str(event.call.get("disconnection_reason") or r["end_reason"] or event.reason)
-            _merge_call(r, event.call, 2 if "end_timestamp" in event.call or "disconnection_reason" in event.call else 1)
-        elif isinstance(event, CallAnalyzed):
-            r["analyzed"] = True
-            _merge_call(r, event.call, 3)
-            if event.call.get("disconnection_reason"):
-                r["end_reason"] = str(event.call["disconnection_reason"])
-        r["final"] = r["final"] or (r["ended"] and r["analyzed"])
+                self._ended_at_mono.pop(record["call_id"], None)
 
-    def _apply_turn(self, r: dict[str, Any], event: CallTurn) -> None:
-        turn = {
-            "response_id": event.response_id,
-            "seq": event.seq,
-            "epoch": event.epoch,
-            "kind": event.kind,
-            "at": event.ts,
-            "caller": event.caller_text,
-            "agent": event.agent_text,
-            "timings": {
-                "first_chunk_ms": event.first_chunk_ms,
-                "first_sentence_ms": event.first_sentence_ms,
-                "complete_ms": event.complete_ms,
-            },
-            "cache_hit": event.cache_hit,
-            "budget_miss": event.budget_miss,
-            "fallback": event.fallback,
-            "tools": list(event.tools),
-            "action": event.action,
-        }
-        turns = {t["response_id"]: t for t in r["turns"]}
-        current = turns.get(event.response_id)
-        if current is None or (current.get("epoch", 0), current["seq"]) <= event.key:
-            turns[event.response_id] = turn
-        r["turns"] = [turns[k] for k in sorted(turns)]
-        r["tools"] = sorted({tool for t in r["turns"] for tool in t["tools"]})
-
-    def _write(self, call_id: str, text: str) -> None:
-        target = self.path(call_id)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
+    async def get(self, call_id: str) -> dict[str, Any] | None:
+        return await self.records.get(call_id)
 
     async def finalise_stale(self) -> list[str]:
         """Mark records ended more than ``grace_s`` ago (and never analyzed) final."""
         now = time.monotonic()
         done = [cid for cid, at in self._ended_at_mono.items() if now - at >= self.grace_s]
-        for call_id in done:
-            del self._ended_at_mono[call_id]
-            record = await asyncio.to_thread(self._load, call_id)
-            if record is not None and not record["final"]:
-                record["final"] = True
-                await asyncio.to_thread(self._write, call_id, _serialise(record))
+        if done:
+            await self.records.finalise(done)
+            for call_id in done:
+                del self._ended_at_mono[call_id]
+            self.counts["finalised"] += len(done)
         return done
 
+    async def purge(self) -> int:
+        """Apply retention now: delete the records of calls ended more than ``retention_s`` ago."""
+        if self.retention_s is None:
+            return 0
+        purged = await self.records.purge(time.time() - self.retention_s)
+        self.counts["purged"] += purged
+        return purged
 
-def _serialise(record: dict[str, Any]) -> str:
-    return json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n"
+    def prometheus_samples(self) -> list[tuple[str, dict[str, str], float]]:
+        """``callray_archive_<count>`` (flushes, events, finalised, purged) as metric samples."""
+        return [(f"callray_archive_{name}", {}, float(value)) for name, value in self.counts.items()]
+
+    async def close(self) -> None:
+        await self.records.close()
+
+
+def build_archive(settings: ArchiveSettings) -> TranscriptArchive | None:
+    """The archive the settings ask for (None: ``backend: none``)."""
+    records: ArchiveRecords
+    if settings.backend == "none":
+        return None
+    if settings.backend == "postgres":
+        from callray.consumers.archive_postgres import PostgresRecords
+
+        records = PostgresRecords(settings.database_url, pool_size=settings.pool_size, timeout_s=settings.timeout_s)
+    else:
+        from callray.consumers.archive_files import FileRecords
+
+        records = FileRecords(settings.dir)
+    retention = settings.retention_days * 86400 if settings.retention_days is not None else None
+    return TranscriptArchive(records, retention_s=retention)

@@ -19,7 +19,7 @@ from callray.scenarios.report import print_result, print_summary, write_junit
 from callray.scenarios.runner import Target, run_suites
 from callray.scenarios.server import LocalServer
 from callray.scenarios.suite import Suite, SuiteError, load_suite
-from callray.settings import CallraySettings, SettingsError, load_serve_config
+from callray.settings import ArchiveSettings, CallraySettings, SettingsError, load_serve_config
 
 
 def _suite_files(paths: list[Path]) -> list[Path]:
@@ -39,7 +39,7 @@ def local_settings(config: Path, archive_dir: str) -> CallraySettings:
     update = {
         "gateway": settings.gateway.model_copy(update={"guard": type(settings.gateway.guard)()}),
         "webhook": settings.webhook.model_copy(update={"api_key": settings.webhook.api_key or secrets.token_hex(16)}),
-        "events": settings.events.model_copy(update={"archive_dir": archive_dir}),
+        "archive": ArchiveSettings(backend="files", dir=archive_dir),
     }
     return settings.model_copy(update=update)
 

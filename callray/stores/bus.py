@@ -660,9 +660,12 @@ async def consume(
     unacked: it is redelivered after ``claim_idle_ms`` and dead-lettered after
     ``max_deliveries``. Handlers must be idempotent on the event's identity.
 
-    ``flush`` (optional) makes a batch's effects durable before it is acked (a failure leaves
-    the whole batch unacked); ``linger_s`` waits between batches so that they grow, for a
-    consumer whose cost is per batch rather than per event."""
+    ``flush`` (optional) makes a batch's effects durable before it is acked. A flush that fails
+    is the sink's failure (a database down, a disk full), not the events': it is retried with
+    backoff before anything more is read, so the events wait in the stream instead of being
+    redelivered towards the dead-letter stream; on ``stop`` they stay unacked and come back.
+    ``linger_s`` waits between batches so that they grow, for a consumer whose cost is per batch
+    rather than per event."""
     while not stop.is_set():
         try:
             deliveries = await bus.read(group, consumer, batch, block_ms)
@@ -683,12 +686,20 @@ async def consume(
                     "consumer %s/%s: handler failed on %s (%s, delivery %d)",
                     group, consumer, delivery.id, delivery.event.type, delivery.deliveries,
                 )
-        if done and flush is not None:
+        failures = 0
+        while done and flush is not None:
             try:
                 await flush()
-            except Exception:
-                log.exception("consumer %s/%s: flushing %d events failed; they come back", group, consumer, len(done))
-                done = []
+                break
+            except Exception as exc:
+                log.warning("consumer %s/%s: storing %d events failed (%r); retrying before reading more",
+                            group, consumer, len(done), exc)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(RECONNECT_BACKOFF.compute(failures)):
+                        await stop.wait()
+                failures += 1
+                if stop.is_set():
+                    done = []  # unacked: they come back to this consumer after a restart
         if done:
             try:
                 await bus.ack(group, done)

@@ -1,0 +1,118 @@
+"""The archive on local disk: one JSON file per call, ``<directory>/<call_id>.json``.
+
+For one machine (the laptop config): the files live on the node that runs the archive
+consumer, so on a cluster use the PostgreSQL backend. Every write is atomic (temp file +
+``os.replace``); a failed write drops the call from the cache, so the disk stays the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from cachetools import LRUCache
+
+from callray.consumers.record import apply, new_record, serialise
+from callray.events import Event
+
+_SAFE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,150}")
+
+
+def record_filename(call_id: str) -> str:
+    """A file name for any call id: itself when safe, else a sanitised form plus a hash."""
+    if _SAFE.fullmatch(call_id):
+        return f"{call_id}.json"
+    digest = hashlib.sha256(call_id.encode()).hexdigest()[:16]
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', call_id)[:100]}-{digest}.json"
+
+
+class FileRecords:
+    """Records as files in ``directory``, the recently used ones cached in memory."""
+
+    def __init__(self, directory: str | os.PathLike[str], *, cache_size: int = 1000):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._cache: LRUCache[str, dict[str, Any]] = LRUCache(cache_size)
+
+    def path(self, call_id: str) -> Path:
+        return self.directory / record_filename(call_id)
+
+    async def update(self, events: dict[str, list[Event]]) -> list[dict[str, Any]]:
+        """Fold each call's events into its record and write the records that changed."""
+        return await asyncio.to_thread(self._update, events)
+
+    async def get(self, call_id: str) -> dict[str, Any] | None:
+        record = await asyncio.to_thread(self._load, call_id)
+        return json.loads(json.dumps(record)) if record is not None else None
+
+    async def finalise(self, call_ids: list[str]) -> None:
+        await asyncio.to_thread(self._finalise, call_ids)
+
+    async def purge(self, ended_before: float) -> int:
+        """Delete the records of calls that ended (or, never ended, were last written) before
+        ``ended_before`` (unix seconds); returns how many."""
+        return await asyncio.to_thread(self._purge, ended_before)
+
+    async def close(self) -> None:
+        self._cache.clear()
+
+    def _update(self, events: dict[str, list[Event]]) -> list[dict[str, Any]]:
+        out = []
+        for call_id, batch in events.items():
+            record = self._load(call_id)
+            before = serialise(record) if record is not None else None
+            record = json.loads(before) if before is not None else new_record(call_id)
+            for event in batch:
+                apply(record, event)
+            after = serialise(record)
+            if after != before:
+                try:
+                    self._write(call_id, after)
+                except OSError:
+                    self._cache.pop(call_id, None)
+                    raise
+            self._cache[call_id] = record
+            out.append(record)
+        return out
+
+    def _load(self, call_id: str) -> dict[str, Any] | None:
+        record = self._cache.get(call_id)
+        if record is None:
+            try:
+                record = json.loads(self.path(call_id).read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                return None
+            self._cache[call_id] = record
+        return record
+
+    def _write(self, call_id: str, text: str) -> None:
+        target = self.path(call_id)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+
+    def _finalise(self, call_ids: list[str]) -> None:
+        for call_id in call_ids:
+            record = self._load(call_id)
+            if record is not None and not record["final"]:
+                record["final"] = True
+                self._write(call_id, serialise(record))
+
+    def _purge(self, ended_before: float) -> int:
+        purged = 0
+        for path in self.directory.glob("*.json"):
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+                last = record.get("ended_at") or path.stat().st_mtime
+            except (OSError, ValueError):
+                continue
+            if last < ended_before:
+                path.unlink(missing_ok=True)
+                self._cache.pop(record.get("call_id", ""), None)
+                purged += 1
+        return purged
