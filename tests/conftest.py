@@ -197,7 +197,7 @@ def dedicated_app(serve_port, fake_llm, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def events_app(serve_port, redis_server, tmp_path_factory) -> str:
+def events_app(serve_port, redis_server, postgres_url) -> str:
     """The event-driven architecture: Redis Streams feeding analytics, archive and escalation."""
     return deploy("events", {
         "architecture": "event_driven",
@@ -209,7 +209,7 @@ def events_app(serve_port, redis_server, tmp_path_factory) -> str:
             "escalation": {"keywords": ["lawyer"], "transfer_number": "+15550009999",
                            "handoff_line": "Let me get a colleague for you.", "max_fallback_turns": 0},
         },
-        "archive": {"backend": "files", "dir": str(tmp_path_factory.mktemp("archive"))},
+        "archive": {"backend": "postgres", "database_url": postgres_url},  # as the shipped config keeps records
         "webhook": {"api_key": WEBHOOK_KEY},
         "gateway": {"guard": {"secret": SOCKET_SECRET, "secret_in": "either", "allow_ips": ["127.0.0.0/8"]}},
     }, serve_port) + f"/{SOCKET_SECRET}"
