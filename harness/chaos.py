@@ -227,27 +227,33 @@ class FaultInjector:
 # ====================================================================== the run
 
 
+async def inject_faults(target: ChaosTarget, plan: FaultPlan, faults: list[Fault], run: asyncio.Future,
+                        console: Console | None = None) -> None:
+    """Inject ``plan``'s faults at their times (seconds from now) while ``run`` goes on, recording
+    each in ``faults``; none is started once ``run`` is done (one under way completes)."""
+    injector, started = FaultInjector(target, plan), time.time()
+    for at, kind in plan.timeline():
+        await asyncio.wait([run], timeout=max(0.0, started + at - time.time()))
+        if run.done():
+            return
+        fault = await injector.inject(kind)
+        faults.append(fault)
+        if console:
+            console.log(f"fault {len(faults)}: {kind} {fault.target or ''} at {fault.at - started:.1f} s"
+                        + (f" [red]failed: {fault.error}[/]" if fault.error else ""))
+
+
 async def run_chaos(target: ChaosTarget, sim: SimConfig, plan: FaultPlan,
                     console: Console | None = None) -> dict[str, Any]:
     """Drive ``sim`` against ``target`` while injecting ``plan``'s faults; returns the report."""
     sim = sim.model_copy(update={"url": target.url})
     if sim.run_id is None:
         sim = sim.model_copy(update={"run_id": f"{random.getrandbits(32):08x}"})
-    injector = FaultInjector(target, plan)
     faults: list[Fault] = []
     analytics_before = await asyncio.to_thread(_analytics_turns, target)
     sockets = SocketLog()
-    started = time.time()
     sim_task = asyncio.create_task(run_simulation(sim, observer=sockets))
-    for at, kind in plan.timeline():
-        await asyncio.wait([sim_task], timeout=max(0.0, started + at - time.time()))
-        if sim_task.done():
-            break
-        fault = await injector.inject(kind)
-        faults.append(fault)
-        if console:
-            console.log(f"fault {len(faults)}: {kind} {fault.target or ''} at {fault.at - started:.1f} s"
-                        + (f" [red]failed: {fault.error}[/]" if fault.error else ""))
+    await inject_faults(target, plan, faults, sim_task, console)
     result = await sim_task
     events = None
     if target.stream and target.redis_url:

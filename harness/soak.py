@@ -45,8 +45,8 @@ from rich.table import Table
 from callray.settings import PROJECT_DIR
 from callray.sim.local import RedisServer
 from callray.sim.simulator import Recorder, SimConfig, run_simulation
-from harness.chaos import (ChaosTarget, Fault, FaultInjector, FaultPlan, SocketLog, chaos_report, chaos_target,
-                           check_events)
+from harness.chaos import (ChaosTarget, FaultPlan, SocketLog, chaos_report, chaos_target, check_events,
+                           inject_faults)
 from callray.stats import percentile
 
 #: Retell reconnects up to 4 times after an abnormal close.
@@ -240,17 +240,6 @@ def fault_plan(minutes: float) -> FaultPlan:
                                (0.7 * run_s, "gateway")], stall_s=10.0, redis_down_s=1.0)
 
 
-async def inject_faults(target: ChaosTarget, plan: FaultPlan, faults: list[Fault], console: Console) -> None:
-    """Inject ``plan``'s faults at their times (seconds from now), recording each in ``faults``."""
-    injector, started = FaultInjector(target, plan), time.time()
-    for at, kind in plan.timeline():
-        await asyncio.sleep(max(0.0, started + at - time.time()))
-        fault = await injector.inject(kind)
-        faults.append(fault)
-        console.log(f"fault {len(faults)}: {kind} {fault.target or ''} at {fault.at - started:.0f} s"
-                    + (f" [red]failed: {fault.error}[/]" if fault.error else ""))
-
-
 def archive_gaps(target: ChaosTarget, result: Any) -> dict[str, Any]:
     """Every call's archived record (``GET /calls/{id}``) against the turns its caller heard."""
     from harness.targets import read_json
@@ -289,15 +278,15 @@ async def soak(url: str, app: str, options: SoakOptions, console: Console, tag: 
     sampler = asyncio.create_task(sample_loop(app, f"soak-{tag}", live, options, samples, console, done,
                                               first_ramp_s))
     plan, faults = fault_plan(options.minutes) if target is not None else None, []
-    injecting = asyncio.create_task(inject_faults(target, plan, faults, console)) if plan else None
+    run = asyncio.create_task(run_simulation(sim, observer=live))
     try:
-        result = await run_simulation(sim, observer=live)
+        if plan is not None:
+            await inject_faults(target, plan, faults, run, console)
+        result = await run
     finally:
+        run.cancel()  # a no-op once it finished
         done.set()
         await sampler
-        if injecting is not None:
-            injecting.cancel()
-            await asyncio.gather(injecting, return_exceptions=True)
     report = {"samples": samples, "summary": soak_summary(samples, options, result), "sim": result.summary()}
     if plan is not None:
         events = await check_events(target, result, None) if target.stream else None

@@ -103,7 +103,7 @@ class PostgresRecords:
             for call_id, batch in events.items():
                 for event in batch:
                     apply(records[call_id], event)
-            calls = [(cid, r) for cid, r in records.items()]
+            calls = list(records.items())
             await conn.execute(
                 "UPDATE callray_calls c SET record = u.record::jsonb, from_number = u.from_number, "
                 "ended_at = to_timestamp(u.ended_at), updated_at = now() "

@@ -191,6 +191,12 @@ class _BufferedEmitter:
         return {**self._counts, "buffered": len(self._buffer), "last_error": self._last_error}
 
 
+def stream_fields(event: Event) -> dict[str, str]:
+    """A stream entry's two fields for ``event``: its type (readable at a glance with XRANGE) and
+    its JSON. The bus's producers and the state store's save script (the outbox) both write these."""
+    return {"type": event.type, "event": event.model_dump_json()}
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -296,14 +302,11 @@ class RedisStreamBus(_BufferedEmitter):
         return cls(await connect_redis(url, setting), owns_client=True, **kwargs)
 
     # -- producing -------------------------------------------------------------------------
-    def _fields(self, event: Event) -> dict[str, str]:
-        return {"type": event.type, "event": event.model_dump_json()}
-
     async def _publish_many(self, events: list[Event]) -> None:
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for event in events:
-                    pipe.xadd(self.stream, self._fields(event))
+                    pipe.xadd(self.stream, stream_fields(event))
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"event stream {self.stream!r}: {exc}") from exc
@@ -312,7 +315,7 @@ class RedisStreamBus(_BufferedEmitter):
 
     async def publish(self, event: Event) -> str:
         try:
-            entry_id = await self.client.xadd(self.stream, self._fields(event))
+            entry_id = await self.client.xadd(self.stream, stream_fields(event))
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"event stream {self.stream!r}: {exc}") from exc
         self._counts["published"] += 1

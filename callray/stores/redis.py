@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 
 from callray.events import Event
 from callray.stores.base import CallFencedError, CallState, Claim, StaleStateError, StoreUnavailableError
+from callray.stores.bus import stream_fields
 from callray.stores.redis_client import REDIS_SETTING, connect_redis
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,9 @@ _DOWN = (RedisError, OSError, asyncio.TimeoutError)
 
 # KEYS[1] call key, KEYS[2] the event stream (when events are carried); ARGV[1] expected
 # version, ARGV[2] JSON, ARGV[3] TTL ms, ARGV[4] owner epoch, ARGV[5] the stream's hard length
-# bound, then (seq, type, event JSON) per event. Returns {1, new_version} when written, {0, found_version} when stale (0 = no such call)
-# and {-1, stored_epoch} when a newer activation holds the call (fenced).
+# bound, then per event its seq and the two (field, value) pairs of its entry (bus.stream_fields).
+# Returns {1, new_version} when written, {0, found_version} when stale (0 = no such call) and
+# {-1, stored_epoch} when a newer activation holds the call (fenced).
 # A replay of the exact write that already landed (a retry after a lost reply) succeeds again.
 # The events are appended to the stream by the same script that writes the state, so a crash
 # loses both or neither; ``q`` is the highest seq appended, and an event at or below it (sent
@@ -54,10 +56,10 @@ if found ~= expected then
   return {0, found}
 end
 local appended = tonumber(cur[4] or '0')
-for i = 6, #ARGV, 3 do
+for i = 6, #ARGV, 5 do
   local seq = tonumber(ARGV[i])
   if seq > appended then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'type', ARGV[i + 1], 'event', ARGV[i + 2])
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
     appended = seq
   end
 end
@@ -112,7 +114,6 @@ class RedisStateStore:
                  stream: str | None = None, stream_max: int = 1_000_000):
         self.client, self.ttl_s, self.prefix, self.stream = client, ttl_s, prefix, stream
         self.stream_max = stream_max
-        self.events_appended = 0  # events this process sent with a save that landed
         self._save_script = client.register_script(_CAS_SAVE)
         self._claim_script = client.register_script(_CLAIM)
         self._owns_client = False
@@ -168,14 +169,15 @@ class RedisStateStore:
             keys.append(self.stream)
             args.append(self.stream_max)
             for event in sent:
-                args += [event.seq, event.type, event.model_dump_json()]
+                args.append(event.seq)
+                for name, value in stream_fields(event).items():
+                    args += [name, value]
         written, found = await self._run("save", state.call_id, lambda: self._save_script(keys=keys, args=args))
         if written == -1:
             raise CallFencedError(state.call_id, state.epoch, int(found))
         if not written:
             raise StaleStateError(state.call_id, state.version, int(found))
         if sent:
-            self.events_appended += len(sent)
             events[:] = [event for event in events if event.seq > sent[-1].seq]  # more may have come meanwhile
         state.version, state.updated_at = new_version, now
         return new_version
