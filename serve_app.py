@@ -21,10 +21,11 @@ from ray.serve import Application
 from actors.consumers import start_consumers
 from actors.metrics import HostMetrics
 from actors.placement import DedicatedCalls
+from callray.erasure import Erasure
 from callray.gateway import Gateway, build_api
 from callray.replica import LocalReplica
 from callray.settings import CallraySettings
-from callray.stores.factory import open_redis
+from callray.stores.factory import Stores, build_stores
 from callray.webhook import RedisWebhookDeduper, WebhookDeduper
 
 log = logging.getLogger("callray.serve_app")
@@ -44,6 +45,15 @@ class ConsumerReads:
     async def archived(self, call_id: str) -> dict[str, Any] | None:
         return await self.consumers["archive"].archived.remote(call_id)
 
+    async def export(self, since: float | None, after: str, limit: int) -> dict[str, Any] | None:
+        return await self.consumers["archive"].export.remote(since, after, limit)
+
+    async def calls_of(self, callers: list[str]) -> list[str]:
+        return await self.consumers["archive"].calls_of.remote(callers)
+
+    async def erase_record(self, call_id: str) -> bool:
+        return await self.consumers["archive"].erase_record.remote(call_id)
+
 
 class NoReads:
     """Placements whose consumers run inside the call actors have nothing to read here."""
@@ -53,6 +63,15 @@ class NoReads:
 
     async def archived(self, call_id: str) -> None:
         return None
+
+    async def export(self, since: float | None, after: str, limit: int) -> None:
+        return None
+
+    async def calls_of(self, callers: list[str]) -> list[str]:
+        return []
+
+    async def erase_record(self, call_id: str) -> bool:
+        return False
 
 
 @serve.deployment(
@@ -74,26 +93,28 @@ class CallGateway:
         self.app_name = context.app_name
         self.name = f"{context.app_name}-{context.replica_id.unique_id}-{uuid.uuid4().hex[:6]}"
         self.replica: LocalReplica | None = None
+        self._stores: Stores | None = None  # dedicated placement: the stores this gateway opened itself
         self.consumers: dict[str, Any] = {}
         self._background: list[asyncio.Task] = []
         if self.settings.hosts.placement == "local":
             self.metrics = HostMetrics(self.name, self.settings.architecture)
             self.replica = await LocalReplica.start(self.settings, self.name, observe=self.metrics.observe)
             calls, reads = self.replica, self.replica
-            redis = self.replica.stores.redis
+            stores = self.replica.stores
             self._background.append(asyncio.create_task(self._export_metrics()))
         else:
             remote = DedicatedCalls(self.app_name, self.settings)
-            calls, reads, redis = remote, NoReads(), None
+            calls, reads = remote, NoReads()
+            # the calls' state lives in their actors; Redis-backed stores are reachable from here too
+            stores = self._stores = await build_stores(self.settings) if self.settings.uses_redis else None
             self._background.append(asyncio.create_task(remote.start()))  # warm pool / hosts, never before accept
         if self.settings.events.backend == "redis_streams":
             self.consumers = start_consumers(self.app_name, self.settings)
             reads = ConsumerReads(self.consumers)
             self._background.append(asyncio.create_task(self._start_consumers()))
-            if redis is None:
-                redis = await open_redis(self.settings.redis)
+        redis = stores.redis if stores is not None else None
         deduper = RedisWebhookDeduper(redis) if redis is not None else WebhookDeduper()
-        self.gateway = Gateway(self.settings, calls, reads, deduper,
+        self.gateway = Gateway(self.settings, calls, reads, deduper, erasure=Erasure(reads, self.settings.privacy, stores),
                                live=self.replica.live if self.replica is not None else None)
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -129,6 +150,8 @@ class CallGateway:
             task.cancel()
         if self.replica is not None:
             await self.replica.close()
+        if self._stores is not None:
+            await self._stores.close()
 
 
 def build_app(args: dict[str, Any]) -> Application:

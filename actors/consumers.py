@@ -124,8 +124,23 @@ class EventConsumer:
         return self.consumer.snapshot() if self.kind == "analytics" and self.consumer else None
 
     async def archived(self, call_id: str) -> dict[str, Any] | None:
+        return await self._archive("get", call_id)
+
+    async def export(self, since: float | None, after: str, limit: int) -> dict[str, Any] | None:
+        return await self._archive("export", since, after, limit)
+
+    async def calls_of(self, callers: list[str]) -> list[str]:
+        return await self._archive("calls_of", callers) or []
+
+    async def erase_record(self, call_id: str) -> bool:
+        return bool(await self._archive("erase", call_id))
+
+    async def _archive(self, method: str, *args: Any) -> Any:
+        """The archive consumer's ``method`` (None in the other consumers or with no archive)."""
         await self.start()
-        return await self.consumer.get(call_id) if self.kind == "archive" and self.consumer else None
+        if self.kind != "archive" or self.consumer is None:
+            return None
+        return await getattr(self.consumer, method)(*args)
 
 
 def start_consumers(app_name: str, settings: CallraySettings) -> dict[str, Any]:

@@ -8,6 +8,8 @@
     callray bench [...]                                                  the benchmark suite
     callray chaos [...]                                                  fault injection under live calls
     callray soak [...]                                                   a long run: memory, drift, errors
+    callray export URL --since 7d [--format jsonl|csv] [--out FILE]      archived records, for analysis
+    callray erase URL (--call ID | --phone NUMBER)                       erase a call's or a caller's data
 
 URL is the LLM WebSocket base, e.g. ``ws://127.0.0.1:8000/llm-websocket``; the call id is
 appended as Retell does.
@@ -234,9 +236,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     except (SettingsError, ValueError) as exc:
         console.print(f"[red]invalid[/red] {exc}", highlight=False)
         return 1
-    exposure = public_without_secret(doc, settings)
-    if exposure:
-        console.print(f"[bold yellow]WARNING[/] {args.config}: {exposure}", highlight=False)
+    for warning in (public_without_secret(doc, settings), unfindable_callers(settings)):
+        if warning:
+            console.print(f"[bold yellow]WARNING[/] {args.config}: {warning}", highlight=False)
     console.print(f"[green]ok[/green] {args.config}: architecture {settings.architecture}, agents "
                   f"{', '.join(sorted(agents.agents))} (default {agents.default_name}), "
                   f"state {settings.state.backend}, events {settings.events.backend}", highlight=False)
@@ -257,6 +259,14 @@ def public_without_secret(doc: dict[str, Any], settings: Any) -> str | None:
         return None
     return (f"http_options.host {host} serves the socket route beyond this machine with no "
             "gateway.guard.secret and no allow_ips: anyone who reaches it can talk to the agent")
+
+
+def unfindable_callers(settings: Any) -> str | None:
+    """Why erasure by phone number will not find a caller's records in this config's archive, or None."""
+    if settings.archive.backend == "postgres" and settings.privacy.redact and settings.privacy.caller_key is None:
+        return ("privacy.redact is on without privacy.caller_key (set CALLRAY_PRIVACY_KEY): the archive's "
+                "records hold no caller number, so erasure by phone number cannot find them")
+    return None
 
 
 def _add_test(sub: argparse._SubParsersAction) -> None:
@@ -286,9 +296,107 @@ def _cmd_test(args: argparse.Namespace) -> int:
                      junit=args.junit, webhook_url=args.webhook_url, webhook_key=args.webhook_key)
 
 
+# ---------------------------------------------------------------------------------- export, erase
+
+
+def _http_client(url: str, token_env: str) -> Any:
+    """An HTTP client for a running callray at ``url`` with the bearer token from ``token_env``."""
+    import os
+
+    import httpx
+
+    token = os.environ.get(token_env)
+    if not token:
+        raise ValueError(f"set {token_env} to the token the server was started with")
+    return httpx.Client(base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=60.0)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="stream archived call records as JSON lines or CSV",
+                       description="Page through a running callray's archive (GET /calls, with CALLRAY_READ_TOKEN) "
+                                   "and write each record as a JSON line, or each turn as a CSV row.")
+    p.add_argument("url", help="callray's HTTP base, e.g. http://127.0.0.1:8000")
+    p.add_argument("--since", help="calls that ended since: 7d, 12h, 30m, an ISO date or time, or unix seconds "
+                                   "(default: all)")
+    p.add_argument("--format", default="jsonl", choices=("jsonl", "csv"), help="jsonl: a record per line; csv: a "
+                                                                                "turn per row (default jsonl)")
+    p.add_argument("--out", type=Path, metavar="FILE", help="write here instead of standard output")
+    p.set_defaults(handler=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from callray.export import parse_since, write_export
+
+    console = Console(stderr=True)
+    try:
+        since = parse_since(args.since) if args.since else None
+        client = _http_client(args.url, "CALLRAY_READ_TOKEN")
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/]", highlight=False)
+        return 2
+    out = args.out.open("w", encoding="utf-8", newline="") if args.out else sys.stdout
+    try:
+        with client, Progress(TextColumn("records"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                              console=console, transient=True, disable=not console.is_terminal) as bar:
+            task = bar.add_task("records", total=None)
+            count = write_export(client, out, since=since, fmt=args.format,
+                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except (RuntimeError, OSError) as exc:
+        console.print(f"[red]export failed: {exc}[/]", highlight=False)
+        return 1
+    finally:
+        if args.out:
+            out.close()
+    console.print(f"[dim]{count} records exported{f' to {args.out}' if args.out else ''}[/]", highlight=False)
+    return 0
+
+
+def _add_erase(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("erase", help="erase one call's data, or every call of one caller",
+                       description="Ask a running callray (with CALLRAY_ADMIN_TOKEN) to erase a call's record, "
+                                   "state, cache entries and events (DELETE /calls/ID), or those of every "
+                                   "archived call from one phone number (DELETE /callers/NUMBER).")
+    p.add_argument("url", help="callray's HTTP base, e.g. http://127.0.0.1:8000")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--call", metavar="ID", help="the call id")
+    target.add_argument("--phone", metavar="NUMBER", help="the caller's number, in any format (+1 555 123 4567)")
+    p.add_argument("--force", action="store_true", help="with --call: erase even if the call has not ended")
+    p.set_defaults(handler=_cmd_erase)
+
+
+def _cmd_erase(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from callray.export import detail
+
+    console = Console()
+    try:
+        client = _http_client(args.url, "CALLRAY_ADMIN_TOKEN")
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/]", highlight=False)
+        return 2
+    with client:
+        if args.call:
+            reply = client.delete(f"/calls/{quote(args.call, safe='')}", params={"force": args.force})
+        else:
+            reply = client.delete(f"/callers/{quote(args.phone, safe='')}")
+    if reply.status_code != 200:
+        console.print(f"[red]erase failed ({reply.status_code}): {detail(reply)}[/]", highlight=False)
+        return 1
+    body = reply.json()
+    for call in body.get("calls", [body]):
+        console.print(f"erased call {call['call_id']}: record {call['record']}, state {call['state']}, "
+                      f"{call['cache_entries']} cache entries, {call['events']} events", highlight=False)
+    if args.phone:
+        console.print(f"{len(body['calls'])} calls of that caller erased", highlight=False)
+    if body.get("note"):
+        console.print(f"[yellow]note: {body['note']}[/]", highlight=False)
+    return 0
+
+
 #: Subcommand registrars, in help order (each adds a parser with set_defaults(handler=...)).
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_call, _add_sim, _add_fake_llm, _add_check,
-                                                                _add_test]
+                                                                _add_test, _add_export, _add_erase]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -249,8 +249,10 @@ class Conversation:
         route_agent: Callable[[dict[str, Any]], Agent | None] | None = None,
         on_lost: Callable[[Conversation], None] | None = None,
         host: str = "",
+        redact: Callable[[ev.Event], ev.Event] | None = None,
     ):
         self.state = state
+        self._redact = redact
         self.host = host
         self.agent = agent
         self.state.agent = agent.name
@@ -621,7 +623,8 @@ class Conversation:
         if (key and self.cache and not request.cache_hit and not request.fallback and not request.budget_miss
                 and not request.side_effects and shareable(turn, state_changed, request.tools, action)):
             # in the background: the checkpoint below must not wait on the cache
-            self._spawn(self.cache.put(self.agent.name, self.agent.version, key, [t.strip() for t in request.text]))
+            self._spawn(self.cache.put(self.agent.name, self.agent.version, key, [t.strip() for t in request.text],
+                                       call_id=self.call_id))
         self._emit(
             ev.CallTurn, response_id=request.response_id, kind=request.kind, caller_text=turn.last_user_text,
             agent_text=agent_text, first_chunk_ms=request.first_chunk_ms, first_sentence_ms=request.first_sentence_ms,
@@ -759,6 +762,8 @@ class Conversation:
         try:
             event = cls(call_id=self.call_id, seq=self.state.event_seq, epoch=self.state.epoch,
                         agent=self.agent.name, host=self.host, **fields)
+            if self._redact is not None:  # what leaves the call carries no caller identifiers
+                event = self._redact(event)
             if self.unsaved_events is not None:
                 if len(self.unsaved_events) >= MAX_UNSAVED_EVENTS:
                     dropped = self.unsaved_events.pop(0)

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from fastapi import FastAPI, HTTPException, Request, Response, WebSocket
+from fastapi import FastAPI, HTTPException, Query, Request, Response, WebSocket
 from fastapi.responses import HTMLResponse, StreamingResponse
 
+from callray.erasure import CallLiveError, Erasure
 from callray.events import Event
 from callray.guard import SocketGuard
 from callray.inbound import InboundCalls
@@ -51,22 +52,31 @@ class Calls(Protocol):
 
 
 class Reads(Protocol):
-    """Where the operator's read routes get their data."""
+    """Where the operator's routes find the analytics and the archive (None: there is none)."""
 
     async def analytics(self) -> dict[str, Any] | None: ...
 
     async def archived(self, call_id: str) -> dict[str, Any] | None: ...
+
+    async def export(self, since: float | None, after: str, limit: int) -> dict[str, Any] | None: ...
+
+    async def calls_of(self, callers: list[str]) -> list[str]: ...
+
+    async def erase_record(self, call_id: str) -> bool: ...
 
 
 class Gateway:
     """One replica's front door (see the module docstring)."""
 
     def __init__(self, settings: CallraySettings, calls: Calls, reads: Reads,
-                 deduper: WebhookDeduper | RedisWebhookDeduper | None = None, live: LiveCalls | None = None):
+                 deduper: WebhookDeduper | RedisWebhookDeduper | None = None, live: LiveCalls | None = None,
+                 erasure: Erasure | None = None):
         self.settings, self.calls, self.reads, self.live = settings, calls, reads, live
+        self.erasure = erasure or Erasure(reads, settings.privacy)
         self.guard = SocketGuard(settings.gateway.guard)
         self.deduper = deduper or WebhookDeduper()
         self.inbound_calls = InboundCalls(settings.inbound)
+        self.redactor = settings.privacy.redactor()
         self.prefix = settings.gateway.path_prefix.strip("/").split("/")
         self._warned_open = False
 
@@ -114,13 +124,14 @@ class Gateway:
     def require_reader(self, authorization: str | None) -> None:
         """The read routes serve callers' words and numbers: only with the configured bearer
         token (compared in constant time); with none configured they do not exist (404)."""
-        token = self.settings.gateway.read_token
-        if token is None:
-            raise HTTPException(404, "not found (the read routes are off: set CALLRAY_READ_TOKEN)")
-        scheme, _, presented = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token.encode()):
-            raise HTTPException(401, "a valid 'Authorization: Bearer <read token>' header is required",
-                                headers={"WWW-Authenticate": "Bearer"})
+        _require_bearer(authorization, self.settings.gateway.read_token, "read",
+                        "the read routes are off: set CALLRAY_READ_TOKEN")
+
+    def require_admin(self, authorization: str | None) -> None:
+        """The erasure routes remove callers' data for good: only with the admin token, which
+        is not the read token; with none configured they do not exist (404)."""
+        _require_bearer(authorization, self.settings.gateway.admin_token, "admin",
+                        "erasure is off: set CALLRAY_ADMIN_TOKEN")
 
     def _route_tail(self, path: str) -> list[str] | None:
         """The segments after the configured prefix (Serve may keep its route prefix in ``path``)."""
@@ -182,6 +193,8 @@ class Gateway:
             event = to_bus_event(webhook)
         except WebhookPayloadError as exc:
             raise HTTPException(400, str(exc)) from None
+        if event is not None and self.redactor is not None:  # the transcript and numbers Retell sends
+            event = self.redactor.event(event)
         call_id = webhook.call_id
         if event is not None and call_id and not await self._seen(webhook.event, call_id):
             try:
@@ -206,6 +219,20 @@ class Gateway:
             log.warning("call %s: webhook dedupe unavailable (%r); handing %s over", call_id, exc, event,
                         extra={"call_id": call_id})
             return False
+
+
+def _require_bearer(authorization: str | None, token: str | None, name: str, off: str) -> None:
+    if token is None:
+        raise HTTPException(404, f"not found ({off})")
+    scheme, _, presented = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token.encode()):
+        raise HTTPException(401, f"a valid 'Authorization: Bearer <{name} token>' header is required",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+def _check_call_id(call_id: str) -> None:
+    if not CALL_ID.fullmatch(call_id):
+        raise HTTPException(400, "a call id is 1-128 characters of A-Z a-z 0-9 _ -")
 
 
 def build_api() -> FastAPI:
@@ -241,12 +268,46 @@ def build_api() -> FastAPI:
     async def call_record(request: Request, call_id: str) -> dict[str, Any]:
         """The archived record of one call: turns, timings, Retell's call object (needs the read token)."""
         gateway(request.app).require_reader(request.headers.get("authorization"))
-        if not CALL_ID.fullmatch(call_id):
-            raise HTTPException(400, "a call id is 1-128 characters of A-Z a-z 0-9 _ -")
+        _check_call_id(call_id)
         record = await gateway(request.app).reads.archived(call_id)
         if record is None:
             raise HTTPException(404, f"no archived record for call {call_id!r}")
         return record
+
+    @api.get("/calls")
+    async def export_calls(request: Request, since: float | None = None, after: str = "",
+                           limit: int = Query(default=100, ge=1, le=1000)) -> dict[str, Any]:
+        """One page of archived records in call id order (``callray export`` pages through them):
+        calls that ended (or, never ended, started) at or after ``since`` (unix seconds), after
+        call id ``after``. ``next`` is the ``after`` of the next page (null at the end); the first
+        page also has ``total``. Needs the read token."""
+        gateway(request.app).require_reader(request.headers.get("authorization"))
+        page = await gateway(request.app).reads.export(since, after, limit)
+        if page is None:
+            raise HTTPException(404, "no archive in this deployment (archive.backend: none)")
+        return page
+
+    @api.delete("/calls/{call_id}")
+    async def erase_call(request: Request, call_id: str, force: bool = False) -> dict[str, Any]:
+        """Erase one call: its record, state, cache entries and events (needs the admin token).
+        409 while the call is live, unless ``force``."""
+        front = gateway(request.app)
+        front.require_admin(request.headers.get("authorization"))
+        _check_call_id(call_id)
+        try:
+            return await front.erasure.call(call_id, force=force)
+        except CallLiveError as exc:
+            raise HTTPException(409, str(exc)) from None
+
+    @api.delete("/callers/{number}")
+    async def erase_caller(request: Request, number: str) -> dict[str, Any]:
+        """Erase every archived call of one caller, found by phone number (needs the admin token)."""
+        front = gateway(request.app)
+        front.require_admin(request.headers.get("authorization"))
+        try:
+            return await front.erasure.caller(number)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
 
     @api.get("/ui", response_class=HTMLResponse)
     @api.get("/ui/", response_class=HTMLResponse)

@@ -73,6 +73,8 @@ class Host:
         self._turns = (settings.turns if settings.gateway.call_details
                        else settings.turns.model_copy(update={"greeting_wait_ms": 0.0}))
         self._activating: dict[str, asyncio.Future[Conversation]] = {}
+        redactor = settings.privacy.redactor()
+        self._redact = redactor.event if redactor is not None else None
         self.counters = {"activations": 0, "deactivations": 0, "dropped_events": 0, "invalid_frames": 0,
                          "taken_over": 0}
 
@@ -123,7 +125,7 @@ class Host:
                                     cache=self.cache if self.settings.cache.enabled else None,
                                     events=self._call_events,
                                     route_agent=self.agents.route if self.agents.by_retell_agent_id else None,
-                                    on_lost=self._lost, host=self.name)
+                                    on_lost=self._lost, host=self.name, redact=self._redact)
         self.calls[state.call_id] = conversation
         return conversation
 

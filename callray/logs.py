@@ -16,7 +16,7 @@ import re
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 SECRET_KEYS = frozenset({
     "api_key", "apikey", "api-key", "key", "token", "access_token", "refresh_token", "secret", "client_secret",
@@ -109,11 +109,13 @@ def mask_caller_text(text: str) -> str:
 class Masker:
     """The masking rules, applicable to text and to nested dict/list values."""
 
-    def __init__(self, *, phones: bool = True, caller_text: bool = True):
-        self.phones, self.caller_text = phones, caller_text
+    def __init__(self, *, phones: bool = True, caller_text: bool = True, redact: Callable[[str], str] | None = None):
+        self.phones, self.caller_text, self.redact = phones, caller_text, redact
 
     def text(self, text: str) -> str:
         text = mask_secrets(text)
+        if self.redact is not None:  # privacy.redact: e-mail addresses, card numbers... as placeholders
+            text = self.redact(text)
         if self.caller_text:
             text = mask_caller_text(text)
         return mask_phone_numbers(text) if self.phones else text
@@ -144,9 +146,10 @@ class MaskingFilter(logging.Filter):
     then the rendered message, ``extra`` fields and the traceback are masked as text.
     """
 
-    def __init__(self, *, mask_phones: bool = True, mask_caller_text: bool = True):
+    def __init__(self, *, mask_phones: bool = True, mask_caller_text: bool = True,
+                 redact: Callable[[str], str] | None = None):
         super().__init__()
-        self.masker = Masker(phones=mask_phones, caller_text=mask_caller_text)
+        self.masker = Masker(phones=mask_phones, caller_text=mask_caller_text, redact=redact)
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -212,11 +215,13 @@ class _CallrayHandler(logging.StreamHandler):
 
 
 def configure_logging(level: str | int = "INFO", json: bool = True, mask_pii: bool = True, *,
-                      mask_caller_text: bool | None = None, stream: TextIO | None = None) -> logging.Handler:
+                      mask_caller_text: bool | None = None, stream: TextIO | None = None,
+                      redact: Callable[[str], str] | None = None) -> logging.Handler:
     """Send the ``callray`` loggers to one stream handler (stderr by default); idempotent.
 
     ``json`` picks :class:`JsonFormatter` over a plain text line; ``mask_pii`` masks phone
-    numbers and caller text (``mask_caller_text`` overrides the latter). Secrets are masked
+    numbers and caller text (``mask_caller_text`` overrides the latter); ``redact`` (the
+    ``privacy`` redactor's ``text``) replaces identifiers in every line. Secrets are masked
     always. The ``callray`` logger stops propagating to the root logger, so lines are not
     written twice. Calling it again replaces the handler instead of adding one.
     """
@@ -225,7 +230,7 @@ def configure_logging(level: str | int = "INFO", json: bool = True, mask_pii: bo
         logger.removeHandler(old)
     handler = _CallrayHandler(stream or sys.stderr)
     caller_text = mask_pii if mask_caller_text is None else mask_caller_text
-    handler.addFilter(MaskingFilter(mask_phones=mask_pii, mask_caller_text=caller_text))
+    handler.addFilter(MaskingFilter(mask_phones=mask_pii, mask_caller_text=caller_text, redact=redact))
     handler.setFormatter(JsonFormatter() if json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level.upper() if isinstance(level, str) else level)

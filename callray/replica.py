@@ -109,6 +109,18 @@ class LocalReplica:
         archive = self.consumers.get("archive")
         return await archive.get(call_id) if archive is not None else None
 
+    async def export(self, since: float | None, after: str, limit: int) -> dict[str, Any] | None:
+        archive = self.consumers.get("archive")
+        return await archive.export(since, after, limit) if archive is not None else None
+
+    async def calls_of(self, callers: list[str]) -> list[str]:
+        archive = self.consumers.get("archive")
+        return await archive.calls_of(callers) if archive is not None else []
+
+    async def erase_record(self, call_id: str) -> bool:
+        archive = self.consumers.get("archive")
+        return await archive.erase(call_id) if archive is not None else False
+
     def stats(self) -> dict[str, Any]:
         return {**self.host.stats(), "directory": dict(self.directory.counts)}
 

@@ -9,7 +9,7 @@ environment (e.g. ``url: ${REDIS_URL}``). Invalid settings fail at start with
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -18,6 +18,9 @@ from callray import tracing
 from callray.env import EnvSection, SettingsError, describe_validation
 from callray.guard import SocketGuardSettings
 from callray.logs import configure_logging
+
+if TYPE_CHECKING:
+    from callray.privacy import Redactor
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -61,12 +64,20 @@ class GatewaySettings(EnvSection):
     max_frames_per_s: float = Field(default=30.0, ge=1, description="Frames one socket may send per second on average (bursts of three seconds' worth); a socket that sends faster is closed with 1008. Retell sends a few per second.")
     max_queued_frames: int = Field(default=1000, ge=16, description="Outbound frames one socket may have waiting for a reader that does not read; beyond, it is closed with 1013 and what it held is freed.")
     read_token: str | None = Field(default="${CALLRAY_READ_TOKEN:-}", description="Bearer token of the read routes (GET /calls/{id}, /analytics, /ui), which serve callers' words and numbers. Unset or empty: those routes are off (404), never open.")
+    admin_token: str | None = Field(default="${CALLRAY_ADMIN_TOKEN:-}", description="Bearer token of the erasure routes (DELETE /calls/{id}, DELETE /callers/{number}), which remove callers' data for good. Unset or empty: those routes are off (404). Must differ from read_token: reading is not erasing.")
     guard: SocketGuardSettings = Field(default_factory=SocketGuardSettings, description="Who may open a socket: shared secret in the URL, IP allowlist, rate and call limits.")
 
-    @field_validator("read_token")
+    @field_validator("read_token", "admin_token")
     @classmethod
     def _empty_is_off(cls, v: str | None) -> str | None:
         return v or None
+
+    @model_validator(mode="after")
+    def _admin_is_not_reader(self) -> "GatewaySettings":
+        if self.admin_token is not None and self.admin_token == self.read_token:
+            raise ValueError("admin_token must differ from read_token (CALLRAY_ADMIN_TOKEN, CALLRAY_READ_TOKEN): "
+                             "whoever may read records must not be able to erase them")
+        return self
 
     @field_validator("path_prefix")
     @classmethod
@@ -180,6 +191,7 @@ class EventsSettings(EnvSection):
     buffer: int = Field(default=10_000, ge=1, description="Events buffered per process before new ones are dropped (and counted).")
     stream: str = Field(default="callray:events", description="redis_streams: the stream name (its dead letters go to '<stream>:dead').")
     maxlen: int = Field(default=100_000, ge=1000, description="Events kept for replay (analytics rebuilds from them after a restart); older ones are trimmed once every consumer group has acknowledged them.")
+    retention_hours: float | None = Field(default=None, gt=0, description="redis_streams: acknowledged events (and dead letters) older than this are trimmed, whatever maxlen allows, so an idle deployment does not keep its callers' words for months; null: maxlen alone bounds them. After a restart, analytics count what the stream still holds.")
     max_retained: int = Field(default=1_000_000, ge=1000, description="The memory bound: beyond this many events the oldest are dropped even if a consumer group has not acknowledged them, each counted (callray_events_trimmed_unconsumed) and logged. Dead letters are kept up to the same bound.")
     max_deliveries: int = Field(default=5, ge=1, description="redis_streams: after this many deliveries an event goes to the dead-letter stream.")
     claim_idle_ms: int = Field(default=30_000, ge=100, description="redis_streams: events pending this long on a dead consumer are taken over (XAUTOCLAIM).")
@@ -244,6 +256,47 @@ class InboundSettings(EnvSection):
     timeout_s: float = Field(default=2.0, gt=0, le=8, description="A hook slower than this is ignored (logged): Retell drops a call whose webhook takes 10 s.")
 
 
+class PrivacySettings(EnvSection):
+    """What leaves a live call: the events, and from them the stream, the archive, the analytics,
+    the live page and escalation notices; and the logs. The agent always hears the real words."""
+
+    redact: bool = Field(default=True, description="Replace callers' identifiers (the kinds below) with typed placeholders ([PHONE], [EMAIL], [CARD], [SSN]) in everything that leaves a live call, and in log lines.")
+    kinds: list[Literal["phone", "email", "card", "ssn"]] = Field(default_factory=lambda: ["phone", "email", "card", "ssn"], description="Which identifiers to redact: phone numbers (any format, see default_region), e-mail addresses, payment card numbers (Luhn-checked), US social security numbers.")
+    default_region: str = Field(default="US", min_length=2, max_length=2, description="Country (ISO 3166 alpha-2) of phone numbers written without a country code.")
+    caller_key: str | None = Field(default="${CALLRAY_PRIVACY_KEY:-}", description="Secret of the keyed hash that stands for the caller's number in redacted records, so that erasure by phone number (DELETE /callers/{number}, callray erase --phone) still finds a caller's calls. Unset: redacted records cannot be found by number.")
+
+    @field_validator("caller_key")
+    @classmethod
+    def _empty_is_none(cls, v: str | None) -> str | None:
+        return v or None
+
+    @field_validator("default_region")
+    @classmethod
+    def _known_region(cls, v: str) -> str:
+        import phonenumbers
+
+        if v.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"unknown region {v!r}: an ISO 3166 alpha-2 code such as US, GB, DE")
+        return v.upper()
+
+    def redactor(self) -> "Redactor | None":
+        """The redactor these settings ask for (None with ``redact: false``)."""
+        from callray.privacy import Redactor
+
+        if not self.redact:
+            return None
+        return Redactor(kinds=self.kinds, default_region=self.default_region, caller_key=self.caller_key)
+
+    def caller(self, number: str) -> list[str]:
+        """What the archive may hold for a caller's number: the number in E.164 and, with a
+        key, its keyed hash. Raises ValueError for what is not a phone number."""
+        from callray.privacy import Redactor, normalise_number
+
+        e164 = normalise_number(number, self.default_region)
+        key = Redactor(default_region=self.default_region, caller_key=self.caller_key).caller_key(e164)
+        return [e164] + ([key] if key else [])
+
+
 class LoggingSettings(EnvSection):
     level: str = Field(default="INFO", description="Level of the callray loggers.")
     json_lines: bool = Field(default=True, description="One JSON object per line (with call_id) instead of plain text.")
@@ -266,6 +319,7 @@ class CallraySettings(EnvSection):
     archive: ArchiveSettings = Field(default_factory=ArchiveSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     inbound: InboundSettings = Field(default_factory=InboundSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @model_validator(mode="after")
@@ -283,7 +337,9 @@ class CallraySettings(EnvSection):
 
     def configure_logging(self) -> None:
         """Apply the logging and tracing settings in this process (gateway replica or actor)."""
-        configure_logging(self.logging.level, json=self.logging.json_lines, mask_pii=self.logging.mask_pii)
+        redactor = self.privacy.redactor()
+        configure_logging(self.logging.level, json=self.logging.json_lines, mask_pii=self.logging.mask_pii,
+                          redact=redactor.text if redactor is not None else None)
         tracing.enable(self.logging.tracing)
 
     @classmethod

@@ -275,10 +275,10 @@ def deployment_options(config_file: str) -> dict[str, Any]:
 
 
 def callray_args(target: str, *, namespace: str, redis_url: str | None, agent_file: Path | None,
-                 webhook_key: str = "") -> dict[str, Any]:
+                 webhook_key: str = "", archive: dict[str, Any] | None = None) -> dict[str, Any]:
     """The Serve application args of a callray target: its config file's, pointed at the run's
-    Redis, a namespace of its own, (LLM mode) the bench LLM agent and (``webhook_key``) Retell's
-    webhooks signed with that key."""
+    Redis, a namespace of its own, (LLM mode) the bench LLM agent, (``webhook_key``) Retell's
+    webhooks signed with that key and (``archive``) an archive section (default: files)."""
     config_file, placement = CALLRAY_TARGETS[target]
     args = yaml.safe_load((PROJECT_DIR / config_file).read_text())["applications"][0]["args"]
     args["hosts"]["namespace"] = namespace
@@ -286,7 +286,7 @@ def callray_args(target: str, *, namespace: str, redis_url: str | None, agent_fi
     args["gateway"].pop("guard", None)  # the simulator connects from loopback without the secret
     args["gateway"]["read_token"] = READ_TOKEN
     args["webhook"]["api_key"] = webhook_key
-    args["archive"] = {"backend": "files", "dir": "var/calls"}  # the benchmarks measure the turn path
+    args["archive"] = archive or {"backend": "files", "dir": "var/calls"}  # the benchmarks measure the turn path
     if redis_url is not None:
         args["redis"] = {**args.get("redis", {}), "url": redis_url}
     else:
@@ -313,7 +313,8 @@ def write_llm_agent(directory: Path, llm_base_url: str) -> Path:
 
 def deploy_serve_target(target: str, port: int, *, namespace: str, redis_url: str | None = None,
                         llm_base_url: str | None = None, agent_file: Path | None = None,
-                        webhook_key: str = "", timeout_s: float = 180.0) -> Deployed:
+                        webhook_key: str = "", archive: dict[str, Any] | None = None,
+                        timeout_s: float = 180.0) -> Deployed:
     """Deploy ``target`` as Serve application ``target`` under ``/target``; wait until healthy."""
     from ray import serve
 
@@ -339,7 +340,7 @@ def deploy_serve_target(target: str, port: int, *, namespace: str, redis_url: st
 
         config_file = CALLRAY_TARGETS[target][0]
         args = callray_args(target, namespace=namespace, redis_url=redis_url, agent_file=agent_file,
-                            webhook_key=webhook_key)
+                            webhook_key=webhook_key, archive=archive)
         settings = CallraySettings.parse(args, source=f"{config_file} (bench {target})")
         options = deployment_options(config_file)
         app = CallGateway.options(**options).bind(settings)

@@ -105,6 +105,7 @@ ARCHIVE_DIRS: list[str] = []  # removed when the session's Ray shuts down
 WEBHOOK_KEY = "key_test_callray"
 SOCKET_SECRET = "s3cret-path-token"
 READ_TOKEN = "read-token-of-the-test-deployments"
+ADMIN_TOKEN = "admin-token-of-the-test-deployments"
 
 
 def deploy(name: str, args: dict, port: int, *, replicas: int = 1, env: dict[str, str] | None = None) -> str:
@@ -115,6 +116,7 @@ def deploy(name: str, args: dict, port: int, *, replicas: int = 1, env: dict[str
     from serve_app import CallGateway, CallraySettings
 
     args.setdefault("gateway", {}).setdefault("read_token", READ_TOKEN)
+    args["gateway"].setdefault("admin_token", ADMIN_TOKEN)
     if "archive" not in args:
         args["archive"] = {"backend": "files", "dir": tempfile.mkdtemp(prefix=f"callray-archive-{name}-")}
         ARCHIVE_DIRS.append(args["archive"]["dir"])

@@ -205,3 +205,88 @@ async def test_a_database_outage_delays_archiving_and_loses_nothing(postgres_url
         await asyncio.wait_for(loop, 10)
         await archive.close()
         await cable.close()
+
+
+# --------------------------------------------------------------------------- erasure and export, both backends
+
+
+@pytest.fixture(params=["files", "postgres"])
+def records(request, tmp_path, postgres_url):
+    return FileRecords(tmp_path) if request.param == "files" else PostgresRecords(postgres_url)
+
+
+async def test_a_caller_s_calls_are_found_by_number_or_keyed_hash_and_erased_with_their_turns(records):
+    from callray.privacy import Redactor
+
+    archive = TranscriptArchive(records)
+    redactor = Redactor(caller_key="k")
+    mine, mine_redacted, other = unique("mine"), unique("mine-r"), unique("other")
+    for call_id, number, redact in ((mine, "+14155552671", False), (mine_redacted, "+14155552671", True),
+                                    (other, "+14155550000", False)):
+        for event in call_events(call_id):
+            if isinstance(event, CallEnded) and event.call:
+                event = event.model_copy(update={"call": {**event.call, "from_number": number}})
+            await archive.handle(redactor.event(event) if redact else event)
+    await archive.flush()
+    found = await archive.calls_of(["+14155552671", redactor.caller_key("+14155552671")])
+    assert sorted(found) == sorted([mine, mine_redacted])
+    assert await archive.erase(mine) and not await archive.erase(mine)  # idempotent: the second finds nothing
+    assert await archive.get(mine) is None and await archive.get(other) is not None
+    assert await archive.calls_of(["+14155552671"]) == [] and archive.counts["erased"] == 1
+    if isinstance(records, PostgresRecords):
+        conn = await asyncpg.connect(records.url)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM callray_turns WHERE call_id = $1", mine) == 0
+        finally:
+            await conn.close()
+    await archive.close()
+
+
+async def test_an_export_pages_through_the_records_since_a_time_in_call_id_order(records):
+    archive = TranscriptArchive(records)
+    prefix = unique("export")
+    for i in range(7):
+        for event in call_events(f"{prefix}-{i}"):
+            if isinstance(event, CallEnded):  # calls 0-2 ended long ago, 3-6 recently
+                event = event.model_copy(update={"ts": 1_000.0 if i < 3 else 2e9, "call": {}})
+            await archive.handle(event)
+    await archive.flush()
+    since, after, got, total = 1e9, "", [], None
+    while True:
+        page = await archive.export(since, after, limit=2)
+        total = page.get("total", total)
+        got += [r for r in page["records"] if r["call_id"].startswith(prefix)]
+        if page["next"] is None:
+            break
+        after = page["next"]
+    assert [r["call_id"] for r in got] == [f"{prefix}-{i}" for i in range(3, 7)]
+    assert all(len(r["turns"]) == 3 for r in got) and total >= 4
+    everything = await archive.export(None, "", limit=1000)
+    assert {f"{prefix}-{i}" for i in range(7)} <= {r["call_id"] for r in everything["records"]}
+    await archive.close()
+
+
+async def test_a_version_1_database_migrates_to_version_2_keeping_its_records(postgres_url):
+    """The first shipped schema had ``from_number``; version 2 calls it ``caller`` (a number or a
+    keyed hash). A database archived by the first release keeps its rows and finds its callers."""
+    admin_url, name = postgres_url.rsplit("/", 1)[0] + "/postgres", f"callray_v1_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute(f"CREATE DATABASE {name}")
+    try:
+        url = postgres_url.rsplit("/", 1)[0] + f"/{name}"
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("CREATE TABLE callray_schema (version int NOT NULL)")
+            await conn.execute(SCHEMA[0])
+            await conn.execute("INSERT INTO callray_schema VALUES (1)")
+            await conn.execute("INSERT INTO callray_calls (call_id, record, from_number) VALUES "
+                               "('old-call', '{\"call_id\": \"old-call\", \"turns\": []}', '+14155552671')")
+            assert await migrate(conn) == len(SCHEMA) >= 2
+        finally:
+            await conn.close()
+        old = PostgresRecords(url)
+        assert await old.calls_of(["+14155552671"]) == ["old-call"]
+        await old.close()
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()

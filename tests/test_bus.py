@@ -4,6 +4,7 @@ group, takeover from dead consumers, dead-lettering, and a producer that never b
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -279,6 +280,69 @@ async def test_trimming_keeps_what_a_stopped_group_has_not_acked_and_counts_forc
         kept = await bus.read("fast", "f1", count=100, block_ms=0)
         assert [d.event.call_id for d in kept] == [f"c{i}" for i in range(40, 80)]
     finally:
+        await bus.client.delete(stream, f"{stream}:dead")
+        await bus.close()
+
+
+async def test_acked_entries_and_dead_letters_older_than_the_retention_are_trimmed_below_maxlen(redis_url):
+    """events.retention_hours: an idle deployment must not keep its callers' words for months
+    because maxlen is never reached; entries a group still needs stay whatever their age."""
+    from callray.stores.bus import stream_fields
+
+    stream = f"test:{uuid.uuid4().hex}"
+    bus = RedisStreamBus(redis_client(redis_url), stream=stream, dead_letter_stream=f"{stream}:dead",
+                         maxlen=1000, retention_s=3600, owns_client=True)
+    try:
+        await bus.read("g", "c", block_ms=0)
+        old_ms = int((time.time() - 7200) * 1000)  # two hours ago: stream ids are times
+        for i in range(6):
+            await bus.client.xadd(stream, stream_fields(CallStarted(call_id=f"old{i}", seq=0)), id=f"{old_ms + i}-0")
+        await bus.client.xadd(f"{stream}:dead", {"event": b"{}", "reason": "test"}, id=f"{old_ms}-0")
+        for i in range(3):
+            await bus.publish(CallStarted(call_id=f"new{i}", seq=0))
+        taken = await bus.read("g", "c", count=4, block_ms=0)  # old0..old3 read; old4, old5 not yet
+        await bus.ack("g", [d.id for d in taken])  # (an ack trims too, at most once a second)
+        await bus.trim()
+        counts = bus.stats()
+        assert counts["trimmed"] == 4 and counts["dead_letters_expired"] == 1  # the acked old ones, the old letter
+        assert counts["trimmed_unconsumed"] == counts["dead_letters_trimmed"] == 0  # no forced drop
+        rest = await bus.read("g", "c", count=100, block_ms=0)
+        assert [d.event.call_id for d in rest] == ["old4", "old5", "new0", "new1", "new2"]
+        await bus.ack("g", [d.id for d in rest])
+        await bus.trim()
+        assert bus.stats()["trimmed"] == 6 and await bus.client.xlen(stream) == 3  # nothing recent goes
+    finally:
+        await bus.client.delete(stream, f"{stream}:dead")
+        await bus.close()
+
+
+async def test_a_quiet_stream_ages_out_with_no_event_to_trigger_a_trim(redis_url, monkeypatch):
+    """Trims ride on reads and acks; when calls stop, the consumers' periodic trim still applies
+    the age bound to what they acknowledged."""
+    from callray.consumers import runner
+
+    monkeypatch.setattr(runner, "STREAM_TRIM_INTERVAL_S", 0.1)
+    stream = f"test:{uuid.uuid4().hex}"
+    bus = RedisStreamBus(redis_client(redis_url), stream=stream, dead_letter_stream=f"{stream}:dead",
+                         maxlen=1000, retention_s=1.0, owns_client=True)
+    seen: list[str] = []
+
+    class Recorder:
+        async def handle(self, event) -> None:
+            seen.append(event.call_id)
+
+    stop = asyncio.Event()
+    consuming = asyncio.create_task(runner.run_consumers(bus, {"analytics": Recorder()}, "quiet", stop))
+    try:
+        for i in range(5):
+            await bus.publish(CallStarted(call_id=f"c{i}", seq=0))
+        await until(lambda: len(seen) == 5)
+        assert await bus.client.xlen(stream) == 5  # acked, but young
+        await until(lambda: bus.stats()["trimmed"] == 5, timeout=5)
+        assert await bus.client.xlen(stream) == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(consuming, 5)
         await bus.client.delete(stream, f"{stream}:dead")
         await bus.close()
 

@@ -103,6 +103,20 @@ def test_check_warns_about_sockets_served_beyond_this_machine_without_a_secret(t
     assert "WARNING" in out and "gateway.guard.secret" in out
 
 
+def test_check_warns_when_redacted_records_could_not_be_found_by_number(monkeypatch, capsys):
+    """event_driven.yaml keeps records in PostgreSQL, redacted: without CALLRAY_PRIVACY_KEY
+    erasure by phone number would find none of them."""
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://callray@127.0.0.1:1/callray")
+    monkeypatch.setenv("CALLRAY_SOCKET_SECRET", "s" * 32)
+    monkeypatch.delenv("CALLRAY_PRIVACY_KEY", raising=False)
+    assert main(["check", "config/event_driven.yaml"]) == 0
+    assert "CALLRAY_PRIVACY_KEY" in capsys.readouterr().out.replace("\n", " ")
+    monkeypatch.setenv("CALLRAY_PRIVACY_KEY", "k" * 32)
+    assert main(["check", "config/event_driven.yaml"]) == 0
+    assert "WARNING" not in capsys.readouterr().out
+
+
 def test_every_shipped_config_but_the_laptop_one_requires_the_socket_secret(monkeypatch):
     monkeypatch.delenv("CALLRAY_SOCKET_SECRET", raising=False)
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")

@@ -29,6 +29,19 @@ class ArchiveRecords(Protocol):
     async def purge(self, ended_before: float) -> int:
         """Delete records of calls ended (or last written) before this unix time; how many."""
 
+    async def page(self, since: float | None, after: str, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` records with a call id after ``after``, in call id order, of calls
+        that ended (or, never ended, started) at or after ``since`` (unix seconds)."""
+
+    async def count(self, since: float | None) -> int:
+        """How many records ``page`` would return from ``since``, in all."""
+
+    async def calls_of(self, callers: list[str]) -> list[str]:
+        """The ids of the calls whose caller is one of these (E.164 numbers or caller keys)."""
+
+    async def erase(self, call_id: str) -> bool:
+        """Delete a call's record and turns; whether there was one."""
+
     async def close(self) -> None: ...
 
 
@@ -44,7 +57,7 @@ class TranscriptArchive:
         self.records, self.grace_s, self.retention_s = records, grace_s, retention_s
         self._pending: dict[str, list[Event]] = {}
         self._ended_at_mono: dict[str, float] = {}
-        self.counts = {"flushes": 0, "events": 0, "finalised": 0, "purged": 0}
+        self.counts = {"flushes": 0, "events": 0, "finalised": 0, "purged": 0, "erased": 0}
 
     async def handle(self, event: Event) -> None:
         """Gather one event; :meth:`flush` stores it."""
@@ -73,6 +86,27 @@ class TranscriptArchive:
     async def get(self, call_id: str) -> dict[str, Any] | None:
         return await self.records.get(call_id)
 
+    async def export(self, since: float | None, after: str = "", limit: int = 100) -> dict[str, Any]:
+        """One page of an export: ``records``, ``next`` (the ``after`` of the next page, None at
+        the end) and, on the first page, ``total``."""
+        records = await self.records.page(since, after, limit)
+        page: dict[str, Any] = {"records": records, "next": records[-1]["call_id"] if len(records) == limit else None}
+        if not after:
+            page["total"] = await self.records.count(since)
+        return page
+
+    async def calls_of(self, callers: list[str]) -> list[str]:
+        return await self.records.calls_of(callers)
+
+    async def erase(self, call_id: str) -> bool:
+        """Delete the call's record. Events of the call still pending in this consumer would
+        write it again: erase after the call ended and its events were archived."""
+        self._pending.pop(call_id, None)
+        self._ended_at_mono.pop(call_id, None)
+        erased = await self.records.erase(call_id)
+        self.counts["erased"] += erased
+        return erased
+
     async def finalise_stale(self) -> list[str]:
         """Mark records ended more than ``grace_s`` ago (and never analyzed) final."""
         now = time.monotonic()
@@ -93,7 +127,7 @@ class TranscriptArchive:
         return purged
 
     def prometheus_samples(self) -> list[tuple[str, dict[str, str], float]]:
-        """``callray_archive_<count>`` (flushes, events, finalised, purged) as metric samples."""
+        """``callray_archive_<count>`` (flushes, events, finalised, purged, erased) as metric samples."""
         return [(f"callray_archive_{name}", {}, float(value)) for name, value in self.counts.items()]
 
     async def close(self) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from cachetools import LRUCache
 
-from callray.consumers.record import apply, new_record, serialise
+from callray.consumers.record import apply, caller_of, in_export, new_record, serialise
 from callray.events import Event
 
 _SAFE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,150}")
@@ -58,8 +58,39 @@ class FileRecords:
         ``ended_before`` (unix seconds); returns how many."""
         return await asyncio.to_thread(self._purge, ended_before)
 
+    async def page(self, since: float | None, after: str, limit: int) -> list[dict[str, Any]]:
+        """Records in call id order after ``after`` that ended (or, never ended, started) at or
+        after ``since``."""
+        return await asyncio.to_thread(
+            lambda: [r for r in self._scan() if r["call_id"] > after and in_export(r, since)][:limit])
+
+    async def count(self, since: float | None) -> int:
+        return await asyncio.to_thread(lambda: sum(in_export(r, since) for r in self._scan()))
+
+    async def calls_of(self, callers: list[str]) -> list[str]:
+        wanted = set(callers)
+        return await asyncio.to_thread(lambda: [r["call_id"] for r in self._scan() if caller_of(r) in wanted])
+
+    async def erase(self, call_id: str) -> bool:
+        self._cache.pop(call_id, None)
+        try:
+            await asyncio.to_thread(self.path(call_id).unlink)
+        except FileNotFoundError:
+            return False
+        return True
+
     async def close(self) -> None:
         self._cache.clear()
+
+    def _scan(self) -> list[dict[str, Any]]:
+        """Every record on disk, in call id order (a laptop's archive: a directory listing)."""
+        records = []
+        for path in self.directory.glob("*.json"):
+            try:
+                records.append(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                continue
+        return sorted(records, key=lambda r: r["call_id"])
 
     def _update(self, events: dict[str, list[Event]]) -> list[dict[str, Any]]:
         out = []

@@ -1,7 +1,7 @@
 """The archive in PostgreSQL: a row per call and a row per turn, shared by every node.
 
 ``callray_calls`` holds each call's record without its turns (plus the columns retention and
-erasure look up: the caller's number, when the call ended); ``callray_turns`` one row per
+erasure look up: the caller (``record.caller_of``), when the call ended); ``callray_turns`` one row per
 ``(call_id, response_id)``. An update locks the calls it touches (``SELECT ... FOR UPDATE``, in
 call id order, so two consumers never deadlock), loads only the turns its events name, folds the
 events in (``record.apply``: the record is a function of the set of events, so a redelivered
@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from callray.consumers.record import apply, new_record
+from callray.consumers.record import apply, caller_of, new_record
 from callray.events import CallTurn, Event
 
 #: Version n of the schema is ``SCHEMA[n - 1]``; a database is brought to the last one at connect.
@@ -41,6 +41,11 @@ SCHEMA: tuple[str, ...] = (
         turn jsonb NOT NULL,
         PRIMARY KEY (call_id, response_id)
     );
+    """,
+    # 2: with privacy.redact the caller is found by the keyed hash of their number, not the number
+    """
+    ALTER TABLE callray_calls RENAME COLUMN from_number TO caller;
+    ALTER INDEX callray_calls_from_number RENAME TO callray_calls_caller;
     """,
 )
 
@@ -105,12 +110,12 @@ class PostgresRecords:
                     apply(records[call_id], event)
             calls = list(records.items())
             await conn.execute(
-                "UPDATE callray_calls c SET record = u.record::jsonb, from_number = u.from_number, "
+                "UPDATE callray_calls c SET record = u.record::jsonb, caller = u.caller, "
                 "ended_at = to_timestamp(u.ended_at), updated_at = now() "
-                "FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[]) AS u(call_id, record, from_number, ended_at) "
+                "FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[]) AS u(call_id, record, caller, ended_at) "
                 "WHERE c.call_id = u.call_id",
                 [cid for cid, _ in calls], [json.dumps({k: v for k, v in r.items() if k != "turns"}) for _, r in calls],
-                [r["call"].get("from_number") for _, r in calls], [r["ended_at"] for _, r in calls])
+                [caller_of(r) for _, r in calls], [r["ended_at"] for _, r in calls])
             turns = [(cid, t) for cid, r in calls for t in r["turns"]]
             if turns:
                 await conn.execute(
@@ -123,16 +128,55 @@ class PostgresRecords:
         return await self._transaction("archiving", run)
 
     async def get(self, call_id: str) -> dict[str, Any] | None:
-        async def run(conn: asyncpg.Connection) -> dict[str, Any] | None:
-            raw = await conn.fetchval("SELECT record FROM callray_calls WHERE call_id = $1", call_id)
-            record = json.loads(raw) if raw is not None else None
-            if not record:
-                return None
-            rows = await conn.fetch("SELECT turn FROM callray_turns WHERE call_id = $1 ORDER BY response_id", call_id)
-            record["turns"] = [json.loads(r["turn"]) for r in rows]
-            return record
+        records = await self._transaction("reading a record", lambda conn: self._records(conn, [call_id]))
+        return records[0] if records else None
 
-        return await self._transaction("reading a record", run)
+    async def page(self, since: float | None, after: str, limit: int) -> list[dict[str, Any]]:
+        """Records in call id order after ``after`` that ended (or, never ended, started) at or
+        after ``since``."""
+        async def run(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+            ids = [r["call_id"] for r in await conn.fetch(
+                "SELECT call_id FROM callray_calls WHERE call_id > $1 AND record <> '{}'::jsonb AND ($2::float8 IS NULL "
+                "OR coalesce(ended_at, to_timestamp((record->>'started_at')::float8)) >= to_timestamp($2)) "
+                "ORDER BY call_id LIMIT $3", after, since, limit)]
+            return await self._records(conn, ids)
+
+        return await self._transaction("exporting", run)
+
+    async def count(self, since: float | None) -> int:
+        async def run(conn: asyncpg.Connection) -> int:
+            return await conn.fetchval(
+                "SELECT count(*) FROM callray_calls WHERE record <> '{}'::jsonb AND ($1::float8 IS NULL OR "
+                "coalesce(ended_at, to_timestamp((record->>'started_at')::float8)) >= to_timestamp($1))", since)
+
+        return await self._transaction("counting", run)
+
+    async def calls_of(self, callers: list[str]) -> list[str]:
+        async def run(conn: asyncpg.Connection) -> list[str]:
+            rows = await conn.fetch("SELECT call_id FROM callray_calls WHERE caller = ANY($1::text[]) ORDER BY call_id",
+                                    callers)
+            return [r["call_id"] for r in rows]
+
+        return await self._transaction("finding a caller's calls", run)
+
+    async def erase(self, call_id: str) -> bool:
+        async def run(conn: asyncpg.Connection) -> bool:
+            return (await conn.execute("DELETE FROM callray_calls WHERE call_id = $1", call_id)) != "DELETE 0"
+
+        return await self._transaction("erasing", run)
+
+    @staticmethod
+    async def _records(conn: asyncpg.Connection, call_ids: list[str]) -> list[dict[str, Any]]:
+        """The records of these calls with all their turns, in the order given."""
+        rows = await conn.fetch("SELECT call_id, record FROM callray_calls WHERE call_id = ANY($1::text[])", call_ids)
+        found = {r["call_id"]: json.loads(r["record"]) for r in rows}
+        records = {cid: found[cid] for cid in call_ids if found.get(cid)}
+        for record in records.values():
+            record["turns"] = []
+        for row in await conn.fetch("SELECT call_id, turn FROM callray_turns WHERE call_id = ANY($1::text[]) "
+                                    "ORDER BY response_id", list(records)):
+            records[row["call_id"]]["turns"].append(json.loads(row["turn"]))
+        return list(records.values())
 
     async def finalise(self, call_ids: list[str]) -> None:
         async def run(conn: asyncpg.Connection) -> None:

@@ -79,6 +79,25 @@ def apply(r: dict[str, Any], event: Event) -> None:
     r["final"] = r["final"] or (r["ended"] and r["analyzed"])
 
 
+def caller_of(record: dict[str, Any]) -> str | None:
+    """What erasure by phone number finds this call by: the keyed hash of the caller's number
+    a redacted call object carries (``caller_key``), else the number itself (unredacted)."""
+    call = record["call"]
+    key, number = call.get("caller_key"), call.get("from_number")
+    if isinstance(key, str) and key:
+        return key
+    return number if isinstance(number, str) and number.startswith("+") else None
+
+
+def in_export(record: dict[str, Any], since: float | None) -> bool:
+    """Whether an export from ``since`` (unix seconds; None: all) includes this record: it
+    ended, or (never ended) started, at or after ``since``."""
+    if since is None:
+        return True
+    at = record.get("ended_at") or record.get("started_at")
+    return at is not None and at >= since
+
+
 def serialise(record: dict[str, Any]) -> str:
     """The record as stable JSON (sorted keys): equal records give equal text."""
     return json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n"

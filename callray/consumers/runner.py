@@ -44,33 +44,49 @@ ARCHIVE_PURGE_INTERVAL_S = 3600.0
 #: The archive writes each changed record once per batch; lingering this long between batches
 #: turns a file write per event into at most one per call per second.
 ARCHIVE_LINGER_S = 1.0
+#: How often a stream with an age bound is trimmed when no event comes (busy ones are trimmed as they are read).
+STREAM_TRIM_INTERVAL_S = 60.0
 
 
 async def run_consumers(bus: EventBus, consumers: dict[str, Any], name: str, stop: asyncio.Event) -> None:
     """One consume loop per consumer: group = its kind, consumer = ``name`` (stable across
     restarts, so a restarted consumer first re-reads its own pending events). The archive also
-    gets a periodic pass that finalises records of calls ended but never analyzed."""
+    gets a periodic pass that finalises records of calls ended but never analyzed, and a stream
+    with an age bound is trimmed periodically."""
     loops = [consume(bus, kind, name, handler.handle, stop=stop, flush=getattr(handler, "flush", None),
                      linger_s=ARCHIVE_LINGER_S if kind == "archive" else 0.0)
              for kind, handler in consumers.items()]
     if "archive" in consumers:
-        loops.append(_finalise_periodically(consumers["archive"], stop))
+        loops.append(_periodically(ARCHIVE_FINALISE_INTERVAL_S, stop, "archive: finalising or purging",
+                                   _archive_housekeeping(consumers["archive"])))
+    if getattr(bus, "retention_s", None):  # an idle stream, with no reads to trim it, still ages out
+        loops.append(_periodically(STREAM_TRIM_INTERVAL_S, stop, "event stream: trimming by age", bus.trim))
     await asyncio.gather(*loops)
 
 
-async def _finalise_periodically(archive: Any, stop: asyncio.Event) -> None:
-    """Finalise stale records every ``ARCHIVE_FINALISE_INTERVAL_S`` and purge expired ones every
-    ``ARCHIVE_PURGE_INTERVAL_S``; a database that does not answer is tried again next time."""
+def _archive_housekeeping(archive: Any) -> Any:
+    """Finalise stale records (each time) and purge expired ones (every ``ARCHIVE_PURGE_INTERVAL_S``)."""
     last_purge = time.monotonic()
+
+    async def run() -> None:
+        nonlocal last_purge
+        await archive.finalise_stale()
+        if time.monotonic() - last_purge >= ARCHIVE_PURGE_INTERVAL_S:
+            last_purge = time.monotonic()
+            if purged := await archive.purge():
+                log.info("archive: purged %d records past their retention", purged)
+
+    return run
+
+
+async def _periodically(interval_s: float, stop: asyncio.Event, what: str, action: Any) -> None:
+    """``action()`` every ``interval_s`` until ``stop``; a failure (a database or Redis that does
+    not answer) is logged and tried again next time."""
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(ARCHIVE_FINALISE_INTERVAL_S):
+            async with asyncio.timeout(interval_s):
                 await stop.wait()
         try:
-            await archive.finalise_stale()
-            if time.monotonic() - last_purge >= ARCHIVE_PURGE_INTERVAL_S:
-                last_purge = time.monotonic()
-                if purged := await archive.purge():
-                    log.info("archive: purged %d records past their retention", purged)
+            await action()
         except Exception as exc:
-            log.warning("archive: finalising or purging failed (retried next time): %r", exc)
+            log.warning("%s failed (retried next time): %r", what, exc)

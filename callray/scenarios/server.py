@@ -14,6 +14,7 @@ from typing import Any
 
 import uvicorn
 
+from callray.erasure import Erasure
 from callray.gateway import Gateway, build_api
 from callray.replica import LocalReplica
 from callray.settings import CallraySettings
@@ -38,7 +39,8 @@ class LocalServer:
             self.loop = asyncio.get_running_loop()
             self.replica = await LocalReplica.start(self.settings, "local")
             app = build_api()
-            app.state.gateway = Gateway(self.settings, self.replica, self.replica, live=self.replica.live)
+            app.state.gateway = Gateway(self.settings, self.replica, self.replica, live=self.replica.live,
+                                        erasure=Erasure(self.replica, self.settings.privacy, self.replica.stores))
             self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                          lifespan="off"))
             serving = asyncio.create_task(self._server.serve())

@@ -114,7 +114,11 @@ class ResponseCache(Protocol):
     async def get(self, agent: str, version: str, key: str) -> list[str] | None:
         """The cached phrases of an answer, or None. Counts a hit or a miss for ``agent``."""
 
-    async def put(self, agent: str, version: str, key: str, phrases: list[str]) -> None: ...
+    async def put(self, agent: str, version: str, key: str, phrases: list[str], call_id: str | None = None) -> None:
+        """Store an answer; ``call_id`` (the call whose turn produced it) lets erasure find it."""
+
+    async def erase_call(self, call_id: str) -> int:
+        """Delete the answers ``call_id`` wrote; how many."""
 
     def stats(self) -> dict[str, dict[str, int]]:
         """``{agent: {"hits": n, "misses": n}}`` as counted by this process."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import deque
@@ -106,7 +107,8 @@ class _BufferedEmitter:
         self._wake: asyncio.Event | None = None
         self._closed = False
         self._counts = {"emitted": 0, "dropped": 0, "published": 0, "publish_errors": 0, "dead_lettered": 0,
-                        "trimmed": 0, "trimmed_unconsumed": 0, "dead_letters_trimmed": 0}
+                        "trimmed": 0, "trimmed_unconsumed": 0, "dead_letters_trimmed": 0,
+                        "dead_letters_expired": 0}
         self._last_error = ""
 
     async def _publish_many(self, events: list[Event]) -> None:
@@ -212,27 +214,29 @@ def _check_retention(maxlen: int, max_retained: int | None) -> int:
 TRIM_INTERVAL_S = 1.0
 
 # Trim the stream to ARGV[1] entries, removing only entries every consumer group has acked
-# (older than each group's oldest pending entry and last delivered one); then, as the memory
-# bound, to ARGV[2] entries whatever the groups, and the dead-letter stream KEYS[2] likewise.
-# Atomic, so a group cannot move between the reading of its progress and the trim. Returns
-# {trimmed, trimmed_unconsumed, dead_letters_trimmed}.
+# (older than each group's oldest pending entry and last delivered one), and, with an age bound
+# (ARGV[3]: the id of the oldest entry to keep, "0" for none), acked entries older than it; then,
+# as the memory bound, to ARGV[2] entries whatever the groups, and the dead-letter stream KEYS[2]
+# likewise (and by age). Atomic, so a group cannot move between the reading of its progress and
+# the trim. Returns {trimmed, trimmed_unconsumed, dead_letters_trimmed, dead_letters_expired}.
 _TRIM_SCRIPT = """
-local keep, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
+local keep, cap, oldest = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local function older(a, b)
   local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
   local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
   if tonumber(ams) ~= tonumber(bms) then return tonumber(ams) < tonumber(bms) end
   return tonumber(aseq) < tonumber(bseq)
 end
+local dead_expired = 0
 local function dead_trim()
-  if redis.call('EXISTS', KEYS[2]) == 1 and redis.call('XLEN', KEYS[2]) > cap then
-    return redis.call('XTRIM', KEYS[2], 'MAXLEN', cap)
-  end
+  if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+  if oldest ~= '0' then dead_expired = redis.call('XTRIM', KEYS[2], 'MINID', oldest) end
+  if redis.call('XLEN', KEYS[2]) > cap then return redis.call('XTRIM', KEYS[2], 'MAXLEN', cap) end
   return 0
 end
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, dead_trim()} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, dead_trim(), dead_expired} end
 local len = redis.call('XLEN', KEYS[1])
-if len <= keep then return {0, 0, dead_trim()} end
+if len <= keep and oldest == '0' then return {0, 0, dead_trim(), dead_expired} end
 local floor = nil
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local info = {}
@@ -247,23 +251,34 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   if floor == nil or older(need, floor) then floor = need end
 end
 local trimmed = 0
-if floor == nil then
-  trimmed = redis.call('XTRIM', KEYS[1], 'MAXLEN', keep)
-else
-  local done = redis.call('XRANGE', KEYS[1], '-', '(' .. floor, 'COUNT', len - keep)
-  if #done > 0 then
-    local ms, seq = string.match(done[#done][1], '^(%d+)-(%d+)$')
-    trimmed = redis.call('XTRIM', KEYS[1], 'MINID', ms .. '-' .. tostring(tonumber(seq) + 1))
+if len > keep then
+  if floor == nil then
+    trimmed = redis.call('XTRIM', KEYS[1], 'MAXLEN', keep)
+  else
+    local done = redis.call('XRANGE', KEYS[1], '-', '(' .. floor, 'COUNT', len - keep)
+    if #done > 0 then
+      local ms, seq = string.match(done[#done][1], '^(%d+)-(%d+)$')
+      trimmed = redis.call('XTRIM', KEYS[1], 'MINID', ms .. '-' .. tostring(tonumber(seq) + 1))
+    end
   end
+end
+if oldest ~= '0' then
+  local bound = oldest
+  if floor ~= nil and older(floor, bound) then bound = floor end
+  trimmed = trimmed + redis.call('XTRIM', KEYS[1], 'MINID', bound)
 end
 local forced = 0
 if redis.call('XLEN', KEYS[1]) > cap then forced = redis.call('XTRIM', KEYS[1], 'MAXLEN', cap) end
-return {trimmed, forced, dead_trim()}
+local dead = dead_trim()
+return {trimmed, forced, dead, dead_expired}
 """
 
 
 class RedisStreamBus(_BufferedEmitter):
-    """At-least-once events on one Redis Stream with a consumer group per consumer kind."""
+    """At-least-once events on one Redis Stream with a consumer group per consumer kind.
+
+    Retention: at most ``maxlen`` acknowledged entries, none older than ``retention_s`` once
+    acknowledged, and ``max_retained`` entries whatever the groups (see ``_TRIM_SCRIPT``)."""
 
     def __init__(
         self,
@@ -275,12 +290,14 @@ class RedisStreamBus(_BufferedEmitter):
         claim_idle_ms: int = 30_000,
         *,
         max_retained: int | None = None,
+        retention_s: float | None = None,
         buffer_size: int = 10_000,
         flush_batch: int = 500,
         group_start_id: str = "0",
         owns_client: bool = False,
     ):
         super().__init__(buffer_size, flush_batch)
+        self.retention_s = retention_s
         if max_deliveries < 1 or claim_idle_ms < 1:
             raise ValueError(f"max_deliveries ({max_deliveries}) and claim_idle_ms ({claim_idle_ms}) must be >= 1")
         self.max_retained = _check_retention(maxlen, max_retained)
@@ -322,10 +339,13 @@ class RedisStreamBus(_BufferedEmitter):
         return _text(entry_id)
 
     async def trim(self) -> tuple[int, int, int]:
-        """Apply retention now: (trimmed, trimmed_unconsumed, dead_letters_trimmed)."""
+        """Apply retention now: (trimmed, trimmed_unconsumed, dead_letters_trimmed); dead letters
+        past the age bound are counted as ``dead_letters_expired``."""
         self._last_trim = time.monotonic()
-        trimmed, forced, dead = (int(n) for n in await self._trim(
-            keys=[self.stream, self.dead_letter_stream], args=[self.maxlen, self.max_retained]))
+        oldest = f"{int((time.time() - self.retention_s) * 1000)}-0" if self.retention_s else "0"
+        trimmed, forced, dead, expired = (int(n) for n in await self._trim(
+            keys=[self.stream, self.dead_letter_stream], args=[self.maxlen, self.max_retained, oldest]))
+        self._counts["dead_letters_expired"] += expired
         self._counts["trimmed"] += trimmed
         self._counts["trimmed_unconsumed"] += forced
         self._counts["dead_letters_trimmed"] += dead
@@ -487,6 +507,26 @@ class RedisStreamBus(_BufferedEmitter):
         if time.monotonic() - self._last_trim >= TRIM_INTERVAL_S:  # calls' events come by their checkpoints,
             await self._trim_quietly()  # not through publish: consumers keep the stream trimmed too
         return acked
+
+    async def erase(self, call_id: str, batch: int = 1000) -> int:
+        """Delete every retained entry of one call from the stream and its dead letters (a page
+        at a time, so Redis is never blocked for long); returns how many."""
+        needle = b'"call_id":' + json.dumps(call_id).encode()  # as the event's JSON (model_dump_json) has it
+        erased = 0
+        for stream in (self.stream, self.dead_letter_stream):
+            start = "-"
+            while True:
+                try:
+                    entries = await self.client.xrange(stream, min=start, max="+", count=batch)
+                    doomed = [entry_id for entry_id, fields in entries if needle in (fields or {}).get(b"event", b"")]
+                    if doomed:
+                        erased += int(await self.client.xdel(stream, *doomed))
+                except (RedisError, OSError) as exc:
+                    raise StoreUnavailableError(f"event stream {stream!r}: {exc}") from exc
+                if len(entries) < batch:
+                    break
+                start = "(" + _text(entries[-1][0])
+        return erased
 
     async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
         """The oldest dead-lettered entries (for operators and tests)."""

@@ -49,9 +49,12 @@ class DeadlineCache:
         lookup.add_done_callback(self._late.discard)
         return None
 
-    async def put(self, agent: str, version: str, key: str, phrases: list[str]) -> None:
+    async def put(self, agent: str, version: str, key: str, phrases: list[str], call_id: str | None = None) -> None:
         if not self.cooling:
-            await self.inner.put(agent, version, key, phrases)
+            await self.inner.put(agent, version, key, phrases, call_id)
+
+    async def erase_call(self, call_id: str) -> int:
+        return await self.inner.erase_call(call_id)
 
     def stats(self) -> dict[str, dict[str, int]]:
         return self.inner.stats()

@@ -73,6 +73,7 @@ def build_bus(settings: CallraySettings, client: aioredis.Redis | None) -> Event
         return RedisStreamBus(
             client, stream=events.stream, maxlen=events.maxlen, dead_letter_stream=f"{events.stream}:dead",
             max_deliveries=events.max_deliveries, claim_idle_ms=events.claim_idle_ms,
-            max_retained=events.max_retained, buffer_size=events.buffer)
+            max_retained=events.max_retained, buffer_size=events.buffer,
+            retention_s=events.retention_hours * 3600 if events.retention_hours else None)
     return MemoryBus(maxlen=events.maxlen, max_deliveries=events.max_deliveries, claim_idle_ms=events.claim_idle_ms,
                      max_retained=events.max_retained, buffer_size=events.buffer)

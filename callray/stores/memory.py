@@ -114,10 +114,12 @@ class MemoryStateStore:
 
 
 class MemoryResponseCache:
-    """An LRU of answers with a TTL, keyed by (agent, version, key)."""
+    """An LRU of answers with a TTL, keyed by (agent, version, key); which call wrote which
+    entry is kept as long, so erasing a call removes the answers it wrote."""
 
     def __init__(self, ttl_s: float = 3600.0, max_entries: int = 10_000):
         self._entries: TTLCache[tuple[str, str, str], list[str]] = TTLCache(max_entries, ttl_s, timer=time.monotonic)
+        self._by_call: TTLCache[str, set[tuple[str, str, str]]] = TTLCache(max_entries, ttl_s, timer=time.monotonic)
         self._stats: dict[str, dict[str, int]] = defaultdict(lambda: {"hits": 0, "misses": 0})
 
     async def get(self, agent: str, version: str, key: str) -> list[str] | None:
@@ -126,8 +128,13 @@ class MemoryResponseCache:
         self._stats[agent]["hits" if phrases is not None else "misses"] += 1
         return list(phrases) if phrases is not None else None
 
-    async def put(self, agent: str, version: str, key: str, phrases: list[str]) -> None:
+    async def put(self, agent: str, version: str, key: str, phrases: list[str], call_id: str | None = None) -> None:
         self._entries[(agent, version, key)] = list(phrases)
+        if call_id is not None:
+            self._by_call[call_id] = self._by_call.get(call_id, set()) | {(agent, version, key)}
+
+    async def erase_call(self, call_id: str) -> int:
+        return sum(self._entries.pop(full, None) is not None for full in self._by_call.pop(call_id, ()))
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {agent: dict(counts) for agent, counts in self._stats.items()}

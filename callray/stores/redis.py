@@ -243,13 +243,37 @@ class RedisResponseCache:
         self._count(agent, "hits" if phrases is not None else "misses")
         return phrases
 
-    async def put(self, agent: str, version: str, key: str, phrases: list[str]) -> None:
+    async def put(self, agent: str, version: str, key: str, phrases: list[str], call_id: str | None = None) -> None:
+        """Store an answer; ``call_id``: the call that wrote it, remembered as long as the
+        entry lives, so erasing the call removes it."""
         try:
             full, value, ttl_ms = self.key(agent, version, key), json.dumps(list(phrases)), _ms(self.ttl_s)
-            await _once_more_on_reconnect(lambda: self.client.set(full, value, px=ttl_ms))
+
+            async def write() -> None:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    pipe.set(full, value, px=ttl_ms)
+                    if call_id is not None:
+                        pipe.sadd(self._written_by(call_id), full).pexpire(self._written_by(call_id), ttl_ms)
+                    await pipe.execute()
+
+            await _once_more_on_reconnect(write)
         except _DOWN as exc:
             log.warning("response cache: put for agent %r failed, dropped: %s", agent, exc)
             self._count(agent, "errors")
+
+    async def erase_call(self, call_id: str) -> int:
+        """Delete the answers this call wrote; how many were still there."""
+        index = self._written_by(call_id)
+        try:
+            keys = await self.client.smembers(index)
+            erased = int(await self.client.delete(*keys)) if keys else 0
+            await self.client.delete(index)
+        except _DOWN as exc:
+            raise StoreUnavailableError(f"response cache: erasing call {call_id}: {exc}") from exc
+        return erased
+
+    def _written_by(self, call_id: str) -> str:
+        return f"{self.prefix}written-by:{call_id}"
 
     async def put_many(self, agent: str, version: str, items: dict[str, list[str]]) -> int:
         """Pre-cache common answers in one round trip; returns how many were written."""
