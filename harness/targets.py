@@ -31,7 +31,7 @@ import yaml
 from rich.console import Console
 
 from callray.settings import PROJECT_DIR, CallraySettings
-from callray.sim.local import RedisServer, free_port, spawn
+from callray.sim.local import RedisServer, free_port, serve_ingress_env, spawn
 
 log = logging.getLogger("harness.targets")
 
@@ -168,16 +168,18 @@ class Processes:
 
 
 @contextlib.contextmanager
-def ray_session(console: Console) -> Iterator[int]:
-    """A private local Ray with Serve on a free port; yields the port. Shut down on exit."""
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+def ray_session(console: Console, ingress: str = "proxy") -> Iterator[int]:
+    """A private local Ray with Serve on a free port behind ``ingress`` (Serve's Python proxy or
+    HAProxy); yields the port. Shut down on exit."""
+    temp_dir = tempfile.mkdtemp(prefix="crb-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {"RAY_AUTH_MODE": "disabled", **serve_ingress_env(ingress, Path(temp_dir) / "haproxy")}
+    os.environ.update(env)  # read by the Ray processes ray.init starts (the controller picks the ingress)
     import ray
     from ray import serve
 
-    temp_dir = tempfile.mkdtemp(prefix="crb-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    console.log(f"starting a private local Ray (temp dir {temp_dir})")
+    console.log(f"starting a private local Ray behind {ingress} (temp dir {temp_dir})")
     ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=temp_dir,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}}, logging_level="warning", log_to_driver=False)
+             runtime_env={"env_vars": env}, logging_level="warning", log_to_driver=False)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     failed = False
     try:

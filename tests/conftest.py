@@ -73,12 +73,18 @@ def postgres_url() -> str:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A private local Ray for the session (never a running cluster), shut down at the end."""
+    """A private local Ray for the session (never a running cluster), shut down at the end,
+    behind the ingress CALLRAY_TEST_INGRESS names (Serve's Python proxy unless ``haproxy``)."""
     import ray
 
+    from callray.sim.local import serve_ingress_env
+
     tmp = tempfile.mkdtemp(prefix="cr-", dir="/tmp")
+    env = {"RAY_AUTH_MODE": "disabled",
+           **serve_ingress_env(os.environ.get("CALLRAY_TEST_INGRESS", "proxy"), Path(tmp) / "haproxy")}
+    os.environ.update(env)  # the Ray processes ray.init starts read the ingress from their environment
     ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=tmp,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}}, logging_level="warning")
+             runtime_env={"env_vars": env}, logging_level="warning")
     try:
         yield ray
     finally:

@@ -92,3 +92,29 @@ class RedisServer:
         self.stop()
         time.sleep(down_s)
         self.start()
+
+
+#: Serve's ingress, chosen when Ray starts: its Python proxy, or HAProxy in front of replicas
+#: that serve HTTP and WebSockets themselves (``docs/operations.md``, "The ingress").
+INGRESSES = ("proxy", "haproxy")
+
+
+def serve_ingress_env(ingress: str, directory: Path) -> dict[str, str]:
+    """The environment that makes a Ray started with it serve through ``ingress``. HAProxy's
+    files and ports are made private to this run (in ``directory``, on free ports): Ray's
+    defaults are fixed paths and ports that every Ray on the machine would share."""
+    if ingress not in INGRESSES:
+        raise ValueError(f"ingress {ingress!r}: expected one of {', '.join(INGRESSES)}")
+    if ingress == "proxy":
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    directory.mkdir(parents=True, exist_ok=True)
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(directory / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(directory / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(directory),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(directory / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(directory / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+    }
