@@ -10,6 +10,7 @@ process started here is stopped by its pid at the end, whatever happens.
 
     python scripts/multinode.py           # the demo, step by step
     python scripts/multinode.py --check   # the same; exit status 1 unless every check passed
+    python scripts/multinode.py --ingress haproxy   # behind HAProxy on the head instead of Serve's proxy
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import websockets
 import yaml
 
 from callray.sim.client import RetellClient
-from callray.sim.local import RedisServer, free_port
+from callray.sim.local import INGRESSES, RedisServer, free_port, serve_ingress_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -389,12 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir (Ray logs) afterwards")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="an empty directory with a short path for Ray's temp dirs (default: a new /tmp/crmn-*)")
+    parser.add_argument("--ingress", choices=INGRESSES, default="proxy",
+                        help="Serve's Python proxy (default) or HAProxy, on the head")
     options = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up below on SIGTERM too
 
     # Short: Ray's socket paths under it must stay below 108 characters.
     base = options.workdir.resolve() if options.workdir else Path(tempfile.mkdtemp(prefix="crmn-", dir="/tmp"))
     cluster = Cluster(base)
+    RAY_ENV.update(serve_ingress_env(options.ingress, base / "haproxy"))  # never another Ray's ports or files
     failures: list[str] = ["did not finish"]
     try:
         log(f"step 1: private redis-server (dir {base})")
