@@ -8,6 +8,7 @@
     callray bench [...]                                                  the benchmark suite
     callray chaos [...]                                                  fault injection under live calls
     callray soak [...]                                                   a long run: memory, drift, errors
+    callray ingress [...]                                                Serve's Python proxy against HAProxy
     callray export URL --since 7d [--format jsonl|csv] [--out FILE]      archived records, for analysis
     callray erase URL (--call ID | --phone NUMBER)                       erase a call's or a caller's data
 
@@ -434,6 +435,10 @@ HARNESS: dict[str, tuple[str, str, str]] = {
               "Drive simulated Retell calls against the distributed or event-driven architecture (private Ray, "
               "Serve and Redis) while killing gateway replicas, event consumers and Redis; report lost turns, "
               "dropped calls, lost or duplicated events and recovery times. Exit 1 unless nothing was lost."),
+    "ingress": ("harness.ingress", "Serve's Python proxy against HAProxy, with the floor and the one-process server",
+                "Start a private Ray behind each ingress in turn (rounds alternate the order), deploy the floor and "
+                "callray's configs, run the one-process server beside them and play every level of Retell-shaped "
+                "calls against each; write docs/ingress.md, a plot and the raw JSON."),
     "soak": ("harness.soak", "many calls for a long time: memory growth, latency drift, errors",
              "Hold N simulated calls for a duration on a private Ray, Serve and Redis, sampling memory, "
              "throughput, first-sentence latency and errors; write JSON and a PNG plot."),

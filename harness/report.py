@@ -67,7 +67,8 @@ def round_stats(result: SimResult) -> dict[str, Any]:
     }
 
 
-def _median(values: Iterable[float | None]) -> float | None:
+def median_of(values: Iterable[float | None]) -> float | None:
+    """The median of the values present (None when there are none), to 2 places."""
     present = [v for v in values if v is not None]
     return round(statistics.median(present), 2) if present else None
 
@@ -79,7 +80,7 @@ def aggregate(calls: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
     for metric in LATENCY_METRICS:
         p50s = [r["latency_ms"][metric]["p50"] for r in rounds]
         p99s = [r["latency_ms"][metric]["p99"] for r in rounds]
-        latency[metric] = {"p50": _median(p50s), "p99": _median(p99s), "rounds_p50": p50s, "rounds_p99": p99s,
+        latency[metric] = {"p50": median_of(p50s), "p99": median_of(p99s), "rounds_p50": p50s, "rounds_p99": p99s,
                            "n": sum(r["latency_ms"][metric]["n"] for r in rounds)}
     requests = sum(r["counts"].get("requests_sent", 0) for r in rounds)
     return {
@@ -92,7 +93,7 @@ def aggregate(calls: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "latency_ms": latency,
         "holding_share": round(sum(r["counts"].get("holding_phrases", 0) for r in rounds) / requests, 3)
         if requests else None,
-        "frames_per_s": _median(r["frames_per_s"] for r in rounds),
+        "frames_per_s": median_of(r["frames_per_s"] for r in rounds),
         "samples": {m: [x for r in rounds for x in r["samples"][m]] for m in SAMPLE_METRICS},
         "per_round": [{k: v for k, v in r.items() if k != "samples"} for r in rounds],
     }

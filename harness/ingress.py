@@ -1,0 +1,293 @@
+"""Serve's two ingresses in one run: its Python proxy against HAProxy.
+
+Each round starts, for each ingress in turn (the order alternating between rounds), a private
+Ray behind that ingress; deploys the floor (a bare Serve WebSocket app) and callray's configs
+in it; starts the hand-written one-process server beside them (outside Ray, the same under
+both ingresses) and plays every level of Retell-shaped calls against each. A level's figure is
+the median over rounds of each round's percentile, and ratios to the one-process server are
+taken within one Ray session, so the machine's drift between sessions does not enter them.
+
+``callray ingress`` (``python -m harness.ingress``) writes ``bench/results/ingress-<tag>.json``,
+``docs/ingress.md`` and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+from rich.table import Table
+
+from callray.settings import PROJECT_DIR
+from callray.sim.local import INGRESSES
+from callray.sim.simulator import SimConfig
+from harness.report import BUDGETS_MS, median_of, ratio, round_stats
+from harness.suite import STOP_DROP_SHARE, machine_info, simulate
+from harness.targets import (
+    REDIS_TARGETS, Deployed, Processes, deploy_serve_target, ray_session, ray_worker_niceness, start_baseline,
+    start_retell_demo, write_llm_agent,
+)
+
+PEERS = ("baseline", "retell_demo")
+METRIC = {"flow": "first_chunk_ms", "llm": "first_sentence_ms"}
+
+
+class IngressOptions(BaseModel):
+    """What one ingress comparison measures."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ingresses: list[str] = Field(default_factory=lambda: list(INGRESSES), description="Ingresses compared.")
+    agent: str = Field("flow", pattern="^(flow|llm)$", description="flow: the clinic flow agent; llm: the LLM agent "
+                                                                   "on the fake LLM.")
+    targets: list[str] = Field(default_factory=lambda: ["floor", "single", "distributed", "event_driven"],
+                               description="Serve targets deployed under each ingress.")
+    levels: list[int] = Field(default_factory=lambda: [100, 300, 500, 1000], description="Calls per level.")
+    rounds: int = Field(3, ge=1, description="Rounds; a figure is the median of the rounds'.")
+    turns: int = Field(3, ge=1, description="Caller turns per call.")
+    think_s: float = Field(2.0, ge=0, description="Mean caller talk time before each request.")
+    ramp_per_call_s: float = Field(0.01, ge=0, description="Calls open over calls x this (1000 calls: 10 s).")
+    processes_from: int = Field(500, ge=1, description="From this many calls the load generator runs in 2 processes.")
+    retell_demo: Path | None = Field(None, description="LLM agent: a checkout of Retell's Python demo, measured too.")
+    llm_ttft_ms: float = Field(200.0, ge=0)
+    llm_tokens_per_s: float = Field(50.0, gt=0)
+    seed: int = 17
+    out: Path = Field(Path("docs/ingress.md"), description="The markdown report (its plot beside it in img/).")
+
+
+def sim_config(deployed: Deployed, calls: int, options: IngressOptions, tag: str, seed: int) -> SimConfig:
+    return SimConfig(url=deployed.url, calls=calls, turns=options.turns, think_s=options.think_s,
+                     ramp_s=options.ramp_per_call_s * calls, supersede_rate=0.1, reminder_rate=0.05, seed=seed,
+                     call_id_prefix=tag, holding_phrases=sorted(deployed.holding),
+                     processes=2 if calls >= options.processes_from else 1)
+
+
+def session(ingress: str, r: int, options: IngressOptions, console: Console, procs: Processes,
+            redis_url: str | None, llm_url: str | None, agent_file: Path | None,
+            rounds: dict[tuple[str, str, int], list[dict[str, Any]]], stopped: set[tuple[str, str]]) -> None:
+    """One round under one ingress: deploy, warm up, play every level against every target."""
+    with ray_session(console, ingress) as port:
+        deployed: dict[str, Deployed] = {}
+        try:
+            for target in options.targets:
+                deployed[target] = deploy_serve_target(
+                    target, port, namespace=f"ingress-{ingress}-{target}-r{r}", redis_url=redis_url,
+                    llm_base_url=llm_url if options.agent == "llm" else None,
+                    agent_file=agent_file if options.agent == "llm" and target != "floor" else None)
+            nice = ray_worker_niceness(options.targets[0])
+            deployed["baseline"] = start_baseline(procs, llm_url if options.agent == "llm" else None, nice)
+            if options.agent == "llm" and options.retell_demo is not None:
+                deployed["retell_demo"] = start_retell_demo(procs, options.retell_demo, llm_url, nice)
+            for name, target in deployed.items():
+                simulate(SimConfig(url=target.url, calls=4, turns=1, think_s=0.2, call_id_prefix=f"warm-{ingress}-{name}-r{r}"),
+                         console, f"{name} warm-up")
+            order = list(deployed)
+            order = order[r % len(order):] + order[:r % len(order)]
+            for calls in options.levels:
+                for name in order:
+                    if (ingress, name) in stopped:
+                        continue
+                    result = simulate(sim_config(deployed[name], calls, options, f"{ingress}-{name}-{calls}-r{r}",
+                                                 options.seed + calls + 1000 * r), console,
+                                      f"round {r + 1} {ingress} {name} {calls}")
+                    stats = round_stats(result)
+                    stats.pop("samples", None)
+                    rounds.setdefault((ingress, name, calls), []).append(stats)
+                    lat = stats["latency_ms"][METRIC[options.agent]]
+                    console.log(f"round {r + 1} {ingress:7} {name:13} {calls:5} calls: {METRIC[options.agent]} p50 "
+                                f"{lat['p50']} p99 {lat['p99']} ms, dropped {sum(stats['dropped'].values())}, "
+                                f"violations {sum(stats['violations'].values())}")
+                    if sum(stats["dropped"].values()) > STOP_DROP_SHARE * calls:
+                        stopped.add((ingress, name))
+                    time.sleep(1)
+        finally:
+            for name, target in deployed.items():
+                target.teardown()
+
+
+def summarise(rounds: dict[tuple[str, str, int], list[dict[str, Any]]], options: IngressOptions) -> dict[str, Any]:
+    """Per ingress, target and level: medians over rounds, ratios to the one-process server of
+    the same round and ingress (its median), capacity within each architecture's budget."""
+    metric = METRIC[options.agent]
+    out: dict[str, Any] = {}
+    for (ingress, name, calls), rs in sorted(rounds.items()):
+        base = rounds.get((ingress, "baseline", calls), [])
+        ratios = {q: median_of([ratio(a["latency_ms"][metric][q], b["latency_ms"][metric][q])
+                              for a, b in zip(rs, base)]) for q in ("p50", "p99")}
+        out.setdefault(ingress, {}).setdefault(name, []).append({
+            "calls": calls, "rounds": len(rs),
+            **{q: median_of([r["latency_ms"][metric][q] for r in rs]) for q in ("p50", "p99")},
+            "first_sentence_p99": median_of([r["latency_ms"]["first_sentence_ms"]["p99"] for r in rs]),
+            "setup_p99": median_of([r["latency_ms"]["setup_ms"]["p99"] for r in rs]),
+            "vs_baseline": ratios,
+            "violations": sum(sum(r["violations"].values()) for r in rs),
+            "dropped": sum(sum(r["dropped"].values()) for r in rs),
+            "simulator_bottleneck": any(r["simulator_bottleneck"] for r in rs),
+        })
+    for ingress, targets in out.items():
+        for name, levels in targets.items():
+            budget = BUDGETS_MS.get(name)
+            held = [lv["calls"] for lv in levels if budget and not lv["dropped"] and not lv["violations"]
+                    and lv["first_sentence_p99"] is not None and lv["first_sentence_p99"] <= budget]
+            for lv in levels:
+                lv["within_budget"] = lv["calls"] in held if budget else None
+    return out
+
+
+def write_report(report: dict[str, Any], options: IngressOptions, path: Path) -> Path:
+    """docs/ingress.md: a table per ingress and the plot."""
+    metric = METRIC[options.agent]
+    lines = [f"# Ingress: Serve's Python proxy against HAProxy ({options.agent} agent)", "",
+             "<!-- generated by `callray ingress`; do not edit by hand -->", "",
+             f"Run {report['started_at']} on {report['machine'].get('cpus', '?')} cores, "
+             f"{options.rounds} rounds, levels {', '.join(map(str, options.levels))} calls ({options.turns} turns, "
+             f"~{options.think_s:g} s talk, calls opening over calls x {options.ramp_per_call_s:g} s). "
+             f"`{metric}` p50 / p99 in ms, median of the rounds; in brackets, x the one-process server "
+             "measured in the same Ray session. Budget: first sentence p99 within the architecture's budget "
+             "(single 800, distributed 500, event-driven 300 ms), no drop, no violation.", ""]
+    for ingress, targets in report["summary"].items():
+        lines += [f"## {ingress}", "", "| target | " + " | ".join(f"{c} calls" for c in options.levels) + " |",
+                  "|---|" + "---|" * len(options.levels)]
+        for name, levels in targets.items():
+            by_calls = {lv["calls"]: lv for lv in levels}
+            cells = []
+            for calls in options.levels:
+                lv = by_calls.get(calls)
+                if lv is None:
+                    cells.append("-")
+                    continue
+                cell = f"{lv['p50']} / {lv['p99']}"
+                if name != "baseline" and lv["vs_baseline"]["p50"] is not None:
+                    cell += f" (x{lv['vs_baseline']['p50']} / x{lv['vs_baseline']['p99']})"
+                if lv["dropped"] or lv["violations"]:
+                    cell += f", {lv['dropped']} dropped, {lv['violations']} violations"
+                if lv["within_budget"] is False:
+                    cell += ", over budget"
+                cells.append(cell)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    plot = plot_levels(report, options, path.parent / "img" / f"ingress-{options.agent}.png")
+    lines += [f"![{metric} p99 by calls, per ingress]({plot.relative_to(path.parent)})", "",
+              f"Raw results: `{report['results']}`. Reproduce: `{report['command']}`.", ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def plot_levels(report: dict[str, Any], options: IngressOptions, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    styles = {"proxy": "-", "haproxy": "--"}
+    for ingress, targets in report["summary"].items():
+        for name, levels in targets.items():
+            points = [(lv["calls"], lv["p99"]) for lv in levels if lv["p99"] is not None]
+            if points:
+                ax.plot(*zip(*points), styles.get(ingress, ":"), marker="o", label=f"{name} ({ingress})")
+    ax.set_xlabel("concurrent calls")
+    ax.set_ylabel(f"{METRIC[options.agent]} p99 (ms)")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"Serve ingress: Python proxy (solid) vs HAProxy (dashed), {options.agent} agent")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(options: IngressOptions, console: Console, command: str) -> dict[str, Any]:
+    tag = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    tmp = Path(tempfile.mkdtemp(prefix="callray-ingress-"))
+    procs = Processes(tmp)
+    previous = os.getcwd()
+    os.chdir(PROJECT_DIR)
+    rounds: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    stopped: set[tuple[str, str]] = set()
+    try:
+        redis_url = procs.start_redis(tmp / "redis") if set(options.targets) & set(REDIS_TARGETS) else None
+        llm_url = agent_file = None
+        if options.agent == "llm":
+            llm_url = procs.start_fake_llm(options.llm_ttft_ms, options.llm_tokens_per_s)
+            agent_file = write_llm_agent(tmp, llm_url)
+        for r in range(options.rounds):
+            order = options.ingresses if r % 2 == 0 else list(reversed(options.ingresses))
+            for ingress in order:
+                session(ingress, r, options, console, procs, redis_url, llm_url, agent_file, rounds, stopped)
+    finally:
+        procs.close()
+        os.chdir(previous)
+        shutil.rmtree(tmp, ignore_errors=True)
+    results = PROJECT_DIR / "bench" / "results" / f"ingress-{options.agent}-{tag}.json"
+    report = {"started_at": tag, "command": command, "machine": machine_info(),
+              "options": options.model_dump(mode="json"), "summary": summarise(rounds, options),
+              "results": str(results.relative_to(PROJECT_DIR)),
+              "rounds": {f"{i}/{n}/{c}": rs for (i, n, c), rs in rounds.items()}}
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(report, indent=1))
+    report["report"] = str(write_report(report, options, PROJECT_DIR / options.out))
+    return report
+
+
+def print_summary(report: dict[str, Any], console: Console) -> None:
+    for ingress, targets in report["summary"].items():
+        table = Table(title=f"{ingress}: p50 / p99 ms (x one-process server)", title_justify="left")
+        table.add_column("target")
+        levels = sorted({lv["calls"] for ls in targets.values() for lv in ls})
+        for calls in levels:
+            table.add_column(f"{calls}", justify="right")
+        for name, ls in targets.items():
+            by = {lv["calls"]: lv for lv in ls}
+            table.add_row(name, *(f"{by[c]['p50']}/{by[c]['p99']} (x{by[c]['vs_baseline']['p50']}/"
+                                  f"x{by[c]['vs_baseline']['p99']})" if c in by else "-" for c in levels))
+        console.print(table)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ingress", nargs="+", choices=INGRESSES, default=list(INGRESSES))
+    parser.add_argument("--agent", choices=("flow", "llm"), default="flow")
+    parser.add_argument("--targets", nargs="+", default=None, help="Serve targets (default: floor single "
+                                                                   "distributed event_driven)")
+    parser.add_argument("--levels", nargs="+", type=int, default=None, help="calls per level (default 100 300 500 1000)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--retell-demo", type=Path, help="LLM agent: a checkout of Retell's Python demo")
+    parser.add_argument("--out", type=Path, default=None, help="the markdown report (default docs/ingress.md)")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    values: dict[str, Any] = {"ingresses": args.ingress, "agent": args.agent, "rounds": args.rounds,
+                              "retell_demo": args.retell_demo}
+    for key in ("targets", "levels", "out"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    options = IngressOptions(**values)
+    console = Console()
+    import sys
+
+    report = run(options, console, "callray ingress " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["ingress"]
+                                                                  else sys.argv[1:]))
+    print_summary(report, console)
+    console.print(f"report: {report['report']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
