@@ -120,8 +120,9 @@ def summarise(rounds: dict[tuple[str, str, int], list[dict[str, Any]]], options:
     the same round and ingress (its median), capacity within each architecture's budget."""
     metric = METRIC[options.agent]
     out: dict[str, Any] = {ingress: {} for ingress in options.ingresses}
+    names = ["baseline", "retell_demo", *options.targets]
     for (ingress, name, calls), rs in sorted(rounds.items(), key=lambda kv: (options.ingresses.index(kv[0][0]),
-                                                                             kv[0][1] != "baseline", kv[0][2])):
+                                                                             names.index(kv[0][1]), kv[0][2])):
         base = rounds.get((ingress, "baseline", calls), [])
         ratios = {q: median_of([ratio(a["latency_ms"][metric][q], b["latency_ms"][metric][q])
                               for a, b in zip(rs, base)]) for q in ("p50", "p99")}
