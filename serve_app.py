@@ -12,6 +12,7 @@ each call in a Ray actor of its own (``actors/placement.py``).
 # annotations break FastAPI's resolution of its routes (HTTP 403).
 import asyncio
 import logging
+import os
 import uuid
 from typing import Any
 
@@ -31,6 +32,12 @@ from callray.webhook import RedisWebhookDeduper, WebhookDeduper
 log = logging.getLogger("callray.serve_app")
 
 METRICS_INTERVAL_S = 5.0
+
+
+def serve_ingress() -> str:
+    """What Serve put in front of this replica: HAProxy when Ray started with
+    RAY_SERVE_ENABLE_HA_PROXY=1 (its processes, this one among them, inherit it), else its proxy."""
+    return "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "proxy"
 
 
 class ConsumerReads:
@@ -115,7 +122,7 @@ class CallGateway:
         redis = stores.redis if stores is not None else None
         deduper = RedisWebhookDeduper(redis) if redis is not None else WebhookDeduper()
         self.gateway = Gateway(self.settings, calls, reads, deduper, erasure=Erasure(reads, self.settings.privacy, stores),
-                               live=self.replica.live if self.replica is not None else None)
+                               live=self.replica.live if self.replica is not None else None, ingress=serve_ingress())
 
     def __serve_build_asgi_app__(self) -> Any:
         """Serve's hook for an app built in the replica: callray's routes on this replica's gateway."""

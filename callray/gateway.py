@@ -70,8 +70,11 @@ class Gateway:
 
     def __init__(self, settings: CallraySettings, calls: Calls, reads: Reads,
                  deduper: WebhookDeduper | RedisWebhookDeduper | None = None, live: LiveCalls | None = None,
-                 erasure: Erasure | None = None):
+                 erasure: Erasure | None = None, ingress: str | None = None):
         self.settings, self.calls, self.reads, self.live = settings, calls, reads, live
+        self.ingress = ingress  # what this replica runs behind (None: not under Serve)
+        if ingress is not None:
+            _check_ingress(settings, ingress)
         self.erasure = erasure or Erasure(reads, settings.privacy)
         self.guard = SocketGuard(settings.gateway.guard)
         self.deduper = deduper or WebhookDeduper()
@@ -221,6 +224,23 @@ class Gateway:
             return False
 
 
+def _check_ingress(settings: CallraySettings, ingress: str) -> None:
+    """Say once, at start, when the ingress is not the one the config expects, and when the
+    guard's per-address checks would see HAProxy instead of the caller."""
+    wanted = settings.gateway.ingress
+    if ingress != wanted:
+        how = ("start Ray with RAY_SERVE_ENABLE_HA_PROXY=1" if wanted == "haproxy"
+               else "start Ray without RAY_SERVE_ENABLE_HA_PROXY")
+        log.error("gateway.ingress is %r but this replica runs behind %r: %s (docs/operations.md, 'The ingress'); "
+                  "serving anyway", wanted, ingress, how)
+    guard = settings.gateway.guard
+    if ingress == "haproxy" and (guard.allow_ips or guard.connections_per_s) and not guard.trusted_proxies:
+        log.warning("behind HAProxy every socket's peer is HAProxy, so gateway.guard.allow_ips and "
+                    "connections_per_s see HAProxy's address, not the caller's: put the balancer that terminates "
+                    "TLS in front (it sets X-Forwarded-For) and list it and HAProxy's node addresses in "
+                    "gateway.guard.trusted_proxies")
+
+
 def _require_bearer(authorization: str | None, token: str | None, name: str, off: str) -> None:
     if token is None:
         raise HTTPException(404, f"not found ({off})")
@@ -245,7 +265,8 @@ def build_api() -> FastAPI:
     @api.get("/healthz")
     async def healthz(request: Request) -> dict[str, Any]:
         settings = gateway(request.app).settings
-        return {"status": "ok", "architecture": settings.architecture, "placement": settings.hosts.placement}
+        return {"status": "ok", "architecture": settings.architecture, "placement": settings.hosts.placement,
+                "ingress": gateway(request.app).ingress}
 
     @api.post("/webhook")
     async def webhook(request: Request) -> Response:

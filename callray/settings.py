@@ -66,6 +66,7 @@ class GatewaySettings(EnvSection):
     read_token: str | None = Field(default="${CALLRAY_READ_TOKEN:-}", description="Bearer token of the read routes (GET /calls/{id}, /analytics, /ui), which serve callers' words and numbers. Unset or empty: those routes are off (404), never open.")
     admin_token: str | None = Field(default="${CALLRAY_ADMIN_TOKEN:-}", description="Bearer token of the erasure routes (DELETE /calls/{id}, DELETE /callers/{number}), which remove callers' data for good. Unset or empty: those routes are off (404). Must differ from read_token: reading is not erasing.")
     guard: SocketGuardSettings = Field(default_factory=SocketGuardSettings, description="Who may open a socket: shared secret in the URL, IP allowlist, rate and call limits.")
+    ingress: Literal["proxy", "haproxy"] = Field(default="proxy", description="The Serve ingress this deployment is meant to run behind, chosen when Ray starts (docs/operations.md, 'The ingress'): proxy = Serve's Python proxy (the default of Ray); haproxy = HAProxy in front of replicas that serve sockets themselves (start Ray with RAY_SERVE_ENABLE_HA_PROXY=1). A replica behind the other one logs how to start Ray for this one, and serves anyway.")
 
     @field_validator("read_token", "admin_token")
     @classmethod

@@ -566,6 +566,7 @@ class ChaosOptions(BaseModel):
                                                              "while an answer is being generated.")
     llm_ttft_ms: float = Field(400.0, ge=0, description="llm: the fake LLM's time to first token.")
     llm_tokens_per_s: float = Field(30.0, gt=0, description="llm: the fake LLM's token rate.")
+    ingress: Literal["proxy", "haproxy"] = Field("proxy", description="Serve's ingress: its Python proxy or HAProxy.")
     plan: FaultPlan = Field(default_factory=FaultPlan)
     out: Path | None = Field(None, description="Report JSON (default: bench/results/chaos-<target>-<time>.json).")
 
@@ -591,7 +592,7 @@ def run_standalone(options: ChaosOptions, console: Console) -> dict[str, Any]:
             llm_url = procs.start_fake_llm(options.llm_ttft_ms, options.llm_tokens_per_s)
             agent_file = write_llm_agent(tmp, llm_url)
             console.log(f"fake LLM at {llm_url} (TTFT {options.llm_ttft_ms:.0f} ms, {options.llm_tokens_per_s:.0f} tokens/s)")
-        with ray_session(console) as serve_port:
+        with ray_session(console, options.ingress) as serve_port:
             namespace = f"bench-{tag}-{options.target}-{options.agent}"
             console.log(f"deploying {options.target} ({CALLRAY_TARGETS[options.target][0]})")
             deployed = deploy_serve_target(options.target, serve_port, namespace=namespace, redis_url=redis.url,
@@ -608,7 +609,7 @@ def run_standalone(options: ChaosOptions, console: Console) -> dict[str, Any]:
             console.log(f"chaos: {options.calls} calls x {options.turns} turns, faults at "
                         + ", ".join(f"{t:.0f}s {k}" for t, k in options.plan.timeline()))
             report = asyncio.run(run_chaos(target, sim, options.plan, console))
-            report["started_at"] = tag
+            report["started_at"], report["ingress"] = tag, options.ingress
             deployed.teardown()
             deployed = None
         ok = True
@@ -647,6 +648,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="flow agent (default) or the LLM agent on the fake LLM (400 ms to first token, 30 tokens/s), "
                              "so faults land mid-generation")
     parser.add_argument("--seed", type=int, default=1, help="seed of the callers and of the fault picks")
+    parser.add_argument("--ingress", choices=("proxy", "haproxy"), default="proxy",
+                        help="Serve's ingress: its Python proxy (default) or HAProxy")
     parser.add_argument("--out", type=Path, help="report JSON (default: bench/results/chaos-<target>-<time>.json)")
 
 
@@ -658,7 +661,7 @@ def options_from_args(args: argparse.Namespace) -> ChaosOptions:
                      stall_s=args.stall_s, until_s=max(5.0, duration * 0.8),
                      seed=args.seed)
     return ChaosOptions(target=args.target, calls=args.calls, turns=args.turns, think_s=args.think_s, plan=plan,
-                        agent=args.agent, out=args.out)
+                        agent=args.agent, ingress=args.ingress, out=args.out)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ taken within one Ray session, so the machine's drift between sessions does not e
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import os
@@ -30,11 +31,12 @@ from rich.table import Table
 from callray.settings import PROJECT_DIR
 from callray.sim.local import INGRESSES
 from callray.sim.simulator import SimConfig
+from harness import profile
 from harness.report import BUDGETS_MS, median_of, ratio, round_stats
-from harness.suite import STOP_DROP_SHARE, machine_info, simulate
+from harness.suite import STOP_DROP_SHARE, hold_idle_calls, machine_info, simulate
 from harness.targets import (
-    REDIS_TARGETS, Deployed, Processes, deploy_serve_target, ray_session, ray_worker_niceness, start_baseline,
-    start_retell_demo, write_llm_agent,
+    REDIS_TARGETS, Deployed, Processes, deploy_serve_target, ray_session, ray_worker_niceness, rss_mb,
+    start_baseline, start_retell_demo, write_llm_agent,
 )
 
 PEERS = ("baseline", "retell_demo")
@@ -61,6 +63,9 @@ class IngressOptions(BaseModel):
     llm_ttft_ms: float = Field(200.0, ge=0)
     llm_tokens_per_s: float = Field(50.0, gt=0)
     seed: int = 17
+    profile_calls: int | None = Field(None, ge=1, description="After the rounds, sample the single config's replica "
+                                                              "with py-spy under each ingress during a level of this "
+                                                              "many calls.")
     out: Path = Field(Path("docs/ingress.md"), description="The markdown report (its plot beside it in img/).")
 
 
@@ -113,6 +118,37 @@ def session(ingress: str, r: int, options: IngressOptions, console: Console, pro
             for name in PEERS:
                 if name in deployed:
                     deployed[name].teardown()
+
+
+def profile_replica(ingress: str, options: IngressOptions, console: Console, tag: str) -> dict[str, Any]:
+    """One more session: the single config alone, its replica under py-spy during a level."""
+    calls = options.profile_calls or 300
+    info: dict[str, Any] = {"target": "single", "calls": calls, "ingress": ingress}
+    try:
+        with ray_session(console, ingress) as port:
+            deployed = deploy_serve_target("single", port, namespace=f"ingress-profile-{ingress}")
+            simulate(SimConfig(url=deployed.url, calls=4, turns=1, think_s=0.2, call_id_prefix=f"warm-p-{ingress}"),
+                     console, "single warm-up")
+            processes = deployed.processes()
+            info["processes"] = sorted({kind.split(":")[0] for kind, _ in processes})
+            info["memory"] = asyncio.run(hold_idle_calls(deployed.url, calls, f"idle-{ingress}",
+                                                         lambda: rss_mb([pid for _, pid in deployed.processes()])))
+            replicas = [pid for kind, pid in processes if kind.startswith("ServeReplica")]
+            if not replicas:
+                raise RuntimeError("no replica process of single found")
+            config = sim_config(deployed, calls, options, f"profile-{ingress}", options.seed)
+            duration = options.turns * options.think_s + config.ramp_s
+            raw = PROJECT_DIR / "bench" / "results" / f"profile-ingress-{tag}-{ingress}-single.txt"
+            raw.parent.mkdir(parents=True, exist_ok=True)
+            result, summary = profile.during(replicas[0], duration, raw,
+                                             lambda: simulate(config, console, f"single under py-spy ({ingress})"))
+            stats = round_stats(result)
+            info.update(summary, raw_path=str(raw.relative_to(PROJECT_DIR)), duration_s=duration,
+                        first_chunk_ms=stats["latency_ms"]["first_chunk_ms"])
+    except Exception as exc:  # a profile is a bonus, never a failed run
+        info["error"] = f"{exc.__class__.__name__}: {exc}"
+        console.log(f"[yellow]profile under {ingress} not taken: {info['error']}[/]")
+    return info
 
 
 def summarise(rounds: dict[tuple[str, str, int], list[dict[str, Any]]], options: IngressOptions) -> dict[str, Any]:
@@ -178,6 +214,21 @@ def write_report(report: dict[str, Any], options: IngressOptions, path: Path) ->
                 cells.append(cell)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    for info in report.get("profiles", []):
+        if info.get("samples"):
+            lat = info["first_chunk_ms"]
+            memory = info.get("memory") or {}
+            lines += [f"**Memory, {info['ingress']}**: {memory.get('calls')} idle calls on the single config: "
+                      f"{memory.get('rest_mb')} MB at rest, {memory.get('open_mb')} MB with them open, "
+                      f"{memory.get('per_call_kb')} KB per call, over {', '.join(info.get('processes', []))}.", ""]
+            lines += [f"**Profile, {info['ingress']}**: the single config's replica (flow agent) under py-spy during {info['calls']} "
+                      f"calls ({info['samples']} samples, first chunk p50 {lat['p50']} / p99 {lat['p99']} ms; raw "
+                      f"`{info['raw_path']}`). Where the CPU was:", "",
+                      "| area | share |", "|---|---|"]
+            lines += [f"| {area} | {share:.0%} |" for area, share in info["areas"].items()]
+            lines += ["", "Busiest functions (innermost frame):", ""]
+            lines += [f"- {share:.1%} `{fn}`" for fn, share in info["top_self"][:8]]
+            lines.append("")
     plot = plot_levels(report, options, path.parent / "img" / f"ingress-{options.agent}.png")
     lines += [f"![{metric} p99 by calls, per ingress]({plot.relative_to(path.parent)})", "",
               f"Raw results: `{report['results']}`. Reproduce: `{report['command']}`.", ""]
@@ -229,6 +280,8 @@ def run(options: IngressOptions, console: Console, command: str) -> dict[str, An
             order = options.ingresses if r % 2 == 0 else list(reversed(options.ingresses))
             for ingress in order:
                 session(ingress, r, options, console, procs, redis_url, llm_url, agent_file, rounds, stopped)
+        profiles = ([profile_replica(ingress, options, console, tag) for ingress in options.ingresses]
+                    if options.profile_calls else [])
     finally:
         procs.close()
         os.chdir(previous)
@@ -236,7 +289,7 @@ def run(options: IngressOptions, console: Console, command: str) -> dict[str, An
     results = PROJECT_DIR / "bench" / "results" / f"ingress-{options.agent}-{tag}.json"
     report = {"started_at": tag, "command": command, "machine": machine_info(),
               "options": options.model_dump(mode="json"), "summary": summarise(rounds, options),
-              "results": str(results.relative_to(PROJECT_DIR)),
+              "results": str(results.relative_to(PROJECT_DIR)), "profiles": profiles,
               "rounds": {f"{i}/{n}/{c}": rs for (i, n, c), rs in rounds.items()}}
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(report, indent=1))
@@ -267,11 +320,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--retell-demo", type=Path, help="LLM agent: a checkout of Retell's Python demo")
     parser.add_argument("--out", type=Path, default=None, help="the markdown report (default docs/ingress.md)")
+    parser.add_argument("--profile-calls", type=int, default=None,
+                        help="after the rounds, profile the single config's replica under each ingress at this many calls")
 
 
 def run_command(args: argparse.Namespace) -> int:
     values: dict[str, Any] = {"ingresses": args.ingress, "agent": args.agent, "rounds": args.rounds,
-                              "retell_demo": args.retell_demo}
+                              "retell_demo": args.retell_demo, "profile_calls": args.profile_calls}
     for key in ("targets", "levels", "out"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)

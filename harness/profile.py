@@ -14,7 +14,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 #: (area, path prefixes): py-spy names a frame's file relative to its sys.path entry
 #: (``ray/serve/_private/replica.py``, ``callray/session.py``); the first matching area counts.
@@ -45,6 +45,16 @@ def start(pid: int, duration_s: float, out: Path, rate: int = 100) -> subprocess
     return subprocess.Popen([binary, "record", "--pid", str(pid), "--duration", str(int(duration_s)),
                              "--rate", str(rate), "--nonblocking", "--gil", "--format", "raw", "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def during(pid: int, duration_s: float, out: Path, run: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
+    """Sample ``pid`` while ``run()`` runs (for ``duration_s``): run's result and the summary."""
+    sampler = start(pid, duration_s, out)
+    result = run()
+    _, err = sampler.communicate(timeout=duration_s + 60)
+    if sampler.returncode:
+        raise RuntimeError(f"py-spy exited {sampler.returncode}: {err.decode(errors='replace')[-300:]}")
+    return result, summarise(out)
 
 
 def _area(frame: str) -> str:

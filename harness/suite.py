@@ -356,13 +356,10 @@ class ModeRun:
             duration = self.options.turns * self.options.think_s + min(self.options.max_ramp_s, 0.05 * calls)
             raw = Path(self.options.results_dir) / f"profile-{self.tag}-{target}-{self.mode}.txt"
             raw.parent.mkdir(parents=True, exist_ok=True)
-            sampler = profile.start(replicas[0], duration, raw)
-            simulate(sim_config(deployed, calls, self.options, f"profile-{self.tag}-{target}", self.options.seed),
-                     self.console, f"{target} under py-spy")
-            _, err = sampler.communicate(timeout=duration + 60)
-            if sampler.returncode:
-                raise RuntimeError(f"py-spy exited {sampler.returncode}: {err.decode(errors='replace')[-300:]}")
-            info.update(profile.summarise(raw), pid=replicas[0], rate=100, duration_s=duration,
+            _, summary = profile.during(replicas[0], duration, raw, lambda: simulate(
+                sim_config(deployed, calls, self.options, f"profile-{self.tag}-{target}", self.options.seed),
+                self.console, f"{target} under py-spy"))
+            info.update(summary, pid=replicas[0], rate=100, duration_s=duration,
                         raw_path=os.path.relpath(raw.resolve(), PROJECT_DIR) if raw.resolve().is_relative_to(PROJECT_DIR)
                         else str(raw))
         except Exception as exc:  # a profile is a bonus, never a failed run

@@ -207,8 +207,9 @@ def _alive_actors() -> list[dict[str, Any]]:
 
 
 def serve_processes(app: str, namespace: str | None = None) -> list[tuple[str, int]]:
-    """(class, pid) of the processes serving ``app``: the Serve proxy, its replicas and the named
-    actors of its namespace (call hosts, pools, consumers)."""
+    """(class, pid) of the processes serving ``app``: the ingress (Serve's proxy, or HAProxy's
+    manager actor and the haproxy process it runs), its replicas and the named actors of its
+    namespace (call hosts, pools, consumers)."""
     import ray
 
     names = set()
@@ -217,9 +218,13 @@ def serve_processes(app: str, namespace: str | None = None) -> list[tuple[str, i
     out = []
     for actor in _alive_actors():
         cls = actor.get("ActorClassName", "")
-        if (cls.startswith(f"ServeReplica:{app}:") or cls == "ProxyActor" or actor.get("Name") in names) \
-                and actor.get("Pid"):
+        if (cls.startswith(f"ServeReplica:{app}:") or cls in ("ProxyActor", "HAProxyManager")
+                or actor.get("Name") in names) and actor.get("Pid"):
             out.append((cls, actor["Pid"]))
+            if cls == "HAProxyManager":
+                with contextlib.suppress(Exception):
+                    out += [("haproxy", child.pid) for child in psutil().Process(actor["Pid"]).children(recursive=True)
+                            if "haproxy" in child.name()]
     return out
 
 
@@ -286,6 +291,7 @@ def callray_args(target: str, *, namespace: str, redis_url: str | None, agent_fi
     args["hosts"]["namespace"] = namespace
     args["hosts"]["placement"] = placement
     args["gateway"].pop("guard", None)  # the simulator connects from loopback without the secret
+    args["gateway"]["ingress"] = "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "proxy"  # the session's
     args["gateway"]["read_token"] = READ_TOKEN
     args["webhook"]["api_key"] = webhook_key
     args["archive"] = archive or {"backend": "files", "dir": "var/calls"}  # the benchmarks measure the turn path

@@ -74,14 +74,15 @@ def postgres_url() -> str:
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A private local Ray for the session (never a running cluster), shut down at the end,
-    behind the ingress CALLRAY_TEST_INGRESS names (Serve's Python proxy unless ``haproxy``)."""
+    behind the ingress CALLRAY_TEST_INGRESS names: ``haproxy`` (the shipped configs') unless
+    it says ``proxy`` (Serve's Python proxy)."""
     import ray
 
     from callray.sim.local import serve_ingress_env
 
     tmp = tempfile.mkdtemp(prefix="cr-", dir="/tmp")
     env = {"RAY_AUTH_MODE": "disabled",
-           **serve_ingress_env(os.environ.get("CALLRAY_TEST_INGRESS", "proxy"), Path(tmp) / "haproxy")}
+           **serve_ingress_env(TEST_INGRESS, Path(tmp) / "haproxy")}
     os.environ.update(env)  # the Ray processes ray.init starts read the ingress from their environment
     ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=tmp,
              runtime_env={"env_vars": env}, logging_level="warning")
@@ -108,6 +109,8 @@ def serve_port(ray_cluster) -> int:
 
 
 ARCHIVE_DIRS: list[str] = []  # removed when the session's Ray shuts down
+#: The Serve ingress of the session's Ray (callray.sim.local.INGRESSES).
+TEST_INGRESS = os.environ.get("CALLRAY_TEST_INGRESS", "haproxy")
 WEBHOOK_KEY = "key_test_callray"
 SOCKET_SECRET = "s3cret-path-token"
 READ_TOKEN = "read-token-of-the-test-deployments"
@@ -123,6 +126,7 @@ def deploy(name: str, args: dict, port: int, *, replicas: int = 1, env: dict[str
 
     args.setdefault("gateway", {}).setdefault("read_token", READ_TOKEN)
     args["gateway"].setdefault("admin_token", ADMIN_TOKEN)
+    args["gateway"]["ingress"] = TEST_INGRESS  # what the session's Ray runs (a config's value would only be logged)
     if "archive" not in args:
         args["archive"] = {"backend": "files", "dir": tempfile.mkdtemp(prefix=f"callray-archive-{name}-")}
         ARCHIVE_DIRS.append(args["archive"]["dir"])
@@ -219,7 +223,10 @@ def events_app(serve_port, redis_server, postgres_url) -> str:
         },
         "archive": {"backend": "postgres", "database_url": postgres_url},  # as the shipped config keeps records
         "webhook": {"api_key": WEBHOOK_KEY},
-        "gateway": {"guard": {"secret": SOCKET_SECRET, "secret_in": "either", "allow_ips": ["127.0.0.0/8"]}},
+        # A balancer in front (its X-Forwarded-For believed from loopback, where Serve's ingress
+        # connects from) and callers from 127.0.0.0/8 or 203.0.113.0/24 only.
+        "gateway": {"guard": {"secret": SOCKET_SECRET, "secret_in": "either", "trusted_proxies": ["127.0.0.0/8"],
+                              "allow_ips": ["127.0.0.0/8", "203.0.113.0/24"]}},
     }, serve_port) + f"/{SOCKET_SECRET}"
 
 

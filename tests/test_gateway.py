@@ -401,3 +401,29 @@ async def test_the_simulator_sends_retell_s_call_ended_webhook_and_the_call_ends
     refused = await run_simulation(SimConfig(url=gateway.ws, calls=1, turns=0, call_id_prefix="badkey",
                                              webhook_url=f"{gateway.http}/webhook", webhook_key="not-the-key"))
     assert refused.counts["webhooks_refused"] == 1  # a wrong key is counted, not taken
+
+
+def test_a_replica_behind_another_ingress_than_the_config_s_says_how_to_start_ray(caplog):
+    """gateway.ingress is what the deployment expects; Ray's start decides. A mismatch serves
+    anyway and says what to change, as does a guard that would see HAProxy, not the caller."""
+    import logging
+
+    from callray.gateway import Gateway
+
+    settings = CallraySettings.parse({"gateway": {"ingress": "haproxy", "guard": {"allow_ips": ["203.0.113.0/24"]}}})
+    callray_logger = logging.getLogger("callray")
+    propagate, callray_logger.propagate = callray_logger.propagate, True  # configure_logging may have turned it off
+    try:
+        with caplog.at_level(logging.WARNING, logger="callray.gateway"):
+            Gateway(settings, None, None, ingress="proxy")  # type: ignore[arg-type]
+            assert "RAY_SERVE_ENABLE_HA_PROXY=1" in caplog.text and "trusted_proxies" not in caplog.text
+            caplog.clear()
+            Gateway(settings, None, None, ingress="haproxy")  # type: ignore[arg-type]
+            assert "RAY_SERVE_ENABLE_HA_PROXY" not in caplog.text and "trusted_proxies" in caplog.text
+            caplog.clear()
+            trusted = settings.model_copy(deep=True)
+            trusted.gateway.guard.trusted_proxies = ["10.0.0.0/8"]
+            Gateway(trusted, None, None, ingress="haproxy")  # type: ignore[arg-type]
+            assert not caplog.text
+    finally:
+        callray_logger.propagate = propagate

@@ -36,7 +36,9 @@ def kill_processes_under(base: Path) -> list[int]:
 def test_second_node_dies_and_its_calls_resume_on_the_head():
     workdir = Path(tempfile.mkdtemp(prefix="crmn-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    ingress = os.environ.get("CALLRAY_TEST_INGRESS", "proxy")  # the session's ingress, on a cluster of its own
+    from tests.conftest import TEST_INGRESS
+
+    ingress = TEST_INGRESS  # the session's ingress, on a cluster of its own
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--check", "--workdir", str(workdir), "--ingress", ingress],
                             cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -214,6 +214,27 @@ async def test_socket_secret_is_required(events_app):
         await by_query.close()
 
 
+async def test_the_guard_sees_the_caller_a_trusted_balancer_names_behind_either_ingress(events_app):
+    """Behind Serve's Python proxy the replica sees the socket's peer; behind HAProxy it sees
+    HAProxy. Either way a balancer in front (TLS for Retell's wss://) names the caller in
+    X-Forwarded-For, which reaches the replica unchanged and is believed from the trusted peer."""
+    import websockets
+
+    async def verdict(forwarded_for: str | None) -> int | str:
+        headers = {"X-Forwarded-For": forwarded_for} if forwarded_for else {}
+        async with websockets.connect(f"{events_app}/{new_call_id()}", additional_headers=headers) as ws:
+            try:
+                await asyncio.wait_for(ws.recv(), 10)  # the config frame: admitted
+                return "open"
+            except websockets.ConnectionClosed as closed:
+                return closed.rcvd.code if closed.rcvd else 1006
+
+    assert await verdict("203.0.113.9") == "open"
+    assert await verdict("198.51.100.7") == 4403  # not an allowed caller, though its peer is
+    assert await verdict("198.51.100.7, 203.0.113.9") == "open"  # the right-most hop the balancer added
+    assert await verdict(None) == "open"  # no balancer: the peer itself (loopback) is allowed
+
+
 async def test_a_restarted_consumer_consumes_again(events_app, ray_cluster):
     """Ray restarts a killed consumer idle; the gateway's health check starts it again."""
     import ray

@@ -61,6 +61,17 @@ async def test_a_whole_call(single_app):
         await client.close()
 
 
+def test_the_replica_says_which_ingress_it_runs_behind(single_app):
+    """RAY_SERVE_ENABLE_HA_PROXY, read when Ray starts, reaches the replica: /healthz names it."""
+    import urllib.request
+
+    from tests.conftest import TEST_INGRESS
+
+    health = single_app.replace("ws://", "http://").rsplit("/llm-websocket", 1)[0] + "/healthz"
+    with urllib.request.urlopen(health, timeout=10) as reply:
+        assert json.loads(reply.read())["ingress"] == TEST_INGRESS
+
+
 async def test_fifty_concurrent_calls_each_hear_their_own_words(single_app):
     async def one_call(name: str) -> tuple[str, str, str]:
         client = await RetellClient(single_app, new_call_id()).connect()
