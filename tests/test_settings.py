@@ -96,6 +96,7 @@ def test_check_warns_about_sockets_served_beyond_this_machine_without_a_secret(t
     doc = yaml.safe_load(open("config/serve.yaml"))
     assert main(["check", "config/serve.yaml"]) == 0 and "WARNING" not in capsys.readouterr().out  # 127.0.0.1
     doc["http_options"]["host"] = "0.0.0.0"
+    doc["applications"][0]["args"]["gateway"]["guard"]["allow_ips"] = []  # serve.yaml's: this machine only
     exposed = tmp_path / "exposed.yaml"
     exposed.write_text(yaml.safe_dump(doc))
     assert main(["check", str(exposed)]) == 0
