@@ -8,7 +8,7 @@ the entries it has not acknowledged (pending plus unread) and the age of the old
 which bounds how long any event waited to be archived. After the calls it reports how long the
 archive took to catch up, and checks every heard turn is in the database.
 
-``python -m harness.archive_lag --calls 300 --seconds 120``
+``python -m harness.archive_lag --calls 300 --seconds 120 [--ingress proxy]``
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def run(options: argparse.Namespace, console: Console) -> dict[str, Any]:
     os.chdir(PROJECT_DIR)
     try:
         redis.start()
-        with ray_session(console) as port:
+        with ray_session(console, options.ingress) as port:
             key = secrets.token_hex(16)
             deployed = deploy_serve_target("event_driven", port, namespace=f"lag-{name}", redis_url=redis.url,
                                            webhook_key=key, archive={"backend": "postgres", "database_url": database_url})
@@ -180,10 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", default=os.environ.get("CALLRAY_TEST_DATABASE_URL",
                                                            "postgresql://postgres@127.0.0.1:5432/postgres"),
                         help="a PostgreSQL where a database may be created (default: the local one)")
+    parser.add_argument("--ingress", choices=("proxy", "haproxy"), default="haproxy",
+                        help="Serve's ingress (default haproxy, the shipped configs')")
     parser.add_argument("--out", type=Path, help="write the report (with every sample) as JSON here")
     options = parser.parse_args(argv)
     console = Console()
-    report = run(options, console)
+    report = {"ingress": options.ingress, **run(options, console)}
     if options.out:
         options.out.parent.mkdir(parents=True, exist_ok=True)
         options.out.write_text(json.dumps(report, indent=2))

@@ -239,6 +239,38 @@ async def test_memory_bus_redelivers_then_dead_letters():
     await bus.close()
 
 
+async def test_a_lingering_consumer_with_a_backlog_reads_on_without_waiting():
+    """The archive lingers between batches so that they grow. It used to linger after every
+    batch, so it could never take more than one batch (100 events) per linger (1 s): at 300
+    calls churning it fell 45 s behind the stream. A full batch means a backlog: read on."""
+    bus = MemoryBus()
+    for i in range(500):
+        await bus.publish(CallStarted(call_id=f"c{i}", seq=0))
+    handled, flushed = [], []
+
+    async def handle(event) -> None:
+        handled.append(event.call_id)
+
+    async def flush() -> None:
+        flushed.append(len(handled))
+
+    stop = asyncio.Event()
+    consuming = asyncio.create_task(consume(bus, "archive", "a1", handle, stop=stop, flush=flush, linger_s=30.0,
+                                            batch=100, block_ms=50))
+    try:
+        await until(lambda: len(handled) == 500, timeout=5)  # a linger after each batch: 100, then 30 s
+        assert flushed == [100, 200, 300, 400, 500]  # still one flush per batch
+        await bus.publish(CallStarted(call_id="late", seq=0))
+        await until(lambda: len(handled) == 501, timeout=5)  # the backlog done: a partial batch ...
+        await bus.publish(CallStarted(call_id="later", seq=0))
+        await asyncio.sleep(0.5)
+        assert "later" not in handled  # ... is followed by the linger, so the next batch can grow
+    finally:
+        stop.set()
+        consuming.cancel()
+        await asyncio.gather(consuming, return_exceptions=True)
+
+
 async def test_memory_bus_read_waits_for_new_entries():
     bus = MemoryBus()
     waiter = asyncio.create_task(bus.read("g", "c", count=10, block_ms=5000))

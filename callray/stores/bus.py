@@ -707,8 +707,9 @@ async def consume(
     is the sink's failure (a database down, a disk full), not the events': it is retried with
     backoff before anything more is read, so the events wait in the stream instead of being
     redelivered towards the dead-letter stream; on ``stop`` they stay unacked and come back.
-    ``linger_s`` waits between batches so that they grow, for a consumer whose cost is per batch
-    rather than per event."""
+    ``linger_s`` waits after a batch that was not full so that the next one grows, for a consumer
+    whose cost is per batch rather than per event; after a full batch (a backlog) it reads on at
+    once, or it could never consume more than ``batch`` events per ``linger_s``."""
     while not stop.is_set():
         try:
             deliveries = await bus.read(group, consumer, batch, block_ms)
@@ -748,7 +749,7 @@ async def consume(
                 await bus.ack(group, done)
             except Exception as exc:  # unacked entries come back; handlers are idempotent
                 log.warning("consumer %s/%s: ack of %d entries failed: %r", group, consumer, len(done), exc)
-        if linger_s and deliveries:
+        if linger_s and 0 < len(deliveries) < batch:  # a full batch means a backlog: read on at once
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(linger_s):
                     await stop.wait()
