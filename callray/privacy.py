@@ -94,13 +94,14 @@ class Redactor:
         return redacted
 
     def caller_key(self, number: Any) -> str | None:
-        """The keyed hash of a phone number in E.164 (None without a key or a parsable number)."""
-        if self._key is None or not isinstance(number, str) or not number.strip():
+        """The keyed hash of a phone number in E.164 (None without a key or a parsable number:
+        a withheld caller's "anonymous", or a number redacted before)."""
+        if self._key is None or not isinstance(number, str):
             return None
-        if number.startswith("key:"):  # already a key (a call object redacted before)
-            return number
-        return "key:" + hmac.new(self._key, normalise_number(number, self.default_region).encode(),
-                                 hashlib.sha256).hexdigest()[:32]
+        try:
+            return keyed_number(normalise_number(number, self.default_region), self._key)
+        except ValueError:
+            return None
 
     def event(self, event: Event) -> Event:
         """A redacted copy of an event (the same object when it carries no caller content)."""
@@ -117,6 +118,11 @@ class Redactor:
         if not changes and not extra:
             return event
         return event.model_copy(update={**changes, **extra})
+
+
+def keyed_number(e164: str, key: bytes) -> str:
+    """``key:`` and the HMAC-SHA256 of a number in E.164 under ``key`` (its first 128 bits, hex)."""
+    return "key:" + hmac.new(key, e164.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def normalise_number(number: str, default_region: str = "US") -> str:

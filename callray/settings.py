@@ -291,11 +291,10 @@ class PrivacySettings(EnvSection):
     def caller(self, number: str) -> list[str]:
         """What the archive may hold for a caller's number: the number in E.164 and, with a
         key, its keyed hash. Raises ValueError for what is not a phone number."""
-        from callray.privacy import Redactor, normalise_number
+        from callray.privacy import keyed_number, normalise_number
 
         e164 = normalise_number(number, self.default_region)
-        key = Redactor(default_region=self.default_region, caller_key=self.caller_key).caller_key(e164)
-        return [e164] + ([key] if key else [])
+        return [e164] + ([keyed_number(e164, self.caller_key.encode())] if self.caller_key else [])
 
 
 class LoggingSettings(EnvSection):

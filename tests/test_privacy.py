@@ -80,6 +80,16 @@ def test_events_carry_placeholders_and_a_keyed_caller_hash_but_keep_identifiers_
     assert reason.reason == "caller said '[PHONE]'"
 
 
+@pytest.mark.parametrize("from_number", ["anonymous", "", "[PHONE]"])
+def test_a_caller_without_a_number_is_redacted_without_a_key_and_nothing_is_lost(from_number):
+    """A withheld caller's number ("anonymous"), or one redacted before, is no phone number:
+    redacting its call used to raise, which lost the call's call.ended event and answered
+    Retell's webhook with 500 (retried for good)."""
+    ended = Redactor(caller_key="k").event(CallEnded(call_id="c", seq=1, call={"call_id": "c",
+                                                                          "from_number": from_number}))
+    assert "caller_key" not in ended.call and ended.call["call_id"] == "c"
+
+
 def test_privacy_settings_name_what_is_wrong():
     with pytest.raises(SettingsError, match="privacy.default_region"):
         CallraySettings.parse({"privacy": {"default_region": "XX"}})
