@@ -450,23 +450,30 @@ class RedisStreamBus(_BufferedEmitter):
             out.append(Delivery(entry_id, event, n))
         return out
 
-    async def replay(self, batch: int = 1000) -> AsyncIterator[Event]:
-        """Every retained event, oldest first (undecodable ones skipped): lets a consumer whose
-        state is a projection of the stream, like analytics, rebuild it after a restart."""
+    async def _pages(self, stream: str, batch: int) -> AsyncIterator[list]:
+        """Every entry of ``stream``, oldest first, a page of ``batch`` at a time (one XRANGE
+        each, so Redis is never blocked for long)."""
         start = "-"
         while True:
             try:
-                entries = await self.client.xrange(self.stream, min=start, max="+", count=batch)
+                entries = await self.client.xrange(stream, min=start, max="+", count=batch)
             except (RedisError, OSError) as exc:
-                raise StoreUnavailableError(f"event stream {self.stream!r}: {exc}") from exc
+                raise StoreUnavailableError(f"event stream {stream!r}: {exc}") from exc
+            if entries:
+                yield entries
+            if len(entries) < batch:
+                return
+            start = "(" + _text(entries[-1][0])
+
+    async def replay(self, batch: int = 1000) -> AsyncIterator[Event]:
+        """Every retained event, oldest first (undecodable ones skipped): lets a consumer whose
+        state is a projection of the stream, like analytics, rebuild it after a restart."""
+        async for entries in self._pages(self.stream, batch):
             for entry_id, fields in entries:
                 try:
                     yield parse_event((fields or {})[b"event"])
                 except (KeyError, ValidationError, ValueError):
                     continue
-            if len(entries) < batch:
-                return
-            start = "(" + _text(entries[-1][0])
 
     async def tail(self, block_ms: int = 1000) -> AsyncIterator[Event]:
         last = None
@@ -509,23 +516,18 @@ class RedisStreamBus(_BufferedEmitter):
         return acked
 
     async def erase(self, call_id: str, batch: int = 1000) -> int:
-        """Delete every retained entry of one call from the stream and its dead letters (a page
-        at a time, so Redis is never blocked for long); returns how many."""
+        """Delete every retained entry of one call from the stream and its dead letters, a page
+        at a time; returns how many."""
         needle = b'"call_id":' + json.dumps(call_id).encode()  # as the event's JSON (model_dump_json) has it
         erased = 0
         for stream in (self.stream, self.dead_letter_stream):
-            start = "-"
-            while True:
-                try:
-                    entries = await self.client.xrange(stream, min=start, max="+", count=batch)
-                    doomed = [entry_id for entry_id, fields in entries if needle in (fields or {}).get(b"event", b"")]
-                    if doomed:
+            async for entries in self._pages(stream, batch):
+                doomed = [entry_id for entry_id, fields in entries if needle in (fields or {}).get(b"event", b"")]
+                if doomed:
+                    try:
                         erased += int(await self.client.xdel(stream, *doomed))
-                except (RedisError, OSError) as exc:
-                    raise StoreUnavailableError(f"event stream {stream!r}: {exc}") from exc
-                if len(entries) < batch:
-                    break
-                start = "(" + _text(entries[-1][0])
+                    except (RedisError, OSError) as exc:
+                        raise StoreUnavailableError(f"event stream {stream!r}: {exc}") from exc
         return erased
 
     async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
