@@ -333,7 +333,14 @@ async def scenario(cluster: Cluster) -> list[str]:
     log(f"step 5: open {len(NAMES)} calls at {url}/<call_id>, each says its caller's name")
     clients: list[RetellClient] = []
     try:
-        for i, name in enumerate(NAMES):
+        # Behind HAProxy a new replica gets sockets only once HAProxy's health checks marked it
+        # up: keep opening calls (a few more at most) until node2 holds one, or the check fails.
+        for i in range(len(NAMES) * 4):
+            if i >= len(NAMES) and "node2" in [before.get(await owner_replica(cluster, c.call_id)) for c in clients]:
+                break
+            if i >= len(NAMES):
+                await asyncio.sleep(0.5)
+            name = NAMES[i % len(NAMES)]
             client = await RetellClient(url, f"call-mn-{os.getpid()}-{i}").connect()
             await client.complete(0)
             answer = await client.turn(1, f"Hi, my name is {name}")
@@ -342,6 +349,7 @@ async def scenario(cluster: Cluster) -> list[str]:
                 f"agent: {answer[:60]!r}")
             clients.append(client)
         on_node2 = {c.call_id for c in clients if before.get(await owner_replica(cluster, c.call_id)) == "node2"}
+        check(bool(on_node2), "a call lives on node2 (its death must drop one)")
 
         raylet = cluster.node2.raylet_pid()
         log(f"step 6: kill node2's raylet (SIGKILL pid {raylet}, a child of node2's `ray start` pid "
