@@ -40,6 +40,16 @@ def serve_ingress() -> str:
     return "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "proxy"
 
 
+def user_code_loop() -> str:
+    """Where Serve runs callray in this replica: "shared", on the replica's own event loop, as
+    the shipped configs ask (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 in the deployment's
+    environment), or "separate", on a loop in a thread of its own (Ray's default), which costs
+    every frame a hop between threads and the GIL (docs/operations.md, 'The event loop')."""
+    from ray.serve._private import constants  # what the replica itself read at start
+
+    return "separate" if constants.RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD else "shared"
+
+
 class ConsumerReads:
     """The read routes of the event-driven architecture: the analytics and archive actors."""
 
@@ -83,7 +93,8 @@ class NoReads:
 
 @serve.deployment(
     name="CallGateway",
-    ray_actor_options={"num_cpus": 0.5},
+    # The config files set the same (their ray_actor_options replace these).
+    ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}},
     # Each open socket is one ongoing request for the whole call: Serve's defaults (5 / 2)
     # would refuse the sixth call. The config file overrides these per architecture.
     max_ongoing_requests=1000,
@@ -122,7 +133,8 @@ class CallGateway:
         redis = stores.redis if stores is not None else None
         deduper = RedisWebhookDeduper(redis) if redis is not None else WebhookDeduper()
         self.gateway = Gateway(self.settings, calls, reads, deduper, erasure=Erasure(reads, self.settings.privacy, stores),
-                               live=self.replica.live if self.replica is not None else None, ingress=serve_ingress())
+                               live=self.replica.live if self.replica is not None else None, ingress=serve_ingress(),
+                               user_code_loop=user_code_loop())
 
     def __serve_build_asgi_app__(self) -> Any:
         """Serve's hook for an app built in the replica: callray's routes on this replica's gateway."""

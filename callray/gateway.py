@@ -70,9 +70,10 @@ class Gateway:
 
     def __init__(self, settings: CallraySettings, calls: Calls, reads: Reads,
                  deduper: WebhookDeduper | RedisWebhookDeduper | None = None, live: LiveCalls | None = None,
-                 erasure: Erasure | None = None, ingress: str | None = None):
+                 erasure: Erasure | None = None, ingress: str | None = None, user_code_loop: str | None = None):
         self.settings, self.calls, self.reads, self.live = settings, calls, reads, live
         self.ingress = ingress  # what this replica runs behind (None: not under Serve)
+        self.user_code_loop = user_code_loop  # where Serve runs this code (None: not under Serve)
         if ingress is not None:
             _check_ingress(settings, ingress)
         self.erasure = erasure or Erasure(reads, settings.privacy)
@@ -266,7 +267,7 @@ def build_api() -> FastAPI:
     async def healthz(request: Request) -> dict[str, Any]:
         settings = gateway(request.app).settings
         return {"status": "ok", "architecture": settings.architecture, "placement": settings.hosts.placement,
-                "ingress": gateway(request.app).ingress}
+                "ingress": gateway(request.app).ingress, "user_code_loop": gateway(request.app).user_code_loop}
 
     @api.post("/webhook")
     async def webhook(request: Request) -> Response:

@@ -337,7 +337,9 @@ def deploy_serve_target(target: str, port: int, *, namespace: str, redis_url: st
         if target in FLOORS:
             from harness.floor_app import MAX_ONGOING_REQUESTS, Floor
 
-            app = Floor.options(max_ongoing_requests=MAX_ONGOING_REQUESTS).bind(
+            # the floor's replica runs as the default config's does (on the replica's own event loop)
+            app = Floor.options(max_ongoing_requests=MAX_ONGOING_REQUESTS,
+                                ray_actor_options=deployment_options("config/serve.yaml")["ray_actor_options"]).bind(
                 llm_base_url=llm_base_url, framing="token" if target == "floor_token" else "phrase")
             serve.run(app, name=target, route_prefix=f"/{target}", blocking=False)
             wait_until(lambda: http_ok(f"{base}/healthz"), f"{base}/healthz", timeout_s=timeout_s)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from callray.agents.base import Agent, EndCall, Speech, Transfer, Turn
+from callray.agents.base import Agent, EndCall, Speech, Transfer, Turn, normalise, plain_letters
 from callray.agents.flow import AgentConfigError, FlowAgent, load_flow_agent
 
 CLINIC = Path(__file__).resolve().parents[1] / "config" / "agents" / "clinic.yaml"
@@ -469,3 +469,18 @@ def test_the_match_index_scores_exactly_like_matching_each_intent_in_turn(data):
     utterance = " ".join(words)
     expected = {k: s for k, m in matchers.items() if (s := _reference_score(m, utterance)) is not None}
     assert index.scores(utterance) == expected
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=127)))
+def test_ascii_has_no_accents_to_strip_so_normalise_may_skip_that_step(text):
+    assert plain_letters(text) == text
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Crème BRÛLÉE, s'il vous plaît!", "creme brulee sil vous plait"),
+    ("I\u2019m Zoë \u2018the\u2019 caller", "im zoe the caller"),
+    ("Don`t  STOP -- it's 9:30?", "dont stop its 9 30"),
+    ("", ""),
+])
+def test_normalise_lowers_strips_accents_apostrophes_and_punctuation(text, expected):
+    assert normalise(text) == expected

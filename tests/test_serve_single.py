@@ -61,15 +61,18 @@ async def test_a_whole_call(single_app):
         await client.close()
 
 
-def test_the_replica_says_which_ingress_it_runs_behind(single_app):
-    """RAY_SERVE_ENABLE_HA_PROXY, read when Ray starts, reaches the replica: /healthz names it."""
+def test_the_replica_says_which_ingress_it_runs_behind_and_on_which_loop(single_app):
+    """RAY_SERVE_ENABLE_HA_PROXY, read when Ray starts, reaches the replica: /healthz names it.
+    The shipped actor options put callray on the replica's own event loop, and Serve took them."""
     import urllib.request
 
     from tests.conftest import TEST_INGRESS
 
     health = single_app.replace("ws://", "http://").rsplit("/llm-websocket", 1)[0] + "/healthz"
     with urllib.request.urlopen(health, timeout=10) as reply:
-        assert json.loads(reply.read())["ingress"] == TEST_INGRESS
+        body = json.loads(reply.read())
+    assert body["ingress"] == TEST_INGRESS
+    assert body["user_code_loop"] == "shared"
 
 
 async def test_fifty_concurrent_calls_each_hear_their_own_words(single_app):

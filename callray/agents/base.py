@@ -272,7 +272,7 @@ class Agent:
 
 # --------------------------------------------------------------------------- helpers
 
-_APOSTROPHES = re.compile("[\u2018\u2019\u02bc\u2032`]")
+_APOSTROPHES = re.compile("[\u2018\u2019\u02bc\u2032]")
 _NON_WORD = re.compile(r"[^\w\s']+")
 _SPACES = re.compile(r"\s+")
 
@@ -280,7 +280,13 @@ _SPACES = re.compile(r"\s+")
 def normalise(text: str) -> str:
     """Lower-case, strip accents and punctuation, collapse spaces: the form intents and the
     response cache compare."""
-    text = _APOSTROPHES.sub("'", unicodedata.normalize("NFKD", text))
-    text = "".join(c for c in text if not unicodedata.combining(c)).lower()
-    text = _NON_WORD.sub(" ", text).replace("'", "")
+    if not text.isascii():  # ASCII has nothing to strip (most speech: a third of a turn's matching)
+        text = plain_letters(text)
+    text = _NON_WORD.sub(" ", text.replace("`", "'").lower()).replace("'", "")
     return _SPACES.sub(" ", text).strip()
+
+
+def plain_letters(text: str) -> str:
+    """``text`` without accents, its typographic apostrophes made plain (identity on ASCII)."""
+    text = _APOSTROPHES.sub("'", unicodedata.normalize("NFKD", text))
+    return "".join(c for c in text if not unicodedata.combining(c))
