@@ -21,7 +21,7 @@ from callray.stores.bus import TappedSink
 from callray.commands import CallCommand
 from callray.consumers.runner import build_consumers, run_consumers
 from callray.directory import CallDirectory
-from callray.conversation import Frame, StreamEnd
+from callray.outbox import Frame, StreamEnd
 from callray.events import Event
 from callray.host import Delivery, Host
 from callray.settings import CallraySettings

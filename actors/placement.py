@@ -19,7 +19,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from actors.call_host import CallHost
-from callray.conversation import Frame, Outbox, StreamEnd
+from callray.outbox import Frame, Outbox, StreamEnd
 from callray.events import Event
 from callray.host import Delivery
 from callray.protocol import InboundEvent, ReminderRequired, ResponseFrame, ResponseRequired, UpdateOnly

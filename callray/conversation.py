@@ -20,12 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import enum
 import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, NamedTuple
+from typing import Any, Callable
 
 from callray import events as ev
 from callray.events import Event
@@ -60,6 +59,7 @@ from callray.protocol import (
     ToolCallResultFrame,
     UpdateAgentFrame,
 )
+from callray.outbox import Frame, Outbox, StreamEnd
 from callray.settings import TurnSettings
 from callray.stores.base import CallFencedError, CallState, EventSink, ResponseCache, StaleStateError, StateStore, TurnRecord
 
@@ -104,90 +104,6 @@ CALL_FIELDS = frozenset({
 def kept_call(*objects: dict[str, Any]) -> dict[str, Any]:
     """The call objects merged (later ones win), reduced to ``CALL_FIELDS``."""
     return {k: v for obj in objects for k, v in obj.items() if k in CALL_FIELDS}
-
-
-class StreamEnd(str, enum.Enum):
-    """Why a socket's outbound stream ended; the gateway picks the close code from it."""
-
-    SUPERSEDED = "superseded"  # a newer socket of the call took over (the old one closes with 4001)
-    DETACHED = "detached"  # the socket itself went away
-    DEACTIVATED = "deactivated"  # the call was saved and dropped from memory (idle sweep, shutdown)
-    UNAVAILABLE = "unavailable"  # the call could not be activated or its host was lost for good
-    OVERFLOW = "overflow"  # the socket's reader does not read: its outbox reached its bound
-
-
-class Frame(NamedTuple):
-    """One outbound frame, with what the gateway needs to know of it without parsing it again."""
-
-    text: str
-    response_id: int | None = None  # response frames only
-    complete: bool = False
-    interrupt: bool = False  # an agent_interrupt: whatever response was open is over
-
-
-class Outbox:
-    """The outbound frames of one socket, in order, for the gateway's writer.
-
-    Closed when its socket detaches or a newer socket of the same call attaches (the newest
-    socket wins), which ends the writer's stream for it.
-    """
-
-    def __init__(self, connection_id: str, limit: int = 1000):
-        self.connection_id, self.limit = connection_id, limit
-        self.close_reason: StreamEnd | None = None
-        self._queue: asyncio.Queue[Frame | None] = asyncio.Queue()
-
-    @property
-    def closed(self) -> bool:
-        return self.close_reason is not None
-
-    def put(self, frame: Frame) -> None:
-        """Queue a frame; past ``limit`` frames waiting, the outbox closes (``OVERFLOW``) and
-        drops what it held: a socket nobody reads must not hold memory."""
-        if self.closed:
-            return
-        if self._queue.qsize() >= self.limit:
-            while not self._queue.empty():
-                self._queue.get_nowait()
-            self.close(StreamEnd.OVERFLOW)
-            return
-        self._queue.put_nowait(frame)
-
-    def close(self, reason: StreamEnd) -> None:
-        if not self.closed:
-            self.close_reason = reason
-            self._queue.put_nowait(None)
-
-    def drain(self) -> list[Frame]:
-        """Whatever is queued now, without waiting (the end marker stays queued)."""
-        frames: list[Frame] = []
-        while not self._queue.empty():
-            frame = self._queue.get_nowait()
-            if frame is None:
-                self._queue.put_nowait(None)
-                break
-            frames.append(frame)
-        return frames
-
-    async def frames(self) -> AsyncIterator[Frame]:
-        """Each frame as it is queued, until the outbox closes."""
-        while (frame := await self._queue.get()) is not None:
-            yield frame
-
-    async def batches(self) -> AsyncIterator[list[Frame]]:
-        """Everything queued so far per iteration: fewer hops to a remote gateway under load."""
-        while True:
-            first = await self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            while not self._queue.empty():
-                frame = self._queue.get_nowait()
-                if frame is None:
-                    yield batch
-                    return
-                batch.append(frame)
-            yield batch
 
 
 @dataclass

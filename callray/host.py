@@ -25,9 +25,10 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from callray.agents.registry import AgentRegistry
 from callray.agents.base import EndCall, PressDigit, Speech, ToolCall, Transfer, Turn
 from callray.commands import CallCommand
-from callray.conversation import Conversation, Frame, Outbox, StreamEnd, shareable
+from callray.conversation import Conversation, shareable
+from callray.outbox import Frame, Outbox, StreamEnd
 from callray.events import CallEnded, Event
-from callray.protocol import ProtocolError, parse_frame
+from callray.protocol import InboundEvent, ProtocolError, parse_frame
 from callray.settings import CallraySettings
 from callray.stores.base import CallState, EventSink, ResponseCache, StateStore, StoreUnavailableError
 from callray.stores.bus import TappedSink
@@ -310,3 +311,28 @@ class Host:
             **self.counters,
             "cache": self.cache.stats() if self.cache else {},
         }
+
+
+class LocalLink:
+    """Local placement's :class:`~callray.session.CallLink`: the call's actor lives in this
+    process's :class:`Host`."""
+
+    retryable = (StoreUnavailableError,)
+
+    def __init__(self, host: Host, call_id: str, agent: str | None):
+        self.host, self.call_id, self.agent = host, call_id, agent
+        self._conversation: Conversation | None = None
+        self._outbox: Outbox | None = None
+
+    async def attach(self, outbox: Outbox) -> None:
+        self._outbox = outbox
+        self._conversation = await self.host.attach(self.call_id, outbox, self.agent)
+
+    def deliver(self, event: InboundEvent, frame: str) -> None:
+        conversation = self._conversation
+        if conversation is not None and conversation.outbox is self._outbox:  # else a newer socket owns it
+            conversation.handle(event)
+
+    async def detach(self) -> None:
+        if self._outbox is not None:
+            await self.host.detach(self.call_id, self._outbox.connection_id)

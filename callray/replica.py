@@ -20,9 +20,8 @@ from callray.commands import CallCommand
 from callray.consumers.runner import build_consumers, run_consumers
 from callray.directory import CallDirectory
 from callray.events import CallEnded, Event
-from callray.host import Host
+from callray.host import Host, LocalLink
 from callray.live import LiveCalls
-from callray.session import LocalLink
 from callray.settings import CallraySettings
 from callray.stores.factory import Stores, build_stores
 from callray.stores.memory import MemoryStateStore

@@ -3,8 +3,9 @@
 A :class:`SocketSession` accepts at once (Retell waits at most 7 s and does nothing slow
 first), sends ``config``, answers ``ping_pong`` itself (keepalives never wait on a host or an
 LLM), parses each frame once, and hands the rest to a :class:`CallLink`: the call's actor in
-this process (``LocalLink``, local placement) or in a Ray actor (dedicated placement, in
-``actors/``). Frames the call sends go through the socket's :class:`Outbox` to one writer.
+this process (``callray.host.LocalLink``, local placement) or in a Ray actor (dedicated
+placement, in ``actors/``); it knows neither, only the transport. Frames the call sends go
+through the socket's :class:`Outbox` to one writer.
 
 Its states, each transition checked (an illegal one raises, as Starlette's WebSocket does):
 CONNECTING -> ATTACHING -> LIVE -> CLOSING -> CLOSED; ATTACHING or CONNECTING may also close.
@@ -22,11 +23,9 @@ from typing import Protocol
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from callray.conversation import Conversation, Frame, Outbox, StreamEnd
-from callray.host import Host
+from callray.outbox import Frame, Outbox, StreamEnd
 from callray.protocol import InboundEvent, PingPong, ProtocolError, config_frame, parse_frame, pong_frame
 from callray.settings import GatewaySettings
-from callray.stores.base import StoreUnavailableError
 
 log = logging.getLogger("callray.session")
 
@@ -86,30 +85,6 @@ class CallLink(Protocol):
 
     async def detach(self) -> None:
         """The socket is gone (the call itself lives on, for a reconnect)."""
-
-
-class LocalLink:
-    """Local placement: the call's actor lives in this process's :class:`Host`."""
-
-    retryable = (StoreUnavailableError,)
-
-    def __init__(self, host: Host, call_id: str, agent: str | None):
-        self.host, self.call_id, self.agent = host, call_id, agent
-        self._conversation: Conversation | None = None
-        self._outbox: Outbox | None = None
-
-    async def attach(self, outbox: Outbox) -> None:
-        self._outbox = outbox
-        self._conversation = await self.host.attach(self.call_id, outbox, self.agent)
-
-    def deliver(self, event: InboundEvent, frame: str) -> None:
-        conversation = self._conversation
-        if conversation is not None and conversation.outbox is self._outbox:  # else a newer socket owns it
-            conversation.handle(event)
-
-    async def detach(self) -> None:
-        if self._outbox is not None:
-            await self.host.detach(self.call_id, self._outbox.connection_id)
 
 
 class SocketSession:

@@ -39,7 +39,8 @@ from callray.agents.llm import stream_delta
 from callray.agents.registry import AgentRegistry, load_agent
 from callray.stores.bus import RedisStreamBus, consume
 from callray.consumers.analytics import Analytics
-from callray.conversation import Conversation, Outbox
+from callray.conversation import Conversation
+from callray.outbox import Outbox
 from callray.events import CallTurn
 from callray.protocol import parse_event
 from callray.settings import PROJECT_DIR, TurnSettings

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from callray.conversation import Conversation, Outbox
+from callray.conversation import Conversation
+from callray.outbox import Outbox
 from callray.protocol import parse_event
 from callray.settings import TurnSettings
 from callray.stores.base import CallState

@@ -16,7 +16,7 @@ from callray.agents.base import ToolCall, ToolResult, Turn, Usage
 from callray.agents.config import AgentConfigError
 from callray.agents.llm import LLMAgent, history_messages, paired_tool_messages
 from callray.agents.registry import AgentRegistry
-from callray.conversation import Outbox
+from callray.outbox import Outbox
 from callray.host import Host
 from callray.protocol import parse_event
 from callray.settings import CallraySettings

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from callray.agents.base import Agent, AgentOutput, EndCall, PressDigit, Speech, ToolCall, ToolResult, Transfer, Turn, normalise
-from callray.conversation import Conversation, Outbox
+from callray.conversation import Conversation
+from callray.outbox import Outbox
 from callray.protocol import (
     CallDetails, PingPong, ProtocolError, ReminderRequired, ResponseRequired, UnknownInteraction, UpdateOnly, parse_event,
     parse_frame,

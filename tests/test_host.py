@@ -12,7 +12,7 @@ import pytest
 
 from callray.agents.registry import AgentRegistry
 from callray.commands import CallCommand
-from callray.conversation import Outbox, StreamEnd
+from callray.outbox import Outbox, StreamEnd
 from callray.directory import CallDirectory
 from callray.host import Delivery, Host
 from callray.settings import CallraySettings

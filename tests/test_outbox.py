@@ -9,7 +9,7 @@ import json
 import uuid
 
 from callray.agents.registry import AgentRegistry
-from callray.conversation import Outbox
+from callray.outbox import Outbox
 from callray.events import CallStarted, CallTurn, parse_event
 from callray.host import Host
 from callray.protocol import parse_event as parse_frame_event

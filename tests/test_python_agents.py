@@ -16,7 +16,7 @@ import callray
 from callray.agents.config import AgentConfigError
 from callray.agents.flow import FlowAgent
 from callray.agents.registry import AgentRegistry, load_agent
-from callray.conversation import Outbox
+from callray.outbox import Outbox
 from callray.host import Host
 from callray.settings import PROJECT_DIR, CallraySettings
 from callray.sim.client import validate_frame

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from callray.conversation import Conversation, Outbox
+from callray.conversation import Conversation
+from callray.outbox import Outbox
 from callray.events import parse_event as parse_stored
 from callray.protocol import parse_event
 from callray.settings import CallraySettings, TurnSettings

@@ -1,0 +1,95 @@
+"""The outbound side of one socket: what a call sends, in order, to the socket's one writer.
+
+Transport types, shared by whoever produces frames (a call's conversation, in this process or
+in a call actor) and the socket session that writes them; they know nothing of either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from typing import AsyncIterator, NamedTuple
+
+
+class StreamEnd(str, enum.Enum):
+    """Why a socket's outbound stream ended; the gateway picks the close code from it."""
+
+    SUPERSEDED = "superseded"  # a newer socket of the call took over (the old one closes with 4001)
+    DETACHED = "detached"  # the socket itself went away
+    DEACTIVATED = "deactivated"  # the call was saved and dropped from memory (idle sweep, shutdown)
+    UNAVAILABLE = "unavailable"  # the call could not be activated or its host was lost for good
+    OVERFLOW = "overflow"  # the socket's reader does not read: its outbox reached its bound
+
+
+class Frame(NamedTuple):
+    """One outbound frame, with what the gateway needs to know of it without parsing it again."""
+
+    text: str
+    response_id: int | None = None  # response frames only
+    complete: bool = False
+    interrupt: bool = False  # an agent_interrupt: whatever response was open is over
+
+
+class Outbox:
+    """The outbound frames of one socket, in order, for the gateway's writer.
+
+    Closed when its socket detaches or a newer socket of the same call attaches (the newest
+    socket wins), which ends the writer's stream for it.
+    """
+
+    def __init__(self, connection_id: str, limit: int = 1000):
+        self.connection_id, self.limit = connection_id, limit
+        self.close_reason: StreamEnd | None = None
+        self._queue: asyncio.Queue[Frame | None] = asyncio.Queue()
+
+    @property
+    def closed(self) -> bool:
+        return self.close_reason is not None
+
+    def put(self, frame: Frame) -> None:
+        """Queue a frame; past ``limit`` frames waiting, the outbox closes (``OVERFLOW``) and
+        drops what it held: a socket nobody reads must not hold memory."""
+        if self.closed:
+            return
+        if self._queue.qsize() >= self.limit:
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            self.close(StreamEnd.OVERFLOW)
+            return
+        self._queue.put_nowait(frame)
+
+    def close(self, reason: StreamEnd) -> None:
+        if not self.closed:
+            self.close_reason = reason
+            self._queue.put_nowait(None)
+
+    def drain(self) -> list[Frame]:
+        """Whatever is queued now, without waiting (the end marker stays queued)."""
+        frames: list[Frame] = []
+        while not self._queue.empty():
+            frame = self._queue.get_nowait()
+            if frame is None:
+                self._queue.put_nowait(None)
+                break
+            frames.append(frame)
+        return frames
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        """Each frame as it is queued, until the outbox closes."""
+        while (frame := await self._queue.get()) is not None:
+            yield frame
+
+    async def batches(self) -> AsyncIterator[list[Frame]]:
+        """Everything queued so far per iteration: fewer hops to a remote gateway under load."""
+        while True:
+            first = await self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while not self._queue.empty():
+                frame = self._queue.get_nowait()
+                if frame is None:
+                    yield batch
+                    return
+                batch.append(frame)
+            yield batch
