@@ -148,11 +148,15 @@ class Host:
         return self._live(claim.state)
 
     def _lost(self, conversation: Conversation) -> None:
-        """A newer activation elsewhere owns the call: drop ours without writing."""
-        self.counters["taken_over"] += 1
-        self._forget(conversation)
+        """The conversation's ``on_lost``: a newer activation elsewhere owns the call (its save
+        was fenced off, or a command said so). Lifecycle runs one way: the host asks a
+        conversation to ``lose``, the conversation tells the host here, once."""
+        if self.calls.get(conversation.call_id) is conversation:
+            del self.calls[conversation.call_id]
+            self.counters["taken_over"] += 1
 
     def _forget(self, conversation: Conversation) -> None:
+        """Drop a stale activation of ours (the store holds a newer state): not a takeover."""
         if self.calls.get(conversation.call_id) is conversation:
             del self.calls[conversation.call_id]
         conversation.lose()
@@ -234,7 +238,7 @@ class Host:
             return False
         if command.kind == "superseded":
             if conversation.state.epoch < command.epoch:
-                self._lost(conversation)
+                conversation.lose()  # which tells _lost
             return True
         if command.kind == "release":  # a newer socket of the call is activating elsewhere
             return await self.deactivate(call_id, StreamEnd.SUPERSEDED)

@@ -133,6 +133,7 @@ async def test_commands_reach_only_a_live_call_and_superseded_drops_it():
     assert "c1" in host.calls  # same epoch: not a newer activation
     assert await host.command("c1", CallCommand(kind="superseded", epoch=99))
     assert "c1" not in host.calls and outbox.close_reason is StreamEnd.SUPERSEDED
+    assert host.counters["taken_over"] == 1  # one takeover, counted once
 
 
 def test_a_transfer_command_needs_a_number():
