@@ -61,7 +61,19 @@ from callray.protocol import (
 )
 from callray.outbox import Frame, Outbox, StreamEnd
 from callray.settings import TurnSettings
-from callray.stores.base import CallFencedError, CallState, EventSink, ResponseCache, StaleStateError, StateStore, TurnRecord
+from callray.stores.base import (
+    CallFencedError,
+    CallState,
+    EventSink,
+    PendingAction,
+    PendingDigit,
+    PendingEndCall,
+    PendingTransfer,
+    ResponseCache,
+    StaleStateError,
+    StateStore,
+    TurnRecord,
+)
 
 log = logging.getLogger("callray.conversation")
 
@@ -142,6 +154,17 @@ class _AgentFailed:
 
 
 _ACTION_RANK = {EndCall: 3, Transfer: 2, PressDigit: 1}
+
+
+def pending(action: EndCall | Transfer | PressDigit | None) -> PendingAction | None:
+    """An agent's action as the call's state keeps it."""
+    if isinstance(action, EndCall):
+        return PendingEndCall()
+    if isinstance(action, Transfer):
+        return PendingTransfer(number=action.number, show_transferee_as_caller=action.show_transferee_as_caller)
+    if isinstance(action, PressDigit):
+        return PendingDigit(digit=action.digit)
+    return None
 
 
 def shareable(turn: Turn, state_changed: bool, tools: list[str], action: Any) -> bool:
@@ -533,7 +556,7 @@ class Conversation:
                                            user=turn.last_user_text, agent=agent_text))
         del self.state.turns[:-self.settings.turns_kept]  # the archive keeps every turn
         action = request.action
-        self.state.pending_action = {"type": type(action).__name__, **vars(action)} if action else None
+        self.state.pending_action = pending(action)
         complete_ms = request.elapsed_ms()
         key = request.cache_key
         if (key and self.cache and not request.cache_hit and not request.fallback and not request.budget_miss
@@ -574,7 +597,7 @@ class Conversation:
         if self.outbox is None:
             return False
         pending = self.state.pending_action
-        if transfer_number and pending == {"type": "Transfer", "number": transfer_number}:
+        if transfer_number and isinstance(pending, PendingTransfer) and pending.number == transfer_number:
             return True  # this transfer is under way already (an escalation acted twice): say nothing again
         self._cancel_generation()
         self.state.interrupt_id += 1
@@ -583,7 +606,7 @@ class Conversation:
                                     end_call=True if end_call else None)
         self._send(frame)
         if transfer_number:
-            self.state.pending_action = {"type": "Transfer", "number": transfer_number}
+            self.state.pending_action = PendingTransfer(number=transfer_number)
         self._spawn(self.checkpoint())
         return True
 
@@ -592,7 +615,7 @@ class Conversation:
     @property
     def ended(self) -> bool:
         """The agent hung up or the platform reported the call over."""
-        return self.state.ended or bool(self.state.pending_action and self.state.pending_action["type"] == "EndCall")
+        return self.state.ended or isinstance(self.state.pending_action, PendingEndCall)
 
     def end(self, reason: str = "", call: dict[str, Any] | None = None, *, emit: bool = True) -> None:
         """The call is over (hang-up or Retell's webhook): remember it, emit ``call.ended``

@@ -11,7 +11,7 @@ from callray.conversation import Conversation
 from callray.outbox import Outbox
 from callray.protocol import parse_event
 from callray.settings import TurnSettings
-from callray.stores.base import CallState
+from callray.stores.base import CallState, PendingEndCall, PendingTransfer
 from callray.stores.memory import MemoryResponseCache, MemoryStateStore
 from tests.scripted_agent import ScriptedAgent
 
@@ -409,3 +409,14 @@ async def test_a_transfer_command_repeated_for_a_call_already_transferring_says_
     assert h.conversation.interrupt("Connecting you.", transfer_number="+15550009999")
     interrupts = [f for f in h.drain() if f["response_type"] == "agent_interrupt"]
     assert len(interrupts) == 1 and interrupts[0]["transfer_number"] == "+15550009999"
+
+
+def test_a_pending_action_is_typed_and_keeps_the_shape_states_were_stored_in():
+    """States saved before the action was typed (a dict with its "type") load as the model."""
+    stored = {"call_id": "c1", "pending_action": {"type": "Transfer", "number": "+15550100",
+                                                  "show_transferee_as_caller": None}}
+    state = CallState.model_validate_json(json.dumps(stored))
+    assert state.pending_action == PendingTransfer(number="+15550100")
+    again = json.loads(state.model_dump_json())["pending_action"]
+    assert again["type"] == "Transfer" and again["number"] == "+15550100"
+    assert CallState.model_validate({"call_id": "c2", "pending_action": {"type": "EndCall"}}).pending_action == PendingEndCall()

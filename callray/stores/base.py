@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Annotated, Any, Literal, Protocol, Union, runtime_checkable
 
 from pydantic import BaseModel, Field
 
@@ -47,6 +47,31 @@ class TurnRecord(BaseModel):
     at: float = Field(default_factory=time.time)
 
 
+class PendingEndCall(BaseModel):
+    """The agent hung up on this call's last turn."""
+
+    type: Literal["EndCall"] = "EndCall"
+
+
+class PendingTransfer(BaseModel):
+    """A transfer is under way (the agent's, or an escalation's: acting twice says nothing twice)."""
+
+    type: Literal["Transfer"] = "Transfer"
+    number: str
+    show_transferee_as_caller: bool | None = None
+
+
+class PendingDigit(BaseModel):
+    """The agent pressed a key on this call's last turn."""
+
+    type: Literal["PressDigit"] = "PressDigit"
+    digit: str
+
+
+#: The action a call's last turn took, kept with its state ("type" tells which, as stored).
+PendingAction = Annotated[Union[PendingEndCall, PendingTransfer, PendingDigit], Field(discriminator="type")]
+
+
 class CallState(BaseModel):
     """Everything about one call that must survive a restart, keyed by ``call_id``."""
 
@@ -60,7 +85,7 @@ class CallState(BaseModel):
     turns: list[TurnRecord] = Field(default_factory=list)
     agent_state: dict[str, Any] = Field(default_factory=dict)
     tool_results: dict[str, Any] = Field(default_factory=dict, description="Idempotency key -> result.")
-    pending_action: dict[str, Any] | None = None
+    pending_action: PendingAction | None = Field(default=None, description="The action the last turn took.")
     call: dict[str, Any] = Field(default_factory=dict, description="Retell's call object.")
     ended: bool = False
     event_seq: int = Field(default=0, description="Sequence number of the last event this call emitted.")
