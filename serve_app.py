@@ -4,14 +4,13 @@
 ``args`` to it; the settings are validated there, so a bad config fails at start naming the
 field. Each ``CallGateway`` replica serves the routes of :func:`callray.gateway.build_api`.
 With ``local`` placement (the default) the calls whose sockets a replica holds live in that
-replica (``callray/replica.py``): no Ray call on a turn's path. ``dedicated`` placement puts
+replica (``callray/runtime.py``): no Ray call on a turn's path. ``dedicated`` placement puts
 each call in a Ray actor of its own (``actors/placement.py``).
 """
 
 # No `from __future__ import annotations` here: Serve rewrites the ingress class, and string
 # annotations break FastAPI's resolution of its routes (HTTP 403).
 import asyncio
-import logging
 import os
 import uuid
 from typing import Any
@@ -21,17 +20,13 @@ from ray.serve import Application
 
 from actors.consumers import start_consumers
 from actors.metrics import HostMetrics
-from actors.placement import DedicatedCalls
+from actors.placement import DedicatedPlacement
 from callray.erasure import Erasure
 from callray.gateway import Gateway, build_api
-from callray.replica import LocalReplica
+from callray.runtime import CallsRuntime
 from callray.settings import CallraySettings
 from callray.stores.factory import Stores, build_stores
 from callray.webhook import RedisWebhookDeduper, WebhookDeduper
-
-log = logging.getLogger("callray.serve_app")
-
-METRICS_INTERVAL_S = 5.0
 
 
 def serve_ingress() -> str:
@@ -110,19 +105,19 @@ class CallGateway:
         context = serve.get_replica_context()
         self.app_name = context.app_name
         self.name = f"{context.app_name}-{context.replica_id.unique_id}-{uuid.uuid4().hex[:6]}"
-        self.replica: LocalReplica | None = None
+        self.runtime: CallsRuntime | None = None
         self._stores: Stores | None = None  # dedicated placement: the stores this gateway opened itself
         self.consumers: dict[str, Any] = {}
         self._background: list[asyncio.Task] = []
         if self.settings.hosts.placement == "local":
             self.metrics = HostMetrics(self.name, self.settings.architecture)
-            self.replica = await LocalReplica.start(self.settings, self.name, observe=self.metrics.observe)
-            calls, reads = self.replica, self.replica
-            stores = self.replica.stores
-            self._background.append(asyncio.create_task(self._export_metrics()))
+            self.runtime = await CallsRuntime.start(self.settings, self.name, observe=self.metrics.observe)
+            placement, reads = self.runtime, self.runtime
+            stores = self.runtime.stores
+            self._background.append(asyncio.create_task(self.metrics.export_forever(self.runtime)))
         else:
-            remote = DedicatedCalls(self.app_name, self.settings)
-            calls, reads = remote, NoReads()
+            remote = DedicatedPlacement(self.app_name, self.settings)
+            placement, reads = remote, NoReads()
             # the calls' state lives in their actors; Redis-backed stores are reachable from here too
             stores = self._stores = await build_stores(self.settings) if self.settings.uses_redis else None
             self._background.append(asyncio.create_task(remote.start()))  # warm pool / hosts, never before accept
@@ -132,8 +127,8 @@ class CallGateway:
             self._background.append(asyncio.create_task(self._start_consumers()))
         redis = stores.redis if stores is not None else None
         deduper = RedisWebhookDeduper(redis) if redis is not None else WebhookDeduper()
-        self.gateway = Gateway(self.settings, calls, reads, deduper, erasure=Erasure(reads, self.settings.privacy, stores),
-                               live=self.replica.live if self.replica is not None else None, ingress=serve_ingress(),
+        self.gateway = Gateway(self.settings, placement, reads, deduper, erasure=Erasure(reads, self.settings.privacy, stores),
+                               live=self.runtime.live if self.runtime is not None else None, ingress=serve_ingress(),
                                user_code_loop=user_code_loop())
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -145,19 +140,11 @@ class CallGateway:
     async def _start_consumers(self) -> None:
         await asyncio.gather(*(c.start.remote() for c in self.consumers.values()))
 
-    async def _export_metrics(self) -> None:
-        while True:
-            await asyncio.sleep(METRICS_INTERVAL_S)
-            try:
-                self.metrics.export(self.replica.host.stats(), self.replica.stores.events.stats())
-            except Exception:  # metrics must never stop a replica
-                log.exception("%s: exporting metrics failed", self.name)
-
     async def check_health(self) -> None:
         """Serve's periodic probe: the replica's housekeeping runs, and consumer actors that Ray
         restarted consume again (``start`` is idempotent; not awaited, so a restarting
         consumer cannot fail it)."""
-        problem = self.replica.healthy() if self.replica is not None else None
+        problem = self.runtime.healthy() if self.runtime is not None else None
         if problem:
             raise RuntimeError(f"{self.name}: {problem}")
         for consumer in self.consumers.values():
@@ -167,8 +154,8 @@ class CallGateway:
         """Serve's shutdown of this replica: save every call it holds, close the stores."""
         for task in self._background:
             task.cancel()
-        if self.replica is not None:
-            await self.replica.close()
+        if self.runtime is not None:
+            await self.runtime.close()
         if self._stores is not None:
             await self._stores.close()
 

@@ -7,12 +7,20 @@ process's housekeeping, hands the accumulated counts and latencies to Ray.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import Counter, deque
 from typing import Any
 
 from ray.util import metrics
 
 from callray.events import CallStarted, CallTurn, Event
+from callray.runtime import CallsRuntime
+
+log = logging.getLogger("callray.actors.metrics")
+
+#: Seconds between two exports.
+EXPORT_INTERVAL_S = 5.0
 
 LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 200, 300, 500, 800, 1200, 2000, 5000]
 #: Latencies noted between two exports, at most (older ones are dropped, never the process's memory).
@@ -94,3 +102,12 @@ class HostMetrics:
         if delta > 0:
             self.counters[key].inc(delta, self.tags)
             self._reported[key] = total
+
+    async def export_forever(self, runtime: CallsRuntime) -> None:
+        """Export ``runtime``'s figures every EXPORT_INTERVAL_S; a failure is logged, never fatal."""
+        while True:
+            await asyncio.sleep(EXPORT_INTERVAL_S)
+            try:
+                self.export(runtime.host.stats(), runtime.stores.events.stats())
+            except Exception:  # metrics must never stop a process
+                log.exception("%s: exporting metrics failed", runtime.name)

@@ -262,7 +262,7 @@ class DedicatedPool:
         return {"idle": len(self.idle), "assigned": len(self.assigned), "started": self.started}
 
 
-class DedicatedCalls:
+class DedicatedPlacement:
     """``dedicated`` placement, gateway side: asks the pool once per call, then remembers."""
 
     def __init__(self, app_name: str, settings: CallraySettings):

@@ -12,7 +12,9 @@ contract with Retell (protocol §1):
 * if no speech is ready within the latency budget, a holding phrase goes out under the same id;
 * actions (end call > transfer > digit) ride on the completing frame, at most one per id.
 
-It knows nothing about Ray or sockets: frames go to the attached :class:`Outbox`.
+Its activation's life is an explicit :class:`Phase` (DETACHED <-> ATTACHED -> DEACTIVATING ->
+DEACTIVATED, or LOST from any live phase), each transition checked. It knows nothing about Ray
+or sockets: frames go to the attached :class:`Outbox`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import enum
 import json
 import logging
 import time
@@ -59,6 +62,7 @@ from callray.protocol import (
     ToolCallResultFrame,
     UpdateAgentFrame,
 )
+from callray.lifecycle import Lifecycle
 from callray.outbox import Frame, Outbox, StreamEnd
 from callray.settings import TurnSettings
 from callray.stores.base import (
@@ -102,6 +106,26 @@ def checked_output(item: Any) -> Any:
     if isinstance(item, Speech) and not isinstance(item.text, str):
         raise AgentOutputError(f"Speech.text must be str, got {type(item.text).__name__}")
     return item
+
+class Phase(enum.Enum):
+    """Where one activation of a call is in its life. It runs one way: a dropped activation
+    (deactivated, or lost to a newer one) never serves again; the next socket activates anew."""
+
+    DETACHED = "detached"  # in memory, no socket (Retell may reconnect)
+    ATTACHED = "attached"  # in memory, its newest socket bound
+    DEACTIVATING = "deactivating"  # stopping: saving its state for the next activation
+    DEACTIVATED = "deactivated"  # saved and dropped from memory
+    LOST = "lost"  # a newer activation owns the call: nothing more is sent or written
+
+
+_PHASES = {
+    Phase.DETACHED: frozenset({Phase.ATTACHED, Phase.DEACTIVATING, Phase.LOST}),
+    Phase.ATTACHED: frozenset({Phase.ATTACHED, Phase.DETACHED, Phase.DEACTIVATING, Phase.LOST}),
+    Phase.DEACTIVATING: frozenset({Phase.DEACTIVATED, Phase.LOST}),
+    Phase.DEACTIVATED: frozenset(),
+    Phase.LOST: frozenset(),
+}
+
 
 #: The fields of Retell's call object a call's state keeps (what agents, routing and the
 #: archive's own records use); the rest (transcripts, recordings) stays with Retell and the
@@ -206,7 +230,7 @@ class Conversation:
         self._background: set[asyncio.Task] = set()
         self._call_details = asyncio.Event()
         self._on_lost = on_lost
-        self.lost = False  # a newer activation owns the call: nothing more is sent or written
+        self.life = Lifecycle(f"call {state.call_id}", Phase.DETACHED, _PHASES)
         # Events not yet written, when the store writes them with the state (the outbox): the
         # store empties this list as its writes land, so a crash loses no event of a saved turn.
         self.unsaved_events: list[Event] | None = [] if store.carries_events else None
@@ -214,6 +238,14 @@ class Conversation:
     @property
     def call_id(self) -> str:
         return self.state.call_id
+
+    @property
+    def phase(self) -> Phase:
+        return self.life.state
+
+    @property
+    def lost(self) -> bool:
+        return self.phase is Phase.LOST
 
     # ------------------------------------------------------------------ connections
 
@@ -225,6 +257,7 @@ class Conversation:
         store says. Otherwise this is a new socket: the greeting once per call, else an empty
         response 0.
         """
+        self.life.move(Phase.ATTACHED)  # raises on an activation that was dropped
         self.last_activity = time.monotonic()
         if self.outbox is not None:
             self.outbox.close(StreamEnd.SUPERSEDED)
@@ -286,6 +319,7 @@ class Conversation:
         """The socket went away. The call lives on (Retell may reconnect). True if it was current."""
         if self.outbox is None or self.outbox.connection_id != connection_id:
             return False
+        self.life.move(Phase.DETACHED)
         self.outbox.close(StreamEnd.DETACHED)
         self.outbox = None
         self._cancel_generation()
@@ -294,7 +328,7 @@ class Conversation:
 
     @property
     def connected(self) -> bool:
-        return self.outbox is not None
+        return self.phase is Phase.ATTACHED
 
     # ------------------------------------------------------------------ inbound events
 
@@ -630,18 +664,22 @@ class Conversation:
     async def deactivate(self, end: StreamEnd = StreamEnd.DEACTIVATED) -> None:
         """Stop work, close the stream (``end`` says why), write the state for the next
         activation (unless a newer activation owns the call: then it is only dropped)."""
+        self.life.move(Phase.DEACTIVATING)  # raises when it was dropped already
         self._cancel_generation()
         if self.outbox is not None:
             self.outbox.close(end)
             self.outbox = None
         await asyncio.gather(*self._background, return_exceptions=True)  # let in-flight saves land
         await self.checkpoint()
+        if not self.lost:  # its last save may have found a newer activation
+            self.life.move(Phase.DEACTIVATED)
 
     def lose(self) -> None:
-        """A newer activation owns the call: close the socket (4001), stop, never write again."""
-        if self.lost:
+        """A newer activation owns the call: close the socket (4001), stop, never write again.
+        Nothing to do for an activation already dropped."""
+        if self.phase in (Phase.LOST, Phase.DEACTIVATED):
             return
-        self.lost = True
+        self.life.move(Phase.LOST)
         self._cancel_generation()
         if self.outbox is not None:
             self.outbox.close(StreamEnd.SUPERSEDED)

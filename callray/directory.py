@@ -20,7 +20,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
-from callray.commands import CallCommand
+from callray.commands import CallCommand, Release, Superseded, parse_command
 from callray.host import Host
 from callray.stores.base import StateStore, StoreUnavailableError
 from callray.stores.redis_client import RECONNECT_BACKOFF
@@ -64,7 +64,7 @@ class CallDirectory:
     async def release(self, call_id: str) -> bool:
         """Ask the process that held ``call_id`` to save it and let it go (before this one claims
         it); True when it did. A process that is gone, or holds nothing, answers at once."""
-        return await self.send(call_id, CallCommand(kind="release"), timeout_s=self.handover_timeout_s)
+        return await self.send(call_id, Release(), timeout_s=self.handover_timeout_s)
 
     def notify_superseded(self, call_id: str, previous_owner: str, epoch: int) -> None:
         """Tell the previous owner at once that a newer activation holds the call (its next
@@ -72,7 +72,7 @@ class CallDirectory:
         if self.redis is None:
             return
         task = asyncio.get_running_loop().create_task(
-            self._publish(previous_owner, call_id, CallCommand(kind="superseded", epoch=epoch), wait=False))
+            self._publish(previous_owner, call_id, Superseded(epoch=epoch), wait=False))
         self._notifying.add(task)
         task.add_done_callback(self._notifying.discard)
 
@@ -129,7 +129,7 @@ class CallDirectory:
     async def _apply(self, raw: bytes | str) -> None:
         try:
             data: dict[str, Any] = json.loads(raw)
-            call_id, command, reply_to = str(data["call_id"]), CallCommand.model_validate(data["command"]), \
+            call_id, command, reply_to = str(data["call_id"]), parse_command(data["command"]), \
                 data.get("reply_to")
         except (ValueError, KeyError, TypeError, ValidationError) as exc:
             log.warning("%s: ignored a malformed command: %r", self.name, exc)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from callray.settings import PrivacySettings
 from callray.stores.base import ResponseCache, StateStore
-from callray.stores.bus import RedisStreamBus
+from callray.events.redis_streams import RedisStreamBus
 from callray.stores.factory import Stores
 
 log = logging.getLogger("callray.erasure")

@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from fastapi import FastAPI, HTTPException, Query, Request, Response, WebSocket
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, Security, WebSocket
 from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from callray.erasure import CallLiveError, Erasure
 from callray.events import Event
@@ -41,8 +42,9 @@ CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 CLOSE_BAD_CALL_ID = 4400
 
 
-class Calls(Protocol):
-    """Where the calls of this gateway live (a placement)."""
+class Placement(Protocol):
+    """Where the calls of this gateway live: in this process (``CallsRuntime``, local placement)
+    or in a Ray actor each (``DedicatedPlacement``, dedicated placement)."""
 
     def link(self, call_id: str, agent: str | None) -> CallLink:
         """How a new socket reaches the call's actor."""
@@ -68,10 +70,10 @@ class Reads(Protocol):
 class Gateway:
     """One replica's front door (see the module docstring)."""
 
-    def __init__(self, settings: CallraySettings, calls: Calls, reads: Reads,
+    def __init__(self, settings: CallraySettings, placement: Placement, reads: Reads,
                  deduper: WebhookDeduper | RedisWebhookDeduper | None = None, live: LiveCalls | None = None,
                  erasure: Erasure | None = None, ingress: str | None = None, user_code_loop: str | None = None):
-        self.settings, self.calls, self.reads, self.live = settings, calls, reads, live
+        self.settings, self.placement, self.reads, self.live = settings, placement, reads, live
         self.ingress = ingress  # what this replica runs behind (None: not under Serve)
         self.user_code_loop = user_code_loop  # where Serve runs this code (None: not under Serve)
         if ingress is not None:
@@ -107,7 +109,7 @@ class Gateway:
         self._warn_if_open(verdict.client)
         self.guard.opened()
         try:
-            await SocketSession(websocket, call_id, self.calls.link(call_id, agent), self.settings.gateway).run()
+            await SocketSession(websocket, call_id, self.placement.link(call_id, agent), self.settings.gateway).run()
         finally:
             self.guard.closed()
 
@@ -124,18 +126,6 @@ class Gateway:
             log.warning("SECURITY: a socket from %s was accepted without a secret: anyone who can reach this "
                         "address can talk to the agent. Set gateway.guard.secret (CALLRAY_SOCKET_SECRET) or "
                         "allow_ips.", client)
-
-    def require_reader(self, authorization: str | None) -> None:
-        """The read routes serve callers' words and numbers: only with the configured bearer
-        token (compared in constant time); with none configured they do not exist (404)."""
-        _require_bearer(authorization, self.settings.gateway.read_token, "read",
-                        "the read routes are off: set CALLRAY_READ_TOKEN")
-
-    def require_admin(self, authorization: str | None) -> None:
-        """The erasure routes remove callers' data for good: only with the admin token, which
-        is not the read token; with none configured they do not exist (404)."""
-        _require_bearer(authorization, self.settings.gateway.admin_token, "admin",
-                        "erasure is off: set CALLRAY_ADMIN_TOKEN")
 
     def _route_tail(self, path: str) -> list[str] | None:
         """The segments after the configured prefix (Serve may keep its route prefix in ``path``)."""
@@ -202,7 +192,7 @@ class Gateway:
         call_id = webhook.call_id
         if event is not None and call_id and not await self._seen(webhook.event, call_id):
             try:
-                await self.calls.webhook(event)
+                await self.placement.webhook(event)
             except Exception as exc:
                 log.error("call %s: webhook %s not handed over: %r", call_id, webhook.event, exc,
                           extra={"call_id": call_id})
@@ -242,13 +232,32 @@ def _check_ingress(settings: CallraySettings, ingress: str) -> None:
                     "gateway.guard.trusted_proxies")
 
 
-def _require_bearer(authorization: str | None, token: str | None, name: str, off: str) -> None:
+_BEARER = HTTPBearer(auto_error=False, description="gateway.read_token (read routes) or gateway.admin_token (erasure)")
+
+
+def _require_bearer(credentials: HTTPAuthorizationCredentials | None, token: str | None, name: str, off: str) -> None:
+    """Only with the configured token (compared in constant time); with none configured the
+    routes do not exist (404)."""
     if token is None:
         raise HTTPException(404, f"not found ({off})")
-    scheme, _, presented = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token.encode()):
+    if credentials is None or not hmac.compare_digest(credentials.credentials.strip().encode(), token.encode()):
         raise HTTPException(401, f"a valid 'Authorization: Bearer <{name} token>' header is required",
                             headers={"WWW-Authenticate": "Bearer"})
+
+
+def reader(request: Request, credentials: HTTPAuthorizationCredentials | None = Security(_BEARER)) -> Gateway:
+    """The gateway, for a request with the read token: the read routes serve callers' words and numbers."""
+    front: Gateway = request.app.state.gateway
+    _require_bearer(credentials, front.settings.gateway.read_token, "read", "the read routes are off: set CALLRAY_READ_TOKEN")
+    return front
+
+
+def admin(request: Request, credentials: HTTPAuthorizationCredentials | None = Security(_BEARER)) -> Gateway:
+    """The gateway, for a request with the admin token (not the read token): erasure removes
+    callers' data for good."""
+    front: Gateway = request.app.state.gateway
+    _require_bearer(credentials, front.settings.gateway.admin_token, "admin", "erasure is off: set CALLRAY_ADMIN_TOKEN")
+    return front
 
 
 def _check_call_id(call_id: str) -> None:
@@ -278,43 +287,38 @@ def build_api() -> FastAPI:
         return await gateway(request.app).inbound(request)
 
     @api.get("/analytics")
-    async def analytics(request: Request) -> dict[str, Any]:
+    async def analytics(front: Gateway = Depends(reader)) -> dict[str, Any]:
         """Live figures of the calls' events (needs the read token)."""
-        gateway(request.app).require_reader(request.headers.get("authorization"))
-        snapshot = await gateway(request.app).reads.analytics()
+        snapshot = await front.reads.analytics()
         if snapshot is None:
             raise HTTPException(404, "no analytics consumer runs in this deployment")
         return snapshot
 
     @api.get("/calls/{call_id}")
-    async def call_record(request: Request, call_id: str) -> dict[str, Any]:
+    async def call_record(call_id: str, front: Gateway = Depends(reader)) -> dict[str, Any]:
         """The archived record of one call: turns, timings, Retell's call object (needs the read token)."""
-        gateway(request.app).require_reader(request.headers.get("authorization"))
         _check_call_id(call_id)
-        record = await gateway(request.app).reads.archived(call_id)
+        record = await front.reads.archived(call_id)
         if record is None:
             raise HTTPException(404, f"no archived record for call {call_id!r}")
         return record
 
     @api.get("/calls")
-    async def export_calls(request: Request, since: float | None = None, after: str = "",
-                           limit: int = Query(default=100, ge=1, le=1000)) -> dict[str, Any]:
+    async def export_calls(since: float | None = None, after: str = "", limit: int = Query(default=100, ge=1, le=1000),
+                           front: Gateway = Depends(reader)) -> dict[str, Any]:
         """One page of archived records in call id order (``callray export`` pages through them):
         calls that ended (or, never ended, started) at or after ``since`` (unix seconds), after
         call id ``after``. ``next`` is the ``after`` of the next page (null at the end); the first
         page also has ``total``. Needs the read token."""
-        gateway(request.app).require_reader(request.headers.get("authorization"))
-        page = await gateway(request.app).reads.export(since, after, limit)
+        page = await front.reads.export(since, after, limit)
         if page is None:
             raise HTTPException(404, "no archive in this deployment (archive.backend: none)")
         return page
 
     @api.delete("/calls/{call_id}")
-    async def erase_call(request: Request, call_id: str, force: bool = False) -> dict[str, Any]:
+    async def erase_call(call_id: str, force: bool = False, front: Gateway = Depends(admin)) -> dict[str, Any]:
         """Erase one call: its record, state, cache entries and events (needs the admin token).
         409 while the call is live, unless ``force``."""
-        front = gateway(request.app)
-        front.require_admin(request.headers.get("authorization"))
         _check_call_id(call_id)
         try:
             return await front.erasure.call(call_id, force=force)
@@ -322,10 +326,8 @@ def build_api() -> FastAPI:
             raise HTTPException(409, str(exc)) from None
 
     @api.delete("/callers/{number}")
-    async def erase_caller(request: Request, number: str) -> dict[str, Any]:
+    async def erase_caller(number: str, front: Gateway = Depends(admin)) -> dict[str, Any]:
         """Erase every archived call of one caller, found by phone number (needs the admin token)."""
-        front = gateway(request.app)
-        front.require_admin(request.headers.get("authorization"))
         try:
             return await front.erasure.caller(number)
         except ValueError as exc:
@@ -340,18 +342,14 @@ def build_api() -> FastAPI:
         return HTMLResponse(LIVE_PAGE.read_text(encoding="utf-8"))
 
     @api.get("/ui/state")
-    async def live_state(request: Request) -> dict[str, Any]:
-        front = gateway(request.app)
-        front.require_reader(request.headers.get("authorization"))
+    async def live_state(front: Gateway = Depends(reader)) -> dict[str, Any]:
         if front.live is None:
             raise HTTPException(404, "no live view in this deployment")
         return front.live.snapshot()
 
     @api.get("/ui/events")
-    async def live_events(request: Request) -> StreamingResponse:
+    async def live_events(front: Gateway = Depends(reader)) -> StreamingResponse:
         """What changed, as server-sent events, a batch every 250 ms at most."""
-        front = gateway(request.app)
-        front.require_reader(request.headers.get("authorization"))
         if front.live is None:
             raise HTTPException(404, "no live view in this deployment")
 

@@ -24,14 +24,14 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from callray.agents.registry import AgentRegistry
 from callray.agents.base import EndCall, PressDigit, Speech, ToolCall, Transfer, Turn
-from callray.commands import CallCommand
+from callray.commands import CallCommand, Ended, HangUp, Release, Say, Superseded, TransferCall
 from callray.conversation import Conversation, shareable
 from callray.outbox import Frame, Outbox, StreamEnd
 from callray.events import CallEnded, Event
 from callray.protocol import InboundEvent, ProtocolError, parse_frame
 from callray.settings import CallraySettings
 from callray.stores.base import CallState, EventSink, ResponseCache, StateStore, StoreUnavailableError
-from callray.stores.bus import TappedSink
+from callray.events.bus import TappedSink
 
 log = logging.getLogger("callray.host")
 
@@ -236,29 +236,34 @@ class Host:
         conversation = self.calls.get(call_id)
         if conversation is None:
             return False
-        if command.kind == "superseded":
-            if conversation.state.epoch < command.epoch:
-                conversation.lose()  # which tells _lost
-            return True
-        if command.kind == "release":  # a newer socket of the call is activating elsewhere
-            return await self.deactivate(call_id, StreamEnd.SUPERSEDED)
-        if command.kind == "ended":
-            conversation.end(command.reason, command.call, emit=False)
-            if conversation.connected:
-                await conversation.checkpoint()
-            else:
-                await self.deactivate(call_id)
-            return True
-        if command.kind == "transfer":
-            return conversation.interrupt(command.line, transfer_number=command.number)
-        return conversation.interrupt(command.line, end_call=command.kind == "end_call")
+        match command:
+            case Superseded(epoch=epoch):
+                if conversation.state.epoch < epoch:
+                    conversation.lose()  # which tells _lost
+                return True
+            case Release():  # a newer socket of the call is activating elsewhere
+                return await self.deactivate(call_id, StreamEnd.SUPERSEDED)
+            case Ended(reason=reason, call=call):
+                conversation.end(reason, call, emit=False)
+                if conversation.connected:
+                    await conversation.checkpoint()
+                else:
+                    await self.deactivate(call_id)
+                return True
+            case TransferCall(line=line, number=number):
+                return conversation.interrupt(line, transfer_number=number)
+            case HangUp(line=line):
+                return conversation.interrupt(line, end_call=True)
+            case Say(line=line):
+                return conversation.interrupt(line)
+        raise TypeError(f"not a call command: {command!r}")
 
     async def webhook(self, event: Event) -> None:
         """A lifecycle event from Retell's webhook: publish it; ``call.ended`` ends the call."""
         if self.events is not None:
             self.events.emit(event)
         if isinstance(event, CallEnded):
-            await self.command(event.call_id, CallCommand(kind="ended", reason=event.reason, call=event.call))
+            await self.command(event.call_id, Ended(reason=event.reason, call=event.call))
 
     # ------------------------------------------------------------------ housekeeping
 

@@ -23,6 +23,7 @@ from typing import Protocol
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from callray.lifecycle import Lifecycle
 from callray.outbox import Frame, Outbox, StreamEnd
 from callray.protocol import InboundEvent, PingPong, ProtocolError, config_frame, parse_frame, pong_frame
 from callray.settings import GatewaySettings
@@ -59,16 +60,12 @@ class SessionState(enum.Enum):
 
 
 _TRANSITIONS = {
-    SessionState.CONNECTING: {SessionState.ATTACHING, SessionState.CLOSING},
-    SessionState.ATTACHING: {SessionState.LIVE, SessionState.CLOSING},
-    SessionState.LIVE: {SessionState.CLOSING},
-    SessionState.CLOSING: {SessionState.CLOSED},
-    SessionState.CLOSED: set(),
+    SessionState.CONNECTING: frozenset({SessionState.ATTACHING, SessionState.CLOSING}),
+    SessionState.ATTACHING: frozenset({SessionState.LIVE, SessionState.CLOSING}),
+    SessionState.LIVE: frozenset({SessionState.CLOSING}),
+    SessionState.CLOSING: frozenset({SessionState.CLOSED}),
+    SessionState.CLOSED: frozenset(),
 }
-
-
-class IllegalTransition(RuntimeError):
-    """A session was asked to move to a state it cannot reach from its current one."""
 
 
 class CallLink(Protocol):
@@ -92,15 +89,17 @@ class SocketSession:
 
     def __init__(self, websocket: WebSocket, call_id: str, link: CallLink, settings: GatewaySettings):
         self.ws, self.call_id, self.link, self.settings = websocket, call_id, link, settings
-        self.state = SessionState.CONNECTING
+        self.life = Lifecycle(f"call {call_id}: socket", SessionState.CONNECTING, _TRANSITIONS)
         self.outbox = Outbox(uuid.uuid4().hex, settings.max_queued_frames)
         self.close_code: int | None = None
         self._early: deque[tuple[InboundEvent, str]] | None = deque()  # None once attached
 
+    @property
+    def state(self) -> SessionState:
+        return self.life.state
+
     def _move(self, new: SessionState) -> None:
-        if new not in _TRANSITIONS[self.state]:
-            raise IllegalTransition(f"call {self.call_id}: socket cannot go from {self.state.value} to {new.value}")
-        self.state = new
+        self.life.move(new)
 
     def _closing(self, code: int | None = None) -> None:
         """Enter CLOSING (once) with ``code``; later reasons do not override the first."""

@@ -19,14 +19,12 @@ import redis.asyncio as aioredis
 from cachetools import FIFOCache
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from callray.events import CallAnalyzed, CallEnded, Event
+from callray.events import WEBHOOK_SEQ_BASE, CallAnalyzed, CallEnded, Event
 
 SIGNATURE_HEADER = "x-retell-signature"
 _SIGNATURE = re.compile(r"v=(\d{1,16}),d=([0-9a-f]{64})")
 LIFECYCLE_EVENTS = frozenset({"call_started", "call_ended", "call_analyzed"})
-# Webhook-derived events get fixed seqs far above any call's own counter, so a redelivered
-# webhook maps to the same (call_id, seq) and consumers drop it as a duplicate.
-WEBHOOK_SEQ_BASE = 1_000_000_000_000
+# A redelivered webhook maps to the same (call_id, seq), so consumers drop it as a duplicate.
 WEBHOOK_SEQ = {"call_ended": WEBHOOK_SEQ_BASE + 1, "call_analyzed": WEBHOOK_SEQ_BASE + 2}
 
 

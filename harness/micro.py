@@ -37,7 +37,8 @@ from rich.table import Table
 
 from callray.agents.llm import stream_delta
 from callray.agents.registry import AgentRegistry, load_agent
-from callray.stores.bus import RedisStreamBus, consume
+from callray.events.consume import consume
+from callray.events.redis_streams import RedisStreamBus
 from callray.consumers.analytics import Analytics
 from callray.conversation import Conversation
 from callray.outbox import Outbox

@@ -20,7 +20,8 @@ from callray.consumers.archive_files import FileRecords
 from callray.consumers.archive_postgres import SCHEMA, ArchiveUnavailableError, PostgresRecords, migrate
 from callray.events import CallEnded, CallTurn
 from callray.settings import PROJECT_DIR, ArchiveSettings
-from callray.stores.bus import MemoryBus, consume
+from callray.events.consume import consume
+from callray.events.memory import MemoryBus
 from tests.test_consumers import call_events
 
 

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from callray.stores.bus import Delivery, EventBus, MemoryBus, RedisStreamBus, consume
+from callray.events.bus import Delivery, EventBus
+from callray.events.consume import consume
+from callray.events.memory import MemoryBus
+from callray.events.redis_streams import RedisStreamBus
 from callray.consumers.analytics import Analytics
 from callray.consumers.archive import TranscriptArchive
 from callray.consumers.archive_files import FileRecords
@@ -319,7 +322,7 @@ async def test_trimming_keeps_what_a_stopped_group_has_not_acked_and_counts_forc
 async def test_acked_entries_and_dead_letters_older_than_the_retention_are_trimmed_below_maxlen(redis_url):
     """events.retention_hours: an idle deployment must not keep its callers' words for months
     because maxlen is never reached; entries a group still needs stay whatever their age."""
-    from callray.stores.bus import stream_fields
+    from callray.events.bus import stream_fields
 
     stream = f"test:{uuid.uuid4().hex}"
     bus = RedisStreamBus(redis_client(redis_url), stream=stream, dead_letter_stream=f"{stream}:dead",
@@ -359,9 +362,17 @@ async def test_a_quiet_stream_ages_out_with_no_event_to_trigger_a_trim(redis_url
                          maxlen=1000, retention_s=1.0, owns_client=True)
     seen: list[str] = []
 
-    class Recorder:
+    class Recorder:  # a Consumer (callray.consumers)
+        kind, linger_s = "analytics", 0.0
+
         async def handle(self, event) -> None:
             seen.append(event.call_id)
+
+        async def flush(self) -> None:
+            pass
+
+        def periodic(self) -> tuple[()]:
+            return ()
 
     stop = asyncio.Event()
     consuming = asyncio.create_task(runner.run_consumers(bus, {"analytics": Recorder()}, "quiet", stop))

@@ -9,7 +9,7 @@ import pytest
 
 from callray.events import CallTurn
 from callray.settings import CallraySettings
-from callray.stores.bus import RedisStreamBus
+from callray.events.redis_streams import RedisStreamBus
 from callray.stores.redis_client import redis_client
 
 pytestmark = pytest.mark.ray

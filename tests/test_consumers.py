@@ -15,7 +15,7 @@ from callray.consumers import SeenEvents
 from callray.consumers.analytics import Analytics
 from callray.consumers.archive import TranscriptArchive
 from callray.consumers.archive_files import FileRecords
-from callray.commands import CallCommand
+from callray.commands import CallCommand, TransferCall
 from callray.consumers.escalation import Escalation, EscalationConfigError, EscalationUndelivered
 from callray.settings import EscalationRules
 from callray.events import (
@@ -214,7 +214,8 @@ async def test_archive_writes_each_changed_record_once_per_batch_and_a_failed_wr
     """The archive acks a batch only after its flush: one file write per changed call. A failed
     write is the disk's failure, not the events': the consumer retries it before reading more
     (the batch unacked meanwhile), applied again from what is on disk."""
-    from callray.stores.bus import MemoryBus, consume
+    from callray.events.consume import consume
+    from callray.events.memory import MemoryBus
 
     class Disk(FileRecords):
         writes: list[str] = []
@@ -313,7 +314,7 @@ class Commands:
 
 
 def transfer(number: str, line: str) -> CallCommand:
-    return CallCommand(kind="transfer", number=number, line=line)
+    return TransferCall(number=number, line=line)
 
 
 def turn(call_id: str, seq: int, text: str = "", **kw) -> CallTurn:
@@ -437,10 +438,10 @@ def test_rules_describe_every_field():
 
 
 async def test_run_consumers_finalises_ended_but_never_analyzed_records(tmp_path, monkeypatch):
-    from callray.stores.bus import MemoryBus
-    from callray.consumers import runner
+    from callray.events.memory import MemoryBus
+    from callray.consumers import archive as archive_module, runner
 
-    monkeypatch.setattr(runner, "ARCHIVE_FINALISE_INTERVAL_S", 0.05)
+    monkeypatch.setattr(archive_module, "FINALISE_INTERVAL_S", 0.05)
     bus, stop = MemoryBus(), asyncio.Event()
     archive = TranscriptArchive(FileRecords(tmp_path), grace_s=0.0)
     task = asyncio.create_task(runner.run_consumers(bus, {"archive": archive}, "t", stop))

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from callray.conversation import Conversation
-from callray.outbox import Outbox
+from callray.conversation import Conversation, Phase
+from callray.lifecycle import IllegalTransition
+from callray.outbox import Outbox, StreamEnd
 from callray.protocol import parse_event
 from callray.settings import TurnSettings
 from callray.stores.base import CallState, PendingEndCall, PendingTransfer
@@ -420,3 +421,36 @@ def test_a_pending_action_is_typed_and_keeps_the_shape_states_were_stored_in():
     again = json.loads(state.model_dump_json())["pending_action"]
     assert again["type"] == "Transfer" and again["number"] == "+15550100"
     assert CallState.model_validate({"call_id": "c2", "pending_action": {"type": "EndCall"}}).pending_action == PendingEndCall()
+
+
+async def test_an_activation_lives_one_way_and_a_dropped_one_never_serves_again():
+    h = Harness()
+    assert h.conversation.phase is Phase.DETACHED
+    await h.attach("s1")
+    assert h.conversation.phase is Phase.ATTACHED and h.conversation.connected
+    await h.attach("s2")  # a newer socket takes over
+    assert h.conversation.phase is Phase.ATTACHED
+    assert h.conversation.detach("s2") and h.conversation.phase is Phase.DETACHED
+    await h.conversation.deactivate()
+    assert h.conversation.phase is Phase.DEACTIVATED
+    assert (await h.store.load("c1")).greeted  # saved on the way out
+    with pytest.raises(IllegalTransition, match="call c1 cannot go from deactivated to attached"):
+        await h.conversation.attach(Outbox("s3"))
+    with pytest.raises(IllegalTransition, match="deactivated to deactivating"):
+        await h.conversation.deactivate()
+    h.conversation.lose()  # already dropped: nothing to do
+    assert h.conversation.phase is Phase.DEACTIVATED
+
+
+async def test_a_lost_activation_closes_its_socket_and_writes_nothing_more():
+    h = Harness()
+    await h.attach("s1")
+    await h.settle()
+    saved = (await h.store.load("c1")).version
+    h.conversation.lose()
+    assert h.conversation.phase is Phase.LOST and h.outbox.close_reason is StreamEnd.SUPERSEDED
+    h.conversation.state.agent_state["after"] = True
+    await h.conversation.checkpoint()
+    assert (await h.store.load("c1")).version == saved
+    with pytest.raises(IllegalTransition, match="lost to attached"):
+        await h.conversation.attach(Outbox("s2"))

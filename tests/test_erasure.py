@@ -21,7 +21,7 @@ from callray.cli import main as callray
 from callray.events import CallEnded, CallTurn
 from callray.export import parse_since, write_export
 from callray.sim.client import RetellClient
-from callray.stores.bus import RedisStreamBus
+from callray.events.redis_streams import RedisStreamBus
 from callray.stores.redis_client import redis_client
 from callray.webhook import sign
 from tests.test_gateway import Served

@@ -102,8 +102,8 @@ async def test_read_routes_need_the_bearer_token_and_are_off_without_one(gateway
 async def test_call_ids_outside_retells_shape_are_refused_before_any_state(gateway, call_id):
     client = await RetellClient(gateway.ws, call_id).connect()
     assert await closed_with(client) == 4400 and client.frames == []
-    assert not any(key.startswith("call") and "with" in key for key in gateway.replica.host.calls)
-    assert len(gateway.replica.host.calls) < 50  # nothing was activated for the refused ids
+    assert not any(key.startswith("call") and "with" in key for key in gateway.runtime.host.calls)
+    assert len(gateway.runtime.host.calls) < 50  # nothing was activated for the refused ids
 
 
 async def test_a_flooding_socket_is_closed_with_1008_and_its_call_freed(gateway):
@@ -120,7 +120,7 @@ async def test_a_flooding_socket_is_closed_with_1008_and_its_call_freed(gateway)
         assert "Maple Street" in await fresh.complete(0)
     finally:
         await fresh.close()
-    conversation = gateway.replica.host.calls.get("call-flood")
+    conversation = gateway.runtime.host.calls.get("call-flood")
     assert conversation is None or not conversation.connected  # the socket's hold on the call is gone
 
 
@@ -141,7 +141,7 @@ async def test_a_socket_that_does_not_read_is_closed_with_1013_and_its_frames_dr
     try:
         for i in range(20_000):
             await ws.send(json.dumps({"interaction_type": "ping_pong", "timestamp": i}))
-            conversation = served.replica.host.calls.get("call-slow")
+            conversation = served.runtime.host.calls.get("call-slow")
             if conversation is not None and not conversation.connected:
                 break  # the server gave up on this socket
         else:
@@ -210,7 +210,7 @@ async def test_the_abuse_run_leaves_a_server_that_greets_new_calls_at_once(gatew
     webhook = {k: v for k, v in outcomes.items() if k.startswith("webhook")}
     assert all(" 413" in k or "connection" in k for k in webhook) and sum(webhook.values()) == 4
     assert report["greeted_after_ms"] > 0  # greeted_in_ms fails unless a fresh call hears a non-empty greeting
-    held = [c for c in gateway.replica.host.calls.values() if c.connected]
+    held = [c for c in gateway.runtime.host.calls.values() if c.connected]
     assert not [c.call_id for c in held if c.call_id.startswith("abuse-")]  # nothing abusive is still held
 
 
@@ -312,7 +312,7 @@ async def test_a_call_whose_agent_was_renamed_goes_on_with_the_default_agent(gat
     from callray.stores.base import CallState
 
     state = CallState(call_id="call-renamed", agent="retired_agent", greeted=True, latest_response_id=3)
-    gateway.on_loop(gateway.replica.stores.state.save(state))
+    gateway.on_loop(gateway.runtime.stores.state.save(state))
     async with RetellClient(gateway.ws, "call-renamed") as client:
         assert await client.complete(0, timeout=5) == ""  # greeted before: not again
         assert "Monday to Friday" in await client.turn(4, "What are your hours?")

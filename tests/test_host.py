@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from callray.agents.registry import AgentRegistry
-from callray.commands import CallCommand
+from callray.commands import Say, Superseded, TransferCall, parse_command
 from callray.outbox import Outbox, StreamEnd
 from callray.directory import CallDirectory
 from callray.host import Delivery, Host
@@ -125,20 +125,27 @@ async def test_commands_reach_only_a_live_call_and_superseded_drops_it():
     outbox = Outbox("s1")
     await host.attach("c1", outbox, None)
     outbox.drain()
-    assert not await host.command("nobody", CallCommand(kind="say", line="Hello?"))
-    assert await host.command("c1", CallCommand(kind="transfer", number="+15550100", line="Connecting you."))
+    assert not await host.command("nobody", Say(line="Hello?"))
+    assert await host.command("c1", TransferCall(number="+15550100", line="Connecting you."))
     interrupt = texts(outbox.drain())[-1]
     assert interrupt["response_type"] == "agent_interrupt" and interrupt["transfer_number"] == "+15550100"
-    assert await host.command("c1", CallCommand(kind="superseded", epoch=host.calls["c1"].state.epoch))
+    assert await host.command("c1", Superseded(epoch=host.calls["c1"].state.epoch))
     assert "c1" in host.calls  # same epoch: not a newer activation
-    assert await host.command("c1", CallCommand(kind="superseded", epoch=99))
+    assert await host.command("c1", Superseded(epoch=99))
     assert "c1" not in host.calls and outbox.close_reason is StreamEnd.SUPERSEDED
     assert host.counters["taken_over"] == 1  # one takeover, counted once
 
 
-def test_a_transfer_command_needs_a_number():
+def test_a_transfer_command_needs_a_number_and_commands_read_back_by_kind():
     with pytest.raises(ValueError, match="number"):
-        CallCommand(kind="transfer", line="x")
+        TransferCall(line="x")
+    with pytest.raises(ValueError, match="number"):
+        parse_command({"kind": "transfer", "line": "x"})
+    with pytest.raises(ValueError, match="kind"):
+        parse_command({"kind": "dance"})
+    command = TransferCall(number="+15550100", line="Connecting you.")
+    assert parse_command(command.model_dump(mode="json")) == command
+    assert parse_command({"kind": "superseded", "epoch": 3}) == Superseded(epoch=3)
 
 
 async def test_directory_sends_commands_to_the_owning_replica_through_redis(redis_url):
@@ -158,11 +165,11 @@ async def test_directory_sends_commands_to_the_owning_replica_through_redis(redi
         outbox = Outbox("s1")
         await hosts[0].attach("c1", outbox, None)
         outbox.drain()
-        assert await directories[1].send("c1", CallCommand(kind="say", line="A colleague joins shortly."))
+        assert await directories[1].send("c1", Say(line="A colleague joins shortly."))
         said = texts(outbox.drain())
         assert said and said[-1]["content"] == "A colleague joins shortly."
         assert directories[0].counts["served"] == 1 and directories[1].counts["remote"] == 1
-        assert not await directories[1].send("never-activated", CallCommand(kind="say", line="x"))
+        assert not await directories[1].send("never-activated", Say(line="x"))
 
         newer = Outbox("s2")
         await hosts[1].attach("c1", newer, None)  # the reconnect landed on the other replica
@@ -170,7 +177,7 @@ async def test_directory_sends_commands_to_the_owning_replica_through_redis(redi
             while "c1" in hosts[0].calls:
                 await asyncio.sleep(0.02)
         assert outbox.close_reason is StreamEnd.SUPERSEDED
-        assert await directories[0].send("c1", CallCommand(kind="say", line="Still there?"))
+        assert await directories[0].send("c1", Say(line="Still there?"))
         assert texts(newer.drain())[-1]["content"] == "Still there?"
     finally:
         for task in serving:

@@ -15,7 +15,7 @@ from callray.host import Host
 from callray.protocol import parse_event as parse_frame_event
 from callray.settings import CallraySettings
 from callray.stores.base import CallFencedError, CallState
-from callray.stores.bus import TappedSink
+from callray.events.bus import TappedSink
 from callray.stores.factory import build_stores
 from callray.stores.redis import RedisStateStore
 from callray.stores.redis_client import connect_redis

@@ -149,7 +149,7 @@ async def test_what_leaves_the_call_is_redacted_while_the_agent_hears_the_real_w
         status, live = await asyncio.to_thread(get, served, "/ui/state")
         assert status == 200 and "[PHONE]" in json.dumps(live)
         # the agent's own copy keeps the words
-        state = served.replica.host.calls["call-private"].state
+        state = served.runtime.host.calls["call-private"].state
         assert state.turns[-1].user == SAID
     body = json.dumps({"event": "call_ended", "call": {**call, "disconnection_reason": "user_hangup",
                                                        "transcript": f"User: {SAID}"}}).encode()

@@ -189,7 +189,7 @@ async def test_a_reconnect_landing_on_the_other_replica_takes_the_call_over(dura
 async def test_commands_reach_a_call_owned_by_another_replica(durable_app, redis_server):
     """A background actor (here the test process) and a webhook on either replica reach the
     replica that owns the call, through the owner recorded in Redis and its command channel."""
-    from callray.commands import CallCommand
+    from callray.commands import Say
     from callray.directory import CallDirectory
     from callray.stores.redis import RedisStateStore
     from callray.stores.redis_client import connect_redis
@@ -201,7 +201,7 @@ async def test_commands_reach_a_call_owned_by_another_replica(durable_app, redis
     redis = await connect_redis(redis_server.url)
     try:
         directory = CallDirectory("test-process", store=RedisStateStore(redis), redis=redis)
-        assert await directory.send(client.call_id, CallCommand(kind="say", line="A colleague will join shortly."))
+        assert await directory.send(client.call_id, Say(line="A colleague will join shortly."))
         said = await client.wait_for(lambda f: f.get("response_type") == "agent_interrupt")
         assert said["content"] == "A colleague will join shortly."
         raw = ('{"event":"call_ended","call":{"call_id":"%s","disconnection_reason":"user_hangup"}}'
@@ -210,7 +210,7 @@ async def test_commands_reach_a_call_owned_by_another_replica(durable_app, redis
         assert status == 204
         stored = await eventually_stored(redis_server.url, client.call_id, lambda s: s.ended)
         assert stored.ended and stored.call["disconnection_reason"] == "user_hangup"
-        assert not await directory.send("no-such-call", CallCommand(kind="say", line="x"))
+        assert not await directory.send("no-such-call", Say(line="x"))
     finally:
         await redis.aclose()
         await client.close()

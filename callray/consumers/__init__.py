@@ -9,9 +9,37 @@ finished call are ignored too.
 
 from __future__ import annotations
 
+from typing import Any, Awaitable, Callable, NamedTuple, Protocol, Sequence
+
 from cachetools import FIFOCache, LRUCache
 
 from callray.events import Event
+
+
+class Periodic(NamedTuple):
+    """Work a consumer does on a clock rather than per event (retried next time if it fails)."""
+
+    interval_s: float
+    what: str
+    run: Callable[[], Awaitable[Any]]
+
+
+class Consumer(Protocol):
+    """A consumer of the event stream (analytics, archive, escalation): a consumer group of its own."""
+
+    #: Its consumer group, and the name the read routes and settings know it by.
+    kind: str
+    #: How long a batch that was not full may wait for more events (0: handle at once).
+    linger_s: float
+
+    async def handle(self, event: Event) -> None:
+        """One event, at least once: dropping duplicates is the consumer's own job (``SeenEvents``)."""
+
+    async def flush(self) -> None:
+        """Make the batch handled so far durable; the batch is acknowledged only after it."""
+
+    def periodic(self) -> Sequence[Periodic]:
+        """Work on a clock, if any."""
 
 
 class SeenEvents:

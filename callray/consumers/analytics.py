@@ -129,6 +129,9 @@ class Analytics:
     ``observe`` for a metrics exporter. ``observe`` is set after a replay, so an exporter's
     histograms never count a sample twice."""
 
+    kind = "analytics"
+    linger_s = 0.0
+
     def __init__(self, window: int = 2048, max_calls: int = 50_000):
         self.window = window
         self.observe: Observer | None = None
@@ -149,6 +152,12 @@ class Analytics:
         if agent not in self._stats:
             self._stats[agent] = _Stats(self.window, agent)
         return self._stats[OVERALL], self._stats[agent]
+
+    async def flush(self) -> None:
+        """Nothing to make durable: a projection, rebuilt from the stream when it restarts."""
+
+    def periodic(self) -> tuple[()]:
+        return ()
 
     async def handle(self, event: Event) -> None:
         if self._seen.seen(event):

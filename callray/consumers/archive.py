@@ -9,11 +9,22 @@ Backends: ``FileRecords`` (one JSON file per call on this node: a laptop) and
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Protocol
 
+from callray.consumers import Periodic
 from callray.events import Event
 from callray.settings import ArchiveSettings
+
+log = logging.getLogger(__name__)
+
+#: The archive writes each changed record once per batch; lingering this long between batches
+#: turns a file write per event into at most one per call per second.
+LINGER_S = 1.0
+#: Records ended but never analyzed are finalised this often (and purged every PURGE_INTERVAL_S).
+FINALISE_INTERVAL_S = 60.0
+PURGE_INTERVAL_S = 3600.0
 
 
 class ArchiveRecords(Protocol):
@@ -53,8 +64,12 @@ class TranscriptArchive:
     Retell). With ``retention_s``, ``purge()`` deletes records of calls ended longer ago.
     """
 
+    kind = "archive"
+    linger_s = LINGER_S
+
     def __init__(self, records: ArchiveRecords, *, grace_s: float = 900.0, retention_s: float | None = None):
         self.records, self.grace_s, self.retention_s = records, grace_s, retention_s
+        self._last_purge = time.monotonic()
         self._pending: dict[str, list[Event]] = {}
         self._ended_at_mono: dict[str, float] = {}
         self.counts = {"flushes": 0, "events": 0, "finalised": 0, "purged": 0, "erased": 0}
@@ -82,6 +97,17 @@ class TranscriptArchive:
                 self._ended_at_mono.setdefault(record["call_id"], time.monotonic())
             else:
                 self._ended_at_mono.pop(record["call_id"], None)
+
+    def periodic(self) -> list[Periodic]:
+        return [Periodic(FINALISE_INTERVAL_S, "finalising or purging", self._housekeeping)]
+
+    async def _housekeeping(self) -> None:
+        """Finalise stale records (each time) and purge expired ones (every ``PURGE_INTERVAL_S``)."""
+        await self.finalise_stale()
+        if time.monotonic() - self._last_purge >= PURGE_INTERVAL_S:
+            self._last_purge = time.monotonic()
+            if purged := await self.purge():
+                log.info("archive: purged %d records past their retention", purged)
 
     async def get(self, call_id: str) -> dict[str, Any] | None:
         return await self.records.get(call_id)

@@ -26,18 +26,22 @@ import redis.asyncio as aioredis
 from cachetools import FIFOCache, LRUCache
 
 from callray.agents.base import normalise
-from callray.commands import CallCommand
+from callray.commands import CallCommand, TransferCall
 from callray.consumers import SeenEvents
-from callray.events import CallEnded, CallTurn, EscalationPerformed, EscalationRequested, Event
+from callray.events import (
+    ESCALATION_SEQ_BASE,
+    CallEnded,
+    CallTurn,
+    EscalationPerformed,
+    EscalationRequested,
+    Event,
+)
 from callray.settings import EscalationRules
 from callray.webhook import sign
 
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Callray-Signature"
-# Fixed seqs for the (at most one) escalation of a call, clear of the call's own counter and
-# of the webhook range, so re-emitted escalation events dedupe downstream.
-ESCALATION_SEQ_BASE = 2_000_000_000_000
 _IGNORED_CALLER_TEXT = {"", "unintelligible audio"}
 
 #: ``command(call_id, command)``: True when the call's live socket got it.
@@ -73,6 +77,9 @@ class _CallWatch:
 class Escalation:
     """Consumer of ``call.turn`` events; at most one escalation per call."""
 
+    kind = "escalation"
+    linger_s = 0.0
+
     def __init__(
         self,
         rules: EscalationRules,
@@ -103,6 +110,12 @@ class Escalation:
         if watch is None:
             watch = self._calls[call_id] = _CallWatch(deque(maxlen=max(1, self.rules.caller_lines)))
         return watch
+
+    async def flush(self) -> None:
+        """Nothing to make durable: each escalation is recorded as it is acted on."""
+
+    def periodic(self) -> tuple[()]:
+        return ()
 
     async def handle(self, event: Event) -> None:
         if self._seen.seen(event):
@@ -170,8 +183,8 @@ class Escalation:
         number = self.rules.transfer_number
         if number and self.command is not None:
             try:
-                delivered = await self.command(turn.call_id, CallCommand(kind="transfer", number=number,
-                                                                         line=self.rules.handoff_line))
+                delivered = await self.command(turn.call_id, TransferCall(number=number,
+                                                                          line=self.rules.handoff_line))
             except Exception:
                 self.counts["command_failed"] += 1
                 raise

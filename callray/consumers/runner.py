@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Any, Iterable
 
-from callray.stores.bus import EventBus, consume
+from callray.consumers import Consumer
+from callray.events.bus import EventBus
+from callray.events.consume import consume
 from callray.consumers.analytics import Analytics
 from callray.consumers.archive import build_archive
 from callray.consumers.escalation import Command, Emit, Escalation
@@ -24,9 +25,9 @@ KINDS = ("analytics", "archive", "escalation")
 
 
 def build_consumers(settings: CallraySettings, kinds: Iterable[str] = KINDS, *, command: Command | None = None,
-                    emit: Emit | None = None, redis: Any = None) -> dict[str, Any]:
+                    emit: Emit | None = None, redis: Any = None) -> dict[str, Consumer]:
     """The enabled consumers among ``kinds``, by kind (archive and escalation are optional)."""
-    out: dict[str, Any] = {}
+    out: dict[str, Consumer] = {}
     for kind in kinds:
         if kind == "analytics":
             out[kind] = Analytics()
@@ -39,44 +40,21 @@ def build_consumers(settings: CallraySettings, kinds: Iterable[str] = KINDS, *, 
     return out
 
 
-ARCHIVE_FINALISE_INTERVAL_S = 60.0
-ARCHIVE_PURGE_INTERVAL_S = 3600.0
-#: The archive writes each changed record once per batch; lingering this long between batches
-#: turns a file write per event into at most one per call per second.
-ARCHIVE_LINGER_S = 1.0
 #: How often a stream with an age bound is trimmed when no event comes (busy ones are trimmed as they are read).
 STREAM_TRIM_INTERVAL_S = 60.0
 
 
-async def run_consumers(bus: EventBus, consumers: dict[str, Any], name: str, stop: asyncio.Event) -> None:
+async def run_consumers(bus: EventBus, consumers: dict[str, Consumer], name: str, stop: asyncio.Event) -> None:
     """One consume loop per consumer: group = its kind, consumer = ``name`` (stable across
-    restarts, so a restarted consumer first re-reads its own pending events). The archive also
-    gets a periodic pass that finalises records of calls ended but never analyzed, and a stream
-    with an age bound is trimmed periodically."""
-    loops = [consume(bus, kind, name, handler.handle, stop=stop, flush=getattr(handler, "flush", None),
-                     linger_s=ARCHIVE_LINGER_S if kind == "archive" else 0.0)
-             for kind, handler in consumers.items()]
-    if "archive" in consumers:
-        loops.append(_periodically(ARCHIVE_FINALISE_INTERVAL_S, stop, "archive: finalising or purging",
-                                   _archive_housekeeping(consumers["archive"])))
+    restarts, so a restarted consumer first re-reads its own pending events), and each
+    consumer's work on a clock; a stream with an age bound is also trimmed periodically."""
+    loops = [consume(bus, c.kind, name, c.handle, stop=stop, flush=c.flush, linger_s=c.linger_s)
+             for c in consumers.values()]
+    loops += [_periodically(job.interval_s, stop, f"{c.kind}: {job.what}", job.run)
+              for c in consumers.values() for job in c.periodic()]
     if getattr(bus, "retention_s", None):  # an idle stream, with no reads to trim it, still ages out
         loops.append(_periodically(STREAM_TRIM_INTERVAL_S, stop, "event stream: trimming by age", bus.trim))
     await asyncio.gather(*loops)
-
-
-def _archive_housekeeping(archive: Any) -> Any:
-    """Finalise stale records (each time) and purge expired ones (every ``ARCHIVE_PURGE_INTERVAL_S``)."""
-    last_purge = time.monotonic()
-
-    async def run() -> None:
-        nonlocal last_purge
-        await archive.finalise_stale()
-        if time.monotonic() - last_purge >= ARCHIVE_PURGE_INTERVAL_S:
-            last_purge = time.monotonic()
-            if purged := await archive.purge():
-                log.info("archive: purged %d records past their retention", purged)
-
-    return run
 
 
 async def _periodically(interval_s: float, stop: asyncio.Event, what: str, action: Any) -> None:

@@ -16,7 +16,7 @@ import uvicorn
 
 from callray.erasure import Erasure
 from callray.gateway import Gateway, build_api
-from callray.replica import LocalReplica
+from callray.runtime import CallsRuntime
 from callray.settings import CallraySettings
 from callray.sim.local import free_port
 
@@ -27,7 +27,7 @@ class LocalServer:
     def __init__(self, settings: CallraySettings, *, start_timeout_s: float = 30.0):
         self.settings, self.start_timeout_s = settings, start_timeout_s
         self.port = free_port()
-        self.replica: LocalReplica | None = None
+        self.runtime: CallsRuntime | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._server: uvicorn.Server | None = None
         self._started = threading.Event()
@@ -37,10 +37,10 @@ class LocalServer:
     def _run(self) -> None:
         async def main() -> None:
             self.loop = asyncio.get_running_loop()
-            self.replica = await LocalReplica.start(self.settings, "local")
+            self.runtime = await CallsRuntime.start(self.settings, "local")
             app = build_api()
-            app.state.gateway = Gateway(self.settings, self.replica, self.replica, live=self.replica.live,
-                                        erasure=Erasure(self.replica, self.settings.privacy, self.replica.stores))
+            app.state.gateway = Gateway(self.settings, self.runtime, self.runtime, live=self.runtime.live,
+                                        erasure=Erasure(self.runtime, self.settings.privacy, self.runtime.stores))
             self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                          lifespan="off"))
             serving = asyncio.create_task(self._server.serve())
@@ -50,7 +50,7 @@ class LocalServer:
             try:
                 await serving
             finally:
-                await self.replica.close()
+                await self.runtime.close()
 
         try:
             asyncio.run(main())

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from callray.stores.bus import EventBus, MemoryBus, RedisStreamBus
+from callray.events.bus import EventBus
+from callray.events.memory import MemoryBus
+from callray.events.redis_streams import RedisStreamBus
 from callray.settings import CallraySettings, RedisSettings
 from callray.stores.base import ResponseCache, StateStore
 from callray.stores.memory import MemoryResponseCache, MemoryStateStore

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from callray.events import Event
 from callray.stores.base import CallFencedError, CallState, Claim, StaleStateError, StoreUnavailableError
-from callray.stores.bus import stream_fields
+from callray.events.bus import stream_fields
 from callray.stores.redis_client import REDIS_SETTING, connect_redis
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,6 @@
-"""The events a call emits for background consumers (analytics, archive, escalation).
+"""The events a call emits for background consumers (analytics, archive, escalation), and
+the bus that carries them (``bus.py``: the interface and the producers' buffer; ``memory.py``
+and ``redis_streams.py``: its two backends; ``consume.py``: a consumer's loop).
 
 Consumers are idempotent under at-least-once delivery, so an event's identity must survive
 crashes: it is (call_id, epoch, seq), where ``epoch`` is the owner epoch of the activation that
@@ -12,6 +14,12 @@ import time
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+#: Events not counted by a call's activation (epoch 0) take fixed seqs far above any call's own
+#: counter, one range per producer, so a re-emitted one has the same identity and is dropped
+#: downstream as a duplicate: Retell's webhooks, and the (at most one) escalation of a call.
+WEBHOOK_SEQ_BASE = 1_000_000_000_000
+ESCALATION_SEQ_BASE = 2_000_000_000_000
 
 
 class _Event(BaseModel):

@@ -1,213 +1,33 @@
-"""The event bus: calls emit events, background consumers read them in groups.
+"""``RedisStreamBus``: the event bus on one Redis Stream (event-driven architecture).
 
-Two backends behind one interface. ``RedisStreamBus`` (event-driven architecture) is
-at-least-once: one Redis Stream, one consumer group per consumer kind, unacked entries are
-re-read after a restart or taken over from dead consumers, and entries that keep failing (or
-cannot be decoded) move to a dead-letter stream instead of blocking the group.
-``MemoryBus`` (single and distributed architectures) has the same API in process memory.
-
-``emit`` only appends to a bounded local buffer (never blocks, never raises, counts drops) and
-a background task publishes the buffer. With Redis state a live call's events do not take this
-path: the script that writes the call's checkpoint appends them to the stream (the outbox, in
-``stores/redis.py``); webhooks, escalations and the memory bus do.
-
-Retention never drops an entry a consumer group still needs: the oldest entries beyond
-``maxlen`` (kept so analytics can rebuild after a restart) are trimmed only once every group
-has acknowledged them. Only ``max_retained``, the memory bound, drops unacknowledged entries,
-and each such entry is counted (``trimmed_unconsumed``).
+At-least-once: one consumer group per consumer kind, unacked entries re-read after a restart or
+taken over from dead consumers, entries that keep failing (or cannot be decoded) moved to a
+dead-letter stream instead of blocking the group. Retention never drops an entry a group still
+needs (see :mod:`callray.events.bus`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass
-from typing import AsyncIterator, Any, Awaitable, Callable, Protocol, runtime_checkable
+from typing import AsyncIterator, Any
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import RedisError, ResponseError
 
 from callray.events import Event, parse_event
+from callray.events.bus import Delivery, _BufferedEmitter, retention_bound, stream_fields
 from callray.stores.base import StoreUnavailableError
-from callray.stores.redis_client import RECONNECT_BACKOFF, REDIS_SETTING, connect_redis
+from callray.stores.redis_client import REDIS_SETTING, connect_redis
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Delivery:
-    """One entry handed to a consumer: ack ``id`` once ``event`` is handled."""
-
-    id: str
-    event: Event
-    deliveries: int
-
-
-@runtime_checkable
-class EventBus(Protocol):
-    def emit(self, event: Event) -> None:
-        """Buffer an event for publishing. Never blocks, never raises; drops (counted) when full.
-        Call it from the event loop's thread; outside a running loop it only buffers."""
-
-    async def publish(self, event: Event) -> str:
-        """Publish now (bypassing the buffer); returns the entry id."""
-
-    async def flush(self) -> None:
-        """Publish everything buffered so far (raises StoreUnavailableError if that fails)."""
-
-    async def close(self) -> None: ...
-
-    def stats(self) -> dict[str, Any]: ...
-
-    async def read(self, group: str, consumer: str, count: int = 100, block_ms: int = 1000) -> list[Delivery]:
-        """Entries for ``consumer`` in ``group``: its own unacked ones first after a (re)start,
-        then ones taken over from dead consumers, then new ones (waiting up to ``block_ms``)."""
-
-    async def ack(self, group: str, ids: list[str]) -> int: ...
-
-    def tail(self) -> AsyncIterator[Event]:
-        """Every event published from now on, as it comes, outside any consumer group (a live
-        view; nothing is acknowledged, nothing redelivered)."""
-
-
-class TappedSink:
-    """An event sink that shows each event to ``observe`` (metrics) on its way to ``inner``."""
-
-    def __init__(self, inner: Any | None, observe: Callable[[Event], None]):
-        self.inner, self.observe = inner, observe
-
-    def emit(self, event: Event) -> None:
-        try:
-            self.observe(event)
-        finally:
-            if self.inner is not None:
-                self.inner.emit(event)
-
-    def observer(self) -> TappedSink:
-        """A sink that only observes: for events that reach the bus another way (with the
-        call's checkpoint, when the state store carries them)."""
-        return TappedSink(None, self.observe)
-
-
-class _BufferedEmitter:
-    """The shared producer side: bounded buffer + lazily started background flusher."""
-
-    def __init__(self, buffer_size: int, flush_batch: int):
-        if buffer_size < 1 or flush_batch < 1:
-            raise ValueError(f"buffer_size ({buffer_size}) and flush_batch ({flush_batch}) must be >= 1")
-        self.buffer_size, self.flush_batch = buffer_size, flush_batch
-        self._buffer: deque[Event] = deque()
-        self._lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
-        self._closed = False
-        self._counts = {"emitted": 0, "dropped": 0, "published": 0, "publish_errors": 0, "dead_lettered": 0,
-                        "trimmed": 0, "trimmed_unconsumed": 0, "dead_letters_trimmed": 0,
-                        "dead_letters_expired": 0}
-        self._last_error = ""
-
-    async def _publish_many(self, events: list[Event]) -> None:
-        raise NotImplementedError
-
-    def emit(self, event: Event) -> None:
-        try:
-            if self._closed or len(self._buffer) >= self.buffer_size:
-                self._counts["dropped"] += 1
-                return
-            self._buffer.append(event)
-            self._counts["emitted"] += 1
-            self._start_flusher()
-        except Exception as exc:  # emit must never raise into a live turn
-            self._counts["dropped"] += 1
-            self._last_error = repr(exc)
-
-    def _start_flusher(self) -> None:
-        """Start (or restart, e.g. in a new loop) the flusher; without a running loop, just buffer."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
-            self._wake = asyncio.Event()
-            self._lock = asyncio.Lock()
-            self._task = loop.create_task(self._run_flusher(), name=f"{type(self).__name__}-flusher")
-        assert self._wake is not None
-        self._wake.set()
-
-    async def _run_flusher(self) -> None:
-        failures = 0
-        wake = self._wake
-        assert wake is not None
-        while True:
-            if not self._buffer:
-                wake.clear()
-                await wake.wait()
-                continue
-            try:
-                await self._drain_once()
-                failures = 0
-            except Exception:
-                await asyncio.sleep(RECONNECT_BACKOFF.compute(failures))
-                failures += 1
-
-    async def _drain_once(self) -> bool:
-        """Publish one batch under the lock; on failure put it back (oldest first) and raise."""
-        async with self._lock:
-            if not self._buffer:
-                return False
-            batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), self.flush_batch))]
-            try:
-                await self._publish_many(batch)
-            except Exception as exc:
-                self._buffer.extendleft(reversed(batch))
-                self._counts["publish_errors"] += 1
-                self._last_error = repr(exc)
-                raise
-            self._counts["published"] += len(batch)
-            return True
-
-    async def flush(self) -> None:
-        while await self._drain_once():
-            pass
-
-    async def _close_emitter(self) -> None:
-        self._closed = True
-        try:
-            await self.flush()
-        except Exception as exc:
-            log.warning("event bus closed with %d events unpublished: %r", len(self._buffer), exc)
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, RuntimeError):
-                pass
-        self._task = None
-
-    def stats(self) -> dict[str, Any]:
-        return {**self._counts, "buffered": len(self._buffer), "last_error": self._last_error}
-
-
-def stream_fields(event: Event) -> dict[str, str]:
-    """A stream entry's two fields for ``event``: its type (readable at a glance with XRANGE) and
-    its JSON. The bus's producers and the state store's save script (the outbox) both write these."""
-    return {"type": event.type, "event": event.model_dump_json()}
-
-
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _check_retention(maxlen: int, max_retained: int | None) -> int:
-    max_retained = max_retained or 10 * maxlen
-    if maxlen < 1 or max_retained < maxlen:
-        raise ValueError(f"maxlen ({maxlen}) must be >= 1 and max_retained ({max_retained}) >= maxlen")
-    return max_retained
 
 
 #: How often a producer trims the stream (seconds); between trims it grows by what was published.
@@ -300,7 +120,7 @@ class RedisStreamBus(_BufferedEmitter):
         self.retention_s = retention_s
         if max_deliveries < 1 or claim_idle_ms < 1:
             raise ValueError(f"max_deliveries ({max_deliveries}) and claim_idle_ms ({claim_idle_ms}) must be >= 1")
-        self.max_retained = _check_retention(maxlen, max_retained)
+        self.max_retained = retention_bound(maxlen, max_retained)
         self.client, self.stream, self.maxlen = client, stream, maxlen
         self._trim = client.register_script(_TRIM_SCRIPT)
         self._last_trim = 0.0
@@ -539,219 +359,3 @@ class RedisStreamBus(_BufferedEmitter):
         await self._close_emitter()
         if self._owns_client:
             await self.client.aclose()
-
-
-@dataclass
-class _Pending:
-    consumer: str
-    deliveries: int
-    delivered_at: float
-
-
-@dataclass
-class _Group:
-    next_seq: int
-    pending: dict[int, _Pending]
-
-
-class MemoryBus(_BufferedEmitter):
-    """The same bus in process memory: a bounded log, groups with cursors and pending lists.
-
-    Unacked entries are redelivered after ``claim_idle_ms`` and dead-lettered after
-    ``max_deliveries``, like the Redis backend; everything is lost with the process.
-    """
-
-    def __init__(
-        self,
-        maxlen: int = 100_000,
-        max_deliveries: int = 5,
-        claim_idle_ms: int = 30_000,
-        *,
-        max_retained: int | None = None,
-        buffer_size: int = 10_000,
-        flush_batch: int = 500,
-    ):
-        super().__init__(buffer_size, flush_batch)
-        self.max_retained = _check_retention(maxlen, max_retained)
-        self.maxlen, self.max_deliveries, self.claim_idle_ms = maxlen, max_deliveries, claim_idle_ms
-        self._log: deque[Event] = deque()
-        self._first_seq = 0  # sequence number of _log[0]
-        self._groups: dict[str, _Group] = {}
-        self._reading: set[tuple[str, str]] = set()
-        self._new_entries: asyncio.Condition | None = None
-        self.dead: list[dict[str, Any]] = []
-
-    def _condition(self) -> asyncio.Condition:
-        if self._new_entries is None:
-            self._new_entries = asyncio.Condition()
-        return self._new_entries
-
-    async def _append(self, events: list[Event]) -> str:
-        for event in events:
-            self._log.append(event)
-        self._apply_retention()
-        cond = self._condition()
-        async with cond:
-            cond.notify_all()
-        return f"{self._first_seq + len(self._log) - 1}-0"
-
-    async def _publish_many(self, events: list[Event]) -> None:
-        await self._append(events)
-
-    async def publish(self, event: Event) -> str:
-        entry_id = await self._append([event])
-        self._counts["published"] += 1
-        return entry_id
-
-    async def tail(self) -> AsyncIterator[Event]:
-        seq = self._first_seq + len(self._log)
-        cond = self._condition()
-        while True:
-            seq = max(seq, self._first_seq)  # entries trimmed before being read are skipped
-            while seq < self._first_seq + len(self._log):
-                yield self._log[seq - self._first_seq]
-                seq += 1
-            async with cond:
-                await cond.wait()
-
-    def _apply_retention(self) -> None:
-        """Beyond ``maxlen``, drop entries every group has acked; beyond ``max_retained``, any (counted)."""
-        excess = len(self._log) - self.maxlen
-        if excess <= 0:
-            return
-        needed = [min(g.pending, default=g.next_seq) for g in self._groups.values()]
-        trimmable = excess if not needed else min(excess, max(0, min(needed) - self._first_seq))
-        forced = max(0, len(self._log) - trimmable - self.max_retained)
-        for _ in range(trimmable + forced):
-            self._log.popleft()
-        self._first_seq += trimmable + forced
-        self._counts["trimmed"] += trimmable
-        self._counts["trimmed_unconsumed"] += forced
-
-    def _entry(self, seq: int) -> Event | None:
-        index = seq - self._first_seq
-        return self._log[index] if 0 <= index < len(self._log) else None
-
-    async def read(self, group: str, consumer: str, count: int = 100, block_ms: int = 1000) -> list[Delivery]:
-        state = self._groups.setdefault(group, _Group(next_seq=self._first_seq, pending={}))
-        now = time.monotonic()
-        first_read = (group, consumer) not in self._reading
-        self._reading.add((group, consumer))
-        idle_s = self.claim_idle_ms / 1000
-        again = [
-            seq for seq, p in sorted(state.pending.items())
-            if (first_read and p.consumer == consumer) or now - p.delivered_at >= idle_s
-        ][:count]
-        out = self._redeliver(group, state, consumer, again, now)
-        if out or again:
-            return out
-        if state.next_seq >= self._first_seq + len(self._log) and block_ms > 0:
-            cond = self._condition()
-            async with cond:
-                try:
-                    await asyncio.wait_for(cond.wait(), block_ms / 1000)
-                except asyncio.TimeoutError:
-                    pass
-        state.next_seq = max(state.next_seq, self._first_seq)  # entries trimmed before being read are lost
-        while state.next_seq < self._first_seq + len(self._log) and len(out) < count:
-            seq = state.next_seq
-            state.next_seq += 1
-            state.pending[seq] = _Pending(consumer, 1, time.monotonic())
-            out.append(Delivery(f"{seq}-0", self._log[seq - self._first_seq], 1))
-        return out
-
-    def _redeliver(self, group: str, state: _Group, consumer: str, seqs: list[int], now: float) -> list[Delivery]:
-        out = []
-        for seq in seqs:
-            pending = state.pending[seq]
-            event = self._entry(seq)
-            pending.consumer, pending.deliveries, pending.delivered_at = consumer, pending.deliveries + 1, now
-            if event is None or pending.deliveries > self.max_deliveries:
-                del state.pending[seq]
-                reason = "entry trimmed" if event is None else f"delivered {pending.deliveries} times"
-                self.dead.append({"original_id": f"{seq}-0", "group": group, "reason": reason, "event": event})
-                self._counts["dead_lettered"] += 1
-                continue
-            out.append(Delivery(f"{seq}-0", event, pending.deliveries))
-        return out
-
-    async def ack(self, group: str, ids: list[str]) -> int:
-        state = self._groups.get(group)
-        if state is None:
-            return 0
-        return sum(state.pending.pop(int(i.split("-")[0]), None) is not None for i in ids)
-
-    async def close(self) -> None:
-        await self._close_emitter()
-
-
-Handler = Callable[[Event], Awaitable[Any]]
-
-
-async def consume(
-    bus: EventBus,
-    group: str,
-    consumer: str,
-    handler: Handler,
-    *,
-    stop: asyncio.Event,
-    flush: Callable[[], Awaitable[Any]] | None = None,
-    linger_s: float = 0.0,
-    batch: int = 100,
-    block_ms: int = 1000,
-    error_backoff_s: float = 0.5,
-) -> None:
-    """Read, handle and ack until ``stop`` is set. A handler that raises leaves its entry
-    unacked: it is redelivered after ``claim_idle_ms`` and dead-lettered after
-    ``max_deliveries``. Handlers must be idempotent on the event's identity.
-
-    ``flush`` (optional) makes a batch's effects durable before it is acked. A flush that fails
-    is the sink's failure (a database down, a disk full), not the events': it is retried with
-    backoff before anything more is read, so the events wait in the stream instead of being
-    redelivered towards the dead-letter stream; on ``stop`` they stay unacked and come back.
-    ``linger_s`` waits after a batch that was not full so that the next one grows, for a consumer
-    whose cost is per batch rather than per event; after a full batch (a backlog) it reads on at
-    once, or it could never consume more than ``batch`` events per ``linger_s``."""
-    while not stop.is_set():
-        try:
-            deliveries = await bus.read(group, consumer, batch, block_ms)
-        except Exception as exc:
-            log.warning("consumer %s/%s: read failed (%r); retrying", group, consumer, exc)
-            try:
-                await asyncio.wait_for(stop.wait(), error_backoff_s)
-            except asyncio.TimeoutError:
-                pass
-            continue
-        done: list[str] = []
-        for delivery in deliveries:
-            try:
-                await handler(delivery.event)
-                done.append(delivery.id)
-            except Exception:
-                log.exception(
-                    "consumer %s/%s: handler failed on %s (%s, delivery %d)",
-                    group, consumer, delivery.id, delivery.event.type, delivery.deliveries,
-                )
-        failures = 0
-        while done and flush is not None:
-            try:
-                await flush()
-                break
-            except Exception as exc:
-                log.warning("consumer %s/%s: storing %d events failed (%r); retrying before reading more",
-                            group, consumer, len(done), exc)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(RECONNECT_BACKOFF.compute(failures)):
-                        await stop.wait()
-                failures += 1
-                if stop.is_set():
-                    done = []  # unacked: they come back to this consumer after a restart
-        if done:
-            try:
-                await bus.ack(group, done)
-            except Exception as exc:  # unacked entries come back; handlers are idempotent
-                log.warning("consumer %s/%s: ack of %d entries failed: %r", group, consumer, len(done), exc)
-        if linger_s and 0 < len(deliveries) < batch:  # a full batch means a backlog: read on at once
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(linger_s):
-                    await stop.wait()

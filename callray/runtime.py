@@ -1,7 +1,8 @@
-"""What one gateway replica runs with ``local`` placement: the calls whose sockets it holds.
+"""The calls of one process: what a gateway replica (``local`` placement) and a ``CallHost``
+actor (``dedicated`` placement) each run, built in one place.
 
-A :class:`LocalReplica` owns the replica's stores, a :class:`Host` for the calls activated
-here, the :class:`CallDirectory` that routes commands between replicas, and its housekeeping:
+A :class:`CallsRuntime` owns the process's stores, a :class:`Host` for the calls activated
+here, the :class:`CallDirectory` that routes commands between processes, and its housekeeping:
 the command channel, the idle sweep, pre-caching of common answers and, when events stay in
 process (single and distributed architectures), the consumers of its own events. Start-up
 connects the stores and nothing slower: pre-caching and consumers run in the background, so no
@@ -12,11 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from callray.agents.registry import AgentRegistry
-from callray.stores.bus import TappedSink
-from callray.commands import CallCommand
+from callray.events.bus import TappedSink
+from callray.commands import Ended
 from callray.consumers.runner import build_consumers, run_consumers
 from callray.directory import CallDirectory
 from callray.events import CallEnded, Event
@@ -26,46 +27,50 @@ from callray.settings import CallraySettings
 from callray.stores.factory import Stores, build_stores
 from callray.stores.memory import MemoryStateStore
 
-log = logging.getLogger("callray.replica")
+log = logging.getLogger("callray.runtime")
 
 SWEEP_INTERVAL_S = 30.0
 
 
-class LocalReplica:
-    """Local placement in one gateway replica (see the module docstring)."""
+class CallsRuntime:
+    """The calls of one process (see the module docstring)."""
 
     def __init__(self, settings: CallraySettings, name: str, stores: Stores, host: Host, directory: CallDirectory,
-                 consumers: dict[str, Any]):
+                 consumers: dict[str, Any], live: bool):
         self.settings, self.name, self.stores, self.host, self.directory = settings, name, stores, host, directory
         self.consumers = consumers
-        self.live = LiveCalls() if settings.gateway.read_token else None  # the page exists only with a token
+        # the live page is a gateway's, and exists only with a read token
+        self.live = LiveCalls() if live and settings.gateway.read_token else None
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
-    async def start(cls, settings: CallraySettings, name: str, *, observe: Any = None) -> LocalReplica:
+    async def start(cls, settings: CallraySettings, name: str, *, observe: Any = None,
+                    on_deactivate: Callable[[str], Awaitable[None]] | None = None, live: bool = True) -> CallsRuntime:
         """Connect the stores (failing at once, naming the setting, on a bad Redis URL), then
-        start the housekeeping. ``observe(event)`` sees every event a call emits (metrics)."""
+        start the housekeeping. ``observe(event)`` sees every event a call emits (metrics);
+        ``on_deactivate(call_id)`` runs after a call leaves memory; ``live`` feeds the live page."""
         stores = await build_stores(settings)
         agents = AgentRegistry.from_settings(settings.agents)
         sink = TappedSink(stores.events, observe) if observe is not None else stores.events
-        host = Host(settings, agents, store=stores.state, cache=stores.cache, events=sink, name=name)
+        host = Host(settings, agents, store=stores.state, cache=stores.cache, events=sink, name=name,
+                    on_deactivate=on_deactivate)
         directory = CallDirectory(name, host, store=stores.state, redis=stores.redis,
                                   handover_timeout_s=settings.hosts.handover_timeout_s)
         host.on_claimed = directory.notify_superseded
-        if stores.redis is not None:  # other replicas may hold the call: they hand it over first
+        if stores.redis is not None:  # another process may hold the call: it hands it over first
             host.release_elsewhere = directory.release
         consumers: dict[str, Any] = {}
         if settings.events.backend == "memory":  # in-process consumers, best effort
             consumers = build_consumers(settings, command=directory.send, emit=stores.events.emit)
-        replica = cls(settings, name, stores, host, directory, consumers)
-        replica._run(directory.serve(), "command channel")
-        replica._run(replica._sweep_forever(), "idle sweep")
-        replica._run(host.warm_cache(), "pre-caching")
+        runtime = cls(settings, name, stores, host, directory, consumers, live)
+        runtime._run(directory.serve(), "command channel")
+        runtime._run(runtime._sweep_forever(), "idle sweep")
+        runtime._run(host.warm_cache(), "pre-caching")
         if consumers:
-            replica._run(run_consumers(stores.events, consumers, name, asyncio.Event()), "consumers")
-        if replica.live is not None:
-            replica._run(replica._feed_live(), "live view")
-        return replica
+            runtime._run(run_consumers(stores.events, consumers, name, asyncio.Event()), "consumers")
+        if runtime.live is not None:
+            runtime._run(runtime._feed_live(), "live view")
+        return runtime
 
     async def _feed_live(self) -> None:
         async for event in self.stores.events.tail():
@@ -98,7 +103,7 @@ class LocalReplica:
         end the live call wherever it is activated."""
         await self.stores.events.publish(event)
         if isinstance(event, CallEnded):
-            await self.directory.send(event.call_id, CallCommand(kind="ended", reason=event.reason, call=event.call))
+            await self.directory.send(event.call_id, Ended(reason=event.reason, call=event.call))
 
     async def analytics(self) -> dict[str, Any] | None:
         consumer = self.consumers.get("analytics")
@@ -124,7 +129,7 @@ class LocalReplica:
         return {**self.host.stats(), "directory": dict(self.directory.counts)}
 
     def healthy(self) -> str | None:
-        """Why this replica is unhealthy (a housekeeping task died), or None."""
+        """Why this runtime is unhealthy (a housekeeping task died), or None."""
         dead = [t.get_name() for t in self._tasks if t.done() and not t.cancelled() and t.exception() is not None]
         return f"stopped: {', '.join(dead)}" if dead else None
 
