@@ -439,6 +439,10 @@ HARNESS: dict[str, tuple[str, str, str]] = {
                 "Start a private Ray behind each ingress in turn (rounds alternate the order), deploy the floor and "
                 "callray's configs, run the one-process server beside them and play every level of Retell-shaped "
                 "calls against each; write docs/ingress.md, a plot and the raw JSON."),
+    "versions": ("harness.versions", "two versions of callray side by side in one Ray session (a change's cost)",
+                 "Deploy a git revision (--before) and another (--after, default HEAD) of callray side by side in "
+                 "each round's private Ray, with the one-process server beside them; play Retell-shaped calls with the "
+                 "flow and LLM agents against each; print after / before within each round and write the raw JSON."),
     "soak": ("harness.soak", "many calls for a long time: memory growth, latency drift, errors",
              "Hold N simulated calls for a duration on a private Ray, Serve and Redis, sampling memory, "
              "throughput, first-sentence latency and errors; write JSON and a PNG plot."),

@@ -322,15 +322,18 @@ def write_llm_agent(directory: Path, llm_base_url: str) -> Path:
 def deploy_serve_target(target: str, port: int, *, namespace: str, redis_url: str | None = None,
                         llm_base_url: str | None = None, agent_file: Path | None = None,
                         webhook_key: str = "", archive: dict[str, Any] | None = None,
-                        timeout_s: float = 180.0) -> Deployed:
-    """Deploy ``target`` as Serve application ``target`` under ``/target``; wait until healthy."""
+                        timeout_s: float = 180.0, app: str | None = None, code: Path | None = None) -> Deployed:
+    """Deploy ``target`` as Serve application ``app`` (default: the target's name) under
+    ``/app``; wait until healthy. ``code``: a callray checkout its replicas run instead of this
+    one (their working_dir), to measure two versions in one Ray session."""
     from ray import serve
 
-    base = f"http://127.0.0.1:{port}/{target}"
+    app = app or target
+    base = f"http://127.0.0.1:{port}/{app}"
 
     def teardown() -> None:
         with contextlib.suppress(Exception):
-            serve.delete(target)
+            serve.delete(app)
         kill_namespace(namespace)
 
     try:
@@ -338,29 +341,33 @@ def deploy_serve_target(target: str, port: int, *, namespace: str, redis_url: st
             from harness.floor_app import MAX_ONGOING_REQUESTS, Floor
 
             # the floor's replica runs as the default config's does (on the replica's own event loop)
-            app = Floor.options(max_ongoing_requests=MAX_ONGOING_REQUESTS,
-                                ray_actor_options=deployment_options("config/serve.yaml")["ray_actor_options"]).bind(
+            floor = Floor.options(max_ongoing_requests=MAX_ONGOING_REQUESTS,
+                                  ray_actor_options=deployment_options("config/serve.yaml")["ray_actor_options"]).bind(
                 llm_base_url=llm_base_url, framing="token" if target == "floor_token" else "phrase")
-            serve.run(app, name=target, route_prefix=f"/{target}", blocking=False)
+            serve.run(floor, name=app, route_prefix=f"/{app}", blocking=False)
             wait_until(lambda: http_ok(f"{base}/healthz"), f"{base}/healthz", timeout_s=timeout_s)
-            return Deployed(target, f"ws://127.0.0.1:{port}/{target}/llm-websocket",
-                            lambda: serve_processes(target), teardown, http_base=base)
+            return Deployed(app, f"ws://127.0.0.1:{port}/{app}/llm-websocket",
+                            lambda: serve_processes(app), teardown, http_base=base)
 
         from serve_app import CallGateway
 
         config_file = CALLRAY_TARGETS[target][0]
         args = callray_args(target, namespace=namespace, redis_url=redis_url, agent_file=agent_file,
                             webhook_key=webhook_key, archive=archive)
+        if app != target:  # two deployments of one config side by side: each its own event stream
+            args["events"]["stream"] = f"callray:{app}:events"
         settings = CallraySettings.parse(args, source=f"{config_file} (bench {target})")
         options = deployment_options(config_file)
-        app = CallGateway.options(**options).bind(settings)
-        serve.run(app, name=target, route_prefix=f"/{target}", blocking=False)
+        if code is not None:
+            actor = options.setdefault("ray_actor_options", {})
+            actor["runtime_env"] = {**actor.get("runtime_env", {}), "working_dir": str(code)}
+        serve.run(CallGateway.options(**options).bind(settings), name=app, route_prefix=f"/{app}", blocking=False)
         wait_until(lambda: http_ok(f"{base}/healthz"), f"{base}/healthz", timeout_s=timeout_s)
-        return Deployed(target, f"ws://127.0.0.1:{port}/{target}{settings.gateway.path_prefix}",
-                        lambda: serve_processes(target, namespace), teardown,
+        return Deployed(app, f"ws://127.0.0.1:{port}/{app}{settings.gateway.path_prefix}",
+                        lambda: serve_processes(app, namespace), teardown,
                         holding=frozenset(p.strip() for p in settings.turns.holding_phrases), http_base=base)
     except Exception as exc:
-        detail = _deploy_failure(target)
+        detail = _deploy_failure(app)
         teardown()
         if detail:
             raise RuntimeError(f"deploying {target} failed: {detail}") from exc

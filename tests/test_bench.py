@@ -271,3 +271,21 @@ def test_regenerate_report_from_saved_json(tmp_path):
     assert main(["bench", "--from-json", str(raw), "--out", str(out)]) == 0
     assert out.read_text().startswith("# Benchmarks")
     assert (tmp_path / "img" / "bench-flow-p99.png").exists()
+
+
+def test_versions_checks_out_each_revision_alone_and_compares_them_round_by_round(tmp_path):
+    from harness import versions
+
+    old = versions.checkout("d26051d", tmp_path / "before")  # before callray/replica.py became runtime.py
+    new = versions.checkout("HEAD", tmp_path / "after")
+    assert (old / "callray/replica.py").exists() and not (old / "callray/runtime.py").exists()
+    assert (new / "callray/runtime.py").exists() and (new / "serve_app.py").exists()
+    assert not (new / "bench/results").exists()  # a replica's working_dir ships only the code
+    stats = {name: [report.round_stats(sim_result(10, [p] * 30)) for p in ps]
+             for name, ps in {"baseline": [100, 100, 100], "before": [200, 400, 300], "after": [100, 400, 600]}.items()}
+    rounds = {("llm", name, 10): rs for name, rs in stats.items()}
+    row = versions.summarise(rounds, versions.VersionsOptions(before="x", agents=["llm"], levels=[10]))["llm/10"]
+    assert row["before"]["p50"] == 300 and row["after"]["p50"] == 400
+    assert row["after_vs_before"]["p50"] == 1.0  # the median of 0.5, 1.0 and 2.0, each within its round
+    with pytest.raises(subprocess.CalledProcessError):
+        versions.checkout("no-such-revision", tmp_path / "nowhere")
