@@ -360,7 +360,8 @@ def deploy_serve_target(target: str, port: int, *, namespace: str, redis_url: st
         options = deployment_options(config_file)
         if code is not None:
             actor = options.setdefault("ray_actor_options", {})
-            actor["runtime_env"] = {**actor.get("runtime_env", {}), "working_dir": str(code)}
+            # a directory every node has (one machine): used in place, not uploaded
+            actor["runtime_env"] = {**actor.get("runtime_env", {}), "working_dir": f"local://{code.resolve()}"}
         serve.run(CallGateway.options(**options).bind(settings), name=app, route_prefix=f"/{app}", blocking=False)
         wait_until(lambda: http_ok(f"{base}/healthz"), f"{base}/healthz", timeout_s=timeout_s)
         return Deployed(app, f"ws://127.0.0.1:{port}/{app}{settings.gateway.path_prefix}",

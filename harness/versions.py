@@ -2,7 +2,7 @@
 
 A refactor must not cost latency, and this machine drifts between runs, so the two versions are
 deployed side by side in each round's Ray session (each replica runs its own checkout as its
-``working_dir``; the settings, deployment options and everything else are this checkout's),
+``working_dir``, checked by the replica's current directory; the settings, deployment options and everything else are this checkout's),
 with the one-process server beside them, and every level is played against each in an order
 that rotates between rounds. A figure is the median over rounds; ``after / before`` is taken
 within each round.
@@ -73,8 +73,8 @@ def fingerprint(folder: Path) -> dict[str, int]:
 
 
 def check_runs(deployed: Deployed, folder: Path) -> None:
-    """The replica runs ``folder``'s code: Ray unpacks a working_dir elsewhere and starts the
-    worker there, so its current directory must hold the same package."""
+    """The replica runs ``folder``'s code: Ray starts the worker in its working_dir, so its
+    current directory must hold the same package."""
     replicas = [pid for kind, pid in deployed.processes() if kind.startswith("ServeReplica")]
     if not replicas:
         raise RuntimeError(f"{deployed.name}: no replica process found")
