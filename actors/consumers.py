@@ -9,7 +9,9 @@ exports its figures as Prometheus metrics through Ray's metrics API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 from typing import Any
 
 import ray
@@ -25,12 +27,18 @@ from callray.stores.redis import RedisStateStore
 log = logging.getLogger("callray.actors.consumers")
 
 METRICS_INTERVAL_S = 5.0
+#: Consumers run behind the calls: on a busy node the CPU goes to turns first, and the stream
+#: holds what the consumers have not read yet (Ray starts its workers, the gateway's among them,
+#: at niceness 15; this is the lowest priority there is).
+CONSUMER_NICENESS = 19
 DURATION_BOUNDARIES_S = [10, 30, 60, 120, 180, 300, 600, 900, 1800, 3600]
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class EventConsumer:
     def __init__(self, settings: CallraySettings, app_name: str, kind: str):
+        with contextlib.suppress(OSError):  # raising one's own niceness needs no privilege
+            os.nice(max(0, CONSUMER_NICENESS - os.nice(0)))
         self.settings = settings
         self.settings.configure_logging()
         self.app_name, self.kind = app_name, kind
