@@ -196,11 +196,9 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run_command(parser.parse_args(argv))
+if __name__ == "__main__":  # the same command as `callray versions`
+    import sys
 
+    from callray.cli import main
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["versions", *sys.argv[1:]]))

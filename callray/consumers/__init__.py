@@ -42,6 +42,20 @@ class Consumer(Protocol):
         """Work on a clock, if any."""
 
 
+class PerEvent:
+    """A consumer whose every effect lands as its event is handled (analytics keeps a
+    projection the stream rebuilds; escalation records each escalation as it acts): nothing to
+    flush before an ack, no batch to wait for, no work on a clock."""
+
+    linger_s = 0.0
+
+    async def flush(self) -> None:
+        pass
+
+    def periodic(self) -> tuple[()]:
+        return ()
+
+
 class SeenEvents:
     """Bounded record of handled events (call_id and key) and of finalised calls.
 

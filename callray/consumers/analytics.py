@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from cachetools import LRUCache
 
-from callray.consumers import SeenEvents
+from callray.consumers import PerEvent, SeenEvents
 from callray.events import (
     CallAnalyzed,
     CallEnded,
@@ -124,13 +124,12 @@ def _call_duration_s(event: CallEnded, started_ts: float | None) -> float | None
     return event.ts - started_ts if started_ts is not None and event.ts >= started_ts else None
 
 
-class Analytics:
+class Analytics(PerEvent):
     """Consumes every event kind; ``snapshot()`` for the dashboard, ``prometheus_samples()`` and
     ``observe`` for a metrics exporter. ``observe`` is set after a replay, so an exporter's
     histograms never count a sample twice."""
 
     kind = "analytics"
-    linger_s = 0.0
 
     def __init__(self, window: int = 2048, max_calls: int = 50_000):
         self.window = window
@@ -152,12 +151,6 @@ class Analytics:
         if agent not in self._stats:
             self._stats[agent] = _Stats(self.window, agent)
         return self._stats[OVERALL], self._stats[agent]
-
-    async def flush(self) -> None:
-        """Nothing to make durable: a projection, rebuilt from the stream when it restarts."""
-
-    def periodic(self) -> tuple[()]:
-        return ()
 
     async def handle(self, event: Event) -> None:
         if self._seen.seen(event):

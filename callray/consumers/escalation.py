@@ -27,7 +27,7 @@ from cachetools import FIFOCache, LRUCache
 
 from callray.agents.base import normalise
 from callray.commands import CallCommand, TransferCall
-from callray.consumers import SeenEvents
+from callray.consumers import PerEvent, SeenEvents
 from callray.events import (
     ESCALATION_SEQ_BASE,
     CallEnded,
@@ -74,11 +74,10 @@ class _CallWatch:
     counted: tuple[int, int] | None = None  # (epoch, seq) of the last turn counted in
 
 
-class Escalation:
+class Escalation(PerEvent):
     """Consumer of ``call.turn`` events; at most one escalation per call."""
 
     kind = "escalation"
-    linger_s = 0.0
 
     def __init__(
         self,
@@ -110,12 +109,6 @@ class Escalation:
         if watch is None:
             watch = self._calls[call_id] = _CallWatch(deque(maxlen=max(1, self.rules.caller_lines)))
         return watch
-
-    async def flush(self) -> None:
-        """Nothing to make durable: each escalation is recorded as it is acted on."""
-
-    def periodic(self) -> tuple[()]:
-        return ()
 
     async def handle(self, event: Event) -> None:
         if self._seen.seen(event):
