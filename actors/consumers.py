@@ -34,11 +34,20 @@ CONSUMER_NICENESS = 19
 DURATION_BOUNDARIES_S = [10, 30, 60, 120, 180, 300, 600, 900, 1800, 3600]
 
 
+def run_behind_calls() -> None:
+    """Every thread of this process at CONSUMER_NICENESS (Linux keeps a niceness per thread, and
+    Ray runs an actor's methods on threads of its own); threads started later inherit it.
+    Lowering one's own priority needs no privilege."""
+    tasks = "/proc/self/task"
+    for tid in os.listdir(tasks) if os.path.isdir(tasks) else [0]:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, int(tid), CONSUMER_NICENESS)
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class EventConsumer:
     def __init__(self, settings: CallraySettings, app_name: str, kind: str):
-        with contextlib.suppress(OSError):  # raising one's own niceness needs no privilege
-            os.nice(max(0, CONSUMER_NICENESS - os.nice(0)))
+        run_behind_calls()
         self.settings = settings
         self.settings.configure_logging()
         self.app_name, self.kind = app_name, kind
