@@ -66,7 +66,8 @@ class IngressOptions(BaseModel):
     profile_calls: int | None = Field(None, ge=1, description="After the rounds, sample the single config's replica "
                                                               "with py-spy under each ingress during a level of this "
                                                               "many calls.")
-    out: Path = Field(Path("docs/ingress.md"), description="The markdown report (its plot beside it in img/).")
+    out: Path = Field(Path("docs/ingress.md"), description="The markdown report (its plot beside it in img/, named after "
+                                                           "it and the agent).")
 
 
 def sim_config(deployed: Deployed, calls: int, options: IngressOptions, tag: str, seed: int) -> SimConfig:
@@ -229,7 +230,8 @@ def write_report(report: dict[str, Any], options: IngressOptions, path: Path) ->
             lines += ["", "Busiest functions (innermost frame):", ""]
             lines += [f"- {share:.1%} `{fn}`" for fn, share in info["top_self"][:8]]
             lines.append("")
-    plot = plot_levels(report, options, path.parent / "img" / f"ingress-{options.agent}.png")
+    stem = path.stem if path.stem.endswith(options.agent) else f"{path.stem}-{options.agent}"  # one plot per report
+    plot = plot_levels(report, options, path.parent / "img" / f"{stem}.png")
     lines += [f"![{metric} p99 by calls, per ingress]({plot.relative_to(path.parent)})", "",
               f"Raw results: `{report['results']}`. Reproduce: `{report['command']}`.", ""]
     path.write_text("\n".join(lines))

@@ -289,3 +289,17 @@ def test_versions_checks_out_each_revision_alone_and_compares_them_round_by_roun
     assert row["after_vs_before"]["p50"] == 1.0  # the median of 0.5, 1.0 and 2.0, each within its round
     with pytest.raises(subprocess.CalledProcessError):
         versions.checkout("no-such-revision", tmp_path / "nowhere")
+
+
+def test_each_ingress_report_keeps_a_plot_of_its_own(tmp_path):
+    """A second report (another --out) overwrote docs/ingress.md's plot: the plot is named after its report."""
+    from harness.ingress import IngressOptions, write_report
+
+    saved = json.loads((PROJECT_DIR / "bench/results/ingress-flow-20261206-141353.json").read_text())
+    plots = set()
+    for out in ("ingress.md", "ingress-haproxy.md"):
+        options = IngressOptions(**{**saved["options"], "out": str(tmp_path / out)})
+        text = write_report(saved, options, tmp_path / out).read_text()
+        plots.add(text.split("](", 1)[1].split(")", 1)[0])
+    assert plots == {"img/ingress-flow.png", "img/ingress-haproxy-flow.png"}
+    assert all((tmp_path / p).exists() for p in plots)
