@@ -137,6 +137,29 @@ async def wait_for_drops(clients: list[RetellClient], timeout: float = 60) -> li
     return [c for c in clients if c.closed]
 
 
+async def open_until_one_lands_on(app: ScaleApp, replicas: set[str], clients: list[RetellClient]) -> None:
+    """Open calls (three, then a few more at most) until one lives on one of ``replicas`` (Serve
+    replica actor names): behind HAProxy a new replica gets sockets only once HAProxy's health
+    checks marked it up, so three calls right after a scale-up may all land on the old one."""
+    from callray.stores.redis import RedisStateStore
+    from callray.stores.redis_client import redis_client
+
+    ids = {name.rsplit("#", 1)[1] for name in replicas}
+    store = RedisStateStore(redis_client(app.args["redis"]["url"]))
+    try:
+        for i in range(12):
+            client = await start_call(app.url, ("Dev", "Eli", "Fay")[i % 3])
+            clients.append(client)
+            owner = await store.owner(client.call_id)
+            if i >= 2 and owner is not None and any(f"-{rid}-" in owner[0] for rid in ids):
+                return
+            if i >= 2:
+                await asyncio.sleep(0.5)
+    finally:
+        await store.client.aclose()
+    raise AssertionError(f"12 new calls and none on the new replica {ids}")
+
+
 async def close_all(clients: list[RetellClient]) -> None:
     await asyncio.gather(*(c.close() for c in clients if not c.closed), return_exceptions=True)
 
@@ -152,8 +175,8 @@ async def test_num_replicas_up_and_down_in_place(make_app):
         app.wait_running(2)
         assert first < app.replica_ids(), "the running replica was replaced: not an in-place update"
         await still_on_same_socket(clients, 2)
-        clients += [await start_call(app.url, name) for name in ("Dev", "Eli", "Fay")]  # some land on the new one
         both = app.replica_ids()
+        await open_until_one_lands_on(app, both - first, clients)
 
         app.apply(num_replicas=1)
         app.wait_running(1)
