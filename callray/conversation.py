@@ -107,6 +107,7 @@ def checked_output(item: Any) -> Any:
         raise AgentOutputError(f"Speech.text must be str, got {type(item.text).__name__}")
     return item
 
+
 class Phase(enum.Enum):
     """Where one activation of a call is in its life. It runs one way: a dropped activation
     (deactivated, or lost to a newer one) never serves again; the next socket activates anew."""
@@ -630,8 +631,8 @@ class Conversation:
         """Speak now (``agent_interrupt``), cancelling any in-flight response. False if no socket."""
         if self.outbox is None:
             return False
-        pending = self.state.pending_action
-        if transfer_number and isinstance(pending, PendingTransfer) and pending.number == transfer_number:
+        under_way = self.state.pending_action
+        if transfer_number and isinstance(under_way, PendingTransfer) and under_way.number == transfer_number:
             return True  # this transfer is under way already (an escalation acted twice): say nothing again
         self._cancel_generation()
         self.state.interrupt_id += 1

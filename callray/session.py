@@ -98,19 +98,16 @@ class SocketSession:
     def state(self) -> SessionState:
         return self.life.state
 
-    def _move(self, new: SessionState) -> None:
-        self.life.move(new)
-
     def _closing(self, code: int | None = None) -> None:
         """Enter CLOSING (once) with ``code``; later reasons do not override the first."""
         if self.state not in (SessionState.CLOSING, SessionState.CLOSED):
-            self._move(SessionState.CLOSING)
+            self.life.move(SessionState.CLOSING)
             self.close_code = code
 
     async def run(self) -> None:
         """Accept at once, then live until either side closes."""
         await self.ws.accept()
-        self._move(SessionState.ATTACHING)
+        self.life.move(SessionState.ATTACHING)
         self.outbox.put(Frame(config_frame(self.settings.auto_reconnect, self.settings.call_details,
                                           self.settings.transcript_with_tool_calls)))
         tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._write())]
@@ -152,7 +149,7 @@ class SocketSession:
                 return
         if self.state is not SessionState.ATTACHING:
             return
-        self._move(SessionState.LIVE)
+        self.life.move(SessionState.LIVE)
         early, self._early = self._early, None
         for event, frame in early or ():
             self.link.deliver(event, frame)
@@ -221,4 +218,4 @@ class SocketSession:
                     await self.ws.close(code=self.close_code)
             except (RuntimeError, OSError, TimeoutError):
                 pass
-        self._move(SessionState.CLOSED)
+        self.life.move(SessionState.CLOSED)
