@@ -30,6 +30,7 @@ from rich.table import Table
 
 from callray.settings import PROJECT_DIR
 from callray.sim.simulator import SimConfig
+from harness.ingress import METRIC, IngressOptions, sim_config
 from harness.report import median_of, ratio, round_stats
 from harness.suite import machine_info, simulate
 from harness.targets import (
@@ -37,7 +38,6 @@ from harness.targets import (
     write_llm_agent,
 )
 
-METRIC = {"flow": "first_chunk_ms", "llm": "first_sentence_ms"}
 
 
 class VersionsOptions(BaseModel):
@@ -89,6 +89,7 @@ def run(options: VersionsOptions, console: Console, command: str) -> dict[str, A
     procs = Processes(tmp)
     code = {"before": checkout(options.before, tmp / "before"), "after": checkout(options.after, tmp / "after")}
     rounds: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    load = IngressOptions(turns=options.turns, think_s=options.think_s)  # the ingress run's Retell-shaped load
     try:
         redis_url = procs.start_redis(tmp / "redis") if options.target in REDIS_TARGETS else None
         llm_url = procs.start_fake_llm(200.0, 50.0) if "llm" in options.agents else None
@@ -112,11 +113,8 @@ def run(options: VersionsOptions, console: Console, command: str) -> dict[str, A
                         order = list(deployed)[r % 3:] + list(deployed)[:r % 3]
                         for calls in options.levels:
                             for name in order:
-                                config = SimConfig(url=deployed[name].url, calls=calls, turns=options.turns,
-                                                   think_s=options.think_s, ramp_s=0.01 * calls, supersede_rate=0.1,
-                                                   reminder_rate=0.05, seed=options.seed + calls + 1000 * r,
-                                                   call_id_prefix=f"{name}-{agent}-{calls}-r{r}",
-                                                   holding_phrases=sorted(deployed[name].holding))
+                                config = sim_config(deployed[name], calls, load, f"{name}-{agent}-{calls}-r{r}",
+                                                    options.seed + calls + 1000 * r)
                                 stats = round_stats(simulate(config, console, f"round {r + 1} {agent} {name} {calls}"))
                                 stats.pop("samples", None)
                                 rounds.setdefault((agent, name, calls), []).append(stats)
@@ -125,12 +123,8 @@ def run(options: VersionsOptions, console: Console, command: str) -> dict[str, A
                                             f"p50 {lat['p50']} p99 {lat['p99']} ms")
                                 time.sleep(1)
                     finally:
-                        for name in ("baseline",):
-                            if name in deployed:
-                                deployed[name].teardown()
-                        for version in code:
-                            if version in deployed:
-                                deployed[version].teardown()
+                        for target in deployed.values():
+                            target.teardown()
     finally:
         procs.close()
         shutil.rmtree(tmp, ignore_errors=True)

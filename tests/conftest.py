@@ -117,21 +117,12 @@ READ_TOKEN = "read-token-of-the-test-deployments"
 ADMIN_TOKEN = "admin-token-of-the-test-deployments"
 
 
-def shipped_actor_options() -> dict:
-    """The CallGateway's ``ray_actor_options`` in config/serve.yaml (the tests' replicas run as shipped)."""
-    import yaml
-
-    from callray.settings import PROJECT_DIR
-
-    doc = yaml.safe_load((PROJECT_DIR / "config/serve.yaml").read_text())
-    return doc["applications"][0]["deployments"][0]["ray_actor_options"]
-
-
 def deploy(name: str, args: dict, port: int, *, replicas: int = 1, env: dict[str, str] | None = None) -> str:
     """Deploy callray as application ``name`` under ``/name``; returns its WebSocket base URL.
     ``env`` is added to the replicas' environment (as a deployment's own environment would be)."""
     from ray import serve
 
+    from harness.targets import deployment_options
     from serve_app import CallGateway, CallraySettings
 
     args.setdefault("gateway", {}).setdefault("read_token", READ_TOKEN)
@@ -141,7 +132,7 @@ def deploy(name: str, args: dict, port: int, *, replicas: int = 1, env: dict[str
         args["archive"] = {"backend": "files", "dir": tempfile.mkdtemp(prefix=f"callray-archive-{name}-")}
         ARCHIVE_DIRS.append(args["archive"]["dir"])
     settings = CallraySettings.parse(args)
-    actor = shipped_actor_options()
+    actor = deployment_options("config/serve.yaml")["ray_actor_options"]  # the replicas run as shipped
     actor.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env or {})
     options: dict = {"num_replicas": replicas, "ray_actor_options": actor}
     app = CallGateway.options(**options).bind(settings)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from callray.sim.client import RetellClient
-from tests.conftest import shipped_actor_options
+from harness.targets import deployment_options
 from tests.test_serve_durable import reconnect, start_call
 
 pytestmark = pytest.mark.ray
@@ -42,7 +42,7 @@ class ScaleApp:
         from ray.serve.schema import ServeDeploySchema
 
         options = {"name": "CallGateway", "max_ongoing_requests": 1000, "graceful_shutdown_timeout_s": GRACE_S,
-                   "ray_actor_options": shipped_actor_options(), **deployment}
+                   "ray_actor_options": deployment_options("config/serve.yaml")["ray_actor_options"], **deployment}
         config = ServeDeploySchema.model_validate({"applications": [{
             "name": self.name, "route_prefix": f"/{self.name}", "import_path": "serve_app:build_app",
             "args": self.args, "deployments": [options]}]})
