@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import AsyncIterator, Any
+from typing import AsyncIterator
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -21,7 +21,7 @@ from redis.exceptions import RedisError, ResponseError
 from callray.events import Event, parse_event
 from callray.events.bus import Delivery, _BufferedEmitter, retention_bound, stream_fields
 from callray.stores.base import StoreUnavailableError
-from callray.stores.redis_client import REDIS_SETTING, connect_redis
+from callray.stores.redis_client import RedisBacked
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ return {trimmed, forced, dead, dead_expired}
 """
 
 
-class RedisStreamBus(_BufferedEmitter):
+class RedisStreamBus(RedisBacked, _BufferedEmitter):
     """At-least-once events on one Redis Stream with a consumer group per consumer kind.
 
     Retention: at most ``maxlen`` acknowledged entries, none older than ``retention_s`` once
@@ -132,11 +132,6 @@ class RedisStreamBus(_BufferedEmitter):
         self._last_claim: dict[str, float] = {}
         timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
         self._max_block_ms = max(0, int(timeout * 1000) - 200) if timeout else None
-
-    @classmethod
-    async def connect(cls, url: str, *, setting: str = REDIS_SETTING, **kwargs: Any) -> "RedisStreamBus":
-        """Open a pooled client for ``url`` and fail at start (naming ``setting``) if Redis is down."""
-        return cls(await connect_redis(url, setting), owns_client=True, **kwargs)
 
     # -- producing -------------------------------------------------------------------------
     async def _publish_many(self, events: list[Event]) -> None:
@@ -357,5 +352,4 @@ class RedisStreamBus(_BufferedEmitter):
 
     async def close(self) -> None:
         await self._close_emitter()
-        if self._owns_client:
-            await self.client.aclose()
+        await super().close()

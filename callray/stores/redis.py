@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from callray.events import Event
 from callray.stores.base import CallFencedError, CallState, Claim, StaleStateError, StoreUnavailableError
 from callray.events.bus import stream_fields
-from callray.stores.redis_client import REDIS_SETTING, connect_redis
+from callray.stores.redis_client import RedisBacked
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -98,7 +98,7 @@ async def _once_more_on_reconnect(command: Callable[[], Awaitable[T]]) -> T:
         return await command()
 
 
-class RedisStateStore:
+class RedisStateStore(RedisBacked):
     """Versioned call state in Redis with the same compare-and-set and epoch rules as
     MemoryStateStore: a hash per call with ``v`` (version), ``s`` (the CallState JSON), ``e``
     (owner epoch), ``o`` (owner) and ``q`` (the last event seq appended). Every save and claim
@@ -116,17 +116,6 @@ class RedisStateStore:
         self.stream_max = stream_max
         self._save_script = client.register_script(_CAS_SAVE)
         self._claim_script = client.register_script(_CLAIM)
-        self._owns_client = False
-
-    @classmethod
-    async def connect(
-        cls, url: str, ttl_s: float = 3600.0, *, prefix: str = "callray:call:", setting: str = REDIS_SETTING
-    ) -> RedisStateStore:
-        """Open a client for ``url`` and PING it: a wrong URL fails here, naming ``setting``."""
-        client = await connect_redis(url, setting)
-        store = cls(client, ttl_s=ttl_s, prefix=prefix)
-        store._owns_client = True
-        return store
 
     @property
     def carries_events(self) -> bool:
@@ -192,13 +181,8 @@ class RedisStateStore:
         except _DOWN as exc:
             raise StoreUnavailableError(f"Redis state store: {what} of call {call_id} failed: {exc}") from exc
 
-    async def close(self) -> None:
-        """Close the client if ``connect`` opened it; a client passed in belongs to the caller."""
-        if self._owns_client:
-            await self.client.aclose()
 
-
-class RedisResponseCache:
+class RedisResponseCache(RedisBacked):
     """Answers shared by every replica, keyed by agent, agent version and a hash of the key.
 
     The agent and version are both in the key name and in the hash, so one agent's answer is
@@ -215,17 +199,6 @@ class RedisResponseCache:
     ):
         self.client, self.ttl_s, self.prefix = client, ttl_s, prefix
         self._stats: dict[str, dict[str, int]] = defaultdict(lambda: {"hits": 0, "misses": 0, "errors": 0})
-        self._owns_client = False
-
-    @classmethod
-    async def connect(
-        cls, url: str, ttl_s: float = 3600.0, *, prefix: str = "callray:cache:", setting: str = REDIS_SETTING
-    ) -> RedisResponseCache:
-        """Open a client for ``url`` and PING it: a wrong URL fails here, naming ``setting``."""
-        client = await connect_redis(url, setting)
-        cache = cls(client, ttl_s=ttl_s, prefix=prefix)
-        cache._owns_client = True
-        return cache
 
     def key(self, agent: str, version: str, key: str) -> str:
         digest = hashlib.sha256(json.dumps([agent, version, key]).encode()).hexdigest()
@@ -300,8 +273,3 @@ class RedisResponseCache:
 
     def _count(self, agent: str, kind: str) -> None:
         self._stats[agent][kind] += 1
-
-    async def close(self) -> None:
-        """Close the client if ``connect`` opened it; a client passed in belongs to the caller."""
-        if self._owns_client:
-            await self.client.aclose()

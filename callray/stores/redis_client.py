@@ -3,6 +3,8 @@ names the setting (never the URL's password)."""
 
 from __future__ import annotations
 
+from typing import Any, Self
+
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -63,3 +65,24 @@ async def connect_redis(url: str, setting: str = REDIS_SETTING, **options: float
         await client.aclose()
         raise
     return client
+
+
+class RedisBacked:
+    """Something kept in Redis: built on a client its caller owns, or by :meth:`connect` on a
+    client of its own, which :meth:`close` then closes."""
+
+    client: aioredis.Redis
+    _owns_client = False
+
+    @classmethod
+    async def connect(cls, url: str, *, setting: str = REDIS_SETTING, **options: Any) -> Self:
+        """Open a pooled client for ``url`` (``options``: the constructor's) and PING it: a wrong
+        URL fails here, naming ``setting``."""
+        backed = cls(await connect_redis(url, setting), **options)
+        backed._owns_client = True
+        return backed
+
+    async def close(self) -> None:
+        """Close the client if ``connect`` opened it; a client passed in belongs to the caller."""
+        if self._owns_client:
+            await self.client.aclose()
