@@ -37,7 +37,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Iterator, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
@@ -571,22 +571,55 @@ class ChaosOptions(BaseModel):
     out: Path | None = Field(None, description="Report JSON (default: bench/results/chaos-<target>-<time>.json).")
 
 
+@contextlib.contextmanager
+def scratch(kind: str, console: Console) -> Iterator[tuple[Path, RedisServer]]:
+    """A temp dir with a private redis-server in it, the project as the working directory (Ray
+    workers import serve_app from there); the dir goes after a clean run, stays after a failure."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"callray-{kind}-"))
+    (tmp / "redis").mkdir()
+    redis = RedisServer(tmp / "redis", log_path=tmp / "redis.log")
+    previous_cwd = os.getcwd()
+    os.chdir(PROJECT_DIR)
+    ok = False
+    try:
+        redis.start()
+        console.log(f"private redis-server at {redis.url} (appendonly)")
+        yield tmp, redis
+        ok = True
+    finally:
+        redis.stop()
+        os.chdir(previous_cwd)
+        if ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            console.log(f"redis log kept in {tmp}")
+
+
+@contextlib.contextmanager
+def torn_down(deployed: Any) -> Iterator[Any]:
+    """A deployed target, torn down after use (a teardown failing after a failure is not news)."""
+    try:
+        yield deployed
+    except BaseException:
+        with contextlib.suppress(Exception):
+            deployed.teardown()
+        raise
+    deployed.teardown()
+
+
+def warm_up(url: str, calls: int, tag: str) -> None:
+    """A few one-turn calls before the measured ones: fail early when none completes."""
+    warm = asyncio.run(run_simulation(SimConfig(url=url, calls=calls, turns=1, think_s=0.2, call_id_prefix=f"warm-{tag}")))
+    if warm.counts.get("calls_completed", 0) == 0:
+        raise RuntimeError(f"warm-up: no call completed ({warm.dropped}, {warm.violations})")
+
+
 def run_standalone(options: ChaosOptions, console: Console) -> dict[str, Any]:
     """Start Redis, Ray and Serve, deploy the target, run the chaos, stop everything."""
     from harness.targets import CALLRAY_TARGETS, Processes, deploy_serve_target, ray_session, write_llm_agent
 
     tag = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    tmp = Path(tempfile.mkdtemp(prefix="callray-chaos-"))
-    (tmp / "redis").mkdir()
-    redis = RedisServer(tmp / "redis", log_path=tmp / "redis.log")
-    procs = Processes(tmp)  # the fake LLM (llm agent)
-    previous_cwd = os.getcwd()
-    os.chdir(PROJECT_DIR)  # Ray workers import serve_app and actors from here
-    deployed = None
-    ok = False
-    try:
-        redis.start()
-        console.log(f"private redis-server at {redis.url} (appendonly)")
+    with scratch("chaos", console) as (tmp, redis), contextlib.closing(Processes(tmp)) as procs:  # procs: the fake LLM
         llm_url = agent_file = None
         if options.agent == "llm":
             llm_url = procs.start_fake_llm(options.llm_ttft_ms, options.llm_tokens_per_s)
@@ -595,35 +628,18 @@ def run_standalone(options: ChaosOptions, console: Console) -> dict[str, Any]:
         with ray_session(console, options.ingress) as serve_port:
             namespace = f"bench-{tag}-{options.target}-{options.agent}"
             console.log(f"deploying {options.target} ({CALLRAY_TARGETS[options.target][0]})")
-            deployed = deploy_serve_target(options.target, serve_port, namespace=namespace, redis_url=redis.url,
-                                           llm_base_url=llm_url, agent_file=agent_file)
-            target = chaos_target(options.target, deployed, namespace, redis, agent_file)
-            warm = asyncio.run(run_simulation(SimConfig(url=deployed.url, calls=4, turns=1, think_s=0.2,
-                                                        call_id_prefix=f"warm-{tag}")))
-            if warm.counts.get("calls_completed", 0) == 0:
-                raise RuntimeError(f"warm-up: no call completed ({warm.dropped}, {warm.violations})")
-            sim = SimConfig(url=deployed.url, calls=options.calls, turns=options.turns, think_s=options.think_s,
-                            ramp_s=min(5.0, 0.1 * options.calls), supersede_rate=options.supersede_rate,
-                            drop_reconnects=RETELL_DROP_RECONNECTS, turn_timeout_s=20.0, seed=options.plan.seed,
-                            call_id_prefix=f"chaos-{tag}")
-            console.log(f"chaos: {options.calls} calls x {options.turns} turns, faults at "
-                        + ", ".join(f"{t:.0f}s {k}" for t, k in options.plan.timeline()))
-            report = asyncio.run(run_chaos(target, sim, options.plan, console))
-            report["started_at"], report["ingress"] = tag, options.ingress
-            deployed.teardown()
-            deployed = None
-        ok = True
-    finally:
-        if deployed is not None:
-            with contextlib.suppress(Exception):
-                deployed.teardown()
-        procs.close()
-        redis.stop()
-        os.chdir(previous_cwd)
-        if ok:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            console.log(f"redis log kept in {tmp}")
+            with torn_down(deploy_serve_target(options.target, serve_port, namespace=namespace, redis_url=redis.url,
+                                               llm_base_url=llm_url, agent_file=agent_file)) as deployed:
+                target = chaos_target(options.target, deployed, namespace, redis, agent_file)
+                warm_up(deployed.url, 4, tag)
+                sim = SimConfig(url=deployed.url, calls=options.calls, turns=options.turns, think_s=options.think_s,
+                                ramp_s=min(5.0, 0.1 * options.calls), supersede_rate=options.supersede_rate,
+                                drop_reconnects=RETELL_DROP_RECONNECTS, turn_timeout_s=20.0, seed=options.plan.seed,
+                                call_id_prefix=f"chaos-{tag}")
+                console.log(f"chaos: {options.calls} calls x {options.turns} turns, faults at "
+                            + ", ".join(f"{t:.0f}s {k}" for t, k in options.plan.timeline()))
+                report = asyncio.run(run_chaos(target, sim, options.plan, console))
+                report["started_at"], report["ingress"] = tag, options.ingress
     out = options.out or PROJECT_DIR / "bench" / "results" / f"chaos-{options.target}-{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
@@ -666,22 +682,12 @@ def options_from_args(args: argparse.Namespace) -> ChaosOptions:
 
 def run_command(args: argparse.Namespace) -> int:
     """``callray chaos`` / ``python -m harness.chaos``: exit 0 only with no lost turn and no dropped call."""
-    from harness.suite import run_until_interrupted
+    from harness.suite import run_check
 
-    console = Console()
-    report = run_until_interrupted(lambda: run_standalone(options_from_args(args), console), console)
-    if report is None:
-        return 130
-    print_report(report, console)
-    console.print(f"report: {report['path']}")
-    return 0 if report["summary"]["ok"] else 1
+    return run_check(lambda console: run_standalone(options_from_args(args), console), print_report)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.chaos", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run_command(parser.parse_args(argv))
+if __name__ == "__main__":  # the same command as `callray chaos`
+    from callray.cli import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["chaos", *sys.argv[1:]]))

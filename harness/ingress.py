@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -334,8 +335,6 @@ def run_command(args: argparse.Namespace) -> int:
             values[key] = getattr(args, key)
     options = IngressOptions(**values)
     console = Console()
-    import sys
-
     report = run(options, console, "callray ingress " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["ingress"]
                                                                   else sys.argv[1:]))
     print_summary(report, console)
@@ -343,11 +342,7 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run_command(parser.parse_args(argv))
+if __name__ == "__main__":  # the same command as `callray ingress`
+    from callray.cli import main
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main(["ingress", *sys.argv[1:]]))

@@ -30,9 +30,7 @@ import json
 import math
 import os
 import secrets
-import shutil
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -43,10 +41,9 @@ from rich.console import Console
 from rich.table import Table
 
 from callray.settings import PROJECT_DIR
-from callray.sim.local import RedisServer
 from callray.sim.simulator import Recorder, SimConfig, run_simulation
 from harness.chaos import (ChaosTarget, FaultPlan, SocketLog, chaos_report, chaos_target, check_events,
-                           inject_faults)
+                           inject_faults, scratch, torn_down, warm_up)
 from callray.stats import percentile
 
 #: Retell reconnects up to 4 times after an abnormal close.
@@ -301,47 +298,20 @@ async def soak(url: str, app: str, options: SoakOptions, console: Console, tag: 
 
 def run_standalone(options: SoakOptions, console: Console) -> dict[str, Any]:
     """Start Redis, Ray and Serve, deploy the target, soak it, stop everything, write JSON and PNG."""
-    from callray.sim.simulator import SimConfig as _Sim
     from harness.suite import machine_info
     from harness.targets import deploy_serve_target, ray_session
 
     tag = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    tmp = Path(tempfile.mkdtemp(prefix="callray-soak-"))
-    (tmp / "redis").mkdir()
-    redis = RedisServer(tmp / "redis", log_path=tmp / "redis.log")
-    previous_cwd = os.getcwd()
-    os.chdir(PROJECT_DIR)
-    deployed = None
-    ok = False
-    try:
-        redis.start()
-        console.log(f"private redis-server at {redis.url}")
-        with ray_session(console) as serve_port:
-            webhook_key = secrets.token_hex(16)  # Retell's call_ended after every call, as in production
-            deployed = deploy_serve_target(options.target, serve_port, namespace=f"soak-{tag}", redis_url=redis.url,
-                                           webhook_key=webhook_key)
+    with scratch("soak", console) as (_, redis), ray_session(console) as serve_port:
+        webhook_key = secrets.token_hex(16)  # Retell's call_ended after every call, as in production
+        with torn_down(deploy_serve_target(options.target, serve_port, namespace=f"soak-{tag}", redis_url=redis.url,
+                                           webhook_key=webhook_key)) as deployed:
             target = chaos_target(options.target, deployed, f"soak-{tag}", redis) if options.faults else None
-            warm = asyncio.run(run_simulation(_Sim(url=deployed.url, calls=8, turns=1, think_s=0.2,
-                                                   call_id_prefix=f"warm-{tag}")))
-            if warm.counts.get("calls_completed", 0) == 0:
-                raise RuntimeError(f"warm-up: no call completed ({warm.dropped}, {warm.violations})")
+            warm_up(deployed.url, 8, tag)
             console.log(f"soak: {options.calls} calls for {options.minutes:g} min, {options.turns_per_call} turns per "
                         f"call, talk time ~{options.think_s:g} s, a sample every {options.sample_s:g} s")
             report = asyncio.run(soak(deployed.url, options.target, options, console, tag, target,
                                       webhook=(f"{deployed.http_base}/webhook", webhook_key)))
-            deployed.teardown()
-            deployed = None
-        ok = True
-    finally:
-        if deployed is not None:
-            with contextlib.suppress(Exception):
-                deployed.teardown()
-        redis.stop()
-        os.chdir(previous_cwd)
-        if ok:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            console.log(f"redis log kept in {tmp}")
     report.update(started_at=tag, options=options.model_dump(mode="json"), machine=machine_info())
     out = options.out or PROJECT_DIR / "bench" / "results" / f"soak-{options.target}-{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -403,26 +373,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """``callray soak`` / ``python -m harness.soak``: exit 0 when the soak saw no error."""
-    from harness.suite import run_until_interrupted
+    from harness.suite import run_check
 
-    console = Console()
     options = SoakOptions(target=args.target, calls=args.calls, minutes=args.minutes,
                           turns_per_call=args.turns_per_call, think_s=args.think_s,
                           sample_s=args.sample_s or (15.0 if args.minutes < 5 else 30.0), faults=args.faults,
                           out=args.out)
-    report = run_until_interrupted(lambda: run_standalone(options, console), console)
-    if report is None:
-        return 130
-    print_report(report, console)
-    console.print(f"report: {report['path']}, plot: {report['plot']}")
-    return 0 if report["summary"]["ok"] else 1
+    return run_check(lambda console: run_standalone(options, console), print_report)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.soak", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run_command(parser.parse_args(argv))
+if __name__ == "__main__":  # the same command as `callray soak`
+    from callray.cli import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["soak", *sys.argv[1:]]))

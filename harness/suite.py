@@ -505,6 +505,18 @@ def run_until_interrupted(run: Callable[[], Any], console: Console) -> Any | Non
         signal.signal(signal.SIGTERM, previous)
 
 
+def run_check(run: Callable[[Console], dict[str, Any]], print_report: Callable[[dict[str, Any], Console], None]) -> int:
+    """A standalone check's command (``callray chaos``, ``callray soak``): run it so that Ctrl-C
+    still cleans up, print its report and where it was written; exit 0 only when it passed."""
+    console = Console()
+    report = run_until_interrupted(lambda: run(console), console)
+    if report is None:
+        return 130
+    print_report(report, console)
+    console.print(f"report: {report['path']}" + (f", plot: {report['plot']}" if report.get("plot") else ""))
+    return 0 if report["summary"]["ok"] else 1
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
