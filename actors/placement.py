@@ -122,7 +122,7 @@ class RemoteLink:
                 stream = None
                 self._attached.clear()
                 failing_since = failing_since or time.monotonic()
-                if time.monotonic() - failing_since > self.settings.host_retry_s:
+                if time.monotonic() - failing_since > self.settings.activate_timeout_s:
                     log.error("call %s: host unavailable: %r", self.call_id, exc, extra={"call_id": self.call_id})
                     self.outbox.close(StreamEnd.UNAVAILABLE)
                     return
@@ -165,7 +165,7 @@ class RemoteLink:
                     self.outbox.close(StreamEnd.SUPERSEDED)
                     return
                 failing_since = failing_since or time.monotonic()
-                if time.monotonic() - failing_since > self.settings.host_retry_s:
+                if time.monotonic() - failing_since > self.settings.activate_timeout_s:
                     self.outbox.close(StreamEnd.UNAVAILABLE)
                     return
                 await asyncio.sleep(0.05)  # the pump is re-attaching to the restarted host

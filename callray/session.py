@@ -137,8 +137,8 @@ class SocketSession:
                 raise
             except self.link.retryable as exc:
                 failing_since = failing_since or time.monotonic()
-                if time.monotonic() - failing_since > self.settings.host_retry_s:
-                    log.error("call %s: not activated within %s s: %s", self.call_id, self.settings.host_retry_s,
+                if time.monotonic() - failing_since > self.settings.activate_timeout_s:
+                    log.error("call %s: not activated within %s s: %s", self.call_id, self.settings.activate_timeout_s,
                               exc, extra={"call_id": self.call_id})
                     self.outbox.close(StreamEnd.UNAVAILABLE)
                     return

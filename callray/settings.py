@@ -60,13 +60,21 @@ class GatewaySettings(EnvSection):
     auto_reconnect: bool = Field(default=True, description="Ask Retell for ping_pong keepalives and reconnects (sent in the config frame).")
     call_details: bool = Field(default=True, description="Ask Retell to send the call object (call_details) after connecting.")
     transcript_with_tool_calls: bool = Field(default=True, description="Ask Retell to send the transcript with the tool calls and results in place, so an LLM agent remembers what its tools returned (each request then carries both transcripts).")
-    host_retry_s: float = Field(default=30.0, gt=0, description="How long a new socket waits for its call to be activated (its state store or host restarting) before the connection is dropped without a close frame (Retell reconnects, as after a replica's death).")
+    activate_timeout_s: float = Field(default=30.0, gt=0, description="How long a new socket waits for its call to be activated (its state store or host restarting) before the connection is dropped without a close frame (Retell reconnects, as after a replica's death).")
     max_frames_per_s: float = Field(default=30.0, ge=1, description="Frames one socket may send per second on average (bursts of three seconds' worth); a socket that sends faster is closed with 1008. Retell sends a few per second.")
     max_queued_frames: int = Field(default=1000, ge=16, description="Outbound frames one socket may have waiting for a reader that does not read; beyond, it is closed with 1013 and what it held is freed.")
     read_token: str | None = Field(default="${CALLRAY_READ_TOKEN:-}", description="Bearer token of the read routes (GET /calls/{id}, /analytics, /ui), which serve callers' words and numbers. Unset or empty: those routes are off (404), never open.")
     admin_token: str | None = Field(default="${CALLRAY_ADMIN_TOKEN:-}", description="Bearer token of the erasure routes (DELETE /calls/{id}, DELETE /callers/{number}), which remove callers' data for good. Unset or empty: those routes are off (404). Must differ from read_token: reading is not erasing.")
     guard: SocketGuardSettings = Field(default_factory=SocketGuardSettings, description="Who may open a socket: shared secret in the URL, IP allowlist, rate and call limits.")
     ingress: Literal["proxy", "haproxy"] = Field(default="proxy", description="The Serve ingress this deployment is meant to run behind, chosen when Ray starts (docs/operations.md, 'The ingress'): proxy = Serve's Python proxy (the default of Ray); haproxy = HAProxy in front of replicas that serve sockets themselves (start Ray with RAY_SERVE_ENABLE_HA_PROXY=1). A replica behind the other one logs how to start Ray for this one, and serves anyway.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _host_retry_s_renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "host_retry_s" in data:
+            raise ValueError("host_retry_s is now activate_timeout_s (it is how long a socket waits for its call's "
+                             "activation, whatever the placement)")
+        return data
 
     @field_validator("read_token", "admin_token")
     @classmethod

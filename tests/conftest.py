@@ -190,7 +190,7 @@ def durable_app(serve_port, redis_server, fake_llm, tmp_path_factory) -> str:
         "redis": {"url": redis_server.url}, "state": {"backend": "redis"},
         "cache": {"backend": "redis"},
         "hosts": {"namespace": "callray-test-durable"},
-        "gateway": {"host_retry_s": 60},
+        "gateway": {"activate_timeout_s": 60},
         "webhook": {"api_key": WEBHOOK_KEY},
     }, serve_port, replicas=2)
 

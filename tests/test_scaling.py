@@ -91,7 +91,7 @@ def make_app(serve_port, redis_server, tmp_path) -> Iterator[Any]:
             "redis": {"url": redis_server.url}, "state": {"backend": "redis"},
             "cache": {"backend": "redis"},
             "hosts": {"namespace": NAMESPACE},
-            "gateway": {"host_retry_s": 60},
+            "gateway": {"activate_timeout_s": 60},
             "archive": {"dir": str(tmp_path / f"archive-{name}")},
         })
         apps.append(app)

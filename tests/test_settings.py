@@ -36,6 +36,11 @@ def test_the_old_state_redis_url_names_its_new_place():
         CallraySettings.parse({"state": {"backend": "redis", "redis_url": "redis://h:6379/0"}})
 
 
+def test_the_old_host_retry_s_names_its_new_name():
+    with pytest.raises(SettingsError, match=r"gateway: .*host_retry_s is now activate_timeout_s"):
+        CallraySettings.parse({"gateway": {"host_retry_s": 30}})
+
+
 @pytest.mark.parametrize("args, field", [
     ({"hosts": {"warm_pool": -1}}, "hosts.warm_pool"),
     ({"hosts": {"placement": "shared"}}, "hosts.placement"),
