@@ -426,7 +426,7 @@ async def test_clinic_agent_escalates_and_handles_emergencies() -> None:
 
 def _reference_score(matcher, utterance: str):
     """The matching rules as written in the docs, one matcher at a time (the slow way)."""
-    from callray.agents.flow import EXACT, KEYWORDS, PHRASE
+    from callray.agents.flow.matching import EXACT, KEYWORDS, PHRASE
 
     best = None
     for phrase in matcher.exact + matcher.phrases:
@@ -446,12 +446,12 @@ def _reference_score(matcher, utterance: str):
 
 @functools.cache
 def _clinic_matchers() -> tuple[dict, Any]:
-    from callray.agents.flow import _MatchIndex
+    from callray.agents.flow.matching import MatchIndex
 
     config = load_flow_agent(CLINIC).config
     matchers = {i.name: i.compile() for i in config.intents}
     matchers["esc:"] = config.escalation.compile()
-    return matchers, _MatchIndex(matchers)
+    return matchers, MatchIndex(matchers)
 
 
 @settings(max_examples=300, deadline=None)

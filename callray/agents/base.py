@@ -15,6 +15,8 @@ from typing import Any, AsyncIterator, ClassVar, Literal, Sequence, Union
 
 from pydantic import BaseModel
 
+from callray.agents.templates import fields, render
+
 # --------------------------------------------------------------------------- agent output
 
 
@@ -184,33 +186,9 @@ def call_variables(call: dict[str, Any]) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- the agent
 
-_PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}|\{(\w+)\}")
-_SPACE_BEFORE_PUNCT = re.compile(r"[ \t]+([,.!?;:])")
-_DOUBLE_SPACE = re.compile(r"[ \t]{2,}")
-
-
-def render_template(template: str, variables: dict[str, str]) -> str:
-    """Fill ``{name}`` (or Retell-style ``{{name}}``) placeholders; a missing one becomes ""
-    and the spacing around it is tidied, so a greeting never says a placeholder aloud."""
-    missing = False
-
-    def fill(match: re.Match[str]) -> str:
-        nonlocal missing
-        name = match.group(1) or match.group(2)
-        if name in variables:
-            return variables[name]
-        missing = True
-        return ""
-
-    text = _PLACEHOLDER.sub(fill, template)
-    if missing:
-        text = _DOUBLE_SPACE.sub(" ", _SPACE_BEFORE_PUNCT.sub(r"\1", text))
-    return text
-
-
 def uses_variables(template: str) -> bool:
-    """Whether a template has a ``{name}`` placeholder (its greeting should wait for call_details)."""
-    return _PLACEHOLDER.search(template) is not None
+    """Whether a template has a placeholder (its greeting should wait for call_details)."""
+    return bool(fields(template))
 
 
 #: What the caller hears when an agent fails and has no fallback line of its own.
@@ -244,7 +222,7 @@ class Agent:
 
     def begin_message(self, state: dict[str, Any], call: dict[str, Any]) -> str:
         """The greeting spoken as response 0 ("" lets the caller speak first)."""
-        return render_template(self.greeting, call_variables(call)).strip()
+        return render(self.greeting, call_variables(call).get).strip()
 
     @property
     def greeting_uses_call(self) -> bool:

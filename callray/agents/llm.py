@@ -42,10 +42,10 @@ from callray.agents.base import (
     Usage,
     call_variables,
     normalise,
-    render_template,
     uses_variables,
 )
 from callray.agents.phrases import PhraseChunker, chunk_phrases
+from callray.agents.templates import render
 from callray.agents.tools import (
     END_CALL,
     MAX_RESULT_CHARS,
@@ -356,7 +356,7 @@ class LLMAgent(Agent):
         return self.config.fallback_line
 
     def begin_message(self, state: dict[str, Any], call: dict[str, Any]) -> str:
-        return render_template(self.config.begin_message, call_variables(call)).strip()
+        return render(self.config.begin_message, call_variables(call).get).strip()
 
     @property
     def greeting_uses_call(self) -> bool:
@@ -416,7 +416,7 @@ class LLMAgent(Agent):
             history.append(message)
         history.reverse()
         messages: list[dict[str, Any]] = [
-            {"role": "system", "content": render_template(self.config.system_prompt, call_variables(turn.call))}
+            {"role": "system", "content": render(self.config.system_prompt, call_variables(turn.call).get)}
         ]
         messages.extend(paired_tool_messages(history))
         if turn.kind == "reminder":
