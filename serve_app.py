@@ -133,9 +133,7 @@ class CallGateway:
 
     def __serve_build_asgi_app__(self) -> Any:
         """Serve's hook for an app built in the replica: callray's routes on this replica's gateway."""
-        api = build_api()
-        api.state.gateway = self.gateway
-        return api
+        return build_api(self.gateway)
 
     async def _start_consumers(self) -> None:
         await asyncio.gather(*(c.start.remote() for c in self.consumers.values()))

@@ -83,17 +83,13 @@ class Gateway:
         self.deduper = deduper or WebhookDeduper()
         self.inbound_calls = InboundCalls(settings.inbound)
         self.redactor = settings.privacy.redactor()
-        self.prefix = settings.gateway.path_prefix.strip("/").split("/")
         self._warned_open = False
 
-    async def socket(self, websocket: WebSocket, path: str) -> None:
+    async def socket(self, websocket: WebSocket, tail: str) -> None:
         """``{prefix}/{call_id}`` (default agent) or ``{prefix}/{agent}/{call_id}``, with the
-        shared secret as a first segment (or ``?token=``) when ``gateway.guard.secret`` is set."""
-        tail = self._route_tail(path)
-        if tail is None:
-            await websocket.close(code=4404, reason="unknown route")
-            return
-        verdict = self.guard.check(tail, dict(websocket.query_params), websocket.client.host if websocket.client else None,
+        shared secret as a first segment (or ``?token=``) when ``gateway.guard.secret`` is set;
+        ``tail`` is what follows the prefix."""
+        verdict = self.guard.check([p for p in tail.split("/") if p], dict(websocket.query_params), websocket.client.host if websocket.client else None,
                                    {k.lower(): v for k, v in websocket.headers.items()})
         segments, code, reason = verdict.segments, verdict.code, verdict.reason
         if verdict.allowed and (len(segments) not in (1, 2) or (len(segments) == 2 and segments[0] not in self.settings.agents.files)):
@@ -126,14 +122,6 @@ class Gateway:
             log.warning("SECURITY: a socket from %s was accepted without a secret: anyone who can reach this "
                         "address can talk to the agent. Set gateway.guard.secret (CALLRAY_SOCKET_SECRET) or "
                         "allow_ips.", client)
-
-    def _route_tail(self, path: str) -> list[str] | None:
-        """The segments after the configured prefix (Serve may keep its route prefix in ``path``)."""
-        parts, n = [p for p in path.split("/") if p], len(self.prefix)
-        for start in range(len(parts) - n, -1, -1):
-            if parts[start:start + n] == self.prefix:
-                return parts[start + n:]
-        return None
 
     async def _read_body(self, request: Request) -> bytes:
         """The raw body, refused with 413 as soon as it passes ``webhook.max_body_bytes``
@@ -265,9 +253,10 @@ def _check_call_id(call_id: str) -> None:
         raise HTTPException(400, "a call id is 1-128 characters of A-Z a-z 0-9 _ -")
 
 
-def build_api() -> FastAPI:
-    """The routes of a gateway replica; ``app.state.gateway`` must be set before traffic."""
+def build_api(front: Gateway) -> FastAPI:
+    """The routes of a gateway replica, serving ``front`` (kept in ``app.state.gateway``)."""
     api = FastAPI(title="callray", description="Retell AI custom-LLM backend on Ray Serve")
+    api.state.gateway = front
 
     def gateway(app: Any) -> Gateway:
         return app.state.gateway
@@ -360,8 +349,13 @@ def build_api() -> FastAPI:
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
+    @api.websocket(front.settings.gateway.path_prefix + "/{tail:path}")
+    async def socket(websocket: WebSocket, tail: str) -> None:
+        await gateway(websocket.app).socket(websocket, tail)
+
     @api.websocket("/{path:path}")
-    async def socket(websocket: WebSocket, path: str) -> None:
-        await gateway(websocket.app).socket(websocket, path)
+    async def unknown_socket(websocket: WebSocket, path: str) -> None:
+        """Refused before the handshake completes (HTTP 403; Starlette's own answer would be a 1000 close)."""
+        await websocket.close(code=4404, reason="unknown route")
 
     return api

@@ -98,6 +98,17 @@ async def test_read_routes_need_the_bearer_token_and_are_off_without_one(gateway
 # --------------------------------------------------------------------------- sockets
 
 
+@pytest.mark.parametrize("path", ["/elsewhere/call-1", "/spam/llm-websocket/call-1", "/llm-websocket-2/call-1"])
+async def test_sockets_outside_the_prefix_are_refused_in_the_handshake(gateway, path):
+    """Only ``{path_prefix}/...`` reaches the guard (the prefix found anywhere in the path did before)."""
+    base = gateway.ws.removesuffix("/llm-websocket")
+    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+        async with websockets.connect(base + path):
+            pass
+    assert refused.value.response.status_code == 403
+    assert "call-1" not in gateway.runtime.host.calls
+
+
 @pytest.mark.parametrize("call_id", ["x" * 129, "call%20with%20spaces", "call.dots", "ünïcode"])
 async def test_call_ids_outside_retells_shape_are_refused_before_any_state(gateway, call_id):
     client = await RetellClient(gateway.ws, call_id).connect()
@@ -341,7 +352,7 @@ async def test_a_stored_state_that_no_longer_decodes_drops_the_socket_instead_of
 
 
 async def test_a_call_that_cannot_be_activated_in_time_is_dropped_so_retell_reconnects(tmp_path):
-    """Its state store is down for longer than gateway.host_retry_s: a close frame (1011 before)
+    """Its state store is down for longer than gateway.activate_timeout_s: a close frame (1011 before)
     would end the call; an abnormal closure makes Retell reconnect, and the call goes on."""
     from callray.sim.local import RedisServer
 
@@ -349,7 +360,7 @@ async def test_a_call_that_cannot_be_activated_in_time_is_dropped_so_retell_reco
     redis.start()
     try:
         with Served({"state": {"backend": "redis"}, "redis": {"url": redis.url, "timeout_s": 0.2},
-                     "gateway": {"host_retry_s": 0.5}, "archive": {"dir": str(tmp_path / "archive")}}) as served:
+                     "gateway": {"activate_timeout_s": 0.5}, "archive": {"dir": str(tmp_path / "archive")}}) as served:
             redis.stop()
             async with RetellClient(served.ws, "call-store-down") as caller:
                 assert await closed_with(caller) == 1006

@@ -38,9 +38,8 @@ class LocalServer:
         async def main() -> None:
             self.loop = asyncio.get_running_loop()
             self.runtime = await CallsRuntime.start(self.settings, "local")
-            app = build_api()
-            app.state.gateway = Gateway(self.settings, self.runtime, self.runtime, live=self.runtime.live,
-                                        erasure=Erasure(self.runtime, self.settings.privacy, self.runtime.stores))
+            app = build_api(Gateway(self.settings, self.runtime, self.runtime, live=self.runtime.live,
+                                    erasure=Erasure(self.runtime, self.settings.privacy, self.runtime.stores)))
             self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                          lifespan="off"))
             serving = asyncio.create_task(self._server.serve())
