@@ -19,7 +19,8 @@ from actors.metrics import HostMetrics
 from callray.commands import CallCommand
 from callray.events import Event
 from callray.host import Delivery, Host
-from callray.outbox import Frame, StreamEnd
+from callray.outbox import StreamEnd
+from callray.protocol import InboundEvent, OutboundFrame
 from callray.runtime import CallsRuntime
 from callray.settings import CallraySettings
 
@@ -57,13 +58,13 @@ class CallHost:
         return self.name
 
     async def stream(self, call_id: str, connection_id: str, agent: str | None = None,
-                     resume: bool = False, heard_greeting: bool = True) -> AsyncIterator[list[Frame] | StreamEnd]:
+                     resume: bool = False, heard_greeting: bool = True) -> AsyncIterator[list[OutboundFrame] | StreamEnd]:
         host = await self._ensure_host()
         async for item in host.stream(call_id, connection_id, agent, resume, heard_greeting):
             yield item
 
-    async def deliver(self, call_id: str, connection_id: str, frame: str) -> Delivery:
-        return await (await self._ensure_host()).deliver(call_id, connection_id, frame)
+    async def deliver(self, call_id: str, connection_id: str, event: InboundEvent) -> Delivery:
+        return await (await self._ensure_host()).deliver(call_id, connection_id, event)
 
     async def detach(self, call_id: str, connection_id: str) -> None:
         await (await self._ensure_host()).detach(call_id, connection_id)

@@ -19,10 +19,11 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from actors.call_host import CallHost
-from callray.outbox import Frame, Outbox, StreamEnd
+from callray.outbox import Outbox, StreamEnd
 from callray.events import Event
 from callray.host import Delivery
-from callray.protocol import InboundEvent, ReminderRequired, ResponseFrame, ResponseRequired, UpdateOnly
+from callray.protocol import (AgentInterruptFrame, InboundEvent, OutboundFrame, ReminderRequired, ResponseFrame,
+                              ResponseRequired, UpdateOnly)
 from callray.settings import CallraySettings, GatewaySettings
 
 log = logging.getLogger("callray.placement")
@@ -48,11 +49,11 @@ class RemoteLink:
                  settings: GatewaySettings, forget: Callable[[], None]):
         self.owner, self.call_id, self.agent, self.settings, self.forget = owner, call_id, agent, settings, forget
         self.outbox: Outbox | None = None
-        self._inbound: deque[tuple[InboundEvent, str]] = deque()
+        self._inbound: deque[InboundEvent] = deque()
         self._wake = asyncio.Event()
         self._attached = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._open_request: tuple[int, str] | None = None  # (response_id, frame) of the latest, not yet completed
+        self._open_request: ResponseRequired | ReminderRequired | None = None  # the latest, not yet completed
         self._open_spoken = False  # part of the open request's answer has gone to the socket
         self._newest_request_id = 0
         self._heard_greeting = False  # a response 0 has gone to the socket
@@ -70,16 +71,15 @@ class RemoteLink:
         self._put(first)
         if resume and self._open_request is not None:  # its answer died with the host
             if self._open_spoken:  # the caller heard part of it: close it rather than say those words twice
-                rid = self._open_request[0]
+                rid = self._open_request.response_id
                 self._open_request = None
-                self.outbox.put(Frame(ResponseFrame(response_id=rid, content="", content_complete=True).to_json(),
-                                      rid, True))
+                self.outbox.put(ResponseFrame(response_id=rid, content="", content_complete=True))
             else:
-                await host.deliver.remote(self.call_id, self.outbox.connection_id, self._open_request[1])
+                await host.deliver.remote(self.call_id, self.outbox.connection_id, self._open_request)
         self._attached.set()
         return stream
 
-    def _put(self, item: list[Frame] | StreamEnd) -> None:
+    def _put(self, item: list[OutboundFrame] | StreamEnd) -> None:
         if isinstance(item, StreamEnd):
             self.outbox.close(item)
             return
@@ -87,22 +87,22 @@ class RemoteLink:
             if self._current(frame):
                 self.outbox.put(frame)
 
-    def _current(self, frame: Frame) -> bool:
+    def _current(self, frame: OutboundFrame) -> bool:
         """False for a response to an id older than the newest request Retell sent on this
         socket (after a host restart a re-delivered older request could otherwise still be
         answered). Tracks what the socket has heard: response 0 (a resume before it greets), part
         of the open request (a resume then closes it empty), its completion or an agent_interrupt
         (nothing to redo)."""
-        if frame.response_id is None:
-            if frame.interrupt:  # the agent spoke over it: the open request is not asked again after a restart
+        if not isinstance(frame, ResponseFrame):
+            if isinstance(frame, AgentInterruptFrame):  # the agent spoke over it: not asked again after a restart
                 self._open_request = None
             return True
         if frame.response_id == 0:
             self._heard_greeting = True
         if 0 < frame.response_id < self._newest_request_id:
             return False
-        if self._open_request is not None and frame.response_id == self._open_request[0]:
-            if frame.complete:
+        if self._open_request is not None and frame.response_id == self._open_request.response_id:
+            if frame.content_complete:
                 self._open_request = None
             else:
                 self._open_spoken = True
@@ -130,18 +130,18 @@ class RemoteLink:
                             extra={"call_id": self.call_id})
                 await asyncio.sleep(0.1)
 
-    def deliver(self, event: InboundEvent, frame: str) -> None:
+    def deliver(self, event: InboundEvent) -> None:
         if isinstance(event, (ResponseRequired, ReminderRequired)) and event.response_id > 0:
-            self._open_request, self._open_spoken = (event.response_id, frame), False
+            self._open_request, self._open_spoken = event, False
             self._newest_request_id = max(self._newest_request_id, event.response_id)
-        if isinstance(event, UpdateOnly) and self._inbound and isinstance(self._inbound[-1][0], UpdateOnly):
-            self._inbound[-1] = (event, frame)  # only the newest partial transcript matters
+        if isinstance(event, UpdateOnly) and self._inbound and isinstance(self._inbound[-1], UpdateOnly):
+            self._inbound[-1] = event  # only the newest partial transcript matters
         elif len(self._inbound) >= MAX_PENDING_FRAMES:
             self._inbound.clear()
             self.outbox.close(StreamEnd.OVERFLOW)
             return
         else:
-            self._inbound.append((event, frame))
+            self._inbound.append(event)
         self._wake.set()
 
     async def _forward(self) -> None:
@@ -151,12 +151,12 @@ class RemoteLink:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            _, frame = self._inbound[0]
+            event = self._inbound[0]
             failing_since = None
             while True:
                 await self._attached.wait()
                 try:
-                    status = await (await self.owner()).deliver.remote(self.call_id, self.outbox.connection_id, frame)
+                    status = await (await self.owner()).deliver.remote(self.call_id, self.outbox.connection_id, event)
                 except HOST_ERRORS as exc:
                     status = exc
                 if status is Delivery.OK:

@@ -63,7 +63,7 @@ from callray.protocol import (
     UpdateAgentFrame,
 )
 from callray.lifecycle import Lifecycle
-from callray.outbox import Frame, Outbox, StreamEnd
+from callray.outbox import Outbox, StreamEnd
 from callray.settings import TurnSettings
 from callray.stores.base import (
     CallFencedError,
@@ -728,10 +728,8 @@ class Conversation:
         if self.outbox is not None:
             if not self.state.greeted and not (isinstance(frame, ResponseFrame) and frame.response_id == 0):
                 self._say_greeting(self.outbox)  # response 0 comes first, even while the greeting waits
-            if isinstance(frame, ResponseFrame):
-                self.outbox.put(Frame(frame.to_json(), frame.response_id, frame.content_complete))
-            else:
-                self.outbox.put(Frame(frame.to_json(), interrupt=isinstance(frame, AgentInterruptFrame)))
+            frame.to_json()  # serialised here, where an answer that cannot be is still caught
+            self.outbox.put(frame)
 
     def _emit(self, cls: type, **fields: Any) -> None:
         if self.events is None and self.unsaved_events is None:

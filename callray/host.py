@@ -26,9 +26,9 @@ from callray.agents.registry import AgentRegistry
 from callray.agents.base import EndCall, PressDigit, Speech, ToolCall, Transfer, Turn
 from callray.commands import CallCommand, Ended, HangUp, Release, Say, Superseded, TransferCall
 from callray.conversation import Conversation, shareable
-from callray.outbox import Frame, Outbox, StreamEnd
+from callray.outbox import Outbox, StreamEnd
 from callray.events import CallEnded, Event
-from callray.protocol import InboundEvent, ProtocolError, parse_frame
+from callray.protocol import InboundEvent, OutboundFrame
 from callray.settings import CallraySettings
 from callray.stores.base import CallState, EventSink, ResponseCache, StateStore, StoreUnavailableError
 from callray.events.bus import TappedSink
@@ -76,8 +76,7 @@ class Host:
         self._activating: dict[str, asyncio.Future[Conversation]] = {}
         redactor = settings.privacy.redactor()
         self._redact = redactor.event if redactor is not None else None
-        self.counters = {"activations": 0, "deactivations": 0, "dropped_events": 0, "invalid_frames": 0,
-                         "taken_over": 0}
+        self.counters = {"activations": 0, "deactivations": 0, "dropped_events": 0, "taken_over": 0}
 
     # ------------------------------------------------------------------ activation
 
@@ -199,7 +198,7 @@ class Host:
             await self.deactivate(oldest.call_id)  # memory is bounded: a reconnect re-activates it from the store
 
     async def stream(self, call_id: str, connection_id: str, agent_name: str | None = None,
-                     resume: bool = False, heard_greeting: bool = True) -> AsyncIterator[list[Frame] | StreamEnd]:
+                     resume: bool = False, heard_greeting: bool = True) -> AsyncIterator[list[OutboundFrame] | StreamEnd]:
         """For a remote gateway: attach, then yield the socket's outbound frames in batches.
 
         The first item acknowledges the attachment (it may be ``[]``: a resumed socket, or a
@@ -212,14 +211,9 @@ class Host:
             yield batch
         yield outbox.close_reason or StreamEnd.DETACHED
 
-    async def deliver(self, call_id: str, connection_id: str, frame: str) -> Delivery:
-        """For a remote gateway: apply one frame from Retell (parsed here; invalid ones are
-        skipped). Dropped when this socket no longer owns the call: the newest socket wins."""
-        event = parse_frame(frame)
-        if isinstance(event, ProtocolError):
-            self.counters["invalid_frames"] += 1
-            log.warning("call %s: skipped bad frame: %s", call_id, event, extra={"call_id": call_id})
-            return Delivery.OK
+    async def deliver(self, call_id: str, connection_id: str, event: InboundEvent) -> Delivery:
+        """For a remote gateway: apply one event from Retell (parsed once, by the socket's
+        session). Dropped when this socket no longer owns the call: the newest socket wins."""
         conversation = self.calls.get(call_id)
         outbox = conversation.outbox if conversation is not None else None
         if outbox is None or outbox.connection_id != connection_id:
@@ -337,7 +331,7 @@ class LocalLink:
         self._outbox = outbox
         self._conversation = await self.host.attach(self.call_id, outbox, self.agent)
 
-    def deliver(self, event: InboundEvent, frame: str) -> None:
+    def deliver(self, event: InboundEvent) -> None:
         conversation = self._conversation
         if conversation is not None and conversation.outbox is self._outbox:  # else a newer socket owns it
             conversation.handle(event)

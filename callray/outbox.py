@@ -1,14 +1,17 @@
 """The outbound side of one socket: what a call sends, in order, to the socket's one writer.
 
 Transport types, shared by whoever produces frames (a call's conversation, in this process or
-in a call actor) and the socket session that writes them; they know nothing of either.
+in a call actor) and the socket session that writes them; they know nothing of either. Frames
+travel as Retell's outbound models and are serialised once, by the writer at the socket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-from typing import AsyncIterator, NamedTuple
+from typing import AsyncIterator
+
+from callray.protocol import OutboundFrame
 
 
 class StreamEnd(str, enum.Enum):
@@ -21,15 +24,6 @@ class StreamEnd(str, enum.Enum):
     OVERFLOW = "overflow"  # the socket's reader does not read: its outbox reached its bound
 
 
-class Frame(NamedTuple):
-    """One outbound frame, with what the gateway needs to know of it without parsing it again."""
-
-    text: str
-    response_id: int | None = None  # response frames only
-    complete: bool = False
-    interrupt: bool = False  # an agent_interrupt: whatever response was open is over
-
-
 class Outbox:
     """The outbound frames of one socket, in order, for the gateway's writer.
 
@@ -40,13 +34,13 @@ class Outbox:
     def __init__(self, connection_id: str, limit: int = 1000):
         self.connection_id, self.limit = connection_id, limit
         self.close_reason: StreamEnd | None = None
-        self._queue: asyncio.Queue[Frame | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[OutboundFrame | None] = asyncio.Queue()
 
     @property
     def closed(self) -> bool:
         return self.close_reason is not None
 
-    def put(self, frame: Frame) -> None:
+    def put(self, frame: OutboundFrame) -> None:
         """Queue a frame; past ``limit`` frames waiting, the outbox closes (``OVERFLOW``) and
         drops what it held: a socket nobody reads must not hold memory."""
         if self.closed:
@@ -63,9 +57,9 @@ class Outbox:
             self.close_reason = reason
             self._queue.put_nowait(None)
 
-    def drain(self) -> list[Frame]:
+    def drain(self) -> list[OutboundFrame]:
         """Whatever is queued now, without waiting (the end marker stays queued)."""
-        frames: list[Frame] = []
+        frames: list[OutboundFrame] = []
         while not self._queue.empty():
             frame = self._queue.get_nowait()
             if frame is None:
@@ -74,12 +68,12 @@ class Outbox:
             frames.append(frame)
         return frames
 
-    async def frames(self) -> AsyncIterator[Frame]:
+    async def frames(self) -> AsyncIterator[OutboundFrame]:
         """Each frame as it is queued, until the outbox closes."""
         while (frame := await self._queue.get()) is not None:
             yield frame
 
-    async def batches(self) -> AsyncIterator[list[Frame]]:
+    async def batches(self) -> AsyncIterator[list[OutboundFrame]]:
         """Everything queued so far per iteration: fewer hops to a remote gateway under load."""
         while True:
             first = await self._queue.get()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError
 from typing_extensions import NotRequired, TypedDict
 
 # --------------------------------------------------------------------------- inbound
@@ -162,10 +162,15 @@ def _depth(value: Any, limit: int = MAX_CALL_DEPTH + 1) -> int:
 
 class _Outbound(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    _wire: str | None = PrivateAttr(default=None)
 
     def to_json(self) -> str:
-        """The frame as Retell expects it: unset optional fields omitted."""
-        return self.model_dump_json(exclude_none=True)
+        """The frame as Retell expects it (unset optional fields omitted), serialised once: its
+        producer serialises it where a failure can still be handled, the socket's writer (in
+        this process or, with dedicated placement, across Ray) sends the same text."""
+        if self._wire is None:
+            self._wire = self.model_dump_json(exclude_none=True)
+        return self._wire
 
 
 class ConfigFrame(_Outbound):
@@ -252,12 +257,3 @@ OutboundFrame = Union[
 
 ConfigFrame.model_rebuild()
 
-
-def config_frame(auto_reconnect: bool = True, call_details: bool = True, transcript_with_tool_calls: bool = False) -> str:
-    """The first frame on every socket (protocol §1, semantics 1)."""
-    return ConfigFrame(config=ConfigBody(auto_reconnect=auto_reconnect, call_details=call_details,
-                                         transcript_with_tool_calls=transcript_with_tool_calls)).to_json()
-
-
-def pong_frame(timestamp: int) -> str:
-    return PingPongFrame(timestamp=timestamp).to_json()

@@ -24,8 +24,8 @@ from typing import Protocol
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from callray.lifecycle import Lifecycle
-from callray.outbox import Frame, Outbox, StreamEnd
-from callray.protocol import InboundEvent, PingPong, ProtocolError, config_frame, parse_frame, pong_frame
+from callray.outbox import Outbox, StreamEnd
+from callray.protocol import ConfigBody, ConfigFrame, InboundEvent, PingPong, PingPongFrame, ProtocolError, parse_frame
 from callray.settings import GatewaySettings
 
 log = logging.getLogger("callray.session")
@@ -77,7 +77,7 @@ class CallLink(Protocol):
     async def attach(self, outbox: Outbox) -> None:
         """Activate the call and bind ``outbox``; its frames (config excepted) come from here."""
 
-    def deliver(self, event: InboundEvent, frame: str) -> None:
+    def deliver(self, event: InboundEvent) -> None:
         """Hand over one parsed frame (never a ping), in arrival order, without waiting."""
 
     async def detach(self) -> None:
@@ -92,7 +92,7 @@ class SocketSession:
         self.life = Lifecycle(f"call {call_id}: socket", SessionState.CONNECTING, _TRANSITIONS)
         self.outbox = Outbox(uuid.uuid4().hex, settings.max_queued_frames)
         self.close_code: int | None = None
-        self._early: deque[tuple[InboundEvent, str]] | None = deque()  # None once attached
+        self._early: deque[InboundEvent] | None = deque()  # None once attached
 
     @property
     def state(self) -> SessionState:
@@ -108,8 +108,9 @@ class SocketSession:
         """Accept at once, then live until either side closes."""
         await self.ws.accept()
         self.life.move(SessionState.ATTACHING)
-        self.outbox.put(Frame(config_frame(self.settings.auto_reconnect, self.settings.call_details,
-                                          self.settings.transcript_with_tool_calls)))
+        self.outbox.put(ConfigFrame(config=ConfigBody(  # the first frame on every socket (protocol §1)
+            auto_reconnect=self.settings.auto_reconnect, call_details=self.settings.call_details,
+            transcript_with_tool_calls=self.settings.transcript_with_tool_calls)))
         tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._write())]
         attaching = asyncio.create_task(self._attach())
         try:
@@ -151,8 +152,8 @@ class SocketSession:
             return
         self.life.move(SessionState.LIVE)
         early, self._early = self._early, None
-        for event, frame in early or ():
-            self.link.deliver(event, frame)
+        for event in early or ():
+            self.link.deliver(event)
 
     async def _read(self) -> None:
         limit, rate = self.settings.max_frame_bytes, self.settings.max_frames_per_s
@@ -183,11 +184,11 @@ class SocketSession:
             if isinstance(event, ProtocolError):
                 log.warning("call %s: skipped bad frame: %s", self.call_id, event, extra={"call_id": self.call_id})
             elif isinstance(event, PingPong):
-                self.outbox.put(Frame(pong_frame(event.timestamp)))
+                self.outbox.put(PingPongFrame(timestamp=event.timestamp))
             elif self._early is None:
-                self.link.deliver(event, frame)
+                self.link.deliver(event)
             elif len(self._early) < MAX_EARLY_FRAMES:
-                self._early.append((event, frame))
+                self._early.append(event)
             else:
                 log.warning("call %s: dropped a frame that arrived before the call was activated", self.call_id,
                             extra={"call_id": self.call_id})
@@ -196,7 +197,7 @@ class SocketSession:
         """The only task that writes to the socket; returns when the call closes the outbox."""
         try:
             async for frame in self.outbox.frames():
-                await self.ws.send_text(frame.text)
+                await self.ws.send_text(frame.to_json())
         except (WebSocketDisconnect, RuntimeError, OSError):
             return  # the socket is gone; the reader sees it too
         reason = self.outbox.close_reason

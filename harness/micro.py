@@ -115,7 +115,7 @@ async def run_calls(store: Any, cache: Any, calls: int, turns: int, tag: str) ->
             conversation.handle(event)
             frame = await anext(frames)
             first_frames.append((time.perf_counter() - start) * 1000)
-            while not frame.complete:  # wait for completion
+            while not frame.content_complete:  # wait for completion (the flow agent sends only responses)
                 frame = await anext(frames)
         await conversation.deactivate()
 

@@ -54,7 +54,7 @@ class Harness:
         return self.outbox
 
     def drain(self) -> list[dict]:
-        new = [json.loads(frame.text) for frame in self.outbox.drain()]
+        new = [json.loads(frame.to_json()) for frame in self.outbox.drain()]
         self.frames += new
         return new
 

@@ -186,7 +186,7 @@ async def test_tool_results_reach_the_next_turn_and_a_re_asked_request_reuses_th
             parts = []
             async with asyncio.timeout(10):
                 async for frame in outbox.frames():
-                    data = json.loads(frame.text)
+                    data = json.loads(frame.to_json())
                     if data["response_type"] in ("tool_call_invocation", "tool_call_result"):
                         history.append({"role": data["response_type"], **{k: v for k, v in data.items()
                                                                           if k != "response_type"}})

@@ -221,7 +221,7 @@ class Stream:
     log: list[tuple[str, int | None]] = field(default_factory=list)
 
     def frames(self) -> list[str]:
-        return [frame.text for frame in self.outbox.drain()]
+        return [frame.to_json() for frame in self.outbox.drain()]
 
 
 def transcript(words: list[str]) -> list[dict[str, str]]:

@@ -12,6 +12,7 @@ from callray.agents.registry import AgentRegistry
 from callray.outbox import Outbox
 from callray.events import CallStarted, CallTurn, parse_event
 from callray.host import Host
+from callray.protocol import ResponseFrame
 from callray.protocol import parse_event as parse_frame_event
 from callray.settings import CallraySettings
 from callray.stores.base import CallFencedError, CallState
@@ -84,7 +85,7 @@ async def test_a_turn_s_event_is_in_the_stream_once_its_checkpoint_is_even_if_th
          "transcript": [{"role": "user", "content": "When are you open?"}]}))
     async with asyncio.timeout(5):
         async for frame in outbox.frames():
-            if frame.response_id == 1 and frame.complete:
+            if isinstance(frame, ResponseFrame) and frame.response_id == 1 and frame.content_complete:
                 break
     await asyncio.gather(*conversation._background)
     await conversation.checkpoint()

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 from pydantic import ValidationError
 
 from callray.protocol import (
-    AgentInterruptFrame, CallDetails, PingPong, ProtocolError, ReminderRequired, ResponseFrame, ResponseRequired,
+    AgentInterruptFrame, CallDetails, ConfigBody, ConfigFrame, PingPong, PingPongFrame, ProtocolError, ReminderRequired, ResponseFrame, ResponseRequired,
     ToolCallInvocationFrame, ToolCallResultFrame, UnknownInteraction,
-    UpdateOnly, config_frame, parse_frame, pong_frame,
+    UpdateOnly, parse_frame,
 )
 
 
@@ -84,10 +85,20 @@ def test_outbound_is_strict(bad):
         ResponseFrame(**bad)
 
 
+def test_an_outbound_frame_is_serialised_once_even_across_processes():
+    """The producer serialises it (where a failure is caught); the writer, here or behind a Ray
+    hop with dedicated placement, sends that same text."""
+    frame = ResponseFrame(response_id=3, content="Hi there", content_complete=True)
+    text = frame.to_json()
+    assert frame.to_json() is text
+    travelled = pickle.loads(pickle.dumps(frame))
+    assert travelled == frame and travelled.to_json() == text and travelled._wire == text
+
+
 def test_other_outbound_frames():
-    assert json.loads(config_frame()) == {"response_type": "config", "config": {
+    assert json.loads(ConfigFrame(config=ConfigBody()).to_json()) == {"response_type": "config", "config": {
         "auto_reconnect": True, "call_details": True, "transcript_with_tool_calls": False}}
-    assert json.loads(pong_frame(123)) == {"response_type": "ping_pong", "timestamp": 123}
+    assert json.loads(PingPongFrame(timestamp=123).to_json()) == {"response_type": "ping_pong", "timestamp": 123}
     interrupt = json.loads(AgentInterruptFrame(interrupt_id=1, content="Hold on", content_complete=True).to_json())
     assert interrupt["response_type"] == "agent_interrupt" and interrupt["interrupt_id"] == 1
     invocation = json.loads(ToolCallInvocationFrame(tool_call_id="t", name="n", arguments='{"a": 1}').to_json())

@@ -72,8 +72,8 @@ class Call:
         """Frames up to the completion of ``rid`` (each judged as Retell would)."""
         async with asyncio.timeout(timeout):
             async for frame in self.outbox.frames():
-                data, issues = validate_frame(frame.text)
-                assert data is not None and not issues, (frame.text, issues)
+                data, issues = validate_frame(frame.to_json())
+                assert data is not None and not issues, (frame.to_json(), issues)
                 self.frames.append(data)
                 if data.get("response_id") == rid and data.get("content_complete"):
                     return [f for f in self.frames if f.get("response_id") == rid]

@@ -14,7 +14,7 @@ import pytest
 from callray.conversation import Conversation
 from callray.outbox import Outbox
 from callray.events import parse_event as parse_stored
-from callray.protocol import parse_event
+from callray.protocol import ResponseFrame, parse_event
 from callray.settings import CallraySettings, TurnSettings
 from callray.sim.local import RedisServer
 from callray.stores.base import CallState
@@ -79,8 +79,8 @@ async def test_a_turn_is_answered_at_once_while_the_cache_s_redis_is_frozen(froz
     frames = []
     async with asyncio.timeout(5):
         async for frame in outbox.frames():
-            frames.append(json.loads(frame.text))
-            if frame.response_id == 1 and frame.complete:
+            frames.append(json.loads(frame.to_json()))
+            if isinstance(frame, ResponseFrame) and frame.response_id == 1 and frame.content_complete:
                 break
     answer = [f["content"] for f in frames if f.get("response_id") == 1]
     assert answer[0] == "You said: cache me please."  # the answer first, no holding phrase
@@ -122,7 +122,7 @@ async def test_a_redis_stall_never_rewinds_a_live_call(frozen_redis):
                                          "transcript": [{"role": "user", "content": text}]}))
         async with asyncio.timeout(10):
             async for frame in outbox.frames():
-                if frame.response_id == rid and frame.complete:
+                if isinstance(frame, ResponseFrame) and frame.response_id == rid and frame.content_complete:
                     break
 
     await turn(1, "remember alpha")
