@@ -18,7 +18,7 @@ import ray
 from ray.util import metrics
 
 from actors.metrics import LATENCY_BOUNDARIES_MS
-from callray.consumers.runner import build_consumers, run_consumers
+from callray.consumers.runner import build_consumers, close_consumers, run_consumers
 from callray.directory import CallDirectory
 from callray.settings import CallraySettings
 from callray.stores.factory import build_bus, open_redis
@@ -53,6 +53,7 @@ class EventConsumer:
         self.app_name, self.kind = app_name, kind
         self.name = f"{app_name}-{kind}"
         self.consumer: Any = None
+        self._held: tuple[Any, dict[str, Any]] | None = None  # the Redis client and consumers in use
         self._disabled = False
         self._tasks: list[asyncio.Task] = []
         self._gauges: dict[str, metrics.Gauge] = {}
@@ -73,10 +74,8 @@ class EventConsumer:
             return f"{self.name}: disabled by settings"
         if self.consumer is not None and self._tasks and not self._tasks[0].done():
             return self.name
-        for task in self._tasks:
-            task.cancel()
-        self._tasks, self.consumer = [], None
-        client = await open_redis(self.settings.redis)
+        await self._let_go()
+        client, consumers = await open_redis(self.settings.redis), {}
         try:
             bus = build_bus(self.settings, client)
             # Escalation's way to a live call: the directory finds the owner recorded with the call.
@@ -94,14 +93,28 @@ class EventConsumer:
                     await consumer.handle(event)
                 consumer.observe = self._observe  # from now on: the replay is not observed again
         except BaseException:
+            await close_consumers(consumers)
             await client.aclose()
             raise
-        self.consumer = consumer
+        self.consumer, self._held = consumer, (client, consumers)
         self._tasks.append(asyncio.create_task(run_consumers(bus, consumers, self.name, asyncio.Event())))
         self._tasks.append(asyncio.create_task(self._export_lag(bus)))
         if self.kind in ("analytics", "archive"):
             self._tasks.append(asyncio.create_task(self._export_metrics()))
         return self.name
+
+    async def _let_go(self) -> None:
+        """Stop a consume loop that died and close what it held (its Redis client, the archive's
+        database pool), so that each restart of the loop does not leave connections behind."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks, self.consumer = [], None
+        if self._held is not None:
+            client, consumers = self._held
+            self._held = None
+            await close_consumers(consumers)
+            await client.aclose()
 
     async def _export_lag(self, bus: Any) -> None:
         """How many stream entries this consumer group has not read yet (Redis 7 XINFO lag)."""

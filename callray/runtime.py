@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable
 from callray.agents.registry import AgentRegistry
 from callray.events.bus import TappedSink
 from callray.commands import Ended
-from callray.consumers.runner import build_consumers, run_consumers
+from callray.consumers.runner import build_consumers, close_consumers, run_consumers
 from callray.directory import CallDirectory
 from callray.events import CallEnded, Event
 from callray.host import Host, LocalLink
@@ -134,11 +134,12 @@ class CallsRuntime:
         return f"stopped: {', '.join(dead)}" if dead else None
 
     async def close(self) -> None:
-        """Deactivate every call (saving it), stop the housekeeping, close the stores."""
+        """Deactivate every call (saving it), stop the housekeeping and the consumers, close the stores."""
         await self.host.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await close_consumers(self.consumers)
         await self.directory.close()
         await self.host.agents.aclose()
         await self.stores.close()

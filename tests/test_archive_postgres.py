@@ -291,3 +291,28 @@ async def test_a_version_1_database_migrates_to_version_2_keeping_its_records(po
     finally:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         await admin.close()
+
+
+async def test_a_closed_runtime_leaves_no_connection_to_the_archive(postgres_url):
+    """Closing the calls of a process closes its consumers too: before, the archive's pool stayed
+    open (and a consumer actor left one behind each time its loop was rebuilt)."""
+    from callray.runtime import CallsRuntime
+    from callray.settings import CallraySettings
+
+    database = postgres_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(postgres_url)
+
+    async def connections() -> int:
+        return await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                                    database)
+
+    try:
+        before = await connections()
+        runtime = await CallsRuntime.start(CallraySettings.parse(
+            {"archive": {"backend": "postgres", "database_url": postgres_url}}), "closing")
+        assert (await runtime.export(None, "", 10)) is not None  # the archive opened its pool
+        assert await connections() > before
+        await runtime.close()
+        assert await connections() == before
+    finally:
+        await admin.close()

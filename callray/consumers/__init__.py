@@ -41,6 +41,9 @@ class Consumer(Protocol):
     def periodic(self) -> Sequence[Periodic]:
         """Work on a clock, if any."""
 
+    async def close(self) -> None:
+        """Let go of what it holds (a database pool, an HTTP client); it handles nothing after."""
+
 
 class PerEvent:
     """A consumer whose every effect lands as its event is handled (analytics keeps a
@@ -54,6 +57,9 @@ class PerEvent:
 
     def periodic(self) -> tuple[()]:
         return ()
+
+    async def close(self) -> None:
+        pass
 
 
 class SeenEvents:

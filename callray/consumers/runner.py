@@ -57,6 +57,14 @@ async def run_consumers(bus: EventBus, consumers: dict[str, Consumer], name: str
     await asyncio.gather(*loops)
 
 
+async def close_consumers(consumers: dict[str, Consumer]) -> None:
+    """Close every consumer (a failure to close one is logged, the others still close)."""
+    for consumer, result in zip(consumers.values(),
+                                await asyncio.gather(*(c.close() for c in consumers.values()), return_exceptions=True)):
+        if isinstance(result, Exception):
+            log.warning("%s consumer: closing failed: %r", consumer.kind, result)
+
+
 async def _periodically(interval_s: float, stop: asyncio.Event, what: str, action: Any) -> None:
     """``action()`` every ``interval_s`` until ``stop``; a failure (a database or Redis that does
     not answer) is logged and tried again next time."""
