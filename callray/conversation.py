@@ -437,7 +437,12 @@ class Conversation:
                 self._speak(request, Speech(phrase))
             return Speech(cached[-1])
         queue: asyncio.Queue = asyncio.Queue()
-        pump = asyncio.create_task(self._pump(request.turn, queue))
+        if self.agent.answers_at_once:  # the whole answer now, without a task and a hop per output
+            async with asyncio.timeout(self.settings.agent_timeout_s):  # in case it waits after all
+                await self._pump(request.turn, queue)
+            pump = None
+        else:
+            pump = asyncio.create_task(self._pump(request.turn, queue))
         held: Speech | None = None
         try:
             while True:
@@ -462,7 +467,8 @@ class Conversation:
                     held = None
                 self._apply_output(request, item)
         finally:
-            pump.cancel()
+            if pump is not None:
+                pump.cancel()
 
     async def _next_output(self, request: _Request, queue: asyncio.Queue) -> Any:
         """Wait for the agent; on a missed budget say a holding phrase; on timeout raise."""
@@ -607,6 +613,9 @@ class Conversation:
             action=type(action).__name__ if action else None, agent_error=request.error,
             prompt_tokens=request.usage.prompt_tokens, completion_tokens=request.usage.completion_tokens,
         )
+        # The turn is in the state; its completing frame is queued. Let the socket's writer take
+        # the frame before the save's serialising (tens of µs, hundreds with Redis) holds the loop.
+        await asyncio.sleep(0)
         await self.checkpoint()
 
     def _storable(self, state: dict[str, Any]) -> bool:

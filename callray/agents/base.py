@@ -215,6 +215,10 @@ class Agent:
     greeting: str = ""  # response 0; {variable} placeholders come from the call; "" lets the caller speak first
     fallback_line: str = FALLBACK_LINE
     common_questions: Sequence[str] = ()  # answered at start into the response cache (needs cache_key)
+    #: True when ``respond`` never waits for anything (it answers from what it holds, as the flow
+    #: agent does): it then runs inline in the turn, a loop turn sooner, and no holding phrase can
+    #: be said while it works (it never keeps the caller waiting). Leave False for I/O.
+    answers_at_once: ClassVar[bool] = False
     Options: ClassVar[type[BaseModel] | None] = None
 
     def __init__(self, options: BaseModel | None = None) -> None:

@@ -186,6 +186,8 @@ def _variables(call: Any) -> dict[str, str]:
 class FlowAgent(Agent):
     """An Agent answering from a ``FlowAgentConfig``; stateless, safe to share between calls."""
 
+    answers_at_once = True  # it plans from the turn alone, never waiting on I/O
+
     def __init__(self, config: FlowAgentConfig):
         self.config = config
         self.name = config.name
