@@ -30,6 +30,8 @@ PLACEHOLDER = {kind: f"[{kind.upper()}]" for kind in KINDS}
 
 _EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")
 _SSN = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])")
+#: Seven digits anywhere (no phone number has fewer): the phone matcher runs only then.
+_SEVEN_DIGITS = re.compile(r"\d(?:\D*\d){6}")
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 #: Keys of Retell's call object whose values are identifiers of ours or Retell's, not of callers.
 _KEPT_KEYS = re.compile(r".*(_id|_timestamp|_url)$|caller_key$")
@@ -68,7 +70,7 @@ class Redactor:
             text = _SSN.sub(PLACEHOLDER["ssn"], text)
         if "email" in self.kinds and "@" in text:
             text = _EMAIL.sub(PLACEHOLDER["email"], text)
-        if "phone" in self.kinds and sum(c.isdigit() for c in text) >= 7:
+        if "phone" in self.kinds and _SEVEN_DIGITS.search(text):
             spans = [(m.start, m.end) for m in PhoneNumberMatcher(text, self.default_region, leniency=Leniency.POSSIBLE)]
             for start, end in reversed(spans):
                 text = text[:start] + PLACEHOLDER["phone"] + text[end:]

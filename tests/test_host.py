@@ -295,12 +295,14 @@ async def test_events_of_a_crashed_host_and_its_successor_never_share_an_identit
     store.failing = True  # the turn's event goes out, its checkpoint does not: then the host dies
     conversation.handle(request(1, "Hi, my name is Maria"))
     await answer(old, 1)
+    await asyncio.sleep(0.05)  # the event and the failed checkpoint follow the completing frame
     store.failing = False
     b = Host(SETTINGS, AGENTS, store=store, cache=MemoryResponseCache(), name="b", events=SimpleSink(events))
     new = Outbox("socket-2")
     await b.attach("c1", new, None)
     b.calls["c1"].handle(request(2, "What are your hours?"))
     await answer(new, 2)
+    await asyncio.sleep(0.05)
     assert len({(e.call_id, e.key) for e in events}) == len(events)
     analytics = Analytics()
     for event in events:

@@ -9,6 +9,8 @@ import json
 import logging
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from callray.events import CallEnded, CallTurn, EscalationRequested
 from callray.logs import configure_logging
@@ -172,3 +174,10 @@ async def test_what_leaves_the_call_is_redacted_while_the_agent_hears_the_real_w
             assert identifier not in text, f"{identifier} in the {sink}"
     assert record["turns"][-1]["caller"] == "My number is [PHONE], mail [EMAIL], card [CARD], ssn [SSN]."
     assert record["call"]["from_number"] == "[PHONE]" and record["call"]["caller_key"].startswith("key:")
+
+
+@given(st.text(alphabet="0123456789 -().+abc\n", max_size=40))
+def test_the_phone_matcher_runs_exactly_when_the_text_has_seven_digits(text):
+    from callray.privacy import _SEVEN_DIGITS
+
+    assert bool(_SEVEN_DIGITS.search(text)) == (sum(c.isdigit() for c in text) >= 7)

@@ -214,6 +214,7 @@ async def test_an_agent_that_raises_hangs_or_yields_garbage_gives_the_fallback_a
     assert (await call.turn(2, "hang"))["text"] == "One moment. Sorry, say that again?"  # budget, then timeout
     assert (await call.turn(3, "garbage"))["text"] == "Sorry, say that again?"
     assert (await call.turn(4, "fine"))["text"] == "Fine."  # the same call answers on
+    await asyncio.sleep(0.01)  # a turn's event follows its completing frame
     errors = [(e.response_id, e.agent_error, e.fallback) for e in host.events.events if e.type == "call.turn"]
     assert errors == [(1, "RuntimeError", True), (2, "TimeoutError", True), (3, "AgentOutputError", True), (4, None, False)]
 
