@@ -9,7 +9,7 @@ import typing
 from functools import cache
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
 from callray.logs import masked_value
 
@@ -52,6 +52,18 @@ class EnvSection(BaseModel):
     @classmethod
     def _expand_env(cls, value: Any, info: ValidationInfo) -> Any:
         return value if info.field_name in _sections_of(cls) else expand_env(value)
+
+
+def moved(**where: str) -> Any:
+    """A section's validator refusing fields an earlier release had, each with where it went
+    (``old_field="moved to ..."``): an old config file fails naming the way to write it now."""
+    def refuse(cls: type, data: Any) -> Any:
+        if isinstance(data, dict):
+            for field, now in where.items():
+                if field in data:
+                    raise ValueError(f"{field} {now}")
+        return data
+    return model_validator(mode="before")(classmethod(refuse))
 
 
 @cache

@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from callray import tracing
-from callray.env import EnvSection, SettingsError, describe_validation
+from callray.env import EnvSection, SettingsError, describe_validation, moved
 from callray.guard import SocketGuardSettings
 from callray.logs import configure_logging
 
@@ -68,13 +68,8 @@ class GatewaySettings(EnvSection):
     guard: SocketGuardSettings = Field(default_factory=SocketGuardSettings, description="Who may open a socket: shared secret in the URL, IP allowlist, rate and call limits.")
     ingress: Literal["proxy", "haproxy"] = Field(default="proxy", description="The Serve ingress this deployment is meant to run behind, chosen when Ray starts (docs/operations.md, 'The ingress'): proxy = Serve's Python proxy (the default of Ray); haproxy = HAProxy in front of replicas that serve sockets themselves (start Ray with RAY_SERVE_ENABLE_HA_PROXY=1). A replica behind the other one logs how to start Ray for this one, and serves anyway.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _host_retry_s_renamed(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "host_retry_s" in data:
-            raise ValueError("host_retry_s is now activate_timeout_s (it is how long a socket waits for its call's "
-                             "activation, whatever the placement)")
-        return data
+    _moved = moved(host_retry_s="is now activate_timeout_s (how long a socket waits for its call's activation, "
+                                "whatever the placement)")
 
     @field_validator("read_token", "admin_token")
     @classmethod
@@ -133,12 +128,7 @@ class StateSettings(EnvSection):
     backend: Literal["memory", "redis"] = Field(default="memory", description="memory: lost with the host (single architecture). redis: survives any process.")
     ttl_s: float = Field(default=3600.0, gt=0, description="Call state expires this long after the last activity.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _redis_url_moved(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "redis_url" in data:
-            raise ValueError("redis_url moved to the top-level redis section: write 'redis: {url: ...}'")
-        return data
+    _moved = moved(redis_url="moved to the top-level redis section: write 'redis: {url: ...}'")
 
 
 class CacheSettings(EnvSection):
@@ -206,13 +196,8 @@ class EventsSettings(EnvSection):
     claim_idle_ms: int = Field(default=30_000, ge=100, description="redis_streams: events pending this long on a dead consumer are taken over (XAUTOCLAIM).")
     escalation: EscalationRules | None = Field(default=None, description="Escalation rules evaluated on the event stream; null disables escalation.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _archive_dir_moved(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "archive_dir" in data:
-            raise ValueError("archive_dir moved to the top-level archive section: write 'archive: {backend: files, "
-                             "dir: ...}' (or 'backend: none' for no archive)")
-        return data
+    _moved = moved(archive_dir="moved to the top-level archive section: write 'archive: {backend: files, dir: ...}' "
+                               "(or 'backend: none' for no archive)")
 
     @model_validator(mode="after")
     def _retained_covers_maxlen(self) -> "EventsSettings":

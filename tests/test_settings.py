@@ -31,14 +31,14 @@ def test_what_a_variable_holds_is_taken_as_it_is_in_sections_lists_and_defaults(
     assert settings.gateway.read_token == "tok${CALLRAY_TEST_UNSET}"
 
 
-def test_the_old_state_redis_url_names_its_new_place():
-    with pytest.raises(SettingsError, match=r"state: .*redis_url moved to the top-level redis section"):
-        CallraySettings.parse({"state": {"backend": "redis", "redis_url": "redis://h:6379/0"}})
-
-
-def test_the_old_host_retry_s_names_its_new_name():
-    with pytest.raises(SettingsError, match=r"gateway: .*host_retry_s is now activate_timeout_s"):
-        CallraySettings.parse({"gateway": {"host_retry_s": 30}})
+@pytest.mark.parametrize("args, said", [
+    ({"state": {"backend": "redis", "redis_url": "redis://h:6379/0"}}, r"state: .*redis_url moved to the top-level redis"),
+    ({"events": {"archive_dir": "var/calls"}}, r"events: .*archive_dir moved to the top-level archive section"),
+    ({"gateway": {"host_retry_s": 30}}, r"gateway: .*host_retry_s is now activate_timeout_s"),
+])
+def test_a_field_of_an_earlier_release_names_its_new_place(args, said):
+    with pytest.raises(SettingsError, match=said):
+        CallraySettings.parse(args)
 
 
 @pytest.mark.parametrize("args, field", [
