@@ -52,7 +52,6 @@ class EventConsumer:
         self.settings.configure_logging()
         self.app_name, self.kind = app_name, kind
         self.name = f"{app_name}-{kind}"
-        self.consumer: Any = None
         self._held: tuple[Any, dict[str, Any]] | None = None  # the Redis client and consumers in use
         self._disabled = False
         self._tasks: list[asyncio.Task] = []
@@ -96,12 +95,17 @@ class EventConsumer:
             await close_consumers(consumers)
             await client.aclose()
             raise
-        self.consumer, self._held = consumer, (client, consumers)
+        self._held = (client, consumers)
         self._tasks.append(asyncio.create_task(run_consumers(bus, consumers, self.name, asyncio.Event())))
         self._tasks.append(asyncio.create_task(self._export_lag(bus)))
         if self.kind in ("analytics", "archive"):
             self._tasks.append(asyncio.create_task(self._export_metrics()))
         return self.name
+
+    @property
+    def consumer(self) -> Any:
+        """This actor's consumer while it consumes, else None."""
+        return self._held[1][self.kind] if self._held is not None else None
 
     async def _let_go(self) -> None:
         """Stop a consume loop that died and close what it held (its Redis client, the archive's
@@ -109,7 +113,7 @@ class EventConsumer:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks, self.consumer = [], None
+        self._tasks = []
         if self._held is not None:
             client, consumers = self._held
             self._held = None

@@ -256,24 +256,21 @@ def _check_call_id(call_id: str) -> None:
 def build_api(front: Gateway) -> FastAPI:
     """The routes of a gateway replica, serving ``front`` (kept in ``app.state.gateway``)."""
     api = FastAPI(title="callray", description="Retell AI custom-LLM backend on Ray Serve")
-    api.state.gateway = front
-
-    def gateway(app: Any) -> Gateway:
-        return app.state.gateway
+    api.state.gateway = front  # where the token dependencies (reader, admin) find it
 
     @api.get("/healthz")
-    async def healthz(request: Request) -> dict[str, Any]:
-        settings = gateway(request.app).settings
+    async def healthz() -> dict[str, Any]:
+        settings = front.settings
         return {"status": "ok", "architecture": settings.architecture, "placement": settings.hosts.placement,
-                "ingress": gateway(request.app).ingress, "user_code_loop": gateway(request.app).user_code_loop}
+                "ingress": front.ingress, "user_code_loop": front.user_code_loop}
 
     @api.post("/webhook")
     async def webhook(request: Request) -> Response:
-        return await gateway(request.app).webhook(request)
+        return await front.webhook(request)
 
     @api.post("/webhook/inbound")
     async def inbound(request: Request) -> dict[str, Any]:
-        return await gateway(request.app).inbound(request)
+        return await front.inbound(request)
 
     @api.get("/analytics")
     async def analytics(front: Gateway = Depends(reader)) -> dict[str, Any]:
@@ -324,9 +321,9 @@ def build_api(front: Gateway) -> FastAPI:
 
     @api.get("/ui", response_class=HTMLResponse)
     @api.get("/ui/", response_class=HTMLResponse)
-    async def live_page(request: Request) -> HTMLResponse:
+    async def live_page() -> HTMLResponse:
         """The live calls page (it asks for the read token, then reads the two routes below)."""
-        if gateway(request.app).live is None:
+        if front.live is None:
             raise HTTPException(404, "not found (the live calls page needs CALLRAY_READ_TOKEN)")
         return HTMLResponse(LIVE_PAGE.read_text(encoding="utf-8"))
 
@@ -351,7 +348,7 @@ def build_api(front: Gateway) -> FastAPI:
 
     @api.websocket(front.settings.gateway.path_prefix + "/{tail:path}")
     async def socket(websocket: WebSocket, tail: str) -> None:
-        await gateway(websocket.app).socket(websocket, tail)
+        await front.socket(websocket, tail)
 
     @api.websocket("/{path:path}")
     async def unknown_socket(websocket: WebSocket, path: str) -> None:

@@ -2,7 +2,8 @@
 
 Transport types, shared by whoever produces frames (a call's conversation, in this process or
 in a call actor) and the socket session that writes them; they know nothing of either. Frames
-travel as Retell's outbound models and are serialised once, by the writer at the socket.
+travel as Retell's outbound models, each serialised once where it is made (``to_json`` keeps
+the text), and the writer at the socket sends that text.
 """
 
 from __future__ import annotations

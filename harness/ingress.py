@@ -19,8 +19,8 @@ import datetime as dt
 import json
 import os
 import shutil
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
