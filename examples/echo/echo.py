@@ -9,6 +9,7 @@ from callray import Agent, EndCall, Speech
 
 class Echo(Agent):
     greeting = "Hi, I'm the echo agent. Say something!"
+    answers_at_once = True  # respond never waits on I/O: it runs inline in the turn
 
     async def respond(self, turn):
         turn.state["n"] = turn.state.get("n", 0) + 1      # survives reconnects and restarts
