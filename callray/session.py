@@ -196,8 +196,7 @@ class SocketSession:
     async def _write(self) -> None:
         """The only task that writes to the socket; returns when the call closes the outbox."""
         try:
-            async for frame in self.outbox.frames():
-                await self.ws.send_text(frame.to_json())
+            await self.outbox.write(self.ws.send_text)
         except (WebSocketDisconnect, RuntimeError, OSError):
             return  # the socket is gone; the reader sees it too
         reason = self.outbox.close_reason
