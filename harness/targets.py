@@ -178,8 +178,11 @@ def ray_session(console: Console, ingress: str = "proxy") -> Iterator[int]:
     from ray import serve
 
     console.log(f"starting a private local Ray behind {ingress} (temp dir {temp_dir})")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=temp_dir,
-             runtime_env={"env_vars": env}, logging_level="warning", log_to_driver=False)
+    # Ray puts the driver's current directory first on every worker's sys.path; from the project
+    # it would shadow the working_dir of a deployment that runs another checkout (harness/versions.py).
+    with contextlib.chdir(temp_dir):
+        ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=temp_dir,
+                 runtime_env={"env_vars": env}, logging_level="warning", log_to_driver=False)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     failed = False
     try:
@@ -199,7 +202,7 @@ def ray_session(console: Console, ingress: str = "proxy") -> Iterator[int]:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _alive_actors() -> list[dict[str, Any]]:
+def alive_actors() -> list[dict[str, Any]]:
     """Alive actors from the GCS (the state API needs the dashboard, which the harness does not start)."""
     from ray._private import state
 
@@ -216,7 +219,7 @@ def serve_processes(app: str, namespace: str | None = None) -> list[tuple[str, i
     if namespace:
         names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == namespace}
     out = []
-    for actor in _alive_actors():
+    for actor in alive_actors():
         cls = actor.get("ActorClassName", "")
         if (cls.startswith(f"ServeReplica:{app}:") or cls in ("ProxyActor", "HAProxyManager")
                 or actor.get("Name") in names) and actor.get("Pid"):

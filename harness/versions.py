@@ -2,7 +2,8 @@
 
 A refactor must not cost latency, and this machine drifts between runs, so the two versions are
 deployed side by side in each round's Ray session (each replica runs its own checkout as its
-``working_dir``, checked by the replica's current directory; the settings, deployment options and everything else are this checkout's),
+``working_dir``, checked by asking the replica which ``callray`` it imported; the settings, deployment options
+and everything else are this checkout's),
 with the one-process server beside them, and every level is played against each in an order
 that rotates between rounds. A figure is the median over rounds; ``after / before`` is taken
 within each round.
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -34,8 +34,8 @@ from harness.ingress import METRIC, IngressOptions, sim_config
 from harness.report import median_of, ratio, round_stats
 from harness.suite import machine_info, simulate
 from harness.targets import (
-    REDIS_TARGETS, Deployed, Processes, deploy_serve_target, ray_session, ray_worker_niceness, start_baseline,
-    write_llm_agent,
+    REDIS_TARGETS, Deployed, Processes, alive_actors, deploy_serve_target, ray_session, ray_worker_niceness,
+    start_baseline, write_llm_agent,
 )
 
 
@@ -67,20 +67,20 @@ def checkout(rev: str, into: Path) -> Path:
     return into
 
 
-def fingerprint(folder: Path) -> dict[str, int]:
-    """The callray package of a checkout, as file -> size."""
-    return {str(p.relative_to(folder)): p.stat().st_size for p in (folder / "callray").rglob("*.py")}
-
-
 def check_runs(deployed: Deployed, folder: Path) -> None:
-    """The replica runs ``folder``'s code: Ray starts the worker in its working_dir, so its
-    current directory must hold the same package."""
-    replicas = [pid for kind, pid in deployed.processes() if kind.startswith("ServeReplica")]
+    """The replica runs ``folder``'s code: asked which ``callray`` it imported, it names the
+    checkout's (its working directory alone proved nothing: Ray put the driver's first)."""
+    import ray
+
+    replicas = [a for a in alive_actors() if a.get("ActorClassName", "").startswith(f"ServeReplica:{deployed.name}:")]
     if not replicas:
-        raise RuntimeError(f"{deployed.name}: no replica process found")
-    cwd = Path(os.readlink(f"/proc/{replicas[0]}/cwd"))
-    if fingerprint(cwd) != fingerprint(folder):
-        raise RuntimeError(f"{deployed.name}: its replica runs {cwd}, not the checkout {folder}")
+        raise RuntimeError(f"{deployed.name}: no replica found")
+    for actor in replicas:
+        handle = ray.get_actor(actor["Name"], namespace="serve")  # Serve's own namespace
+        imported = Path(ray.get(handle.__ray_call__.remote(lambda _: __import__("callray").__file__), timeout=30))
+        if imported.parent.parent != folder.resolve():
+            raise RuntimeError(f"{deployed.name}: its replica imported callray from {imported.parent}, "
+                               f"not from the checkout {folder}")
 
 
 def run(options: VersionsOptions, console: Console, command: str) -> dict[str, Any]:

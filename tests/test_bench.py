@@ -291,6 +291,34 @@ def test_versions_checks_out_each_revision_alone_and_compares_them_round_by_roun
         versions.checkout("no-such-revision", tmp_path / "nowhere")
 
 
+VERSION_PROBE = """
+import sys
+from pathlib import Path
+from rich.console import Console
+from harness import versions
+from harness.targets import deploy_serve_target, ray_session
+
+folder = versions.checkout("HEAD", Path(sys.argv[1]))
+with ray_session(Console(stderr=True)) as port:
+    deployed = deploy_serve_target("single", port, namespace="versions-probe", app="probe", code=folder)
+    try:
+        versions.check_runs(deployed, folder)
+    finally:
+        deployed.teardown()
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_replica_deployed_from_another_checkout_imports_that_checkout(tmp_path):
+    """Before, Ray put the driver's current directory (this project) first on every worker's
+    sys.path: the replica imported this checkout's callray whatever its working_dir, and
+    ``callray versions`` measured one version twice. Its own Ray, in a process of its own."""
+    probe = subprocess.run([sys.executable, "-c", VERSION_PROBE, str(tmp_path / "other")], cwd=PROJECT_DIR,
+                           capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+
+
 def test_each_ingress_report_keeps_a_plot_of_its_own(tmp_path):
     """A second report (another --out) overwrote docs/ingress.md's plot: the plot is named after its report."""
     from harness.ingress import IngressOptions, write_report
