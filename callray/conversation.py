@@ -599,11 +599,10 @@ class Conversation:
         action = request.action
         self.state.pending_action = pending(action)
         complete_ms = request.elapsed_ms()
-        # The turn is in the state (a next request sees it); its completing frame is queued. Send
-        # it before the rest: the event (redacted), the cache fill and the save's serialising
-        # (tens of µs, hundreds with Redis) would hold the loop.
-        if self.outbox is not None:
-            await self.outbox.flush()
+        # The turn is in the state (a next request sees it); its completing frame is queued. Let
+        # the socket's writer send the frame before the rest: the event (redacted), the cache
+        # fill and the save's serialising (tens of µs, hundreds with Redis) would hold the loop.
+        await asyncio.sleep(0)
         key = request.cache_key
         if (key and self.cache and not request.cache_hit and not request.fallback and not request.budget_miss
                 and not request.side_effects and shareable(turn, state_changed, request.tools, action)):

@@ -4,21 +4,15 @@ Transport types, shared by whoever produces frames (a call's conversation, in th
 in a call actor) and the socket session that writes them; they know nothing of either. Frames
 travel as Retell's outbound models, each serialised once where it is made (``to_json`` keeps
 the text), and the writer at the socket sends that text.
-
-One frame is sent at a time, in order: by the socket's writer task, or by a producer that
-flushes what it queued (a turn's answer, sent from the turn's own task: one task hop fewer).
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import logging
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator
 
 from callray.protocol import OutboundFrame
-
-log = logging.getLogger("callray.outbox")
 
 
 class StreamEnd(str, enum.Enum):
@@ -42,8 +36,6 @@ class Outbox:
         self.connection_id, self.limit = connection_id, limit
         self.close_reason: StreamEnd | None = None
         self._queue: asyncio.Queue[OutboundFrame | None] = asyncio.Queue()
-        self._send: Callable[[str], Awaitable[None]] | None = None  # the writer's, while it writes
-        self._sending = asyncio.Lock()  # held by whoever sends: frames leave one at a time, in order
 
     @property
     def closed(self) -> bool:
@@ -76,39 +68,6 @@ class Outbox:
                 break
             frames.append(frame)
         return frames
-
-    async def write(self, send: Callable[[str], Awaitable[None]]) -> None:
-        """Be this outbox's writer: send each frame's text with ``send`` until the outbox closes.
-        Raises what ``send`` raises (the socket is gone)."""
-        self._send = send
-        try:
-            while (frame := await self._queue.get()) is not None:
-                async with self._sending:
-                    await send(frame.to_json())
-        finally:
-            self._send = None
-
-    async def flush(self) -> None:
-        """Send what is queued from the caller's task, sooner than the writer would: waking it
-        is one more task hop (and, behind Serve's direct ingress, more loop turns). When the
-        writer is sending, or there is none here (a call actor's outbox, read in batches),
-        yield one loop turn so that it goes first."""
-        send = self._send
-        if send is None or self._sending.locked():
-            await asyncio.sleep(0)
-            return
-        async with self._sending:
-            while not self._queue.empty():
-                frame = self._queue.get_nowait()
-                if frame is None:  # the end marker stays for the writer
-                    self._queue.put_nowait(None)
-                    return
-                try:
-                    await send(frame.to_json())
-                except Exception as exc:  # the socket is gone; its session ends on it
-                    log.debug("outbox %s: send failed: %r", self.connection_id, exc)
-                    self.close(StreamEnd.DETACHED)
-                    return
 
     async def frames(self) -> AsyncIterator[OutboundFrame]:
         """Each frame as it is queued, until the outbox closes."""

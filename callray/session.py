@@ -196,7 +196,8 @@ class SocketSession:
     async def _write(self) -> None:
         """The only task that writes to the socket; returns when the call closes the outbox."""
         try:
-            await self.outbox.write(self.ws.send_text)
+            async for frame in self.outbox.frames():
+                await self.ws.send_text(frame.to_json())
         except (WebSocketDisconnect, RuntimeError, OSError):
             return  # the socket is gone; the reader sees it too
         reason = self.outbox.close_reason

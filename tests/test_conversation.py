@@ -476,11 +476,11 @@ async def test_the_completing_frame_reaches_the_writer_before_the_turn_is_saved(
     conversation = Conversation(CallState(call_id="w"), ScriptedAgent(), store=store, settings=TurnSettings())
     outbox = await conversation.attach(Outbox("s1"))
 
-    async def send(text: str) -> None:
-        frame = json.loads(text)
-        taken.append((frame["response_id"], frame["content_complete"]))
+    async def writer() -> None:
+        async for frame in outbox.frames():
+            taken.append((frame.response_id, frame.content_complete))
 
-    writing = asyncio.create_task(outbox.write(send))
+    writing = asyncio.create_task(writer())
     await asyncio.sleep(0.01)
     store.seen_at_save.clear()
     conversation.handle(request(1, "hello"))

@@ -1,109 +1,104 @@
-"""The socket's outbox: one frame sent at a time, in order, by its writer or by a producer that
-flushes from its own task (a turn's answer leaves one task hop sooner)."""
+"""The outbox: with Redis state and a Redis Stream bus, a call's events are written to the stream
+by the same script that writes its checkpoint, so a replica that dies after a save loses none of
+the events of what it saved (before, they waited a few ms in the replica's bus buffer)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
 
-from callray.outbox import Outbox, StreamEnd
-from callray.protocol import PingPongFrame
-
-
-def frame(n: int) -> PingPongFrame:
-    return PingPongFrame(timestamp=n)
-
-
-def stamp(text: str) -> int:
-    return PingPongFrame.model_validate_json(text).timestamp
-
-
-class Socket:
-    """Records what was sent, by which task; ``hold`` makes the next send wait until released."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[int, str]] = []
-        self.hold: asyncio.Event | None = None
-        self.sending = asyncio.Event()
-
-    async def send(self, text: str) -> None:
-        self.sending.set()
-        if self.hold is not None:
-            hold, self.hold = self.hold, None
-            await hold.wait()
-        self.sent.append((stamp(text), asyncio.current_task().get_name()))
+from callray.agents.registry import AgentRegistry
+from callray.outbox import Outbox
+from callray.events import CallStarted, CallTurn, parse_event
+from callray.host import Host
+from callray.protocol import ResponseFrame
+from callray.protocol import parse_event as parse_frame_event
+from callray.settings import CallraySettings
+from callray.stores.base import CallFencedError, CallState
+from callray.events.bus import TappedSink
+from callray.stores.factory import build_stores
+from callray.stores.redis import RedisStateStore
+from callray.stores.redis_client import connect_redis
 
 
-async def started_writer(outbox: Outbox, socket: Socket) -> asyncio.Task:
-    writer = asyncio.create_task(outbox.write(socket.send), name="writer")
-    await asyncio.sleep(0)
-    return writer
+async def stream_events(client, stream: str) -> list:
+    return [parse_event(fields[b"event"]) for _, fields in await client.xrange(stream)]
 
 
-async def test_a_flush_sends_from_the_producer_s_task_and_the_writer_sends_the_rest():
-    outbox, socket = Outbox("s"), Socket()
-    writer = await started_writer(outbox, socket)
-    outbox.put(frame(1))
-    outbox.put(frame(2))
-    await outbox.flush()
-    assert socket.sent == [(1, asyncio.current_task().get_name()), (2, asyncio.current_task().get_name())]
-    outbox.put(frame(3))  # nobody flushes: the writer sends it
-    await asyncio.sleep(0.01)
-    assert socket.sent[-1] == (3, "writer")
-    outbox.close(StreamEnd.DETACHED)
-    await asyncio.wait_for(writer, 1)
+def turn(call_id: str, seq: int, epoch: int) -> CallTurn:
+    return CallTurn(call_id=call_id, seq=seq, epoch=epoch, response_id=seq, caller_text=f"question {seq}")
 
 
-async def test_a_flush_never_overtakes_a_frame_the_writer_is_sending():
-    outbox, socket = Outbox("s"), Socket()
-    writer = await started_writer(outbox, socket)
-    socket.hold = release = asyncio.Event()
-    outbox.put(frame(1))
-    await socket.sending.wait()  # the writer is inside send(1)
-    outbox.put(frame(2))
-    await outbox.flush()  # yields instead of sending 2 ahead of 1
-    assert socket.sent == []
-    release.set()
-    await asyncio.sleep(0.01)
-    assert [n for n, _ in socket.sent] == [1, 2]
-    outbox.close(StreamEnd.DETACHED)
-    await asyncio.wait_for(writer, 1)
+async def test_a_save_appends_its_events_once_and_a_refused_save_appends_none(redis_url):
+    client = await connect_redis(redis_url)
+    stream = f"callray:test-outbox:{uuid.uuid4().hex}"
+    store = RedisStateStore(client, stream=stream)
+    assert store.carries_events
+    claim = await store.claim("c1", "host-a")
+    state = CallState(call_id="c1", epoch=claim.epoch, event_seq=2)
+    events = [CallStarted(call_id="c1", seq=1, epoch=claim.epoch), turn("c1", 2, claim.epoch)]
+    await store.save(state, events)
+    assert events == []  # written: the store takes them off the owner's list
+    assert [(e.type, e.seq) for e in await stream_events(client, stream)] == [("call.started", 1), ("call.turn", 2)]
+
+    # a save whose reply was lost sends its events again with the next one: appended once
+    state.event_seq = 3
+    events = [turn("c1", 2, claim.epoch), turn("c1", 3, claim.epoch)]
+    await store.save(state, events)
+    assert [e.seq for e in await stream_events(client, stream)] == [1, 2, 3]
+
+    # a newer activation elsewhere: the old owner's save is refused, and so are its events
+    await store.claim("c1", "host-b")
+    state.event_seq = 4
+    events = [turn("c1", 4, claim.epoch)]
+    try:
+        await store.save(state, events)
+        raise AssertionError("a fenced save was written")
+    except CallFencedError:
+        pass
+    assert [e.seq for e in events] == [4]  # still the owner's (who drops the call)
+    assert [e.seq for e in await stream_events(client, stream)] == [1, 2, 3]
+    await client.delete(stream, store.key("c1"))
+    await client.aclose()
 
 
-async def test_the_writer_waits_for_a_flush_in_progress():
-    outbox, socket = Outbox("s"), Socket()
-    writer = await started_writer(outbox, socket)
-    socket.hold = release = asyncio.Event()
-    outbox.put(frame(1))
-    flushing = asyncio.create_task(outbox.flush(), name="producer")
-    await socket.sending.wait()  # the producer is inside send(1)
-    outbox.put(frame(2))
-    outbox.put(frame(3))
-    await asyncio.sleep(0.01)  # the writer has woken for them meanwhile
-    release.set()
-    await flushing
-    await asyncio.sleep(0.01)
-    assert [n for n, _ in socket.sent] == [1, 2, 3]
-    outbox.close(StreamEnd.DETACHED)
-    await asyncio.wait_for(writer, 1)
+async def test_a_turn_s_event_is_in_the_stream_once_its_checkpoint_is_even_if_the_bus_never_publishes(redis_url):
+    """The replica's bus buffer never reaches Redis here (its bus is closed, as a SIGKILLed
+    replica's never flushes); the turn's event still reaches the stream, with the checkpoint.
+    Before, it was dropped. Metrics still see every event once, and nothing is published twice."""
+    stream = f"callray:test-outbox:{uuid.uuid4().hex}"
+    settings = CallraySettings(redis={"url": redis_url}, state={"backend": "redis"},
+                               events={"backend": "redis_streams", "stream": stream}, archive={"backend": "none"},
+                               turns={"greeting_wait_ms": 0})
+    stores = await build_stores(settings)
+    assert stores.state.carries_events
+    await stores.events.close()  # nothing it buffers is ever published
+    observed = []
+    host = Host(settings, AgentRegistry.from_settings(settings.agents), store=stores.state,
+                events=TappedSink(stores.events, observed.append), name="replica-a")
+    call_id = f"outbox-{uuid.uuid4().hex[:8]}"
+    outbox = Outbox("s1")
+    conversation = await host.attach(call_id, outbox)
+    conversation.handle(parse_frame_event(
+        {"interaction_type": "response_required", "response_id": 1,
+         "transcript": [{"role": "user", "content": "When are you open?"}]}))
+    async with asyncio.timeout(5):
+        async for frame in outbox.frames():
+            if isinstance(frame, ResponseFrame) and frame.response_id == 1 and frame.content_complete:
+                break
+    await asyncio.gather(*conversation._background)
+    await conversation.checkpoint()
 
-
-async def test_with_no_writer_a_flush_leaves_the_frames_to_whoever_reads_the_outbox():
-    """A call actor's outbox is read in batches by the remote gateway's stream."""
-    outbox = Outbox("s")
-    outbox.put(frame(1))
-    await outbox.flush()
-    assert [f.timestamp for f in outbox.drain()] == [1]
-
-
-async def test_a_flush_whose_send_fails_ends_the_outbox_without_raising():
-    outbox = Outbox("s")
-
-    async def gone(text: str) -> None:
-        raise OSError("connection reset")
-
-    writer = asyncio.create_task(outbox.write(gone))
-    await asyncio.sleep(0)
-    outbox.put(frame(1))
-    await outbox.flush()  # a turn's task must not die of its socket
-    assert outbox.close_reason is StreamEnd.DETACHED
-    await asyncio.wait_for(writer, 1)  # the writer ends on the close, with nothing left to send
+    stored = await stores.state.load(call_id)
+    assert stored.turns[-1].response_id == 1
+    written = await stream_events(stores.redis, stream)
+    assert [e.type for e in written] == ["call.started", "call.turn"]
+    assert written[1].response_id == 1 and written[1].caller_text == "When are you open?"
+    assert stored.event_seq == written[-1].seq  # the checkpoint and its events went together
+    assert [e.type for e in observed] == ["call.started", "call.turn"]  # observed once, not published by the bus
+    assert conversation.unsaved_events == []
+    assert json.loads((await stores.redis.hget(f"callray:call:{call_id}", "q")).decode()) == written[-1].seq
+    await host.deactivate(call_id)
+    await stores.redis.delete(stream)
+    await stores.close()
