@@ -245,6 +245,7 @@ async def test_archive_writes_each_changed_record_once_per_batch_and_a_failed_wr
         await bus.publish(CallEnded(call_id="a", seq=5, reason="user_hangup"))
         await asyncio.sleep(0.2)  # handled, its flush failed and is being retried, nothing acked
         assert not (await TranscriptArchive(FileRecords(tmp_path)).get("a"))["ended"]
+        assert not (await archive.get("a"))["ended"]  # nor does its cache: the record folded in place was dropped
         assert bus.stats()["dead_lettered"] == 0
         disk.broken = False
         for _ in range(100):
@@ -255,6 +256,27 @@ async def test_archive_writes_each_changed_record_once_per_batch_and_a_failed_wr
     finally:
         stop.set()
         await asyncio.wait_for(loop, 5)
+
+
+async def test_archive_rewrites_no_record_that_redelivered_events_leave_unchanged(tmp_path):
+    """Records are folded in place and compared by the digest of the text on disk (no copy)."""
+    written: list[str] = []
+
+    class Disk(FileRecords):
+        def _write(self, call_id: str, text: str) -> None:
+            written.append(call_id)
+            super()._write(call_id, text)
+
+    events = call_events("a")[:5]
+    disk = Disk(tmp_path)
+    await disk.update({"a": events})
+    await disk.update({"a": events[2:4]})  # at-least-once: the same events again
+    assert written == ["a"]
+    fresh = Disk(tmp_path)  # the digest of a record read back from disk
+    await fresh.update({"a": events[:1]})
+    assert written == ["a"]
+    await fresh.update({"a": [CallEnded(call_id="a", seq=5, reason="user_hangup")]})
+    assert written == ["a", "a"] and (await FileRecords(tmp_path).get("a"))["ended"]
 
 
 # -- Escalation -----------------------------------------------------------------------------------

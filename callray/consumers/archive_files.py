@@ -2,7 +2,8 @@
 
 For one machine (the laptop config): the files live on the node that runs the archive
 consumer, so on a cluster use the PostgreSQL backend. Every write is atomic (temp file +
-``os.replace``); a failed write drops the call from the cache, so the disk stays the truth.
+``os.replace``). Records are folded in place in the cache; a failed fold or write drops the
+call from the cache, so the disk stays the truth.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from callray.events import Event
 _SAFE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,150}")
 
 
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
 def record_filename(call_id: str) -> str:
     """A file name for any call id: itself when safe, else a sanitised form plus a hash."""
     if _SAFE.fullmatch(call_id):
@@ -37,7 +42,7 @@ class FileRecords:
     def __init__(self, directory: str | os.PathLike[str], *, cache_size: int = 1000):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._cache: LRUCache[str, dict[str, Any]] = LRUCache(cache_size)
+        self._cache: LRUCache[str, tuple[dict[str, Any], bytes]] = LRUCache(cache_size)  # record, digest of its file
 
     def path(self, call_id: str) -> Path:
         return self.directory / record_filename(call_id)
@@ -47,8 +52,8 @@ class FileRecords:
         return await asyncio.to_thread(self._update, events)
 
     async def get(self, call_id: str) -> dict[str, Any] | None:
-        record = await asyncio.to_thread(self._load, call_id)
-        return json.loads(json.dumps(record)) if record is not None else None
+        loaded = await asyncio.to_thread(self._load, call_id)
+        return json.loads(json.dumps(loaded[0])) if loaded is not None else None  # a copy: the cached one is folded in place
 
     async def finalise(self, call_ids: list[str]) -> None:
         await asyncio.to_thread(self._finalise, call_ids)
@@ -95,31 +100,36 @@ class FileRecords:
     def _update(self, events: dict[str, list[Event]]) -> list[dict[str, Any]]:
         out = []
         for call_id, batch in events.items():
-            record = self._load(call_id)
-            before = serialise(record) if record is not None else None
-            record = json.loads(before) if before is not None else new_record(call_id)
-            for event in batch:
-                apply(record, event)
-            after = serialise(record)
-            if after != before:
-                try:
-                    self._write(call_id, after)
-                except OSError:
-                    self._cache.pop(call_id, None)
-                    raise
-            self._cache[call_id] = record
+            record, written = self._load(call_id) or (new_record(call_id), None)
+            try:
+                for event in batch:
+                    apply(record, event)
+                self._store(call_id, record, written)
+            except BaseException:
+                self._cache.pop(call_id, None)  # folded in place: the disk stays the truth
+                raise
             out.append(record)
         return out
 
-    def _load(self, call_id: str) -> dict[str, Any] | None:
-        record = self._cache.get(call_id)
-        if record is None:
+    def _load(self, call_id: str) -> tuple[dict[str, Any], bytes] | None:
+        """The record and the digest of its text on disk."""
+        cached = self._cache.get(call_id)
+        if cached is None:
             try:
-                record = json.loads(self.path(call_id).read_text(encoding="utf-8"))
+                text = self.path(call_id).read_text(encoding="utf-8")
             except FileNotFoundError:
                 return None
-            self._cache[call_id] = record
-        return record
+            cached = self._cache[call_id] = (json.loads(text), _digest(text))
+        return cached
+
+    def _store(self, call_id: str, record: dict[str, Any], written: bytes | None) -> None:
+        """Write ``record`` unless its text is what the disk holds (a redelivered event changes
+        nothing): one serialising per write, no copy of the record to compare against."""
+        text = serialise(record)
+        digest = _digest(text)
+        if digest != written:
+            self._write(call_id, text)
+        self._cache[call_id] = (record, digest)
 
     def _write(self, call_id: str, text: str) -> None:
         target = self.path(call_id)
@@ -129,10 +139,15 @@ class FileRecords:
 
     def _finalise(self, call_ids: list[str]) -> None:
         for call_id in call_ids:
-            record = self._load(call_id)
-            if record is not None and not record["final"]:
+            loaded = self._load(call_id)
+            if loaded is not None and not loaded[0]["final"]:
+                record, written = loaded
                 record["final"] = True
-                self._write(call_id, serialise(record))
+                try:
+                    self._store(call_id, record, written)
+                except BaseException:
+                    self._cache.pop(call_id, None)
+                    raise
 
     def _purge(self, ended_before: float) -> int:
         purged = 0
