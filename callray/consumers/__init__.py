@@ -48,9 +48,13 @@ class Consumer(Protocol):
 class PerEvent:
     """A consumer whose every effect lands as its event is handled (analytics keeps a
     projection the stream rebuilds; escalation records each escalation as it acts): nothing to
-    flush before an ack, no batch to wait for, no work on a clock."""
+    flush before an ack, no work on a clock.
 
-    linger_s = 0.0
+    It still reads in batches: a read and an ack per batch, not per event (at 1000 calls,
+    reading one event at a time cost the analytics consumer 40% of its CPU in those two Redis
+    round trips). Waiting 50 ms for a batch to grow is nothing to a dashboard or a handoff."""
+
+    linger_s = 0.05
 
     async def flush(self) -> None:
         pass
