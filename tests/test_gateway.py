@@ -87,8 +87,10 @@ async def test_read_routes_need_the_bearer_token_and_are_off_without_one(gateway
             and time.monotonic() < deadline:  # the archive applies events in batches, a second apart
         await asyncio.sleep(0.2)
     assert got[0] == 200 and [t["response_id"] for t in got[1]["turns"]] == [1]
-    status, snapshot = await asyncio.to_thread(get, f"{gateway.http}/analytics", READ_TOKEN)
-    assert status == 200 and snapshot["overall"]["turns"] >= 1
+    while not ((analytics := await asyncio.to_thread(get, f"{gateway.http}/analytics", READ_TOKEN))[0] == 200
+               and analytics[1]["overall"]["turns"]) and time.monotonic() < deadline:  # it reads in batches too
+        await asyncio.sleep(0.05)
+    assert analytics[0] == 200 and analytics[1]["overall"]["turns"] >= 1
     assert (await asyncio.to_thread(get, f"{gateway.http}/calls/bad%20id!", READ_TOKEN))[0] == 400
     for path in ("/calls/call-read-1", "/analytics"):  # no token configured: the routes do not exist
         assert (await asyncio.to_thread(get, closed_gateway.http + path, "anything"))[0] == 404

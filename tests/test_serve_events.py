@@ -145,8 +145,12 @@ async def test_webhook_signatures_and_dedupe(events_app):
 
     record = await eventually(archived)
     assert record and record["call"]["disconnection_reason"] == "user_hangup"
-    _, snap = get(f"{base}/analytics")
-    assert snap["overall"]["disconnections"].get("user_hangup", 0) >= 1
+
+    def counted():  # analytics reads the stream in batches of its own: it may trail the archive
+        status, snap = get(f"{base}/analytics")
+        return status == 200 and snap["overall"]["disconnections"].get("user_hangup", 0) >= 1
+
+    assert await eventually(counted), get(f"{base}/analytics")
 
 
 async def test_escalation_rule_transfers_the_live_call_once(events_app):
