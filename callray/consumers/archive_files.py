@@ -9,12 +9,13 @@ call from the cache, so the disk stays the truth.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from cachetools import LRUCache
 
@@ -101,13 +102,10 @@ class FileRecords:
         out = []
         for call_id, batch in events.items():
             record, written = self._load(call_id) or (new_record(call_id), None)
-            try:
+            with self._in_place(call_id):
                 for event in batch:
                     apply(record, event)
                 self._store(call_id, record, written)
-            except BaseException:
-                self._cache.pop(call_id, None)  # folded in place: the disk stays the truth
-                raise
             out.append(record)
         return out
 
@@ -121,6 +119,16 @@ class FileRecords:
                 return None
             cached = self._cache[call_id] = (json.loads(text), _digest(text))
         return cached
+
+    @contextlib.contextmanager
+    def _in_place(self, call_id: str) -> Iterator[None]:
+        """Around a change to a cached record and its write: on any failure the call leaves the
+        cache, so the disk stays the truth."""
+        try:
+            yield
+        except BaseException:
+            self._cache.pop(call_id, None)
+            raise
 
     def _store(self, call_id: str, record: dict[str, Any], written: bytes | None) -> None:
         """Write ``record`` unless its text is what the disk holds (a redelivered event changes
@@ -142,12 +150,9 @@ class FileRecords:
             loaded = self._load(call_id)
             if loaded is not None and not loaded[0]["final"]:
                 record, written = loaded
-                record["final"] = True
-                try:
+                with self._in_place(call_id):
+                    record["final"] = True
                     self._store(call_id, record, written)
-                except BaseException:
-                    self._cache.pop(call_id, None)
-                    raise
 
     def _purge(self, ended_before: float) -> int:
         purged = 0
