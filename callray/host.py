@@ -70,6 +70,8 @@ class Host:
         if store.carries_events:
             self._call_events = events.observer() if isinstance(events, TappedSink) else None
         self.calls: dict[str, Conversation] = {}
+        # Calls without a socket, longest-detached first: bounded without scanning every call.
+        self._detached: dict[str, Conversation] = {}
         # Without call_details (gateway.call_details: false) a greeting has nothing to wait for.
         self._turns = (settings.turns if settings.gateway.call_details
                        else settings.turns.model_copy(update={"greeting_wait_ms": 0.0}))
@@ -152,18 +154,21 @@ class Host:
         conversation to ``lose``, the conversation tells the host here, once."""
         if self.calls.get(conversation.call_id) is conversation:
             del self.calls[conversation.call_id]
+            self._detached.pop(conversation.call_id, None)
             self.counters["taken_over"] += 1
 
     def _forget(self, conversation: Conversation) -> None:
         """Drop a stale activation of ours (the store holds a newer state): not a takeover."""
         if self.calls.get(conversation.call_id) is conversation:
             del self.calls[conversation.call_id]
+            self._detached.pop(conversation.call_id, None)
         conversation.lose()
 
     async def deactivate(self, call_id: str, end: StreamEnd = StreamEnd.DEACTIVATED) -> bool:
         """Save and drop a call from memory (its next socket re-activates it); a socket still
         attached is closed as ``end`` says."""
         conversation = self.calls.pop(call_id, None)
+        self._detached.pop(call_id, None)
         if conversation is None:
             return False
         if conversation.ended and not conversation.state.ended:  # the agent hung up
@@ -183,6 +188,7 @@ class Host:
         conversation = await (self._reclaim(live) if live is not None and not resume
                               else self.activate(call_id, agent_name))
         await conversation.attach(outbox, resume=resume, heard_greeting=heard_greeting)
+        self._detached.pop(call_id, None)
         return conversation
 
     async def detach(self, call_id: str, connection_id: str) -> None:
@@ -192,10 +198,10 @@ class Host:
         if conversation.ended:
             await self.deactivate(call_id)
             return
-        detached = [c for c in self.calls.values() if not c.connected]
-        excess = len(detached) - self.settings.hosts.max_detached_calls
-        for oldest in sorted(detached, key=lambda c: c.last_activity)[:max(0, excess)]:
-            await self.deactivate(oldest.call_id)  # memory is bounded: a reconnect re-activates it from the store
+        self._detached[call_id] = conversation
+        while len(self._detached) > self.settings.hosts.max_detached_calls:
+            # memory is bounded: a reconnect re-activates the call from the store
+            await self.deactivate(next(iter(self._detached)))
 
     async def stream(self, call_id: str, connection_id: str, agent_name: str | None = None,
                      resume: bool = False, heard_greeting: bool = True) -> AsyncIterator[list[OutboundFrame] | StreamEnd]:

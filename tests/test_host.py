@@ -252,6 +252,27 @@ async def test_a_host_keeps_a_bounded_number_of_detached_calls():
     assert texts(again.drain())[0]["content"] == ""
 
 
+async def test_the_longest_detached_call_leaves_first_and_a_reconnected_one_stays():
+    """The bound goes by how long a call has been without a socket (docs/reliability.md); a call
+    that reconnected is not detached any more, and a reconnect re-activates an evicted one."""
+    settings = CallraySettings.parse({"hosts": {"max_detached_calls": 2}, "turns": {"greeting_wait_ms": 0}})
+    host = Host(settings, AGENTS, store=MemoryStateStore(), cache=MemoryResponseCache())
+    outboxes = {f"c{i}": Outbox(f"s{i}") for i in range(4)}
+    for call_id, outbox in outboxes.items():
+        await host.attach(call_id, outbox, None)
+    await host.detach("c1", "s1")
+    await host.detach("c0", "s0")
+    back = Outbox("s1-again")
+    await host.attach("c1", back, None)  # c1 reconnects: no longer detached
+    await host.detach("c2", "s2")
+    await host.detach("c3", "s3")  # three detached (c0, c2, c3) over a bound of two: c0 goes
+    assert set(host.calls) == {"c1", "c2", "c3"}
+    assert host.calls["c1"].connected
+    await host.attach("c0", Outbox("s0-again"), None)  # from the store; c2 and c3 stay detached
+    await host.detach("c1", "s1-again")  # now c2, c3, c1 are detached: c2 goes
+    assert set(host.calls) == {"c0", "c1", "c3"}
+
+
 async def test_a_calls_state_keeps_a_window_of_turns_and_only_the_call_fields_it_uses():
     settings = CallraySettings.parse({"turns": {"turns_kept": 3}})
     store = MemoryStateStore()
