@@ -30,7 +30,8 @@ PLACEHOLDER = {kind: f"[{kind.upper()}]" for kind in KINDS}
 
 _EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")
 _SSN = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])")
-#: Seven digits anywhere (no phone number has fewer): the phone matcher runs only then.
+#: Seven digits anywhere (no phone, card or social security number has fewer): the digit
+#: kinds are looked for only then.
 _SEVEN_DIGITS = re.compile(r"\d(?:\D*\d){6}")
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 #: Keys of Retell's call object whose values are identifiers of ours or Retell's, not of callers.
@@ -63,14 +64,15 @@ class Redactor:
         """``text`` with each identifier replaced by its placeholder."""
         if not text:
             return text
-        if "card" in self.kinds:
+        digits = _SEVEN_DIGITS.search(text) is not None  # most lines have none: skip the digit kinds
+        if digits and "card" in self.kinds:
             text = _CARD.sub(lambda m: PLACEHOLDER["card"] if luhn_valid(re.sub(r"\D", "", m.group(0))) else m.group(0),
                              text)
-        if "ssn" in self.kinds:
+        if digits and "ssn" in self.kinds:
             text = _SSN.sub(PLACEHOLDER["ssn"], text)
         if "email" in self.kinds and "@" in text:
             text = _EMAIL.sub(PLACEHOLDER["email"], text)
-        if "phone" in self.kinds and _SEVEN_DIGITS.search(text):
+        if digits and "phone" in self.kinds and _SEVEN_DIGITS.search(text):
             spans = [(m.start, m.end) for m in PhoneNumberMatcher(text, self.default_region, leniency=Leniency.POSSIBLE)]
             for start, end in reversed(spans):
                 text = text[:start] + PLACEHOLDER["phone"] + text[end:]

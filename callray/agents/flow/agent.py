@@ -195,6 +195,7 @@ class FlowAgent(Agent):
         self.common_questions = config.common_questions
         self._slots = {name: Slot.build(name, cfg) for name, cfg in config.slots.items()}
         self._personal = {name for name, cfg in config.slots.items() if cfg.personal}
+        self._greeting_uses_call = bool(fields(config.greeting) - self._slots.keys())  # asked on every attach
         self._intents: dict[str, Intent] = {}
         matchers: dict[str, Matcher] = {}
         for intent in config.intents:
@@ -228,7 +229,7 @@ class FlowAgent(Agent):
 
     @property
     def greeting_uses_call(self) -> bool:
-        return bool(fields(self.config.greeting) - self._slots.keys())
+        return self._greeting_uses_call
 
     def cache_key(self, turn: Turn) -> str | None:
         """The normalised utterance plus the state the answer depends on (pending intent,
