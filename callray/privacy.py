@@ -118,6 +118,7 @@ class Redactor:
                 changes["reason"] = self.text(event.reason)
         elif isinstance(event, EscalationRequested):
             changes = {"reason": self.text(event.reason)}
+        changes = {k: v for k, v in changes.items() if v is not getattr(event, k)}  # most lines hold none
         extra = {k: self.value(v, k) for k, v in (event.model_extra or {}).items()}
         if not changes and not extra:
             return event

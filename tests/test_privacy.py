@@ -56,6 +56,14 @@ def test_only_the_kinds_asked_for_are_redacted():
         Redactor(kinds=["dna"])
 
 
+def test_an_event_with_nothing_to_redact_is_passed_on_as_it_is():
+    redactor = Redactor()
+    plain = CallTurn(call_id="c", seq=1, response_id=1, caller_text="What are your hours?", agent_text="9 to 5.")
+    assert redactor.event(plain) is plain
+    mixed = redactor.event(plain.model_copy(update={"agent_text": f"Call {PHONE}."}))
+    assert mixed.caller_text == "What are your hours?" and mixed.agent_text == "Call [PHONE]."
+
+
 def test_events_carry_placeholders_and_a_keyed_caller_hash_but_keep_identifiers_of_their_own():
     redactor = Redactor(caller_key="s3cret")
     turn = redactor.event(CallTurn(call_id="call_4155552671", seq=3, response_id=2, caller_text=SAID,
