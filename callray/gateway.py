@@ -331,6 +331,7 @@ def build_api(front: Gateway) -> FastAPI:
     async def live_state(front: Gateway = Depends(reader)) -> dict[str, Any]:
         if front.live is None:
             raise HTTPException(404, "no live view in this deployment")
+        await front.live.watch()  # the view follows the events while someone looks
         return front.live.snapshot()
 
     @api.get("/ui/events")

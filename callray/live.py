@@ -3,18 +3,22 @@
 A :class:`LiveCalls` is a small projection of the call events: the calls talking now (agent,
 where they live, how long, their turns with per-turn latency, holding phrases, cache hits,
 tools, transfers, escalations), the recently ended ones, and the latest first-sentence
-latencies for a chart. It is fed by every event a replica can see (its own calls' events with
-in-process events; the whole Redis stream in the event-driven architecture) and hands each
-open page a batch of what changed every ``interval_s``, so the cost of an open page does not
-grow with the event rate. Everything it keeps is bounded.
+latencies for a chart. It follows every event a replica can see (its own calls' events with
+in-process events; the whole Redis stream in the event-driven architecture), but only while
+someone looks: a page's first load replays the last ``HISTORY`` events and follows from there,
+and ``idle_s`` after the last page closed it stops, so an unwatched replica does not parse
+every call's events. It hands each open page a batch of what changed every ``interval_s``, so
+the cost of an open page does not grow with the event rate. Everything it keeps is bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections import deque
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Protocol
 
 from cachetools import LRUCache
 
@@ -26,13 +30,25 @@ MAX_ENDED = 100  # recently ended calls shown
 MAX_LATENCIES = 500  # points of the latency chart
 MAX_PAGES = 50  # pages open at once; a page that does not keep up is dropped
 KEEPALIVE_S = 15.0
+HISTORY = 2000  # events replayed when a page starts the view (its calls, ended calls and chart)
+CATCH_UP_S = 2.0  # a page's first load waits at most this long for that replay
+
+log = logging.getLogger("callray.live")
+
+
+class EventSource(Protocol):
+    """Where the view reads events: the process's event bus (``callray.events.bus.EventBus``)."""
+
+    async def recent(self, count: int) -> tuple[list[Event], str]: ...
+
+    def tail(self, after: str | None = None) -> AsyncIterator[Event]: ...
 
 
 class LiveCalls:
     """The view (see the module docstring). Not thread-safe: one event loop."""
 
-    def __init__(self, interval_s: float = 0.25):
-        self.interval_s = interval_s
+    def __init__(self, source: EventSource | None = None, interval_s: float = 0.25, idle_s: float = 60.0):
+        self.source, self.interval_s, self.idle_s = source, interval_s, idle_s
         self.calls: LRUCache[str, dict[str, Any]] = LRUCache(MAX_CALLS)
         self.ended: deque[dict[str, Any]] = deque(maxlen=MAX_ENDED)
         self.latencies: deque[dict[str, Any]] = deque(maxlen=MAX_LATENCIES)
@@ -44,6 +60,73 @@ class LiveCalls:
         self._pages: set[asyncio.Queue[dict[str, Any]]] = set()
         self._wake = asyncio.Event()
         self._publisher: asyncio.Task | None = None
+        self._follower: asyncio.Task | None = None
+        self._caught_up = asyncio.Event()
+        self._watched_at = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------ following the events
+
+    @property
+    def following(self) -> bool:
+        """Whether the view reads the events now (someone looked within ``idle_s``)."""
+        return self._follower is not None and not self._follower.done()
+
+    async def watch(self) -> None:
+        """Someone looks: follow the events (from the last ``HISTORY`` when not following yet)
+        and wait, up to ``CATCH_UP_S``, until those are in the view."""
+        self._watched_at = time.monotonic()
+        if self.source is None:
+            return
+        if not self.following:
+            self._caught_up = asyncio.Event()
+            self._follower = asyncio.get_running_loop().create_task(self._follow())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CATCH_UP_S):
+                await self._caught_up.wait()
+
+    async def _follow(self) -> None:
+        assert self.source is not None
+        self._stop_after(self.idle_s)
+        try:
+            try:
+                history, position = await self.source.recent(HISTORY)
+            except Exception as exc:  # the view shows what comes from now on
+                log.warning("live view: recent events unavailable (%r); following from now", exc)
+                history, position = [], None
+            self._forget()  # what it showed before it stopped is stale
+            for event in history:
+                self.handle(event)
+            self._caught_up.set()
+            async with contextlib.aclosing(self.source.tail(position)) as events:
+                async for event in events:
+                    self.handle(event)
+        finally:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            self._caught_up.set()
+
+    def _stop_after(self, delay: float) -> None:
+        self._idle_timer = asyncio.get_running_loop().call_later(delay, self._stop_when_idle)
+
+    def _stop_when_idle(self) -> None:
+        idle = time.monotonic() - self._watched_at
+        if self._pages or idle < self.idle_s:
+            self._stop_after(self.idle_s if self._pages else self.idle_s - idle)
+        elif self._follower is not None:
+            self._follower.cancel()
+
+    def _forget(self) -> None:
+        self.calls.clear()
+        self.ended.clear()
+        self.latencies.clear()
+
+    async def close(self) -> None:
+        for task in (self._follower, self._publisher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     # ------------------------------------------------------------------ events
 
@@ -123,6 +206,7 @@ class LiveCalls:
         """What changed, one batch per ``interval_s`` at most, for as long as the page listens."""
         if len(self._pages) >= MAX_PAGES:
             raise RuntimeError(f"{MAX_PAGES} pages are open already")
+        await self.watch()
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=20)
         self._pages.add(queue)
         if self._publisher is None or self._publisher.done():
@@ -135,6 +219,7 @@ class LiveCalls:
                     return
         finally:
             self._pages.discard(queue)
+            self._watched_at = time.monotonic()  # idle from the last page's close
 
     async def _publish(self) -> None:
         while self._pages:

@@ -40,7 +40,7 @@ class CallsRuntime:
         self.settings, self.name, self.stores, self.host, self.directory = settings, name, stores, host, directory
         self.consumers = consumers
         # the live page is a gateway's, and exists only with a read token
-        self.live = LiveCalls() if live and settings.gateway.read_token else None
+        self.live = LiveCalls(stores.events) if live and settings.gateway.read_token else None
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
@@ -48,7 +48,8 @@ class CallsRuntime:
                     on_deactivate: Callable[[str], Awaitable[None]] | None = None, live: bool = True) -> CallsRuntime:
         """Connect the stores (failing at once, naming the setting, on a bad Redis URL), then
         start the housekeeping. ``observe(event)`` sees every event a call emits (metrics);
-        ``on_deactivate(call_id)`` runs after a call leaves memory; ``live`` feeds the live page."""
+        ``on_deactivate(call_id)`` runs after a call leaves memory; ``live`` keeps a live page
+        (which reads the events only while someone looks)."""
         stores = await build_stores(settings)
         agents = AgentRegistry.from_settings(settings.agents)
         sink = TappedSink(stores.events, observe) if observe is not None else stores.events
@@ -68,13 +69,7 @@ class CallsRuntime:
         runtime._run(host.warm_cache(), "pre-caching")
         if consumers:
             runtime._run(run_consumers(stores.events, consumers, name, asyncio.Event()), "consumers")
-        if runtime.live is not None:
-            runtime._run(runtime._feed_live(), "live view")
         return runtime
-
-    async def _feed_live(self) -> None:
-        async for event in self.stores.events.tail():
-            self.live.handle(event)
 
     def _run(self, coro: Any, what: str) -> None:
         task = asyncio.create_task(coro, name=f"{self.name}: {what}")
@@ -139,6 +134,8 @@ class CallsRuntime:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.live is not None:
+            await self.live.close()
         await close_consumers(self.consumers)
         await self.directory.close()
         await self.host.agents.aclose()

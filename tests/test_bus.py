@@ -425,3 +425,30 @@ async def test_memory_bus_trims_only_acked_entries_beyond_maxlen():
         await bus.publish(CallStarted(call_id=f"c{i}", seq=0))
     assert bus.stats()["trimmed_unconsumed"] == 5  # 11 held, bound 6
     await bus.close()
+
+
+@pytest.mark.parametrize("backend", ["redis", "memory"])
+async def test_tail_after_recent_sees_every_later_event_once(backend, redis_bus):
+    """The live view replays ``recent`` events, then follows from their position: no event
+    published in between may be missed or seen twice."""
+    bus = redis_bus if backend == "redis" else MemoryBus()
+    for i in range(5):
+        await bus.publish(CallStarted(call_id=f"old{i}", seq=1))
+    history, position = await bus.recent(3)
+    assert [e.call_id for e in history] == ["old2", "old3", "old4"]
+    await bus.publish(CallStarted(call_id="between", seq=1))  # after recent, before the tail starts
+    seen: list[str] = []
+
+    async def follow() -> None:
+        async for event in bus.tail(position):
+            seen.append(event.call_id)
+
+    task = asyncio.create_task(follow())
+    await asyncio.sleep(0.05)
+    await bus.publish(CallStarted(call_id="later", seq=1))
+    await until(lambda: len(seen) >= 2, timeout=5)
+    await asyncio.sleep(0.1)
+    task.cancel()
+    assert seen == ["between", "later"]
+    empty = MemoryBus() if backend == "memory" else RedisStreamBus(bus.client, stream=f"empty:{uuid.uuid4().hex}")
+    assert (await empty.recent(10))[0] == []

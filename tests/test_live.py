@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from callray import live
 from callray.events import CallEnded, CallStarted, CallSuperseded, CallTurn, EscalationPerformed
+from callray.events.memory import MemoryBus
 from callray.live import LiveCalls
 
 
@@ -78,3 +80,38 @@ async def test_with_no_page_open_nothing_waits_to_be_sent():
     for i in range(500):
         view.handle(CallEnded(call_id=f"c{i}", seq=5, reason="user_hangup"))
     assert not view._changed and not view._new_latencies and not view._new_ended
+
+
+async def test_the_view_reads_the_events_only_while_someone_looks():
+    """Unwatched, a replica does not parse every call's events: a page's first load replays the
+    recent ones, and the view stops following ``idle_s`` after the last look."""
+    bus = MemoryBus()
+    view = LiveCalls(bus, interval_s=0.01, idle_s=0.2)
+    await bus.publish(turn("c1", 1))
+    await bus.publish(turn("c2", 1))
+    assert not view.following
+    await view.watch()  # a page's first load: the recent events are in the view
+    assert view.following and sorted(c["call_id"] for c in view.snapshot()["calls"]) == ["c1", "c2"]
+    await bus.publish(turn("c1", 2))
+    await _until(lambda: view.snapshot()["calls"] and max(c["turn_count"] for c in view.snapshot()["calls"]) == 2)
+    await _until(lambda: not view.following, timeout=3)  # nobody looked for idle_s
+    await bus.publish(CallEnded(call_id="c2", seq=9, reason="user_hangup"))  # while nobody looks
+    await view.watch()  # the next look rebuilds from the events: c2 ended meanwhile
+    snap = view.snapshot()
+    assert [c["call_id"] for c in snap["calls"]] == ["c1"] and [e["call_id"] for e in snap["ended"]] == ["c2"]
+    page = view.updates()  # an open page keeps it following past idle_s
+    waiting = asyncio.ensure_future(anext(page))
+    await asyncio.sleep(0.5)
+    assert view.following
+    waiting.cancel()  # the page closes
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    await view.close()
+    assert not view.following
+
+
+async def _until(predicate, timeout: float = 2.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)

@@ -62,9 +62,13 @@ class EventBus(Protocol):
 
     async def ack(self, group: str, ids: list[str]) -> int: ...
 
-    def tail(self) -> AsyncIterator[Event]:
-        """Every event published from now on, as it comes, outside any consumer group (a live
-        view; nothing is acknowledged, nothing redelivered)."""
+    async def recent(self, count: int) -> tuple[list[Event], str]:
+        """The last ``count`` events, oldest first, and the position after them for ``tail``."""
+
+    def tail(self, after: str | None = None) -> AsyncIterator[Event]:
+        """Every event published after ``after`` (a position from ``recent``; default: from now),
+        as it comes, outside any consumer group (a live view; nothing is acknowledged, nothing
+        redelivered)."""
 
 
 class TappedSink:

@@ -77,8 +77,12 @@ class MemoryBus(_BufferedEmitter):
         self._counts["published"] += 1
         return entry_id
 
-    async def tail(self) -> AsyncIterator[Event]:
-        seq = self._first_seq + len(self._log)
+    async def recent(self, count: int) -> tuple[list[Event], str]:
+        end = self._first_seq + len(self._log)
+        return list(self._log)[max(0, len(self._log) - count):], str(end)
+
+    async def tail(self, after: str | None = None) -> AsyncIterator[Event]:
+        seq = self._first_seq + len(self._log) if after is None else int(after)
         cond = self._condition()
         while True:
             seq = max(seq, self._first_seq)  # entries trimmed before being read are skipped

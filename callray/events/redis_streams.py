@@ -290,8 +290,21 @@ class RedisStreamBus(RedisBacked, _BufferedEmitter):
                 except (KeyError, ValidationError, ValueError):
                     continue
 
-    async def tail(self, block_ms: int = 1000) -> AsyncIterator[Event]:
-        last = None
+    async def recent(self, count: int) -> tuple[list[Event], str]:
+        try:
+            entries = await self.client.xrevrange(self.stream, count=count)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"event stream {self.stream!r}: {exc}") from exc
+        events = []
+        for _, fields in reversed(entries):
+            try:
+                events.append(parse_event((fields or {})[b"event"]))
+            except (KeyError, ValidationError, ValueError):
+                continue
+        return events, _text(entries[0][0]) if entries else "0-0"
+
+    async def tail(self, after: str | None = None, block_ms: int = 1000) -> AsyncIterator[Event]:
+        last = after
         while True:
             try:
                 if last is None:  # from the current end: XREAD "$" anew each time would miss entries
