@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Coroutine
 
 from callray import events as ev
 from callray.events import Event
@@ -228,6 +228,9 @@ class Conversation:
         self._request: _Request | None = None
         self._completed: tuple[str | None, int] | None = None  # (connection, id) last completed
         self._save_lock = asyncio.Lock()
+        # Checkpoints asked for, and the latest ask a landed save carried: a save carries every
+        # change made before it started, so an ask it covered need not save again.
+        self._asked = self._carried = 0
         self._background: set[asyncio.Task] = set()
         self._call_details = asyncio.Event()
         self._on_lost = on_lost
@@ -698,11 +701,17 @@ class Conversation:
         if self._on_lost is not None:
             self._on_lost(self)
 
-    async def checkpoint(self) -> None:
-        """Write the state; saves of one call are serialised (versions are compare-and-set)."""
+    def checkpoint(self) -> Coroutine[Any, Any, None]:
+        """Write the state. Saves of one call are serialised (versions are compare-and-set), and
+        one save writes every change asked for before it started: a call's start asks twice
+        (greeting, call_details) and saves once. The ask counts when made, not when awaited."""
+        self._asked += 1
+        return self._checkpoint(self._asked)
+
+    async def _checkpoint(self, asked: int) -> None:
         async with self._save_lock:
             for _ in range(MAX_SAVE_ATTEMPTS):
-                if self.lost or not await self._save():
+                if self.lost or self._carried >= asked or not await self._save():
                     return
             log.error("call %s: not saved after %d attempts", self.call_id, MAX_SAVE_ATTEMPTS,
                       extra={"call_id": self.call_id})
@@ -713,9 +722,10 @@ class Conversation:
         claimed the call here), or the store holds a version of this activation's own that
         landed late (a stall). The live state is never replaced by a stored one: under its owner
         epoch a call has no other writer, and a newer activation elsewhere fences this one off."""
-        epoch = self.state.epoch
+        epoch, asked = self.state.epoch, self._asked
         try:
             await self.store.save(self.state, self.unsaved_events)
+            self._carried = max(self._carried, asked)
         except CallFencedError as exc:
             if self.state.epoch > epoch:
                 log.info("call %s: a save under epoch %d met this activation's own epoch %d; saving again",

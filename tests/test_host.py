@@ -302,6 +302,47 @@ class FlakyStore(MemoryStateStore):
         return await super().save(state, events)
 
 
+class CountingStore(MemoryStateStore):
+    """A memory store that counts its saves."""
+
+    saves = 0
+
+    async def save(self, state, events=None):
+        self.saves += 1
+        return await super().save(state, events)
+
+
+async def test_a_calls_start_is_one_save_and_a_change_during_a_save_gets_its_own():
+    """The greeting and call_details each ask for a checkpoint at once: one save carries both.
+    A change made while a save is in flight is not in it, so it is saved after it."""
+    store = CountingStore()
+    host = Host(CallraySettings(turns={"greeting_wait_ms": 500}), AGENTS, store=store, cache=MemoryResponseCache())
+    outbox = Outbox("s1")
+    conversation = await host.attach("c1", outbox, None)  # the greeting waits for call_details
+    conversation.handle(parse_event({"interaction_type": "call_details", "call": {"call_id": "c1", "agent_id": "a"}}))
+    await asyncio.sleep(0.05)
+    stored = await store.load("c1")
+    assert store.saves == 1 and stored.greeted and stored.call["agent_id"] == "a"
+    conversation.handle(request(1, "What are your hours?"))
+    await answer(outbox, 1)
+    await asyncio.sleep(0.05)
+    assert store.saves == 2 and [t.response_id for t in (await store.load("c1")).turns] == [1]
+    slow = asyncio.Event()
+    store.save = lambda state, events=None, save=store.save: _after(slow, save(state, events))  # type: ignore[method-assign]
+    first = asyncio.create_task(conversation.checkpoint())
+    await asyncio.sleep(0.01)  # the first save is in flight (its state serialised)...
+    conversation.state.agent_state = {"note": "changed during the save"}
+    second = asyncio.create_task(conversation.checkpoint())  # ... so this ask needs a save of its own
+    slow.set()
+    await asyncio.gather(first, second)
+    assert store.saves == 4 and (await store.load("c1")).agent_state == {"note": "changed during the save"}
+
+
+async def _after(event: asyncio.Event, coro):
+    await event.wait()
+    return await coro
+
+
 async def test_events_of_a_crashed_host_and_its_successor_never_share_an_identity():
     """Issue 11 §2: a host that dies after emitting events its checkpoint never saved must not
     make its successor reuse their identities, or consumers drop the successor's events."""
