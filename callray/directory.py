@@ -61,10 +61,13 @@ class CallDirectory:
             return False  # never activated, or it was ours and is not live any more
         return await self._publish(owner[0], call_id, command, wait=True, timeout_s=timeout_s)
 
-    async def release(self, call_id: str) -> bool:
-        """Ask the process that held ``call_id`` to save it and let it go (before this one claims
-        it); True when it did. A process that is gone, or holds nothing, answers at once."""
-        return await self.send(call_id, Release(), timeout_s=self.handover_timeout_s)
+    async def release(self, call_id: str, owner: str) -> bool:
+        """Ask ``owner``, the process the store says holds ``call_id``, to save it and let it go
+        (before this one claims it); True when it did. A process that is gone, or holds nothing,
+        answers at once."""
+        if self.redis is None or owner == self.name:
+            return False
+        return await self._publish(owner, call_id, Release(), wait=True, timeout_s=self.handover_timeout_s)
 
     def notify_superseded(self, call_id: str, previous_owner: str, epoch: int) -> None:
         """Tell the previous owner at once that a newer activation holds the call (its next

@@ -62,7 +62,7 @@ class Host:
                  on_deactivate: Callable[[str], Awaitable[None]] | None = None, on_claimed: OnClaimed | None = None):
         self.settings, self.agents, self.name = settings, agents, name
         self.on_deactivate, self.on_claimed = on_deactivate, on_claimed
-        self.release_elsewhere: Callable[[str], Awaitable[bool]] | None = None
+        self.release_elsewhere: Callable[[str, str], Awaitable[bool]] | None = None
         self.store, self.cache, self.events = store, cache, events
         # A store that carries events writes a call's events with its checkpoint: the calls'
         # events then only pass the observer (metrics) here, and are not published twice.
@@ -104,9 +104,13 @@ class Host:
             del self._activating[call_id]
 
     async def _claim(self, call_id: str, agent_name: str | None) -> Conversation:
-        if self.release_elsewhere is not None:  # its last checkpoint lands before our claim fences it off
-            await self.release_elsewhere(call_id)
-        claim = await self.store.claim(call_id, self.name)
+        release = self.release_elsewhere
+        claim = await self.store.claim(call_id, self.name, unless_held=release is not None)
+        if not claim.epoch and release is not None and claim.previous_owner is not None:
+            # another process holds it: it saves and lets go first, so that its last checkpoint
+            # lands before our claim fences it off (a new call skips this: one round trip)
+            await release(call_id, claim.previous_owner)
+            claim = await self.store.claim(call_id, self.name)
         if claim.previous_owner not in (None, self.name) and self.on_claimed is not None:
             self.on_claimed(call_id, claim.previous_owner, claim.epoch)
         state = claim.state or CallState(call_id=call_id, agent=agent_name or self.agents.default_name)

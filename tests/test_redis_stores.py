@@ -236,6 +236,23 @@ async def either_store(request, redis_url):
     await store.close()
 
 
+async def test_a_claim_unless_held_leaves_a_call_another_owner_holds(either_store):
+    """A reconnect first asks the holder to let go; a call nobody else holds (a new call, or this
+    owner's own) is claimed in the same round trip."""
+    store = either_store
+    call_id = new_call().call_id
+    first = await store.claim(call_id, "replica-a", unless_held=True)  # new: claimed at once
+    assert first.epoch == 1 and first.previous_owner is None
+    again = await store.claim(call_id, "replica-a", unless_held=True)  # its own: claimed again
+    assert again.epoch == 2 and again.previous_owner == "replica-a"
+    held = await store.claim(call_id, "replica-b", unless_held=True)
+    assert (held.epoch, held.previous_owner, held.state) == (0, "replica-a", None)
+    assert await store.owner(call_id) == ("replica-a", 2)  # nothing changed: replica a can still save
+    await store.save(CallState(call_id=call_id, epoch=2))
+    taken = await store.claim(call_id, "replica-b")  # after replica a let go
+    assert taken.epoch == 3 and taken.previous_owner == "replica-a" and taken.state.version == 1
+
+
 async def test_a_claim_bumps_the_epoch_and_fences_the_older_activation(either_store):
     """Newest socket wins across replicas: a save under the epoch a newer claim replaced is refused."""
     store = either_store

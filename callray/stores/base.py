@@ -96,7 +96,8 @@ class CallState(BaseModel):
 @dataclass(frozen=True)
 class Claim:
     """The outcome of activating a call: its state (None if never saved), the owner epoch this
-    activation holds, and the owner that held the call before (None if nobody)."""
+    activation holds, and the owner that held the call before (None if nobody). Epoch 0: not
+    claimed, because ``previous_owner`` holds it (``claim(..., unless_held=True)``)."""
 
     state: CallState | None
     epoch: int
@@ -108,9 +109,11 @@ class StateStore(Protocol):
     async def load(self, call_id: str) -> CallState | None:
         """The stored state, or None for a call never saved (or expired)."""
 
-    async def claim(self, call_id: str, owner: str) -> Claim:
+    async def claim(self, call_id: str, owner: str, *, unless_held: bool = False) -> Claim:
         """Activate: bump the call's owner epoch, record ``owner``, return the stored state
-        (with ``epoch`` set to the new epoch). Every later save under an older epoch fails."""
+        (with ``epoch`` set to the new epoch). Every later save under an older epoch fails.
+        ``unless_held``: when another owner is recorded, claim nothing and return it (epoch 0),
+        so it can be asked to let go first; a new call is claimed in the same round trip."""
 
     async def owner(self, call_id: str) -> tuple[str, int] | None:
         """Who holds the call now: (owner, epoch), or None if no activation ever claimed it."""

@@ -78,7 +78,10 @@ class MemoryStateStore:
             for call_id, _ in heapq.nsmallest(excess, self._data.items(), key=lambda kv: kv[1].expires):
                 del self._data[call_id]
 
-    async def claim(self, call_id: str, owner: str) -> Claim:
+    async def claim(self, call_id: str, owner: str, *, unless_held: bool = False) -> Claim:
+        held = self._get(call_id)
+        if unless_held and held is not None and held.owner not in (None, owner):
+            return Claim(None, 0, held.owner)
         if call_id not in self._data:
             self._make_room()
         item = self._get(call_id) or self._data.setdefault(call_id, _Stored(time.monotonic() + self.ttl_s))

@@ -71,8 +71,11 @@ return {1, found + 1}
 # KEYS[1] call key; ARGV[1] owner, ARGV[2] TTL ms. Bumps the owner epoch, records the owner and
 # returns {epoch, previous owner or false, version or false, JSON or false}.
 _CLAIM = """
-local epoch = redis.call('HINCRBY', KEYS[1], 'e', 1)
 local previous = redis.call('HGET', KEYS[1], 'o')
+if ARGV[3] == '1' and previous and previous ~= ARGV[1] then
+  return {0, previous}
+end
+local epoch = redis.call('HINCRBY', KEYS[1], 'e', 1)
 redis.call('HSET', KEYS[1], 'o', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local cur = redis.call('HMGET', KEYS[1], 'v', 's')
@@ -137,10 +140,12 @@ class RedisStateStore(RedisBacked):
         version, raw, epoch = await self._run("load", call_id, lambda: self.client.hmget(key, "v", "s", "e"))
         return self._decode(version, raw, epoch)
 
-    async def claim(self, call_id: str, owner: str) -> Claim:
-        key, args = self.key(call_id), [owner, _ms(self.ttl_s)]
-        epoch, previous, version, raw = await self._run(
-            "claim", call_id, lambda: self._claim_script(keys=[key], args=args))
+    async def claim(self, call_id: str, owner: str, *, unless_held: bool = False) -> Claim:
+        key, args = self.key(call_id), [owner, _ms(self.ttl_s), int(unless_held)]
+        reply = await self._run("claim", call_id, lambda: self._claim_script(keys=[key], args=args))
+        if not reply[0]:  # held by another owner (unless_held): nothing claimed
+            return Claim(None, 0, reply[1].decode())
+        epoch, previous, version, raw = reply
         return Claim(self._decode(version, raw, epoch), int(epoch), previous.decode() if previous else None)
 
     async def owner(self, call_id: str) -> tuple[str, int] | None:

@@ -98,10 +98,12 @@ class WriteBehindStore:
                 del self._entries[call_id]
         return state
 
-    async def claim(self, call_id: str, owner: str) -> Claim:
+    async def claim(self, call_id: str, owner: str, *, unless_held: bool = False) -> Claim:
         """Claim in the store (this needs the backend); an unwritten state stays the call's
         state, and its delayed write moves to the new epoch."""
-        claim = await self.inner.claim(call_id, owner)
+        claim = await self.inner.claim(call_id, owner, unless_held=unless_held)
+        if not claim.epoch:
+            return claim
         entry = self._entries.get(call_id)
         if entry is None or entry.lost_to is not None:
             self._entries.pop(call_id, None)
