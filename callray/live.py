@@ -18,11 +18,12 @@ import contextlib
 import logging
 import time
 from collections import deque
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator
 
 from cachetools import LRUCache
 
 from callray.events import CallEnded, CallStarted, CallSuperseded, CallTurn, EscalationPerformed, EscalationRequested, Event
+from callray.events.bus import EventBus
 
 MAX_CALLS = 2000  # live calls shown (the least recently active are dropped beyond)
 MAX_TURNS = 50  # turns shown per call (the newest)
@@ -36,18 +37,10 @@ CATCH_UP_S = 2.0  # a page's first load waits at most this long for that replay
 log = logging.getLogger("callray.live")
 
 
-class EventSource(Protocol):
-    """Where the view reads events: the process's event bus (``callray.events.bus.EventBus``)."""
-
-    async def recent(self, count: int) -> tuple[list[Event], str]: ...
-
-    def tail(self, after: str | None = None) -> AsyncIterator[Event]: ...
-
-
 class LiveCalls:
     """The view (see the module docstring). Not thread-safe: one event loop."""
 
-    def __init__(self, source: EventSource | None = None, interval_s: float = 0.25, idle_s: float = 60.0):
+    def __init__(self, source: EventBus | None = None, interval_s: float = 0.25, idle_s: float = 60.0):
         self.source, self.interval_s, self.idle_s = source, interval_s, idle_s
         self.calls: LRUCache[str, dict[str, Any]] = LRUCache(MAX_CALLS)
         self.ended: deque[dict[str, Any]] = deque(maxlen=MAX_ENDED)

@@ -30,6 +30,15 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _decoded(fields: dict[bytes, bytes] | None) -> Event | None:
+    """The event of a stream entry, or None when it cannot be decoded (a reader outside any
+    group skips it; consumer groups dead-letter it instead)."""
+    try:
+        return parse_event((fields or {})[b"event"])
+    except (KeyError, ValidationError, ValueError):
+        return None
+
+
 #: How often a producer trims the stream (seconds); between trims it grows by what was published.
 TRIM_INTERVAL_S = 1.0
 
@@ -284,23 +293,16 @@ class RedisStreamBus(RedisBacked, _BufferedEmitter):
         """Every retained event, oldest first (undecodable ones skipped): lets a consumer whose
         state is a projection of the stream, like analytics, rebuild it after a restart."""
         async for entries in self._pages(self.stream, batch):
-            for entry_id, fields in entries:
-                try:
-                    yield parse_event((fields or {})[b"event"])
-                except (KeyError, ValidationError, ValueError):
-                    continue
+            for _, fields in entries:
+                if (event := _decoded(fields)) is not None:
+                    yield event
 
     async def recent(self, count: int) -> tuple[list[Event], str]:
         try:
             entries = await self.client.xrevrange(self.stream, count=count)
         except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"event stream {self.stream!r}: {exc}") from exc
-        events = []
-        for _, fields in reversed(entries):
-            try:
-                events.append(parse_event((fields or {})[b"event"]))
-            except (KeyError, ValidationError, ValueError):
-                continue
+        events = [event for _, fields in reversed(entries) if (event := _decoded(fields)) is not None]
         return events, _text(entries[0][0]) if entries else "0-0"
 
     async def tail(self, after: str | None = None, block_ms: int = 1000) -> AsyncIterator[Event]:
@@ -317,10 +319,8 @@ class RedisStreamBus(RedisBacked, _BufferedEmitter):
                 continue
             for entry_id, fields in (reply[0][1] if reply else []):
                 last = _text(entry_id)
-                try:
-                    yield parse_event((fields or {})[b"event"])
-                except (KeyError, ValidationError, ValueError):
-                    continue
+                if (event := _decoded(fields)) is not None:
+                    yield event
 
     async def _dead_letter(self, group: str, entry_id: str, raw: bytes | None, reason: str) -> None:
         """Move one entry to the dead-letter stream and ack it, atomically."""

@@ -79,12 +79,12 @@ class MemoryStateStore:
                 del self._data[call_id]
 
     async def claim(self, call_id: str, owner: str, *, unless_held: bool = False) -> Claim:
-        held = self._get(call_id)
-        if unless_held and held is not None and held.owner not in (None, owner):
-            return Claim(None, 0, held.owner)
-        if call_id not in self._data:
+        item = self._get(call_id)
+        if unless_held and item is not None and item.owner not in (None, owner):
+            return Claim(None, 0, item.owner)
+        if item is None:
             self._make_room()
-        item = self._get(call_id) or self._data.setdefault(call_id, _Stored(time.monotonic() + self.ttl_s))
+            item = self._data[call_id] = _Stored(time.monotonic() + self.ttl_s)
         previous, item.owner, item.epoch = item.owner, owner, item.epoch + 1
         item.expires = time.monotonic() + self.ttl_s
         return Claim(self._state(item), item.epoch, previous)
