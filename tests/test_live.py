@@ -9,6 +9,7 @@ from callray import live
 from callray.events import CallEnded, CallStarted, CallSuperseded, CallTurn, EscalationPerformed
 from callray.events.memory import MemoryBus
 from callray.live import LiveCalls
+from tests.test_bus import until
 
 
 def turn(call_id: str, rid: int, **kw) -> CallTurn:
@@ -93,8 +94,9 @@ async def test_the_view_reads_the_events_only_while_someone_looks():
     await view.watch()  # a page's first load: the recent events are in the view
     assert view.following and sorted(c["call_id"] for c in view.snapshot()["calls"]) == ["c1", "c2"]
     await bus.publish(turn("c1", 2))
-    await _until(lambda: view.snapshot()["calls"] and max(c["turn_count"] for c in view.snapshot()["calls"]) == 2)
-    await _until(lambda: not view.following, timeout=3)  # nobody looked for idle_s
+    await until(lambda: view.snapshot()["calls"] and max(c["turn_count"] for c in view.snapshot()["calls"]) == 2,
+                timeout=2)
+    await until(lambda: not view.following, timeout=3)  # nobody looked for idle_s
     await bus.publish(CallEnded(call_id="c2", seq=9, reason="user_hangup"))  # while nobody looks
     await view.watch()  # the next look rebuilds from the events: c2 ended meanwhile
     snap = view.snapshot()
@@ -108,10 +110,3 @@ async def test_the_view_reads_the_events_only_while_someone_looks():
         await waiting
     await view.close()
     assert not view.following
-
-
-async def _until(predicate, timeout: float = 2.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
