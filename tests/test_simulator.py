@@ -7,6 +7,7 @@ the simulator must count exactly that kind of violation, and nothing for the bas
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 import time
@@ -151,6 +152,24 @@ async def test_an_observer_watches_the_run_live_in_this_process(baseline_url: st
     assert recorder.counts["turns_answered"] == 3
     assert sorted(watcher.opens) == sorted((c.call_id, False, True) for c in result.calls)
     assert all(started <= at <= time.time() for at in watcher.times)  # unix times of this run
+
+
+async def test_the_heap_a_run_starts_with_is_left_out_of_garbage_collection_until_it_ends(baseline_url: str) -> None:
+    """A full collection over a driver's heap (Ray loaded) stalled the load generator for about
+    230 ms, and every answer arriving meanwhile was timed that much late: the heap is frozen for
+    the run, and given back to the collector after it."""
+    class Watcher(SimObserver):
+        frozen = 0
+
+        def run_started(self, recorder: Recorder) -> None:
+            self.frozen = gc.get_freeze_count()
+
+    watcher = Watcher()
+    assert gc.get_freeze_count() == 0
+    result = await run_simulation(fast(baseline_url, calls=2, turns=1, turn_timeout_s=5), observer=watcher)
+    assert result.ok, result.summary()
+    assert watcher.frozen > 1000  # this process's modules and objects
+    assert gc.get_freeze_count() == 0
 
 
 # ------------------------------------------------------------------ each broken rule is counted
