@@ -16,10 +16,13 @@ from typing import Any
 import pytest
 import websockets
 
+from callray.gateway import Gateway, build_api
+from callray.runtime import CallsRuntime
 from callray.scenarios.server import LocalServer
 from callray.settings import CallraySettings
 from callray.webhook import sign
 from callray.sim.client import RetellClient
+from tests.test_bus import until
 
 READ_TOKEN = "read-t0ken-for-tests"
 WEBHOOK_KEY = "key_gateway_test"
@@ -440,3 +443,37 @@ def test_a_replica_behind_another_ingress_than_the_config_s_says_how_to_start_ra
             assert not caplog.text
     finally:
         callray_logger.propagate = propagate
+
+
+# --------------------------------------------------------------------------- cancelled by Serve
+
+
+async def test_a_socket_handler_cancelled_after_its_client_left_tears_down_and_ends_normally(tmp_path) -> None:
+    """Serve cancels the handler of a socket whose client disconnected, before the session reads
+    the disconnect, and keeps the request's exception in a reference cycle. A handler that ended
+    cancelled kept every frame of its call alive through that cycle until a full garbage
+    collection; it now tears the session down and ends normally."""
+    settings = CallraySettings.parse({"archive": {"dir": str(tmp_path)}})
+    runtime = await CallsRuntime.start(settings, "cancelled")
+    app = build_api(Gateway(settings, runtime, runtime))
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    sent: list[dict[str, Any]] = []
+    scope = {"type": "websocket", "path": "/llm-websocket/call-cancelled-1", "raw_path": b"/llm-websocket/call-cancelled-1",
+             "query_string": b"", "headers": [], "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+             "scheme": "ws", "root_path": "", "subprotocols": [], "asgi": {"version": "3.0"}}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    try:
+        await inbox.put({"type": "websocket.connect"})
+        handler = asyncio.create_task(app(scope, inbox.get, send))
+        await until(lambda: (call := runtime.host.calls.get("call-cancelled-1")) is not None and call.connected)
+        assert sent[0]["type"] == "websocket.accept"
+        await inbox.put({"type": "websocket.disconnect", "code": 1000})
+        handler.cancel()  # as Serve's direct ingress does, at once
+        await asyncio.wait([handler], timeout=10)
+        assert handler.done() and not handler.cancelled() and handler.exception() is None
+        assert not runtime.host.calls["call-cancelled-1"].connected  # detached: kept for a reconnect
+    finally:
+        await runtime.close()
