@@ -68,8 +68,10 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {1, found + 1}
 """
 
-# KEYS[1] call key; ARGV[1] owner, ARGV[2] TTL ms. Bumps the owner epoch, records the owner and
-# returns {epoch, previous owner or false, version or false, JSON or false}.
+# KEYS[1] call key; ARGV[1] owner, ARGV[2] TTL ms, ARGV[3] '1' to claim only a call no other owner
+# holds. Bumps the owner epoch, records the owner and returns {epoch, previous owner or false,
+# version or false, JSON or false}; with ARGV[3] '1' and another owner recorded, changes nothing
+# and returns {0, that owner}.
 _CLAIM = """
 local previous = redis.call('HGET', KEYS[1], 'o')
 if ARGV[3] == '1' and previous and previous ~= ARGV[1] then
