@@ -33,6 +33,7 @@ MAX_PAGES = 50  # pages open at once; a page that does not keep up is dropped
 KEEPALIVE_S = 15.0
 HISTORY = 2000  # events replayed when a page starts the view (its calls, ended calls and chart)
 CATCH_UP_S = 2.0  # a page's first load waits at most this long for that replay
+LOADING_S = 10.0  # after a snapshot, what changes is kept this long for the page's stream to take
 
 log = logging.getLogger("callray.live")
 
@@ -51,6 +52,7 @@ class LiveCalls:
         self._new_ended: deque[dict[str, Any]] = deque(maxlen=MAX_ENDED)
         self._new_latencies: deque[dict[str, Any]] = deque(maxlen=MAX_LATENCIES)
         self._pages: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._loading_until = 0.0  # a page took its snapshot and has not opened its stream yet
         self._wake = asyncio.Event()
         self._publisher: asyncio.Task | None = None
         self._follower: asyncio.Task | None = None
@@ -148,7 +150,7 @@ class LiveCalls:
             if event.first_sentence_ms is not None:
                 point = {"ts": event.ts, "first_sentence_ms": event.first_sentence_ms, "call_id": event.call_id}
                 self.latencies.append(point)
-                if self._pages:
+                if self._recording:
                     self._new_latencies.append(point)
         elif isinstance(event, CallSuperseded):
             call["superseded"] += 1
@@ -179,19 +181,31 @@ class LiveCalls:
                                           "escalation", "tokens")}
         ended.update(ended_at=event.ts, reason=event.reason or str(event.call.get("disconnection_reason") or ""))
         self.ended.appendleft(ended)
-        if self._pages:
+        if self._recording:
             self._new_ended.append(ended)
         self._touch(event.call_id)
 
+    @property
+    def _recording(self) -> bool:
+        """Whether changes are kept for pages: while one listens, or is about to (it has its
+        snapshot and opens its stream next; what changes in between must reach it)."""
+        return bool(self._pages) or time.monotonic() < self._loading_until
+
     def _touch(self, call_id: str) -> None:
-        if self._pages:  # the publisher takes it every interval_s
+        if self._recording:  # the publisher takes it every interval_s
             self._changed.add(call_id)
             self._wake.set()
 
     # ------------------------------------------------------------------ pages
 
     def snapshot(self) -> dict[str, Any]:
-        """Everything the page shows, at once (its first load)."""
+        """Everything the page shows, at once (its first load); what changes after it is kept
+        for ``LOADING_S`` so that the page's stream, opened next, starts from here."""
+        if not self._pages:  # nobody else waits for changes: those before this snapshot are in it
+            self._changed.clear()
+            self._new_ended.clear()
+            self._new_latencies.clear()
+        self._loading_until = time.monotonic() + LOADING_S
         return {"now": time.time(), "calls": list(self.calls.values()), "ended": list(self.ended),
                 "latencies": list(self.latencies)}
 

@@ -58,6 +58,17 @@ async def test_pages_get_batches_of_what_changed_and_a_slow_page_is_told_to_relo
     assert (await asyncio.wait_for(anext(slow), 2)).get("reload") is True
 
 
+async def test_what_changes_between_a_pages_snapshot_and_its_stream_reaches_the_page():
+    """A page loads its snapshot, then opens its stream. A call that started in between was
+    never sent (changes were kept only while a stream was open): the page did not show it until
+    it changed again, and the browser test waited for it in vain (a CI run failed so)."""
+    view = LiveCalls(interval_s=0.01)
+    view.snapshot()  # the page's first load
+    view.handle(turn("c1", 1))  # the call starts before the page's stream is open
+    batch = await asyncio.wait_for(anext(view.updates()), 2)
+    assert [c["call_id"] for c in batch["calls"]] == ["c1"] and len(batch["latencies"]) == 1
+
+
 async def test_everything_the_view_keeps_is_bounded():
     view = LiveCalls()
     for i in range(live.MAX_CALLS + 50):
