@@ -4,7 +4,7 @@ import threading
 import time
 from pathlib import Path
 
-from callray.sim.local import RedisServer
+from callray.sim.local import RedisServer, free_port
 
 
 def test_a_redis_restarted_from_a_worker_thread_outlives_that_thread(tmp_path: Path) -> None:
@@ -20,3 +20,10 @@ def test_a_redis_restarted_from_a_worker_thread_outlives_that_thread(tmp_path: P
         assert server.proc is not None and server.proc.poll() is None
     finally:
         server.stop()
+
+
+def test_free_port_never_hands_one_port_to_two_callers() -> None:
+    """A CI run failed when the port picked for HAProxy's metrics (bound only once Serve
+    started) was picked again for the run's Redis: Linux offers a just-released port again."""
+    ports = [free_port() for _ in range(1024)]
+    assert len(set(ports)) == len(ports)

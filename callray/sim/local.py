@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,22 @@ def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen:
     return _SPAWNER.submit(subprocess.Popen, argv, preexec_fn=die_with_parent, **kwargs).result()
 
 
+# The ports free_port handed out lately. Linux may offer a port it offered a moment ago, and a
+# caller often binds its port much later (HAProxy's metrics port binds when Serve starts, after
+# Ray): two callers of one process must not both get it.
+_HANDED_OUT: deque[int] = deque(maxlen=1024)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and that none of this
+    process's last 1024 calls returned."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.append(port)
+            return port
 
 
 class RedisServer:
