@@ -24,7 +24,7 @@ from callray.cli import main
 from callray.sim.client import RetellClient, call_url, validate_frame
 from callray.sim.local import free_port
 from callray.sim.report import SimResult, describe
-from callray.sim.simulator import Recorder, SimConfig, SimObserver, caller_token, run_simulation
+from callray.sim.simulator import PROGRESS_INTERVAL_S, Recorder, SimConfig, SimObserver, caller_token, run_simulation
 from harness.baseline_server import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +124,21 @@ async def test_processes_split_and_merge(baseline_url: str) -> None:
     assert [c.call for c in result.calls] == [0, 1, 2, 3]
     assert result.counts["turns_answered"] == 4
     assert len({c.call_id for c in result.calls}) == 4
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+async def test_progress_is_reported_now_and_then_and_at_the_end(baseline_url: str, processes: int) -> None:
+    """A report per turn and per call cost a forked simulator process a pickle, a queue put and
+    a thread wake-up each, on the cores the server under test shares: reports are spaced by
+    PROGRESS_INTERVAL_S, and the last one has the final counts."""
+    seen: list[tuple[int, int]] = []
+    started = time.monotonic()
+    result = await run_simulation(fast(baseline_url, calls=20, turns=2, processes=processes, turn_timeout_s=5),
+                                  progress=lambda calls, turns: seen.append((calls, turns)))
+    elapsed = time.monotonic() - started
+    assert result.ok, result.summary()
+    assert seen[-1] == (20, 40)
+    assert len(seen) <= processes * (2 + elapsed / PROGRESS_INTERVAL_S) < 60  # 60: one per call and turn
 
 
 async def test_an_observer_watches_the_run_live_in_this_process(baseline_url: str) -> None:

@@ -35,6 +35,11 @@ from callray.sim.report import COUNT_KEYS, CallSample, SimResult, TurnSample
 
 #: progress(calls_done, turns_answered), cumulative, called from the event loop.
 ProgressFn = Callable[[int, int], None]
+#: Progress is reported at most this often, and once more when the run ends. A report per turn
+#: cost a forked simulator process a pickle, a queue put and a feeder-thread wake-up each, and
+#: its parent a thread hop: a CPU second per 1000-call level, on the cores the server under test
+#: shares.
+PROGRESS_INTERVAL_S = 0.25
 
 _SENTENCE_END = re.compile(r"[.!?]")
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
@@ -213,6 +218,7 @@ class Recorder:
         self.reconnect_ms: list[float] = []
         self.loop_lag_ms: list[float] = []
         self.deadline = self.t0 + config.duration_s if config.duration_s else None
+        self._next_progress = self.t0
 
     def past_deadline(self) -> bool:
         """True once ``duration_s`` has passed: no new call, no new turn."""
@@ -224,8 +230,13 @@ class Recorder:
         if len(ex) < 3:
             ex.append(f"{call_id}: {detail}")
 
-    def tick(self) -> None:
-        if self.progress:
+    def tick(self, final: bool = False) -> None:
+        """Report progress if PROGRESS_INTERVAL_S has passed since the last report (``final``: now)."""
+        if self.progress is None:
+            return
+        now = time.monotonic()
+        if final or now >= self._next_progress:
+            self._next_progress = now + PROGRESS_INTERVAL_S
             self.progress(len(self.calls), self.counts["turns_answered"])
 
     def result(self) -> SimResult:
@@ -639,6 +650,7 @@ async def _run_calls(config: SimConfig, indices: list[int], progress: ProgressFn
         await asyncio.gather(*(one(i) for i in indices))
     finally:
         monitor.cancel()
+    rec.tick(final=True)
     return rec.result()
 
 
