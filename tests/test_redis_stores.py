@@ -8,7 +8,9 @@ import uuid
 
 import pytest
 
-from callray.stores.base import CallFencedError, CallState, ResponseCache, StaleStateError, StateStore, TurnRecord
+from callray.stores.base import (
+    CallFencedError, CallState, ResponseCache, StaleStateError, StateStore, StoreUnavailableError, TurnRecord,
+)
 from callray.stores.memory import MemoryStateStore
 from callray.stores.redis import RedisResponseCache, RedisStateStore
 from callray.stores.redis_client import RedisConfigError, redis_client
@@ -85,6 +87,59 @@ async def test_stale_save_from_an_old_host_is_refused(store, redis_url):
         assert (stored.version, stored.latest_response_id) == (2, 7)
     finally:
         await other.close()
+
+
+async def test_saves_asked_for_together_go_in_one_pipeline_and_each_gets_its_own_reply(store):
+    """Group commit: saves asked for together go in one pipeline; a stale one among them fails
+    alone."""
+    calls = [new_call() for _ in range(30)]
+    for state in calls:
+        await store.save(state)
+    stale = calls[7].model_copy(update={"version": 0})
+    for i, state in enumerate(calls):
+        state.latest_response_id = i
+    before = (store._saves.round_trips, store._saves.runs)
+    replies = await asyncio.gather(*(store.save(state) for state in calls), store.save(stale), return_exceptions=True)
+    assert replies[:30] == [2] * 30
+    assert isinstance(replies[30], StaleStateError) and (replies[30].expected, replies[30].found) == (0, 2)
+    round_trips, runs = store._saves.round_trips - before[0], store._saves.runs - before[1]
+    assert (runs, round_trips) == (31, 1)  # asked for in one loop iteration: one pipeline
+    for i, state in enumerate(calls):
+        loaded = await store.load(state.call_id)
+        assert (loaded.version, loaded.latest_response_id) == (2, i)
+
+
+async def test_a_batch_after_redis_forgot_the_save_script_still_lands(store, redis_url):
+    calls = [new_call(latest_response_id=i) for i in range(10)]
+    admin = redis_client(redis_url)
+    try:
+        await admin.script_flush()
+    finally:
+        await admin.aclose()
+    assert await asyncio.gather(*(store.save(state) for state in calls)) == [1] * 10
+    assert [(await store.load(state.call_id)).latest_response_id for state in calls] == list(range(10))
+
+
+async def test_a_save_cancelled_while_it_waits_for_its_batch_is_not_sent(store):
+    calls = [new_call() for _ in range(5)]
+    saves = [asyncio.ensure_future(store.save(state)) for state in calls]
+    await asyncio.sleep(0)  # the first is in flight, the others wait
+    saves[3].cancel()
+    replies = await asyncio.gather(*saves, return_exceptions=True)
+    assert isinstance(replies[3], asyncio.CancelledError)
+    assert [r for i, r in enumerate(replies) if i != 3] == [1] * 4
+    assert await store.load(calls[3].call_id) is None
+    assert [(await store.load(state.call_id)).version for i, state in enumerate(calls) if i != 3] == [1] * 4
+
+
+async def test_saves_waiting_on_an_unreachable_redis_all_fail_as_unavailable():
+    store = RedisStateStore(redis_client(f"redis://127.0.0.1:{unused_port()}/0", timeout_s=0.2))
+    try:
+        replies = await asyncio.wait_for(asyncio.gather(*(store.save(new_call()) for _ in range(8)),
+                                                        return_exceptions=True), timeout=10)
+        assert all(isinstance(r, StoreUnavailableError) for r in replies), replies
+    finally:
+        await store.client.aclose()
 
 
 async def test_ttl_is_set_refreshed_and_expires(redis_url):

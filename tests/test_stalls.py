@@ -149,3 +149,27 @@ async def test_a_redis_stall_never_rewinds_a_live_call(frozen_redis):
     assert [e.response_id for e in written if e.type == "call.turn"] == [1, 2, 3, 5, 6]
     await conversation.deactivate()
     await store.close()
+
+
+async def test_saves_waiting_behind_a_round_trip_to_a_frozen_redis_fail_with_it_unsent(frozen_redis):
+    """Group commit: the saves queued behind a batch that timed out would only time out one batch
+    after another; they fail with it (the write-behind keeps them), unsent."""
+    from callray.stores.base import StoreUnavailableError
+    from callray.stores.group_commit import MAX_BATCH
+    from callray.stores.redis import RedisStateStore
+
+    server, freeze = frozen_redis
+    client = redis_client(server.url, timeout_s=0.3)
+    store = RedisStateStore(client)
+    try:
+        calls = [CallState(call_id=f"stall-{i}") for i in range(100)]
+        assert await asyncio.gather(*(store.save(state) for state in calls)) == [1] * 100
+        freeze()
+        sent, round_trips = store._saves.runs, store._saves.round_trips
+        async with asyncio.timeout(5):
+            replies = await asyncio.gather(*(store.save(state) for state in calls), return_exceptions=True)
+        assert all(isinstance(reply, StoreUnavailableError) for reply in replies), replies[:3]
+        assert store._saves.round_trips - round_trips == 1  # the first batch timed out; the rest failed unsent
+        assert store._saves.runs - sent == MAX_BATCH
+    finally:
+        await client.aclose()

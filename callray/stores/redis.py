@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from callray.events import Event
 from callray.stores.base import CallFencedError, CallState, Claim, StaleStateError, StoreUnavailableError
 from callray.events.bus import stream_fields
+from callray.stores.group_commit import GroupCommit
 from callray.stores.redis_client import RedisBacked
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class RedisStateStore(RedisBacked):
     (owner epoch), ``o`` (owner) and ``q`` (the last event seq appended). Every save and claim
     refreshes the key's TTL, so a call expires ``ttl_s`` after its last activity.
 
+    Saves go through a :class:`GroupCommit`: those asked for together share one round trip.
+
     With ``stream`` set, a save appends the call's events to that Redis Stream in the same
     script (the event-driven architecture's outbox); the bus's consumers read them from there and
     trim it. ``stream_max`` bounds the stream even when no consumer runs (the bus's
@@ -120,6 +123,7 @@ class RedisStateStore(RedisBacked):
         self.client, self.ttl_s, self.prefix, self.stream = client, ttl_s, prefix, stream
         self.stream_max = stream_max
         self._save_script = client.register_script(_CAS_SAVE)
+        self._saves = GroupCommit(client, self._save_script)
         self._claim_script = client.register_script(_CLAIM)
 
     @property
@@ -168,7 +172,7 @@ class RedisStateStore(RedisBacked):
                 args.append(event.seq)
                 for name, value in stream_fields(event).items():
                     args += [name, value]
-        written, found = await self._run("save", state.call_id, lambda: self._save_script(keys=keys, args=args))
+        written, found = await self._run("save", state.call_id, lambda: self._saves.run(keys, args))
         if written == -1:
             raise CallFencedError(state.call_id, state.epoch, int(found))
         if not written:
