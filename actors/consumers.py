@@ -28,26 +28,33 @@ log = logging.getLogger("callray.actors.consumers")
 
 METRICS_INTERVAL_S = 5.0
 #: Consumers run behind the calls: on a busy node the CPU goes to turns first, and the stream
-#: holds what the consumers have not read yet (Ray starts its workers, the gateway's among them,
-#: at niceness 15; this is the lowest priority there is).
+#: holds what the consumers have not read yet. Ray starts its workers, the gateway's among them,
+#: at niceness 15. Niceness 19 still left a consumer 15/36 of a replica's share of a contended
+#: core, so the consumers that only keep figures and records also take Linux's SCHED_IDLE
+#: policy: the CPU no one else wants (weight 3). Escalation acts on live calls: it keeps 19.
 CONSUMER_NICENESS = 19
+LIVE_KINDS = frozenset({"escalation"})
 DURATION_BOUNDARIES_S = [10, 30, 60, 120, 180, 300, 600, 900, 1800, 3600]
 
 
-def run_behind_calls() -> None:
-    """Every thread of this process at CONSUMER_NICENESS (Linux keeps a niceness per thread, and
-    Ray runs an actor's methods on threads of its own); threads started later inherit it.
-    Lowering one's own priority needs no privilege."""
+def run_behind_calls(kind: str) -> None:
+    """Every thread of this process at CONSUMER_NICENESS and, unless ``kind`` acts on live
+    calls, under SCHED_IDLE. Linux keeps both per thread, Ray runs an actor's methods on threads
+    of its own, and threads started later inherit them. Lowering one's own priority needs no
+    privilege; where it is refused (or not Linux) the consumer runs as it was."""
+    idle = kind not in LIVE_KINDS and hasattr(os, "sched_setscheduler")
     tasks = "/proc/self/task"
     for tid in os.listdir(tasks) if os.path.isdir(tasks) else [0]:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, int(tid), CONSUMER_NICENESS)
+            if idle:
+                os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class EventConsumer:
     def __init__(self, settings: CallraySettings, app_name: str, kind: str):
-        run_behind_calls()
+        run_behind_calls(kind)
         self.settings = settings
         self.settings.configure_logging()
         self.app_name, self.kind = app_name, kind

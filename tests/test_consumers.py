@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import subprocess
+import sys
+import textwrap
 import uuid
 from pathlib import Path
 
@@ -30,6 +34,8 @@ from callray.events import (
 )
 from callray.stores.redis_client import redis_client
 from callray.webhook import WEBHOOK_SEQ, verify_signature
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RETELL_ENDED = {"call_id": "c1", "call_status": "ended", "start_timestamp": 1_000_000, "end_timestamp": 1_090_000,
                 "duration_ms": 90_000, "disconnection_reason": "user_hangup", "transcript": "..."}
@@ -514,3 +520,25 @@ async def test_a_redelivered_turn_is_not_counted_twice():
     await escalation.handle(second)  # redelivered: escalates now, counted once
     assert len(commands.sent) == 1
     assert escalation._calls["c1"].repeats["where is my refund"] == 2
+
+
+@pytest.mark.parametrize("kind, policy", [("archive", "SCHED_IDLE"), ("analytics", "SCHED_IDLE"),
+                                          ("escalation", "SCHED_OTHER")])
+def test_consumers_run_behind_the_calls_and_escalation_ahead_of_the_other_consumers(kind: str, policy: str) -> None:
+    """Niceness 19 left a consumer 15/36 of a replica's share of a busy core (Ray starts workers
+    at 15): figures and records take only the CPU no one else wants; escalation, which acts on
+    live calls, stays at 19. Every thread: one started before (as Ray's are) and one after."""
+    script = textwrap.dedent(f"""
+        import json, os, threading, time
+        from actors.consumers import run_behind_calls
+        threading.Thread(target=time.sleep, args=(2,)).start()
+        run_behind_calls({kind!r})
+        threading.Thread(target=time.sleep, args=(2,)).start()
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+        print(json.dumps([len(tids), sorted({{os.sched_getscheduler(t) for t in tids}}),
+                          sorted({{os.getpriority(os.PRIO_PROCESS, t) for t in tids}})]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    threads, policies, niceness = json.loads(done.stdout.splitlines()[-1])
+    assert threads >= 3 and policies == [getattr(os, policy)] and niceness == [19]
