@@ -114,6 +114,9 @@ class GroupCommit:
             _resolve(future, exc)
             if isinstance(exc, _DOWN):
                 self._fail_waiting(exc)
+        except BaseException:  # cancelled (the loop is closing): so is the save waiting on it
+            future.cancel()
+            raise
 
     def _fail_waiting(self, exc: BaseException) -> None:
         while self._waiting:
