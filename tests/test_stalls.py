@@ -173,3 +173,28 @@ async def test_saves_waiting_behind_a_round_trip_to_a_frozen_redis_fail_with_it_
         assert store._saves.runs - sent == MAX_BATCH
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("in_flight", [1, 5])
+async def test_saves_of_a_group_commit_cancelled_mid_round_trip_are_cancelled_not_left_waiting(frozen_redis, in_flight):
+    """The loop closing cancels the task that sends the saves. Those it was sending (alone or
+    together, held in flight by the frozen Redis) and those waiting behind them are cancelled
+    with it, never left waiting forever."""
+    from callray.stores.redis import RedisStateStore
+
+    server, freeze = frozen_redis
+    client = redis_client(server.url, timeout_s=30)
+    store = RedisStateStore(client)
+    try:
+        await store.save(CallState(call_id="warm"))  # a pooled connection and the script loaded
+        freeze()
+        sent = [asyncio.ensure_future(store.save(CallState(call_id=f"sent-{i}"))) for i in range(in_flight)]
+        await asyncio.sleep(0.2)  # in the round trip now
+        waiting = asyncio.ensure_future(store.save(CallState(call_id="waiting")))
+        await asyncio.sleep(0)
+        store._saves._drainer.cancel()
+        async with asyncio.timeout(5):
+            replies = await asyncio.gather(*sent, waiting, return_exceptions=True)
+        assert all(isinstance(reply, asyncio.CancelledError) for reply in replies), replies
+    finally:
+        await client.aclose()

@@ -61,6 +61,7 @@ class GroupCommit:
 
     async def _drain(self) -> None:
         """Send what waits, a batch per round trip, until nothing does."""
+        batch: list[_Waiting] = []
         try:
             while self._waiting:
                 batch = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
@@ -70,9 +71,10 @@ class GroupCommit:
                     await self._settle(future, self._alone(keys, args))
                 elif batch:
                     await self._together(batch)
-        except BaseException:  # cancelled (the loop is closing): so are the saves waiting on it
-            while self._waiting:
-                self._waiting.popleft()[2].cancel()
+        except BaseException:  # cancelled (the loop is closing): so are the saves sent and waiting
+            for _, _, future in [*batch, *self._waiting]:
+                future.cancel()
+            self._waiting.clear()
             raise
         finally:
             self._drainer = None
@@ -96,10 +98,6 @@ class GroupCommit:
             if isinstance(exc, _DOWN):
                 self._fail_waiting(exc)
             return
-        except BaseException:  # cancelled (the loop is closing): so are the saves waiting on it
-            for _, _, future in batch:
-                future.cancel()
-            raise
         for (keys, args, future), reply in zip(batch, replies):
             if isinstance(reply, NoScriptError):  # Redis restarted or flushed its scripts: load it again
                 await self._settle(future, self._alone(keys, args))
@@ -114,9 +112,6 @@ class GroupCommit:
             _resolve(future, exc)
             if isinstance(exc, _DOWN):
                 self._fail_waiting(exc)
-        except BaseException:  # cancelled (the loop is closing): so is the save waiting on it
-            future.cancel()
-            raise
 
     def _fail_waiting(self, exc: BaseException) -> None:
         while self._waiting:
