@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 
 import pytest
 
+from callray.sim.local import free_port
 from callray.stores.base import (
     CallFencedError, CallState, ResponseCache, StaleStateError, StateStore, StoreUnavailableError, TurnRecord,
 )
 from callray.stores.memory import MemoryStateStore
 from callray.stores.redis import RedisResponseCache, RedisStateStore
 from callray.stores.redis_client import RedisConfigError, redis_client
-
-
-def unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def new_call(**fields) -> CallState:
@@ -133,7 +127,7 @@ async def test_a_save_cancelled_while_it_waits_for_its_batch_is_not_sent(store):
 
 
 async def test_saves_waiting_on_an_unreachable_redis_all_fail_as_unavailable():
-    store = RedisStateStore(redis_client(f"redis://127.0.0.1:{unused_port()}/0", timeout_s=0.2))
+    store = RedisStateStore(redis_client(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2))
     try:
         replies = await asyncio.wait_for(asyncio.gather(*(store.save(new_call()) for _ in range(8)),
                                                         return_exceptions=True), timeout=10)
@@ -180,7 +174,7 @@ async def test_delete(store):
 
 
 async def test_wrong_url_fails_at_start_naming_it():
-    url = f"redis://127.0.0.1:{unused_port()}/0"
+    url = f"redis://127.0.0.1:{free_port()}/0"
     with pytest.raises(RedisConfigError, match="REDIS_URL") as err:
         await RedisStateStore.connect(url)
     assert url in str(err.value)
@@ -193,7 +187,7 @@ async def test_wrong_url_fails_at_start_naming_it():
 
 async def test_redis_errors_never_show_the_password():
     secret = "hunter2-s3cret"
-    for url in (f"redis://:{secret}@127.0.0.1:{unused_port()}/0", f"http://user:{secret}@nope"):
+    for url in (f"redis://:{secret}@127.0.0.1:{free_port()}/0", f"http://user:{secret}@nope"):
         with pytest.raises(RedisConfigError) as err:
             await RedisStateStore.connect(url)
         message = str(err.value)
@@ -259,7 +253,7 @@ async def test_put_many_precaches(cache):
 
 
 async def test_cache_never_raises_when_redis_is_unreachable():
-    cache = RedisResponseCache(redis_client(f"redis://127.0.0.1:{unused_port()}/0"))
+    cache = RedisResponseCache(redis_client(f"redis://127.0.0.1:{free_port()}/0"))
     try:
         assert await cache.get("support", "v1", "hello") is None
         await cache.put("support", "v1", "hello", ["Hi!"])
