@@ -602,10 +602,10 @@ class Conversation:
         action = request.action
         self.state.pending_action = pending(action)
         complete_ms = request.elapsed_ms()
-        # The turn is in the state (a next request sees it); its completing frame is queued. Let
-        # the socket's writer send the frame before the rest: the event (redacted), the cache
-        # fill and the save's serialising (tens of µs, hundreds with Redis) would hold the loop.
-        await asyncio.sleep(0)
+        # The turn is in the state (a next request sees it); its completing frame is queued.
+        # Send the frames now, before the rest: the event (redacted), the cache fill and the
+        # save's serialising (tens of µs, hundreds with Redis) would hold the loop.
+        await self._flush()
         key = request.cache_key
         if (key and self.cache and not request.cache_hit and not request.fallback and not request.budget_miss
                 and not request.side_effects and shareable(turn, state_changed, request.tools, action)):
@@ -750,6 +750,12 @@ class Conversation:
                 self._say_greeting(self.outbox)  # response 0 comes first, even while the greeting waits
             frame.to_json()  # serialised here, where an answer that cannot be is still caught
             self.outbox.put(frame)
+
+    async def _flush(self) -> None:
+        if self.outbox is not None:
+            await self.outbox.flush()
+        else:
+            await asyncio.sleep(0)
 
     def _emit(self, cls: type, **fields: Any) -> None:
         if self.events is None and self.unsaved_events is None:

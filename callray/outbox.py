@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 from callray.protocol import OutboundFrame
 
@@ -25,17 +25,27 @@ class StreamEnd(str, enum.Enum):
     OVERFLOW = "overflow"  # the socket's reader does not read: its outbox reached its bound
 
 
+#: Sends one frame's text on the socket; False when the socket is gone.
+Send = Callable[[str], Awaitable[bool]]
+
+
 class Outbox:
     """The outbound frames of one socket, in order, for the gateway's writer.
 
     Closed when its socket detaches or a newer socket of the same call attaches (the newest
     socket wins), which ends the writer's stream for it.
+
+    A socket in this process writes with :meth:`write`; while it waits for frames, a producer
+    may :meth:`flush` what it queued itself, sending at once instead of a loop turn later
+    (one write at a time, so frames keep their order).
     """
 
     def __init__(self, connection_id: str, limit: int = 1000):
         self.connection_id, self.limit = connection_id, limit
         self.close_reason: StreamEnd | None = None
         self._queue: asyncio.Queue[OutboundFrame | None] = asyncio.Queue()
+        self._send: Send | None = None  # the socket's, while its writer runs
+        self._sending = False
 
     @property
     def closed(self) -> bool:
@@ -68,6 +78,39 @@ class Outbox:
                 break
             frames.append(frame)
         return frames
+
+    async def write(self, send: Send) -> bool:
+        """Be the socket's writer: send each frame until the outbox closes (True) or the socket
+        is gone (False)."""
+        self._send = send
+        try:
+            while (frame := await self._queue.get()) is not None:
+                if not await self._write([frame]):
+                    return False
+            return True
+        finally:
+            self._send = None
+
+    async def flush(self) -> None:
+        """Send what is queued now, in the caller's task, unless no writer runs here or a write
+        is under way: then the writer has the next loop turn."""
+        if self._send is None or self._sending:
+            await asyncio.sleep(0)
+            return
+        frames = self.drain()
+        if frames:
+            await self._write(frames)
+
+    async def _write(self, frames: list[OutboundFrame]) -> bool:
+        assert self._send is not None and not self._sending
+        self._sending = True
+        try:
+            for frame in frames:
+                if not await self._send(frame.to_json()):
+                    return False
+            return True
+        finally:
+            self._sending = False
 
     async def frames(self) -> AsyncIterator[OutboundFrame]:
         """Each frame as it is queued, until the outbox closes."""

@@ -194,17 +194,22 @@ class SocketSession:
                             extra={"call_id": self.call_id})
 
     async def _write(self) -> None:
-        """The only task that writes to the socket; returns when the call closes the outbox."""
-        try:
-            async for frame in self.outbox.frames():
-                await self.ws.send_text(frame.to_json())
-        except (WebSocketDisconnect, RuntimeError, OSError):
+        """The socket's writer (the call may flush its own frames in between, one write at a
+        time); returns when the call closes the outbox."""
+        if not await self.outbox.write(self._send):
             return  # the socket is gone; the reader sees it too
         reason = self.outbox.close_reason
         if reason is not None and reason is not StreamEnd.DETACHED:
             (log.warning if reason is StreamEnd.OVERFLOW else log.info)(
                 "call %s: closing socket (%s)", self.call_id, reason.value, extra={"call_id": self.call_id})
             self._closing(CLOSE_CODES.get(reason))  # none: dropped, and Retell reconnects
+
+    async def _send(self, text: str) -> bool:
+        try:
+            await self.ws.send_text(text)
+            return True
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            return False
 
     # ------------------------------------------------------------------ teardown
 
