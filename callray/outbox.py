@@ -37,7 +37,8 @@ class Outbox:
 
     A socket in this process writes with :meth:`write`; while it waits for frames, a producer
     may :meth:`flush` what it queued itself, sending at once instead of a loop turn later
-    (one write at a time, so frames keep their order).
+    (one write at a time, so frames keep their order). A client that stops reading holds a
+    flush as it holds the writer, until it reads again or its socket goes.
     """
 
     def __init__(self, connection_id: str, limit: int = 1000):
@@ -45,7 +46,7 @@ class Outbox:
         self.close_reason: StreamEnd | None = None
         self._queue: asyncio.Queue[OutboundFrame | None] = asyncio.Queue()
         self._send: Send | None = None  # the socket's, while its writer runs
-        self._sending = False
+        self._writing = asyncio.Lock()  # one write at a time: the writer's or a flush's
 
     @property
     def closed(self) -> bool:
@@ -92,9 +93,9 @@ class Outbox:
             self._send = None
 
     async def flush(self) -> None:
-        """Send what is queued now, in the caller's task, unless no writer runs here or a write
-        is under way: then the writer has the next loop turn."""
-        if self._send is None or self._sending:
+        """Send what is queued now, in the caller's task, unless no writer runs here, the outbox
+        is closed or a write is under way: then the writer sends it, a loop turn later."""
+        if self._send is None or self.closed or self._writing.locked():
             await asyncio.sleep(0)
             return
         frames = self.drain()
@@ -102,15 +103,12 @@ class Outbox:
             await self._write(frames)
 
     async def _write(self, frames: list[OutboundFrame]) -> bool:
-        assert self._send is not None and not self._sending
-        self._sending = True
-        try:
+        async with self._writing:
             for frame in frames:
-                if not await self._send(frame.to_json()):
+                send = self._send
+                if send is None or not await send(frame.to_json()):
                     return False
-            return True
-        finally:
-            self._sending = False
+        return True
 
     async def frames(self) -> AsyncIterator[OutboundFrame]:
         """Each frame as it is queued, until the outbox closes."""

@@ -563,6 +563,32 @@ async def test_a_flush_while_the_writer_is_sending_leaves_the_frames_to_it_in_or
     assert await writer is False
 
 
+async def test_a_frame_queued_while_a_flush_waits_for_a_slow_client_follows_it():
+    """Before, the writer took that frame and wrote beside the waiting flush (an assertion
+    failed and the writer died)."""
+    socket = Socket()
+    outbox = Outbox("s1")
+    writer = asyncio.create_task(outbox.write(socket.send), name="writer")
+    await asyncio.sleep(0)
+    socket.open.clear()
+
+    async def answer() -> None:  # as a turn does: queue its frame, flush it
+        outbox.put(ResponseFrame(response_id=1, content="first", content_complete=True))
+        await outbox.flush()
+
+    flushing = asyncio.create_task(answer(), name="flusher")
+    await asyncio.sleep(0.01)  # the flush took the frame and waits in its send
+    outbox.put(ResponseFrame(response_id=2, content="second", content_complete=True))
+    await asyncio.sleep(0.01)
+    assert not writer.done() and socket.sent == []
+    socket.open.set()
+    await asyncio.sleep(0.01)
+    assert flushing.done() and not writer.done()
+    assert [(json.loads(text)["content"], task) for text, task in socket.sent] == [("first", "flusher"), ("second", "writer")]
+    outbox.close(StreamEnd.DETACHED)
+    assert await writer is True
+
+
 async def test_a_flush_without_a_writer_leaves_the_frames_queued():
     outbox = Outbox("s1")
     outbox.put(ResponseFrame(response_id=1, content="kept", content_complete=True))
