@@ -1,9 +1,10 @@
-"""The outbound side of one socket: what a call sends, in order, to the socket's one writer.
+"""The outbound side of one socket: what a call sends, in order, one write at a time.
 
 Transport types, shared by whoever produces frames (a call's conversation, in this process or
 in a call actor) and the socket session that writes them; they know nothing of either. Frames
 travel as Retell's outbound models, each serialised once where it is made (``to_json`` keeps
-the text), and the writer at the socket sends that text.
+the text), and whoever writes the socket (its writer, or the call's task flushing its own
+frames) sends that text.
 """
 
 from __future__ import annotations
