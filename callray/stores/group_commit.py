@@ -93,10 +93,7 @@ class GroupCommit:
                     pipe.evalsha(self.script.sha, len(keys), *keys, *args)
                 replies = await pipe.execute(raise_on_error=False)
         except Exception as exc:  # the round trip failed: every save of the batch failed
-            for _, _, future in batch:
-                _resolve(future, exc)
-            if isinstance(exc, _DOWN):
-                self._fail_waiting(exc)
+            self._fail([future for _, _, future in batch], exc)
             return
         for (keys, args, future), reply in zip(batch, replies):
             if isinstance(reply, NoScriptError):  # Redis restarted or flushed its scripts: load it again
@@ -109,13 +106,16 @@ class GroupCommit:
         try:
             _resolve(future, await reply)
         except Exception as exc:  # noqa: BLE001 - handed to the save that waits for it
-            _resolve(future, exc)
-            if isinstance(exc, _DOWN):
-                self._fail_waiting(exc)
+            self._fail([future], exc)
 
-    def _fail_waiting(self, exc: BaseException) -> None:
-        while self._waiting:
-            _resolve(self._waiting.popleft()[2], exc)
+    def _fail(self, futures: list[asyncio.Future], exc: BaseException) -> None:
+        """Fail the saves of a round trip with its error and, when Redis is down, those waiting
+        behind it too."""
+        if isinstance(exc, _DOWN):
+            futures = [*futures, *(entry[2] for entry in self._waiting)]
+            self._waiting.clear()
+        for future in futures:
+            _resolve(future, exc)
 
 
 def _resolve(future: asyncio.Future, reply: Any) -> None:
