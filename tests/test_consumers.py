@@ -21,7 +21,7 @@ from callray.consumers.archive import TranscriptArchive
 from callray.consumers.archive_files import FileRecords
 from callray.commands import CallCommand, TransferCall
 from callray.consumers.escalation import Escalation, EscalationConfigError, EscalationUndelivered
-from callray.settings import EscalationRules
+from callray.settings import PROJECT_DIR, EscalationRules
 from callray.events import (
     CallAnalyzed,
     CallEnded,
@@ -34,8 +34,6 @@ from callray.events import (
 )
 from callray.stores.redis_client import redis_client
 from callray.webhook import WEBHOOK_SEQ, verify_signature
-
-ROOT = Path(__file__).resolve().parents[1]
 
 RETELL_ENDED = {"call_id": "c1", "call_status": "ended", "start_timestamp": 1_000_000, "end_timestamp": 1_090_000,
                 "duration_ms": 90_000, "disconnection_reason": "user_hangup", "transcript": "..."}
@@ -538,7 +536,7 @@ def test_consumers_run_behind_the_calls_and_escalation_ahead_of_the_other_consum
         print(json.dumps([len(tids), sorted({{os.sched_getscheduler(t) for t in tids}}),
                           sorted({{os.getpriority(os.PRIO_PROCESS, t) for t in tids}})]))
     """)
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     threads, policies, niceness = json.loads(done.stdout.splitlines()[-1])
     assert threads >= 3 and policies == [getattr(os, policy)] and niceness == [19]
