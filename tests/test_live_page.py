@@ -48,8 +48,8 @@ async def test_an_operator_watches_a_call_appear_talk_and_end(gateway, page, tmp
         await client.close()
     await page.locator('tr[data-ended="call-watched"]').wait_for(timeout=15_000)  # it moved to ended
     assert await page.locator('tr[data-call="call-watched"]').count() == 0
-    delays = await page.evaluate("window.__callray_delays")  # turns rendered while the call was live
-    assert len(delays) >= 2 and all(d < 5000 for d in delays)
+    delays = await page.evaluate("window.__callray_delays")  # one per turn rendered while the call was live
+    assert len(delays) >= 2  # turns 1 and 2 at least (how soon: harness/livepage.py measures it)
     await page.screenshot(path=str(tmp_path / "live.png"), full_page=True)
 
 
