@@ -162,14 +162,18 @@ def summarise(rounds: dict[tuple[str, str, int], list[dict[str, Any]]], options:
     for (ingress, name, calls), rs in sorted(rounds.items(), key=lambda kv: (options.ingresses.index(kv[0][0]),
                                                                              names.index(kv[0][1]), kv[0][2])):
         base = rounds.get((ingress, "baseline", calls), [])
-        ratios = {q: median_of([ratio(a["latency_ms"][metric][q], b["latency_ms"][metric][q])
-                              for a, b in zip(rs, base)]) for q in ("p50", "p99")}
+        per_round = {q: [r for a, b in zip(rs, base) if (r := ratio(a["latency_ms"][metric][q],
+                                                                    b["latency_ms"][metric][q])) is not None]
+                     for q in ("p50", "p99")}
         out.setdefault(ingress, {}).setdefault(name, []).append({
             "calls": calls, "rounds": len(rs),
             **{q: median_of([r["latency_ms"][metric][q] for r in rs]) for q in ("p50", "p99")},
             "first_sentence_p99": median_of([r["latency_ms"]["first_sentence_ms"]["p99"] for r in rs]),
             "setup_p99": median_of([r["latency_ms"]["setup_ms"]["p99"] for r in rs]),
-            "vs_baseline": ratios,
+            "vs_baseline": {q: median_of(values) for q, values in per_round.items()},
+            # the rounds' lowest and highest: on a noisy machine a median of a few rounds moves
+            "vs_baseline_range": {q: [min(values), max(values)] if len(values) > 1 else None
+                                  for q, values in per_round.items()},
             "violations": sum(sum(r["violations"].values()) for r in rs),
             "dropped": sum(sum(r["dropped"].values()) for r in rs),
             "simulator_bottleneck": any(r["simulator_bottleneck"] for r in rs),
@@ -184,6 +188,12 @@ def summarise(rounds: dict[tuple[str, str, int], list[dict[str, Any]]], options:
     return out
 
 
+def spread(level: dict[str, Any]) -> str:
+    """The rounds' range of the ratios to the one-process server (p50, then p99), as printed."""
+    ranges = [low_high for low_high in (level.get("vs_baseline_range") or {}).values() if low_high]
+    return "; rounds " + " / ".join(f"x{low}-{high}" for low, high in ranges) if ranges else ""
+
+
 def write_report(report: dict[str, Any], options: IngressOptions, path: Path) -> Path:
     """docs/ingress.md: a table per ingress and the plot."""
     metric = METRIC[options.agent]
@@ -193,7 +203,7 @@ def write_report(report: dict[str, Any], options: IngressOptions, path: Path) ->
              f"{options.rounds} rounds, levels {', '.join(map(str, options.levels))} calls ({options.turns} turns, "
              f"~{options.think_s:g} s talk, calls opening over calls x {options.ramp_per_call_s:g} s). "
              f"`{metric}` p50 / p99 in ms, median of the rounds; in brackets, x the one-process server "
-             "measured in the same Ray session. Budget: first sentence p99 within the architecture's budget "
+             "measured in the same Ray session (the median of the rounds' ratios, then their range). Budget: first sentence p99 within the architecture's budget "
              "(single 800, distributed 500, event-driven 300 ms), no drop, no violation.", ""]
     for ingress, targets in report["summary"].items():
         lines += [f"## {ingress}", "", "| target | " + " | ".join(f"{c} calls" for c in options.levels) + " |",
@@ -208,7 +218,7 @@ def write_report(report: dict[str, Any], options: IngressOptions, path: Path) ->
                     continue
                 cell = f"{lv['p50']} / {lv['p99']}"
                 if name != "baseline" and lv["vs_baseline"]["p50"] is not None:
-                    cell += f" (x{lv['vs_baseline']['p50']} / x{lv['vs_baseline']['p99']})"
+                    cell += f" (x{lv['vs_baseline']['p50']} / x{lv['vs_baseline']['p99']}{spread(lv)})"
                 if lv["dropped"] or lv["violations"]:
                     cell += f", {lv['dropped']} dropped, {lv['violations']} violations"
                 if lv["within_budget"] is False:

@@ -331,3 +331,23 @@ def test_each_ingress_report_keeps_a_plot_of_its_own(tmp_path):
         plots.add(text.split("](", 1)[1].split(")", 1)[0])
     assert plots == {"img/ingress-flow.png", "img/ingress-haproxy-flow.png"}
     assert all((tmp_path / p).exists() for p in plots)
+
+
+def test_an_ingress_report_shows_how_far_the_rounds_ratios_spread(tmp_path):
+    """A median of a few rounds hid that one round's ratio to the one-process server was 1.67 and
+    another's 2.11: the report gives the rounds' range beside the median."""
+    from harness.ingress import IngressOptions, summarise, write_report
+
+    saved = json.loads((PROJECT_DIR / "bench/results/ingress-flow-20261207-081104.json").read_text())
+    rounds = {tuple(key.split("/")[:2]) + (int(key.split("/")[2]),): rs for key, rs in saved["rounds"].items()}
+    options = IngressOptions(**{**saved["options"], "out": str(tmp_path / "ingress.md")})
+    level = summarise(rounds, options)["haproxy"]["single"][0]
+    single, base = rounds[("haproxy", "single", 100)], rounds[("haproxy", "baseline", 100)]
+    p50s = [round(a["latency_ms"]["first_chunk_ms"]["p50"] / b["latency_ms"]["first_chunk_ms"]["p50"], 2)
+            for a, b in zip(single, base)]
+    assert level["vs_baseline_range"]["p50"] == [min(p50s), max(p50s)]
+    assert min(p50s) < level["vs_baseline"]["p50"] < max(p50s)
+    text = write_report({**saved, "summary": summarise(rounds, options)}, options, tmp_path / "ingress.md").read_text()
+    low, high = level["vs_baseline_range"]["p50"]
+    assert f"; rounds x{low}-{high} / x" in text
+    assert "| baseline | 0.76 / 1.85 |" in text  # the peers' own row has no ratio, hence no range
