@@ -203,8 +203,9 @@ def write_report(report: dict[str, Any], options: IngressOptions, path: Path) ->
              f"{options.rounds} rounds, levels {', '.join(map(str, options.levels))} calls ({options.turns} turns, "
              f"~{options.think_s:g} s talk, calls opening over calls x {options.ramp_per_call_s:g} s). "
              f"`{metric}` p50 / p99 in ms, median of the rounds; in brackets, x the one-process server "
-             "measured in the same Ray session (the median of the rounds' ratios, then their range). Budget: first sentence p99 within the architecture's budget "
-             "(single 800, distributed 500, event-driven 300 ms), no drop, no violation.", ""]
+             "measured in the same Ray session (the median of the rounds' ratios, then their range). Budget: "
+             "first sentence p99 within the architecture's budget (single 800, distributed 500, event-driven "
+             "300 ms), no drop, no violation.", ""]
     for ingress, targets in report["summary"].items():
         lines += [f"## {ingress}", "", "| target | " + " | ".join(f"{c} calls" for c in options.levels) + " |",
                   "|---|" + "---|" * len(options.levels)]
