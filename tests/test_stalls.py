@@ -24,6 +24,7 @@ from callray.stores.group_commit import MAX_BATCH
 from callray.stores.memory import MemoryStateStore
 from callray.stores.redis import RedisResponseCache, RedisStateStore
 from callray.stores.redis_client import redis_client
+from callray.stores.write_behind import WriteBehindStore
 from tests.scripted_agent import ScriptedAgent
 
 
@@ -98,8 +99,6 @@ async def test_a_redis_stall_never_rewinds_a_live_call(frozen_redis):
     consumers as duplicates). Under its own owner epoch a call has no other writer: it keeps its
     state and saves it again. Its events wait with its unwritten state and reach the stream
     once each when Redis wakes, even those of the save whose reply was lost."""
-    from callray.stores.write_behind import WriteBehindStore
-
     server, freeze = frozen_redis
     client = redis_client(server.url, timeout_s=0.2)
     store = WriteBehindStore(RedisStateStore(client, stream="callray:stall-events"))
@@ -154,7 +153,6 @@ async def test_a_redis_stall_never_rewinds_a_live_call(frozen_redis):
 async def test_saves_waiting_behind_a_round_trip_to_a_frozen_redis_fail_with_it_unsent(frozen_redis):
     """Group commit: the saves queued behind a batch that timed out would only time out one batch
     after another; they fail with it (the write-behind keeps them), unsent."""
-
     server, freeze = frozen_redis
     client = redis_client(server.url, timeout_s=0.3)
     store = RedisStateStore(client)
@@ -177,7 +175,6 @@ async def test_saves_of_a_group_commit_cancelled_mid_round_trip_are_cancelled_no
     """The loop closing cancels the task that sends the saves. Those it was sending (alone or
     together, held in flight by the frozen Redis) and those waiting behind them are cancelled
     with it, never left waiting forever."""
-
     server, freeze = frozen_redis
     client = redis_client(server.url, timeout_s=30)
     store = RedisStateStore(client)
