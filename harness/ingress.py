@@ -22,8 +22,10 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
@@ -36,7 +38,7 @@ from harness import profile
 from harness.report import BUDGETS_MS, median_of, ratio, round_stats
 from harness.suite import STOP_DROP_SHARE, hold_idle_calls, machine_info, simulate
 from harness.targets import (
-    REDIS_TARGETS, Deployed, Processes, deploy_serve_target, ray_session, ray_worker_niceness, rss_mb,
+    REDIS_TARGETS, Deployed, Processes, deploy_serve_target, ray_session, ray_worker_niceness, replica_addresses, rss_mb,
     start_baseline, start_retell_demo, write_llm_agent,
 )
 
@@ -64,6 +66,8 @@ class IngressOptions(BaseModel):
     llm_ttft_ms: float = Field(200.0, ge=0)
     llm_tokens_per_s: float = Field(50.0, gt=0)
     seed: int = 17
+    direct: bool = Field(False, description="Under HAProxy, also call each single-replica target straight at its "
+                                            "replica's own port (row '<target>_direct'): the HAProxy hop's cost.")
     profile_calls: int | None = Field(None, ge=1, description="After the rounds, sample the single config's replica "
                                                               "with py-spy under each ingress during a level of this "
                                                               "many calls.")
@@ -91,6 +95,8 @@ def session(ingress: str, r: int, options: IngressOptions, console: Console, pro
                     llm_base_url=llm_url if options.agent == "llm" else None,
                     agent_file=agent_file if options.agent == "llm" and target != "floor" else None)
             nice = ray_worker_niceness(options.targets[0])
+            if options.direct and ingress == "haproxy":
+                deployed.update(direct_targets(deployed, console))
             deployed["baseline"] = start_baseline(procs, llm_url if options.agent == "llm" else None, nice)
             if options.agent == "llm" and options.retell_demo is not None:
                 deployed["retell_demo"] = start_retell_demo(procs, options.retell_demo, llm_url, nice)
@@ -122,13 +128,33 @@ def session(ingress: str, r: int, options: IngressOptions, console: Console, pro
                     deployed[name].teardown()
 
 
-def profile_replica(ingress: str, options: IngressOptions, console: Console, tag: str) -> dict[str, Any]:
-    """One more session: the single config alone, its replica under py-spy during a level."""
+def direct_targets(deployed: dict[str, Deployed], console: Console) -> dict[str, Deployed]:
+    """``<target>_direct``: each single-replica Serve target called at its replica's port, past
+    HAProxy (a target of several replicas would put every call on one of them: skipped)."""
+    out = {}
+    for name, target in deployed.items():
+        addresses = replica_addresses(name)
+        if len(addresses) != 1:
+            console.log(f"{name}: {len(addresses)} replicas behind HAProxy; no direct row")
+            continue
+        url = urlsplit(target.url)
+        out[direct_name(name)] = replace(target, name=direct_name(name), url=url._replace(netloc=addresses[0]).geturl())
+    return out
+
+
+def direct_name(target: str) -> str:
+    return f"{target}_direct"  # it names call ids too: no spaces
+
+
+def profile_replica(ingress: str, options: IngressOptions, console: Console, tag: str,
+                    agent_file: Path | None) -> dict[str, Any]:
+    """One more session: the single config alone (with the measured agent), its replica under
+    py-spy during a level."""
     calls = options.profile_calls or 300
-    info: dict[str, Any] = {"target": "single", "calls": calls, "ingress": ingress}
+    info: dict[str, Any] = {"target": "single", "calls": calls, "ingress": ingress, "agent": options.agent}
     try:
         with ray_session(console, ingress) as port:
-            deployed = deploy_serve_target("single", port, namespace=f"ingress-profile-{ingress}")
+            deployed = deploy_serve_target("single", port, namespace=f"ingress-profile-{ingress}", agent_file=agent_file)
             simulate(SimConfig(url=deployed.url, calls=4, turns=1, think_s=0.2, call_id_prefix=f"warm-p-{ingress}"),
                      console, "single warm-up")
             processes = deployed.processes()
@@ -146,7 +172,7 @@ def profile_replica(ingress: str, options: IngressOptions, console: Console, tag
                                              lambda: simulate(config, console, f"single under py-spy ({ingress})"))
             stats = round_stats(result)
             info.update(summary, raw_path=str(raw.relative_to(PROJECT_DIR)), duration_s=duration,
-                        first_chunk_ms=stats["latency_ms"]["first_chunk_ms"])
+                        latency_ms=stats["latency_ms"][METRIC[options.agent]])
     except Exception as exc:  # a profile is a bonus, never a failed run
         info["error"] = f"{exc.__class__.__name__}: {exc}"
         console.log(f"[yellow]profile under {ingress} not taken: {info['error']}[/]")
@@ -158,7 +184,7 @@ def summarise(rounds: dict[tuple[str, str, int], list[dict[str, Any]]], options:
     the same round and ingress (its median), capacity within each architecture's budget."""
     metric = METRIC[options.agent]
     out: dict[str, Any] = {ingress: {} for ingress in options.ingresses}
-    names = ["baseline", "retell_demo", *options.targets]
+    names = ["baseline", "retell_demo", *(n for target in options.targets for n in (target, direct_name(target)))]
     for (ingress, name, calls), rs in sorted(rounds.items(), key=lambda kv: (options.ingresses.index(kv[0][0]),
                                                                              names.index(kv[0][1]), kv[0][2])):
         base = rounds.get((ingress, "baseline", calls), [])
@@ -229,13 +255,16 @@ def write_report(report: dict[str, Any], options: IngressOptions, path: Path) ->
         lines.append("")
     for info in report.get("profiles", []):
         if info.get("samples"):
-            lat = info["first_chunk_ms"]
+            # runs saved before 2026-12-07 profiled the flow agent whatever was measured
+            agent = info.get("agent", "flow")
+            lat = info["latency_ms"] if "latency_ms" in info else info["first_chunk_ms"]
             memory = info.get("memory") or {}
             lines += [f"**Memory, {info['ingress']}**: {memory.get('calls')} idle calls on the single config: "
                       f"{memory.get('rest_mb')} MB at rest, {memory.get('open_mb')} MB with them open, "
                       f"{memory.get('per_call_kb')} KB per call, over {', '.join(info.get('processes', []))}.", ""]
-            lines += [f"**Profile, {info['ingress']}**: the single config's replica (flow agent) under py-spy during {info['calls']} "
-                      f"calls ({info['samples']} samples, first chunk p50 {lat['p50']} / p99 {lat['p99']} ms; raw "
+            lines += [f"**Profile, {info['ingress']}**: the single config's replica ({agent} agent) under py-spy during "
+                      f"{info['calls']} calls ({info['samples']} samples, {METRIC[agent].removesuffix('_ms').replace('_', ' ')} "
+                      f"p50 {lat['p50']} / p99 {lat['p99']} ms; raw "
                       f"`{info['raw_path']}`). Where the CPU was:", "",
                       "| area | share |", "|---|---|"]
             lines += [f"| {area} | {share:.0%} |" for area, share in info["areas"].items()]
@@ -294,7 +323,7 @@ def run(options: IngressOptions, console: Console, command: str) -> dict[str, An
             order = options.ingresses if r % 2 == 0 else list(reversed(options.ingresses))
             for ingress in order:
                 session(ingress, r, options, console, procs, redis_url, llm_url, agent_file, rounds, stopped)
-        profiles = ([profile_replica(ingress, options, console, tag) for ingress in options.ingresses]
+        profiles = ([profile_replica(ingress, options, console, tag, agent_file) for ingress in options.ingresses]
                     if options.profile_calls else [])
     finally:
         procs.close()
@@ -334,13 +363,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--retell-demo", type=Path, help="LLM agent: a checkout of Retell's Python demo")
     parser.add_argument("--out", type=Path, default=None, help="the markdown report (default docs/ingress.md)")
+    parser.add_argument("--direct", action="store_true",
+                        help="under HAProxy, also call single-replica targets at their replica's own port")
     parser.add_argument("--profile-calls", type=int, default=None,
                         help="after the rounds, profile the single config's replica under each ingress at this many calls")
 
 
 def run_command(args: argparse.Namespace) -> int:
     values: dict[str, Any] = {"ingresses": args.ingress, "agent": args.agent, "rounds": args.rounds,
-                              "retell_demo": args.retell_demo, "profile_calls": args.profile_calls}
+                              "retell_demo": args.retell_demo, "profile_calls": args.profile_calls,
+                              "direct": args.direct}
     for key in ("targets", "levels", "out"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)

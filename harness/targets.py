@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -229,6 +230,15 @@ def serve_processes(app: str, namespace: str | None = None) -> list[tuple[str, i
                     out += [("haproxy", child.pid) for child in psutil().Process(actor["Pid"]).children(recursive=True)
                             if "haproxy" in child.name()]
     return out
+
+
+def replica_addresses(app: str) -> list[str]:
+    """``host:port`` of each of ``app``'s replicas as HAProxy reaches them (direct ingress),
+    read from the HAProxy config Serve wrote for this session (``ray_session``'s)."""
+    asked = Path(os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"])
+    # Serve writes it one directory further down, in a directory named after the cluster
+    config = "".join(path.read_text() for path in asked.parent.glob(f"*/{asked.name}"))
+    return re.findall(rf"^\s*server SERVE_REPLICA_{re.escape(app)}-\S+ (\S+)", config, re.MULTILINE)
 
 
 def kill_namespace(namespace: str) -> None:

@@ -351,3 +351,64 @@ def test_an_ingress_report_shows_how_far_the_rounds_ratios_spread(tmp_path):
     low, high = level["vs_baseline_range"]["p50"]
     assert f"; rounds x{low}-{high} / x" in text
     assert "| baseline | 0.76 / 1.85 |" in text  # the peers' own row has no ratio, hence no range
+
+
+def test_an_ingress_report_says_which_agent_its_profile_ran(tmp_path):
+    """An LLM run's report said its profile was of the flow agent (the profile deployed the
+    single config's default agent whatever was measured): the profile runs the measured agent
+    and its paragraph names it with the measured figure; runs saved before still read as flow."""
+    from harness.ingress import IngressOptions, write_report
+
+    saved = json.loads((PROJECT_DIR / "bench/results/ingress-llm-20261207-083309.json").read_text())
+    options = IngressOptions(**{**saved["options"], "out": str(tmp_path / "llm.md")})
+    old = write_report(saved, options, tmp_path / "llm.md").read_text()
+    assert "replica (flow agent) under py-spy" in old and "first chunk p50" in old
+    profile = {k: v for k, v in saved["profiles"][0].items() if k != "first_chunk_ms"}
+    profile.update(agent="llm", latency_ms={"p50": 371.9, "p99": 403.9})
+    new = write_report({**saved, "profiles": [profile]}, options, tmp_path / "llm.md").read_text()
+    assert "replica (llm agent) under py-spy" in new and "first sentence p50 371.9 / p99 403.9 ms" in new
+
+
+HAPROXY_CFG = """backend http-single
+    server SERVE_REPLICA_single-CallGateway-aah3axg7 127.0.0.1:30000 check observe layer4
+    server SERVE_PROXY_ACTOR-fallback-d1b5 127.0.0.1:8500 check backup
+backend http-distributed
+    server SERVE_REPLICA_distributed-CallGateway-k2 127.0.0.1:30001 check
+    server SERVE_REPLICA_distributed-CallGateway-k3 127.0.0.1:30002 check
+backend http-floor_token
+    server SERVE_REPLICA_floor_token-Floor-x1 127.0.0.1:30003 check
+"""
+
+
+def test_direct_rows_call_a_single_replica_target_at_its_replicas_port(tmp_path, monkeypatch):
+    """``callray ingress --direct``: the HAProxy hop's cost, measured by calling a target's one
+    replica where HAProxy calls it. A target of several replicas gets no row (all its calls on
+    one replica would measure something else), and neither does a target HAProxy has not listed."""
+    import io
+
+    from rich.console import Console
+
+    from harness.ingress import IngressOptions, direct_targets, summarise
+
+    (tmp_path / "d1b5").mkdir()  # Serve writes the config one directory down, named after the cluster
+    (tmp_path / "d1b5" / "haproxy.cfg").write_text(HAPROXY_CFG)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", str(tmp_path / "haproxy.cfg"))
+    assert targets.replica_addresses("distributed") == ["127.0.0.1:30001", "127.0.0.1:30002"]
+    assert targets.replica_addresses("floor") == []  # floor_token's replica is not floor's
+
+    def deployed(name: str) -> targets.Deployed:
+        return targets.Deployed(name, f"ws://127.0.0.1:8000/{name}/llm-websocket", lambda: [], lambda: None,
+                                holding=frozenset({"One moment."}))
+
+    log = io.StringIO()
+    rows = direct_targets({n: deployed(n) for n in ("single", "distributed", "floor")}, Console(file=log))
+    assert list(rows) == ["single_direct"]
+    assert rows["single_direct"].url == "ws://127.0.0.1:30000/single/llm-websocket"
+    assert rows["single_direct"].holding == frozenset({"One moment."})
+    assert "distributed: 2 replicas" in log.getvalue() and "floor: 0 replicas" in log.getvalue()
+
+    level = {"latency_ms": {"first_chunk_ms": {"p50": 1.0, "p99": 2.0}, "first_sentence_ms": {"p99": 2.0},
+                            "setup_ms": {"p99": 3.0}}, "violations": {}, "dropped": {}, "simulator_bottleneck": False}
+    rounds = {("haproxy", name, 100): [level] for name in ("single_direct", "baseline", "single")}
+    summary = summarise(rounds, IngressOptions(ingresses=["haproxy"], targets=["single"], levels=[100], direct=True))
+    assert list(summary["haproxy"]) == ["baseline", "single", "single_direct"]  # each beside its target
