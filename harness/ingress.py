@@ -6,6 +6,8 @@ in it; starts the hand-written one-process server beside them (outside Ray, the 
 both ingresses) and plays every level of Retell-shaped calls against each. A level's figure is
 the median over rounds of each round's percentile, and ratios to the one-process server are
 taken within one Ray session, so the machine's drift between sessions does not enter them.
+With ``--direct``, each target of one replica is also called at that replica's own port, past
+HAProxy, in the same rounds: the hop's cost.
 
 ``callray ingress`` (``python -m harness.ingress``) writes ``bench/results/ingress-<tag>.json``,
 ``docs/ingress.md`` and a plot.
@@ -258,13 +260,14 @@ def write_report(report: dict[str, Any], options: IngressOptions, path: Path) ->
             # runs saved before 2026-12-07 profiled the flow agent whatever was measured
             agent = info.get("agent", "flow")
             lat = info["latency_ms"] if "latency_ms" in info else info["first_chunk_ms"]
+            measure = METRIC[agent].removesuffix("_ms").replace("_", " ")  # "first chunk"
             memory = info.get("memory") or {}
             lines += [f"**Memory, {info['ingress']}**: {memory.get('calls')} idle calls on the single config: "
                       f"{memory.get('rest_mb')} MB at rest, {memory.get('open_mb')} MB with them open, "
                       f"{memory.get('per_call_kb')} KB per call, over {', '.join(info.get('processes', []))}.", ""]
             lines += [f"**Profile, {info['ingress']}**: the single config's replica ({agent} agent) under py-spy during "
-                      f"{info['calls']} calls ({info['samples']} samples, {METRIC[agent].removesuffix('_ms').replace('_', ' ')} "
-                      f"p50 {lat['p50']} / p99 {lat['p99']} ms; raw "
+                      f"{info['calls']} calls ({info['samples']} samples, {measure} p50 {lat['p50']} / p99 "
+                      f"{lat['p99']} ms; raw "
                       f"`{info['raw_path']}`). Where the CPU was:", "",
                       "| area | share |", "|---|---|"]
             lines += [f"| {area} | {share:.0%} |" for area, share in info["areas"].items()]
