@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -189,10 +189,9 @@ def summarise(rounds: dict[tuple[str, str, int], list[dict[str, Any]]], options:
     names = ["baseline", "retell_demo", *(n for target in options.targets for n in (target, direct_name(target)))]
     for (ingress, name, calls), rs in sorted(rounds.items(), key=lambda kv: (options.ingresses.index(kv[0][0]),
                                                                              names.index(kv[0][1]), kv[0][2])):
-        base = rounds.get((ingress, "baseline", calls), [])
-        per_round = {q: [r for a, b in zip(rs, base) if (r := ratio(a["latency_ms"][metric][q],
-                                                                    b["latency_ms"][metric][q])) is not None]
+        per_round = {q: paired(rs, rounds.get((ingress, "baseline", calls), []), metric, q, ratio)
                      for q in ("p50", "p99")}
+        direct = rounds.get((ingress, direct_name(name), calls))
         out.setdefault(ingress, {}).setdefault(name, []).append({
             "calls": calls, "rounds": len(rs),
             **{q: median_of([r["latency_ms"][metric][q] for r in rs]) for q in ("p50", "p99")},
@@ -205,6 +204,9 @@ def summarise(rounds: dict[tuple[str, str, int], list[dict[str, Any]]], options:
             "violations": sum(sum(r["violations"].values()) for r in rs),
             "dropped": sum(sum(r["dropped"].values()) for r in rs),
             "simulator_bottleneck": any(r["simulator_bottleneck"] for r in rs),
+            # through HAProxy minus at the replica's own port, round by round (--direct)
+            "hop_ms": {q: median_of(paired(rs, direct, metric, q, difference)) for q in ("p50", "p99")}
+            if direct else None,
         })
     for ingress, targets in out.items():
         for name, levels in targets.items():
@@ -214,6 +216,17 @@ def summarise(rounds: dict[tuple[str, str, int], list[dict[str, Any]]], options:
             for lv in levels:
                 lv["within_budget"] = lv["calls"] in held if budget else None
     return out
+
+
+def paired(rounds: list[dict[str, Any]], others: list[dict[str, Any]], metric: str, q: str,
+           combine: Callable[[float | None, float | None], float | None]) -> list[float]:
+    """``combine`` of each round's percentile ``q`` with the same round's of ``others``."""
+    return [v for a, b in zip(rounds, others)
+            if (v := combine(a["latency_ms"][metric][q], b["latency_ms"][metric][q])) is not None]
+
+
+def difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
 
 
 def spread(level: dict[str, Any]) -> str:
@@ -255,6 +268,11 @@ def write_report(report: dict[str, Any], options: IngressOptions, path: Path) ->
                 cells.append(cell)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+        hops = [f"- {name}: +{lv['hop_ms']['p50']} / +{lv['hop_ms']['p99']} ms at {lv['calls']} calls"
+                for name, levels in targets.items() for lv in levels if lv.get("hop_ms")]
+        if hops:
+            lines += ["HAProxy's hop: through HAProxy minus at the replica's own port (`--direct`), p50 / p99, "
+                      "the median of the rounds' differences:", "", *hops, ""]
     for info in report.get("profiles", []):
         if info.get("samples"):
             # runs saved before 2026-12-07 profiled the flow agent whatever was measured
@@ -276,7 +294,8 @@ def write_report(report: dict[str, Any], options: IngressOptions, path: Path) ->
             lines.append("")
     stem = path.stem if path.stem.endswith(options.agent) else f"{path.stem}-{options.agent}"  # one plot per report
     plot = plot_levels(report, options, path.parent / "img" / f"{stem}.png")
-    lines += [f"![{metric} p99 by calls, per ingress]({plot.relative_to(path.parent)})", "",
+    shown = f"p50 and p99 at {options.levels[0]} calls" if len(options.levels) == 1 else "p99 by calls, per ingress"
+    lines += [f"![{metric} {shown}]({plot.relative_to(path.parent)})", "",
               f"Raw results: `{report['results']}`. Reproduce: `{report['command']}`.", ""]
     path.write_text("\n".join(lines))
     return path
@@ -289,6 +308,33 @@ def plot_levels(report: dict[str, Any], options: IngressOptions, path: Path) -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    if len(options.levels) == 1:
+        plot_one_level(report, options, ax)
+    else:
+        plot_lines(report, options, ax)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_one_level(report: dict[str, Any], options: IngressOptions, ax: Any) -> None:
+    """One level: each target's p50 and p99 as bars (a line through one point shows nothing)."""
+    rows = [(f"{name} ({ingress})" if len(options.ingresses) > 1 else name, levels[0])
+            for ingress, targets in report["summary"].items() for name, levels in targets.items()]
+    y = range(len(rows))
+    ax.barh([i + 0.2 for i in y], [lv["p50"] or 0 for _, lv in rows], height=0.4, label="p50")
+    ax.barh([i - 0.2 for i in y], [lv["p99"] or 0 for _, lv in rows], height=0.4, label="p99")
+    ax.set_yticks(list(y), [label for label, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{METRIC[options.agent]} at {options.levels[0]} calls (ms, median of {options.rounds} rounds)")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Serve ingress at one level, {options.agent} agent")
+
+
+def plot_lines(report: dict[str, Any], options: IngressOptions, ax: Any) -> None:
     styles = {"proxy": "-", "haproxy": "--"}
     for ingress, targets in report["summary"].items():
         for name, levels in targets.items():
@@ -301,11 +347,6 @@ def plot_levels(report: dict[str, Any], options: IngressOptions, path: Path) -> 
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     ax.set_title(f"Serve ingress: Python proxy (solid) vs HAProxy (dashed), {options.agent} agent")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def run(options: IngressOptions, console: Console, command: str) -> dict[str, Any]:

@@ -388,7 +388,7 @@ def test_direct_rows_call_a_single_replica_target_at_its_replicas_port(tmp_path,
 
     from rich.console import Console
 
-    from harness.ingress import IngressOptions, direct_targets, summarise
+    from harness.ingress import IngressOptions, direct_targets, summarise, write_report
 
     (tmp_path / "d1b5").mkdir()  # Serve writes the config one directory down, named after the cluster
     (tmp_path / "d1b5" / "haproxy.cfg").write_text(HAPROXY_CFG)
@@ -407,8 +407,19 @@ def test_direct_rows_call_a_single_replica_target_at_its_replicas_port(tmp_path,
     assert rows["single_direct"].holding == frozenset({"One moment."})
     assert "distributed: 2 replicas" in log.getvalue() and "floor: 0 replicas" in log.getvalue()
 
-    level = {"latency_ms": {"first_chunk_ms": {"p50": 1.0, "p99": 2.0}, "first_sentence_ms": {"p99": 2.0},
-                            "setup_ms": {"p99": 3.0}}, "violations": {}, "dropped": {}, "simulator_bottleneck": False}
-    rounds = {("haproxy", name, 100): [level] for name in ("single_direct", "baseline", "single")}
-    summary = summarise(rounds, IngressOptions(ingresses=["haproxy"], targets=["single"], levels=[100], direct=True))
+    def level(p50: float, p99: float) -> dict:
+        return {"latency_ms": {"first_chunk_ms": {"p50": p50, "p99": p99}, "first_sentence_ms": {"p99": p99},
+                               "setup_ms": {"p99": 3.0}}, "violations": {}, "dropped": {}, "simulator_bottleneck": False}
+
+    rounds = {("haproxy", "single_direct", 100): [level(0.9, 2.0), level(1.0, 2.5), level(0.8, 1.9)],
+              ("haproxy", "baseline", 100): [level(0.5, 1.0)] * 3,
+              ("haproxy", "single", 100): [level(1.0, 2.5), level(1.3, 2.6), level(0.95, 2.4)]}
+    options = IngressOptions(ingresses=["haproxy"], targets=["single"], levels=[100], direct=True, out=tmp_path / "i.md")
+    summary = summarise(rounds, options)
     assert list(summary["haproxy"]) == ["baseline", "single", "single_direct"]  # each beside its target
+    # the hop is the median of each round's difference (0.1, 0.3, 0.15), not a difference of medians (0.05)
+    assert summary["haproxy"]["single"][0]["hop_ms"] == {"p50": 0.15, "p99": 0.5}
+    assert summary["haproxy"]["single_direct"][0]["hop_ms"] is None
+    text = write_report({"started_at": "t", "machine": {}, "summary": summary, "results": "r.json", "command": "c"},
+                        options, tmp_path / "i.md").read_text()
+    assert "- single: +0.15 / +0.5 ms at 100 calls" in text
