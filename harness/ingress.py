@@ -269,7 +269,8 @@ def write_report(report: dict[str, Any], options: IngressOptions, path: Path) ->
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
         hops = [f"- {name}: +{lv['hop_ms']['p50']} / +{lv['hop_ms']['p99']} ms at {lv['calls']} calls"
-                for name, levels in targets.items() for lv in levels if lv.get("hop_ms")]
+                for name, levels in targets.items() for lv in levels
+                if lv.get("hop_ms") and lv["hop_ms"]["p50"] is not None]
         if hops:
             lines += ["HAProxy's hop: through HAProxy minus at the replica's own port (`--direct`), p50 / p99, "
                       "the median of the rounds' differences:", "", *hops, ""]

@@ -423,3 +423,9 @@ def test_direct_rows_call_a_single_replica_target_at_its_replicas_port(tmp_path,
     text = write_report({"started_at": "t", "machine": {}, "summary": summary, "results": "r.json", "command": "c"},
                         options, tmp_path / "i.md").read_text()
     assert "- single: +0.15 / +0.5 ms at 100 calls" in text
+    # a direct row whose rounds have no figure (every call dropped) gives no hop, not "+None"
+    rounds[("haproxy", "single_direct", 100)] = [{**level(0, 0), "latency_ms": {
+        "first_chunk_ms": {"p50": None, "p99": None}, "first_sentence_ms": {"p99": None}, "setup_ms": {"p99": None}}}] * 3
+    text = write_report({"started_at": "t", "machine": {}, "summary": summarise(rounds, options), "results": "r.json",
+                         "command": "c"}, options, tmp_path / "i.md").read_text()
+    assert "+None" not in text and "HAProxy's hop" not in text
